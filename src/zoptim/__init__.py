@@ -1,0 +1,16 @@
+"""zoptim: train and fine-tune deep models with forward passes only."""
+
+from .optim import AS2P, S2P, STP, ZOSGD, NonFiniteLossWarning, ZerothOrderOptimizer
+from .perturbation import SeededPerturbation
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AS2P",
+    "S2P",
+    "STP",
+    "ZOSGD",
+    "NonFiniteLossWarning",
+    "SeededPerturbation",
+    "ZerothOrderOptimizer",
+]

@@ -1,0 +1,9 @@
+"""The zeroth-order optimizers: one module each, thin over :mod:`zoptim.perturbation`."""
+
+from .as2p import AS2P
+from .base import NonFiniteLossWarning, ZerothOrderOptimizer
+from .s2p import S2P
+from .stp import STP
+from .zosgd import ZOSGD
+
+__all__ = ["AS2P", "NonFiniteLossWarning", "S2P", "STP", "ZOSGD", "ZerothOrderOptimizer"]

@@ -1,0 +1,234 @@
+"""AS2P: Accelerated Stochastic Two-Point search, Algorithm 2 of the S2P paper."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..schedules import cosine_decay
+from .base import ZerothOrderOptimizer, check_int, check_positive
+
+BATCH_MODES = ("minibatch", "full")
+
+
+class GammaWindow:
+    """Ring buffer of the most recent gammas; sigma = their standard deviation (bounded memory)."""
+
+    def __init__(self, capacity: int):
+        self.values = torch.zeros(capacity, dtype=torch.float64)
+        self.count = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.values.numel()
+
+    def push(self, gamma: float) -> None:
+        self.values[self.count % self.capacity] = gamma
+        self.count += 1
+
+    def recent(self, n: int) -> torch.Tensor:
+        """The last min(n, count, capacity) values, oldest first."""
+        n = min(n, self.count, self.capacity)
+        idx = [(self.count - n + i) % self.capacity for i in range(n)]
+        return self.values[idx]
+
+    def sigma(self, n: int) -> float:
+        """Std Dev(gamma_recent) over the last n values (population std, ddof=0).
+
+        With fewer than two values, or when they are all equal, the spread is undefined or zero;
+        then sigma is their root mean square, |gamma| for a single value, which keeps the step of
+        Alg. 2 finite: gamma'/(eta_b sigma) <= 1/eta_b. Zero only when every gamma was zero.
+        """
+        v = self.recent(n)
+        if v.numel() >= 2:
+            s = float(v.std(unbiased=False))
+            if s > 0.0:
+                return s
+        return float(v.pow(2).mean().sqrt()) if v.numel() else 0.0
+
+
+class AS2P(ZerothOrderOptimizer):
+    r"""Accelerated Stochastic Two-Point search (S2P paper, Algorithm 2).
+
+    Per step, with :math:`s_k` a random direction and two queries:
+
+    .. math::
+
+        \rho_k &= \text{cosine}(\rho_0 \to \rho_{end}, k)\ \text{(minibatch)}, \quad \rho_0\ \text{(full batch)} \\
+        \gamma_k &= \frac{f(x_k + \rho_k s_k) - f(x_k - \rho_k s_k)}{2 \rho_k}, \quad
+        \sigma_k = \mathrm{StdDev}(\gamma_{recent}) \\
+        \tau^a_k &= \text{cosine}(2\eta_a \to \eta_a, k) \cdot \sigma_k, \quad
+        \gamma'_k = \frac{1}{1/|\gamma_k| + 1/\tau^a_k} \quad \text{(progressive } \gamma\text{-clipping)} \\
+        |\alpha_k| &= \mathrm{lr}_k \, \frac{\gamma'_k}{\eta_b \sigma_k} \quad \text{(automatic learning rate)} \\
+        x_{k+1} &= x_k - \mathrm{sign}(\gamma_k)\, |\alpha_k|\, s_k
+
+    (Alg. 2 lines 3-8, Sec. 3.4). lr_k is rho_k in full-batch mode and a cosine decay from
+    ``lr`` (default: ``eps``) to 0 in minibatch mode (Table 3: cosine decay for every method).
+
+    Sign convention: Alg. 2 as printed updates ``x + beta*alpha*s`` with
+    ``beta = sign(f(x+rho s) - f(x-rho s))``, which moves towards the *larger* evaluation. Its
+    stated intent (Sec. 3.4, the "sign trick": ``x + beta*|alpha|*s`` should be the argmin of
+    f(x +- alpha s)) is a step towards the lower one, and that is what is implemented.
+
+    gamma_recent: the most recent ``window`` fraction of the gammas, the current one included. With
+    ``total_steps`` K the window holds ceil(window * K) values (at least 2) in a ring buffer;
+    without it (full-batch mode only), the last ceil(window * (k + 1)) values, at most
+    ``max_window``. Before the window holds two distinct values sigma is their root mean square
+    (see :meth:`GammaWindow.sigma`), so the first step has magnitude lr_0 * 2 eta_a /
+    ((2 eta_a + 1) eta_b). Without ``total_steps`` tau^a uses eta_a (no progression).
+
+    Args:
+        params: iterable of parameters or param groups.
+        eps: rho_0, the initial smoothing parameter (the paper's rho, MeZO's epsilon). Default 1e-3.
+        eps_end: rho_end. Default eps / 10.
+        eta_a: clipping threshold multiplier (tau^a decays from 2 eta_a to eta_a). Default 5.
+        eta_b: automatic-learning-rate divisor. Default 5 (Table 3; the paper uses 50 for OPT-13B).
+        window: fraction of recent gammas in Std Dev(gamma_recent), in (0, 1]. Default 0.1.
+        total_steps: K, length of the cosine schedules. Required in minibatch mode.
+        batch_mode: ``"minibatch"`` (closure draws a batch each call) or ``"full"``.
+        lr: initial value of lr_k (per group); ``None`` ties it to eps as in the paper.
+        auto_lr: use the automatic learning rate 1/(eta_b sigma). ``False`` is the "W.O. auto LR"
+            ablation of Fig. 3a: |alpha_k| = lr_k * gamma'_k, a GA-like learning rate (set ``lr``).
+        clipping: use progressive gamma-clipping. ``False`` is the "W.O. gamma-clipping" ablation:
+            gamma'_k = |gamma_k|.
+        max_window: ring-buffer capacity when total_steps is None. Default 1024.
+        distribution, normalize, seed, exact_restore, max_nonfinite: see
+            :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
+
+    Example:
+        >>> opt = zoptim.AS2P(model.parameters(), eps=1e-3, total_steps=1000)
+        >>> for x, y in loader:
+        ...     opt.step(lambda: loss_fn(model(x), y))
+
+    References:
+        S2P paper, Algorithm 2 and Sec. 3.4; hyper-parameters from its Tables 3 and 4.
+    """
+
+    def __init__(
+        self,
+        params,
+        eps: float = 1e-3,
+        eps_end: float | None = None,
+        eta_a: float = 5.0,
+        eta_b: float = 5.0,
+        window: float = 0.1,
+        total_steps: int | None = None,
+        batch_mode: str = "minibatch",
+        lr: float | None = None,
+        distribution: str = "normal",
+        seed: int = 0,
+        *,
+        auto_lr: bool = True,
+        clipping: bool = True,
+        max_window: int = 1024,
+        normalize: bool = False,
+        exact_restore: bool = True,
+        max_nonfinite: int = 10,
+    ):
+        self.eps = check_positive("eps", eps)
+        self.eps_end = self.eps / 10.0 if eps_end is None else check_positive("eps_end", eps_end)
+        if self.eps_end > self.eps:
+            raise ValueError(f"eps_end must be <= eps ({eps}); got {eps_end!r}")
+        self.eta_a = check_positive("eta_a", eta_a)
+        self.eta_b = check_positive("eta_b", eta_b)
+        if not isinstance(window, (int, float)) or isinstance(window, bool) or not 0.0 < window <= 1.0:
+            raise ValueError(f"window must be a fraction in (0, 1]; got {window!r}")
+        self.window = float(window)
+        if batch_mode not in BATCH_MODES:
+            raise ValueError(f"batch_mode must be 'minibatch' or 'full'; got {batch_mode!r}")
+        self.batch_mode = batch_mode
+        self.total_steps = check_int("total_steps", total_steps, allow_none=True)
+        if batch_mode == "minibatch" and total_steps is None:
+            raise ValueError(
+                "total_steps is required in batch_mode='minibatch' (the cosine decays of rho_k and lr_k "
+                "need their length); pass total_steps=K or use batch_mode='full'"
+            )
+        check_positive("lr", lr, allow_none=True, allow_zero=True)
+        if not auto_lr and lr is None:
+            raise ValueError("auto_lr=False needs an explicit lr (the GA-like learning rate); got lr=None")
+        self.auto_lr, self.clipping = bool(auto_lr), bool(clipping)
+        self.max_window = check_int("max_window", max_window, minimum=2)
+        super().__init__(
+            params,
+            dict(lr=lr),
+            seed=seed,
+            distribution=distribution,
+            normalize=normalize,
+            exact_restore=exact_restore,
+            max_nonfinite=max_nonfinite,
+        )
+        capacity = self.max_window if self.total_steps is None else max(2, math.ceil(self.window * self.total_steps))
+        self.gammas = GammaWindow(capacity)
+
+    # -- schedules ----------------------------------------------------------------------------------
+    def rho(self, k: int) -> float:
+        """rho_k (Alg. 2 line 3)."""
+        if self.batch_mode == "full":
+            return self.eps
+        return cosine_decay(self.eps, self.eps_end, k, self.total_steps)
+
+    def lr_at(self, k: int, base: float | None) -> float:
+        """lr_k for a group whose ``lr`` is ``base`` (None: tied to eps)."""
+        if self.batch_mode == "full":
+            return self.rho(k) if base is None else base
+        start = self.eps if base is None else base
+        return cosine_decay(start, 0.0, k, self.total_steps)
+
+    def tau_a_factor(self, k: int) -> float:
+        if self.total_steps is None:
+            return self.eta_a
+        return cosine_decay(2.0 * self.eta_a, self.eta_a, k, self.total_steps)
+
+    def window_length(self, k: int) -> int:
+        if self.total_steps is not None:
+            return self.gammas.capacity
+        return max(1, math.ceil(self.window * (k + 1)))
+
+    # -- the step -------------------------------------------------------------------------------------
+    def _step(self, closure):
+        k = self.steps
+        key = self.direction_key()
+        rho = self.rho(k)
+        f_plus = self.query(closure, key, rho)
+        f_minus = self.query(closure, key, -rho)
+        gamma = (f_plus - f_minus) / (2.0 * rho)
+        self.gammas.push(gamma)
+        sigma = self.gammas.sigma(self.window_length(k))
+        tau_a = self.tau_a_factor(k) * sigma
+        g = abs(gamma)
+        if self.clipping:
+            clipped = g * tau_a / (g + tau_a) if g > 0.0 and tau_a > 0.0 else 0.0
+        else:
+            clipped = g
+        if self.auto_lr:
+            ratio = clipped / (self.eta_b * sigma) if sigma > 0.0 else 0.0
+        else:
+            ratio = clipped
+        direction = -math.copysign(1.0, gamma) if gamma != 0.0 else 0.0
+        lr_of_group = [self.lr_at(k, grp["lr"]) for grp in self.param_groups]
+        scales = [direction * lr_of_group[gi] * ratio for gi in self._group_of]
+        self.engine.update([(key, scales)])
+        loss = 0.5 * (f_plus + f_minus)
+        self.last_stats = {
+            "loss": loss,
+            "gamma": gamma,
+            "gamma_clipped": clipped,
+            "sigma": sigma,
+            "rho": rho,
+            "lr": lr_of_group[0],
+            "step_size": lr_of_group[0] * ratio,
+        }
+        return loss
+
+    # -- state ----------------------------------------------------------------------------------------
+    def _extra_state(self) -> dict:
+        extra = super()._extra_state()
+        extra["gamma_window"] = {"values": self.gammas.values.clone(), "count": self.gammas.count}
+        return extra
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        window = extra["gamma_window"]
+        self.gammas.values = window["values"].clone().to(torch.float64)
+        self.gammas.count = int(window["count"])

@@ -1,0 +1,93 @@
+"""ZOSGD: zeroth-order SGD with the two-point (SPSA) gradient estimate. GA, MeZO, k-SPSA."""
+
+from __future__ import annotations
+
+from .base import ZerothOrderOptimizer, check_int, check_positive
+
+
+class ZOSGD(ZerothOrderOptimizer):
+    r"""Zeroth-order SGD: GA of the S2P paper, MeZO (Malladi et al., 2023), SPSA / k-SPSA.
+
+    For each of k directions :math:`s_i` (``num_directions``) the projected gradient
+
+    .. math:: g_i = \frac{f(x + \epsilon s_i) - f(x - \epsilon s_i)}{2 \epsilon}
+
+    is measured with two queries, and the parameters move by the average estimate
+
+    .. math:: x \leftarrow x - \mathrm{lr} \Big( \frac1k \sum_{i=1}^k g_i s_i + \lambda x \Big).
+
+    This is GA of the S2P paper (Sec. 1, "GA", :math:`\rho = \epsilon`), the SPSA estimate of the
+    softmax paper (Definition 2.21) and its k-SPSA average (Remark 2.22). ``eps`` is the S2P
+    paper's smoothing parameter rho and MeZO's epsilon. With ``distribution="rademacher"`` it is
+    GA_sign (Gao & Sener, 2022). Cost: 2k queries per step.
+
+    Args:
+        params: iterable of parameters or param groups; only ``requires_grad=True`` ones move.
+        lr: learning rate (per group; torch LR schedulers drive it). Default 1e-3.
+        eps: perturbation scale epsilon (rho), > 0. Default 1e-3. One value for all groups.
+        num_directions: k, directions averaged per step. Default 1.
+        weight_decay: lambda, decoupled as in SGD, per group. Default 0.
+        distribution, normalize, seed, exact_restore, max_nonfinite: see
+            :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
+
+    Example:
+        >>> opt = zoptim.ZOSGD(model.parameters(), lr=1e-4, eps=1e-3)
+        >>> loss = opt.step(lambda: loss_fn(model(x), y))
+
+    References:
+        Nesterov & Spokoiny (2017); Spall (1992); Malladi et al. (2023), Algorithm 1;
+        S2P paper, Sec. 1 (GA); softmax paper, Definition 2.21 and Remark 2.22.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        eps: float = 1e-3,
+        num_directions: int = 1,
+        distribution: str = "normal",
+        weight_decay: float = 0.0,
+        seed: int = 0,
+        *,
+        normalize: bool = False,
+        exact_restore: bool = True,
+        max_nonfinite: int = 10,
+    ):
+        check_positive("lr", lr, allow_zero=True)
+        self.eps = check_positive("eps", eps)
+        self.num_directions = check_int("num_directions", num_directions)
+        check_positive("weight_decay", weight_decay, allow_zero=True)
+        super().__init__(
+            params,
+            dict(lr=lr, weight_decay=weight_decay),
+            seed=seed,
+            distribution=distribution,
+            normalize=normalize,
+            exact_restore=exact_restore,
+            max_nonfinite=max_nonfinite,
+        )
+        self.queries_per_step = 2 * self.num_directions
+
+    def _step(self, closure):
+        k, eps = self.num_directions, self.eps
+        keys, gammas, losses = [], [], []
+        for i in range(k):
+            key = self.direction_key(i)
+            f_plus = self.query(closure, key, eps)
+            f_minus = self.query(closure, key, -eps)
+            keys.append(key)
+            gammas.append((f_plus - f_minus) / (2.0 * eps))
+            losses += [f_plus, f_minus]
+        lrs = self.per_param("lr")
+        decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
+        terms = [(key, [-lr * g / k for lr in lrs]) for key, g in zip(keys, gammas)]
+        self.engine.update(terms, decay=decay if any(decay) else None)
+        loss = sum(losses) / len(losses)
+        self.last_stats = {
+            "loss": loss,
+            "gamma": gammas[-1],
+            "step_size": abs(self.param_groups[0]["lr"] * sum(gammas) / k),
+            "rho": eps,
+            "lr": self.param_groups[0]["lr"],
+        }
+        return loss
