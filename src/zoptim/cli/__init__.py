@@ -1,0 +1,24 @@
+"""The ``zoptim`` command: ``zoptim bench`` and ``zoptim finetune``.
+
+Each subcommand lives in its own module and registers itself with :func:`main`'s parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="zoptim", description="Train and fine-tune with forward passes only.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import bench, finetune
+
+    bench.register(sub)
+    finetune.register(sub)
+    args = parser.parse_args(argv)
+    return int(args.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""What a benchmark problem is: a model to optimise, minibatches, a minibatch loss, a full loss.
+
+A zeroth-order step queries the loss two (or three, four) times and every query of one step must
+see the same minibatch, so problems hand out batches and losses separately: the caller draws a
+batch per step and closes over it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Problem:
+    """Base class. Subclasses set ``name`` and implement the four methods below."""
+
+    name: str = "problem"
+    #: True when :meth:`sample_batch` always returns the whole data set (deterministic loss).
+    full_batch: bool = False
+
+    def make_model(self, seed: int = 0) -> torch.nn.Module:
+        """A fresh model (or parameter holder) at the problem's starting point."""
+        raise NotImplementedError
+
+    def sample_batch(self, generator: torch.Generator) -> Any:
+        """One minibatch, drawn with ``generator`` (never the global RNG)."""
+        return None
+
+    def loss(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """The training loss of ``model`` on ``batch`` (a 0-dim tensor)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def full_loss(self, model: torch.nn.Module) -> float:
+        """The training loss on all the data (what curves and cost ratios are computed from)."""
+        return float(self.loss(model, None))
+
+    def closure(self, model: torch.nn.Module, batch: Any):
+        """The zoptim closure for one step: the loss of ``model`` on the fixed ``batch``."""
+        return lambda: self.loss(model, batch)
+
+
+class VectorModel(torch.nn.Module):
+    """A bare parameter vector x in R^d, for the analytic problems."""
+
+    def __init__(self, x0: torch.Tensor):
+        super().__init__()
+        self.x = torch.nn.Parameter(x0.clone())
