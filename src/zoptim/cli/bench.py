@@ -1,6 +1,64 @@
-"""`zoptim bench` (not yet implemented)."""
+"""``zoptim bench``: run a benchmark suite, or rebuild the report of an existing output folder."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+
+def _positive_int(name):
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise SystemExit(f"zoptim bench: --{name} must be a positive integer; got {text!r}") from None
+        if value <= 0:
+            raise SystemExit(f"zoptim bench: --{name} must be a positive integer; got {text!r}")
+        return value
+
+    return parse
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="not yet implemented")
-    p.set_defaults(run=lambda args: (_ for _ in ()).throw(SystemExit("zoptim bench: not yet implemented")))
+    p = sub.add_parser("bench", help="compare zeroth-order optimizers at equal query budgets",
+                       description="Run a benchmark suite (quick | paper | softmax | ablations) or rebuild a report.")
+    p.add_argument("--suite", help="quick (the demo), paper, softmax or ablations")
+    p.add_argument("--methods", nargs="+", help="override the suite's methods (see zoptim.bench.METHODS)")
+    p.add_argument("--problems", nargs="+", help="override the suite's problems (see zoptim.problems.PROBLEMS)")
+    p.add_argument("--seeds", type=_positive_int("seeds"), help="number of seeds (0..N-1)")
+    p.add_argument("--budget", type=_positive_int("budget"), help="function queries per run")
+    p.add_argument("--out", type=Path, help="output folder (raw/*.jsonl, summary.md, *.png)")
+    p.add_argument("--report", type=Path, metavar="DIR", help="rebuild summary.md and plots from DIR and exit")
+    p.set_defaults(run=main)
+
+
+def main(args) -> int:
+    import os
+
+    import torch
+
+    from ..bench import build_report, run_suite
+
+    # Small models: one intra-op thread is ~10x faster than oversubscribed cores on a shared machine.
+    torch.set_num_threads(int(os.environ.get("ZOPTIM_BENCH_THREADS", "1")))
+
+    if args.report is not None:
+        print(_table_only(build_report(args.report)))
+        print(f"wrote {args.report / 'summary.md'}")
+        return 0
+    if args.suite is None or args.out is None:
+        raise SystemExit("zoptim bench: give --suite and --out (or --report DIR)")
+    try:
+        run_suite(args.suite, args.out, methods=args.methods, problems=args.problems, seeds=args.seeds,
+                  budget=args.budget, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except (ValueError, FileNotFoundError, ImportError) as err:
+        raise SystemExit(f"zoptim bench: {err}") from None
+    text = build_report(args.out)
+    print(_table_only(text))
+    print(f"wrote {args.out / 'summary.md'} and plots in {args.out}")
+    return 0
+
+
+def _table_only(markdown: str) -> str:
+    """The report without image links, for the terminal."""
+    return "\n".join(line for line in markdown.splitlines() if not line.startswith("!["))

@@ -18,6 +18,17 @@ class Problem:
     name: str = "problem"
     #: True when :meth:`sample_batch` always returns the whole data set (deterministic loss).
     full_batch: bool = False
+    #: Hyper-parameters the benchmark uses when no search is run: ``lr`` (GA's alpha_0), ``eps``
+    #: (rho_0, shared by GA and AS2P), ``stp_lr`` (STP's alpha_0), ``s2p_lr`` (S2P's alpha_0 of the
+    #: stationary rule), ``eta_b`` (AS2P). Subclasses override; chosen by the grid search on the
+    #: problem (see docs/benchmarks.md).
+    default_hparams: dict = {"lr": 1e-3, "eps": 1e-3, "stp_lr": 1e-2, "s2p_lr": 1.0, "eta_b": 5.0}
+    #: Search grids (S2P paper, Appendix D.1): alpha_0 and rho_0 for every method. Problems whose
+    #: scale differs from the paper's ResNets shift the alpha_0 grid by a constant factor.
+    lr_grid: tuple = (2e-4, 1e-4, 8e-5, 5e-5, 2e-5, 1e-5)
+    eps_grid: tuple = (1e-3, 5e-4, 1e-4, 5e-5, 1e-5)
+    #: STP's alpha_0 grid; None: 10 x ``lr_grid`` (Table 3 picks STP's alpha_0 10x GA's).
+    stp_grid: tuple | None = None
 
     def make_model(self, seed: int = 0) -> torch.nn.Module:
         """A fresh model (or parameter holder) at the problem's starting point."""

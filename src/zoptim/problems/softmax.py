@@ -24,18 +24,24 @@ class SoftmaxRegression(Problem):
     Generator: :math:`A_j = U_j \mathrm{diag}(\sigma) V_j^T` with random orthogonal U_j, V_j and
     singular values log-spaced from R / cond to R, so :math:`\|A_j\| = R` and
     :math:`\kappa(A_j) = cond`; b_j is a random probability vector (:math:`\|b_j\|_1 = 1`);
+    b_j = f_j(x_true) for a planted unit-norm x_true (so ||b_j||_1 = 1 and L_exp(x_true) = 0);
     w_i = ``reg``. Requires n >= d so the regularised loss is strongly convex (Lemma 5.1).
     x_0 = 0.
     """
+
+    default_hparams = {"lr": 0.5, "eps": 1e-3, "stp_lr": 0.05, "s2p_lr": 10.0, "eta_b": 5.0}
+    lr_grid = (2.0, 1.0, 0.5, 0.2)
+    stp_grid = (0.2, 0.1, 0.05, 0.02)
+    eps_grid = (1e-3,)
 
     def __init__(
         self,
         n: int = 16,
         d: int = 8,
         num_samples: int = 64,
-        R: float = 1.0,
+        R: float = 4.0,
         cond: float = 4.0,
-        reg: float = 0.1,
+        reg: float = 0.01,
         batch_size: int | None = None,
         regularized: bool = True,
         seed: int = 0,
@@ -57,8 +63,10 @@ class SoftmaxRegression(Problem):
             V, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
             A.append(U @ torch.diag(sigma) @ V.T)
         self.A = torch.stack(A).float()  # (m, n, d)
-        b = -torch.log(torch.rand(num_samples, n, generator=g, dtype=torch.float64))
-        self.b = (b / b.sum(dim=1, keepdim=True)).float()  # Dirichlet(1): ||b_j||_1 = 1
+        x_true = torch.randn(d, generator=g, dtype=torch.float64)
+        self.x_true = (x_true / x_true.norm()).float()
+        # Planted targets b_j = f_j(x_true): probability vectors, ||b_j||_1 = 1.
+        self.b = torch.softmax(self.A @ self.x_true, dim=1)
         self.w = torch.full((n,), float(reg))
 
     def make_model(self, seed: int = 0) -> VectorModel:
@@ -77,6 +85,26 @@ class SoftmaxRegression(Problem):
         if self.regularized:
             per_j = per_j + 0.5 * ((self.w * Ax) ** 2).sum(dim=1)
         return per_j.mean()
+
+    def gradient_at(self, x: torch.Tensor, batch=None) -> torch.Tensor:
+        r"""The exact gradient, written from the paper's decomposition (Lemma 2.10, Defs. 2.11-2.14).
+
+        .. math::
+
+            \nabla L_{exp,j}(x) = A_j^T G_j(x), \quad
+            G_j(x) = -f_j(x) \, c_j(x)^T f_j(x) + \mathrm{diag}(f_j(x)) \, c_j(x),
+
+        with f_j(x) = <exp(A_j x), 1_n>^{-1} exp(A_j x) and c_j(x) = f_j(x) - b_j; the regulariser
+        adds A_j^T W^2 A_j x. Averaged over the j of the batch, like :meth:`loss_at`.
+        """
+        A, b = (self.A, self.b) if batch is None else (self.A[batch], self.b[batch])
+        f = torch.softmax(A @ x, dim=1)  # f_j(x), (B, n)
+        c = f - b  # c_j(x)
+        G = -f * (c * f).sum(dim=1, keepdim=True) + f * c  # G_j(x)
+        grad = torch.einsum("bnd,bn->bd", A, G)  # A_j^T G_j(x)
+        if self.regularized:
+            grad = grad + torch.einsum("bnd,bn->bd", A, self.w**2 * (A @ x))
+        return grad.mean(dim=0)
 
     def loss(self, model, batch=None) -> torch.Tensor:
         return self.loss_at(model.x, batch)

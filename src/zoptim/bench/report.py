@@ -1,0 +1,143 @@
+"""Tables and plots from finished runs: ``summary.md`` and PNGs, rebuilt by ``zoptim bench --report DIR``."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+from . import cost_ratio, plots
+from .harness import curve, load_runs
+from .io import atomic_write_text
+from .methods import BASELINE
+
+
+def _group(runs):
+    groups = defaultdict(lambda: defaultdict(dict))  # (experiment, problem) -> method -> seed -> records
+    for recs in runs:
+        h = recs[0]
+        groups[(h["experiment"], h["problem"])][h["method"]][h["seed"]] = recs
+    return groups
+
+
+def cost_ratio_table(methods: dict) -> dict[str, list[dict]] | None:
+    """Method -> aggregated cells, with targets per seed from the baseline's run of that seed."""
+    if BASELINE not in methods:
+        return None
+    per_method = defaultdict(list)
+    for seed, base in methods[BASELINE].items():
+        curves = {m: curve(runs[seed]) for m, runs in methods.items() if seed in runs}
+        for m, ratios in cost_ratio.cost_ratios(curve(base), curves).items():
+            per_method[m].append(ratios)
+    order = [BASELINE] + [m for m in methods if m != BASELINE]
+    return {m: cost_ratio.aggregate(per_method[m]) for m in order if per_method[m]}
+
+
+def _final_losses(methods: dict) -> str:
+    lines = ["| Method | queries | final loss (mean ± std) | seeds | hyper-parameters | wall s/run |", "|---|---|---|---|---|---|"]
+    for m, runs in methods.items():
+        finals = [curve(r)[1][-1] for r in runs.values()]
+        ok = [v for v in finals if math.isfinite(v)]
+        mean = sum(ok) / len(ok) if ok else math.nan
+        std = math.sqrt(sum((v - mean) ** 2 for v in ok) / len(ok)) if ok else math.nan
+        h = next(iter(runs.values()))[0]
+        used = {k: h["hparams"][k] for k in _uses(m) if k in h["hparams"]}
+        walls = [r[-1]["wall"] for r in runs.values()]
+        div = sum(1 for r in runs.values() if r[-1].get("diverged"))
+        note = f" ({div} diverged)" if div else ""
+        lines.append(f"| {m} | {h['budget']} | {mean:.4g} ± {std:.2g}{note} | {len(runs)} | "
+                     f"{', '.join(f'{k}={v:.3g}' for k, v in used.items())} | {sum(walls) / len(walls):.1f} |")
+    return "\n".join(lines)
+
+
+def _uses(method: str) -> tuple:
+    from .methods import get_method
+
+    try:
+        return get_method(method).uses
+    except ValueError:
+        return ()
+
+
+def softmax_section(methods_by_problem: dict, out_dir: Path, lstar: dict) -> list[str]:
+    """Queries/steps to reach L* + eps per (d, k), log-log plot against d^1.5/k, and suboptimality curves."""
+    rows = []
+    for pname, methods in sorted(methods_by_problem.items(), key=lambda kv: int(kv[0].split("-d")[-1])):
+        d = int(pname.split("-d")[-1])
+        ls = lstar.get(pname)
+        for m, runs in sorted(methods.items(), key=lambda kv: int(kv[0].split("-k")[-1])):
+            k = int(m.split("-k")[-1])
+            steps, queries = [], []
+            for recs in runs.values():
+                q, l = curve(recs)
+                target = ls + 1e-3 * (l[0] - ls)
+                hit = cost_ratio.queries_to_reach(q, l, target, beta=0.0)
+                queries.append(hit)
+                steps.append(None if hit is None else hit // (2 * k))
+            ok = [s for s in steps if s is not None]
+            rows.append({"d": d, "k": k, "steps": sum(ok) / len(ok) if len(ok) == len(steps) else None,
+                         "queries": (sum(q for q in queries if q is not None) / len(ok)) if len(ok) == len(steps) else None,
+                         "reached": f"{len(ok)}/{len(steps)}"})
+    lines = ["## Softmax regression: ZO-SGD with k-SPSA (softmax paper, Theorem 5.6)", "",
+             "Target: L* + epsilon with epsilon = 1e-3 (L(x_0) - L*), L* from L-BFGS. Steps = queries / (2k). "
+             "Theorem 5.6 predicts T = O(1 + d^1.5 kappa^2 / k) steps (up to log terms and constants).", "",
+             "| d | k | steps to target | queries to target | seeds reached | d^1.5/k |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        s = "n/r" if r["steps"] is None else f"{r['steps']:.0f}"
+        q = "n/r" if r["queries"] is None else f"{r['queries']:.0f}"
+        lines.append(f"| {r['d']} | {r['k']} | {s} | {q} | {r['reached']} | {r['d'] ** 1.5 / r['k']:.1f} |")
+    png = plots.scaling_loglog(rows, out_dir / "softmax-scaling.png", "k-SPSA on softmax regression")
+    lines += ["", f"![scaling]({png.name})", ""]
+    largest = max(methods_by_problem, key=lambda p: int(p.split("-d")[-1]))
+    curves = {m: [curve(r) for r in runs.values()] for m, runs in methods_by_problem[largest].items()}
+    png = plots.suboptimality(curves, lstar[largest], out_dir / "softmax-linear-convergence.png",
+                              f"L - L* on {largest} (log scale)")
+    lines += [f"Linear convergence of the regularised loss ({largest}): ![linear]({png.name})", ""]
+    return lines
+
+
+def build_report(out_dir: Path) -> str:
+    """Write ``summary.md`` and the PNGs under ``out_dir`` from its ``raw/*.jsonl``; return the Markdown."""
+    out_dir = Path(out_dir)
+    if not (out_dir / "raw").is_dir():
+        raise FileNotFoundError(f"no results under {out_dir}/raw: run `zoptim bench --suite ... --out {out_dir}` first")
+    groups = _group(load_runs(out_dir))
+    md = ["# zoptim benchmark summary", "",
+          "Loss = full-data training loss; x-axis = function queries. Training cost ratio (S2P paper, App. D.2): "
+          "queries to first reach ZOSGD's (GA/MeZO) smoothed loss at 100/80/60/40/20 % of its budget, divided by "
+          "ZOSGD's total queries; smoothing = EMA (beta 0.6) then running minimum; mean ± std over seeds; "
+          "n/r = not reached, (r/n) = reached by r of n seeds.", ""]
+    softmax = {p: m for (e, p), m in groups.items() if e == "softmax-scaling"}
+    for (exp, pname), methods in sorted(groups.items()):
+        if exp.startswith("search-") or exp == "softmax-scaling":
+            continue
+        slug = f"{exp}-{pname}"
+        md += [f"## {exp}: {pname}", ""]
+        table = cost_ratio_table(methods)
+        if table is not None:
+            md += ["Training cost ratio (format of Tables 5/6):", "", cost_ratio.markdown_table({pname: table}), ""]
+            png = plots.cost_ratio_bars(table, cost_ratio.FRACTIONS, out_dir / f"{slug}-cost-ratio.png", f"{exp}: {pname}")
+            md += [f"![cost ratio]({png.name})", ""]
+        md += [_final_losses(methods), ""]
+        png = plots.loss_vs_queries({m: [curve(r) for r in runs.values()] for m, runs in methods.items()},
+                                    out_dir / f"{slug}-loss.png", f"{exp}: {pname}")
+        md += [f"![loss vs queries]({png.name})", ""]
+        for m in methods:
+            if m == "AS2P":
+                png = plots.as2p_dynamics(list(methods[m].values()), out_dir / f"{slug}-as2p-dynamics.png",
+                                          f"AS2P step size and gamma ({pname})")
+                md += [f"![AS2P dynamics]({png.name})", ""]
+    for path in sorted(out_dir.glob("hparams-*.json")):
+        found = json.loads(path.read_text())
+        md += [f"## Hyper-parameter search: {path.stem[len('hparams-'):]}", "",
+               f"Search budget {found['budget']} queries, seed 0, {len(found['trials'])} candidates. Chosen: "
+               + ", ".join(f"{k}={v:.3g}" for k, v in found["chosen"].items())
+               + ". Used at the full budget: " + ", ".join(f"{k}={v:.3g}" for k, v in found.get("used_at_full_budget", {}).items()), ""]
+    if softmax:
+        lstar_path = out_dir / "softmax_lstar.json"
+        if lstar_path.exists():
+            md += softmax_section(softmax, out_dir, json.loads(lstar_path.read_text()))
+    text = "\n".join(md) + "\n"
+    atomic_write_text(out_dir / "summary.md", text)
+    return text

@@ -1,0 +1,123 @@
+"""Named benchmark suites: which experiments (methods x problems x seeds x budget) each one runs.
+
+* ``quick``: ZOSGD, ZOSGD-rademacher, STP, S2P, AS2P on the digits MLP, 3 seeds, 6,000 queries,
+  problem-default hyper-parameters. What ``make demo`` runs; a few minutes on 2 cores.
+* ``paper``: the S2P paper's comparison (Tables 5, Figs. 1, 3b) on EfficientNet-Lite0 /
+  Fashion-MNIST and on softmax regression, 2 seeds, 10,000 queries, 50 evaluations a run, with
+  the Appendix D.1 search (reduced grids, seed 0, at a quarter of the budget) before the runs.
+* ``ablations``: Fig. 3a (AS2P without automatic LR / without gamma-clipping), Fig. 3c (eta_b
+  sweep), Fig. 4 (normal / Rademacher / uniform directions), Fig. 7 (directions per update at an
+  equal query budget), on the digits MLP.
+* ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
+  softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
+  L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..problems import SoftmaxRegression, get_problem
+from . import harness, search
+from .harness import RunSpec
+from .io import atomic_write_text
+from .methods import get_method
+
+FIVE = ["ZOSGD", "ZOSGD-rademacher", "STP", "S2P", "AS2P"]
+
+
+@dataclass
+class Experiment:
+    name: str
+    problems: list[str]
+    methods: list[str]
+    seeds: int = 3
+    budget: int = 6000
+    hparams: dict = field(default_factory=dict)  # overrides of the problem defaults
+    search: bool = False
+    num_evals: int = 100
+
+
+def _ablations(budget: int, seeds: int) -> list[Experiment]:
+    p = ["digits-mlp"]
+    return [
+        Experiment("ablation-components", p, ["ZOSGD", "AS2P", "AS2P-no-auto-lr", "AS2P-no-clipping"], seeds, budget),
+        Experiment("ablation-eta_b", p, ["ZOSGD", "AS2P-etab1", "AS2P-etab3", "AS2P-etab5", "AS2P-etab10", "AS2P-etab50"], seeds, budget),
+        Experiment("ablation-distribution", p, ["ZOSGD", "ZOSGD-rademacher", "ZOSGD-uniform", "AS2P", "AS2P-rademacher",
+                                                "AS2P-uniform"], seeds, budget),
+        Experiment("ablation-directions", p, ["ZOSGD", "ZOSGD-k2", "ZOSGD-k4", "ZOSGD-k8"], seeds, budget),
+    ]
+
+
+SUITES = {
+    "quick": lambda budget, seeds: [Experiment("quick", ["digits-mlp"], FIVE, seeds or 3, budget or 6000)],
+    "paper": lambda budget, seeds: [Experiment("paper", ["fashion-efficientnet", "softmax"], FIVE, seeds or 2, budget or 10000,
+                                               search=True, num_evals=50)],
+    "ablations": lambda budget, seeds: _ablations(budget or 6000, seeds or 3),
+    "softmax": None,  # its own runner below
+}
+
+SOFTMAX_DIMS = (4, 8, 16, 32)
+SOFTMAX_KS = (1, 2, 4, 8)
+
+
+def softmax_study_problem(d: int) -> SoftmaxRegression:
+    """The softmax-study instance of dimension d: n = 2d, 32 data points, full batch, ||A_j|| = 1."""
+    problem = SoftmaxRegression(n=2 * d, d=d, num_samples=32, R=1.0, cond=2.0, reg=0.5, regularized=True, seed=d)
+    problem.name = f"softmax-d{d}"
+    return problem
+
+
+def run_softmax_study(out_dir: Path, seeds: int = 2, budget: int | None = None, progress=None) -> None:
+    """k-SPSA on softmax-d{d}: lr = lr0 k / (k + d) keeps the estimate's variance term (∝ d/k) in check,
+    the step-size shape of Theorem 5.6; constant lr and full batch so the strongly convex loss converges linearly."""
+    budget = budget or 40000
+    lstar = {}
+    for d in SOFTMAX_DIMS:
+        problem = softmax_study_problem(d)
+        lstar[problem.name] = problem.minimum()
+        for k in SOFTMAX_KS:
+            hp = {"lr": 4.0 * k / (k + d), "eps": 1e-4}
+            for seed in range(seeds):
+                spec = RunSpec("softmax-scaling", problem.name, f"kSPSA-k{k}", seed, budget, hp, num_evals=200)
+                harness.run(spec, problem, out_dir, progress=progress)
+    atomic_write_text(Path(out_dir) / "softmax_lstar.json", json.dumps(lstar, indent=1))
+
+
+def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None, budget=None, progress=None,
+              log=print) -> None:
+    """Run every experiment of ``suite`` (resumable: finished runs are skipped)."""
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
+    if budget is not None and (not isinstance(budget, int) or budget <= 0):
+        raise ValueError(f"budget must be a positive number of queries; got {budget!r}")
+    if seeds is not None and seeds < 1:
+        raise ValueError(f"seeds must be >= 1; got {seeds!r}")
+    for m in methods or []:
+        get_method(m)
+    out_dir = Path(out_dir)
+    if suite == "softmax":
+        run_softmax_study(out_dir, seeds or 2, budget, progress)
+        return
+    for exp in SUITES[suite](budget, seeds):
+        exp_methods = [get_method(m).name for m in methods] if methods else exp.methods
+        for pname in problems or exp.problems:
+            log(f"[{exp.name}] building problem {pname}")
+            problem = get_problem(pname)
+            hp = {**problem.default_hparams, **exp.hparams}
+            if exp.search:
+                search_budget = max(100, exp.budget // 4)
+                log(f"[{exp.name}] hyper-parameter search on {pname} at {search_budget} queries")
+                found = search.search(pname, problem, exp_methods, search_budget, out_dir, exp.name, progress)
+                hp = dict(found["chosen"])
+                # S2P's alpha_0 is per sqrt(K): keep the per-step alpha found at the search budget
+                hp["s2p_lr"] = hp["s2p_lr"] * (exp.budget / search_budget) ** 0.5
+                found["used_at_full_budget"] = hp
+                atomic_write_text(out_dir / f"hparams-{exp.name}-{pname}.json", json.dumps(found, indent=1))
+            for method in exp_methods:
+                for seed in range(exp.seeds):
+                    log(f"[{exp.name}] {pname} {method} seed {seed}")
+                    harness.run(RunSpec(exp.name, pname, method, seed, exp.budget, hp, exp.num_evals), problem, out_dir,
+                                progress=progress)

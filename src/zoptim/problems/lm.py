@@ -1,0 +1,59 @@
+"""A language-model fine-tuning task as a benchmark problem (``lm-smollm2-rt``, ``lm-minilm-rt``).
+
+Kept cheap for a benchmark: LoRA adapters only (rank 8), minibatches of 4 prompts of at most 32
+tokens, and a "full" loss on a fixed subset of 32 training examples.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..lm.data import load_task
+from ..lm.models import apply_lora, load_model, resolve
+from ..lm.prompts import PromptClassifier, get_prompt
+from .base import Problem
+
+
+class LMProblem(Problem):
+    """Prompt-based classification (see :mod:`zoptim.lm.prompts`) of ``task`` with ``model``."""
+
+    def __init__(
+        self,
+        model: str = "smollm2",
+        task: str = "rt-sentiment",
+        lora: bool = True,
+        batch_size: int = 4,
+        max_length: int = 32,
+        num_train: int = 1000,
+        full_loss_examples: int = 32,
+        dtype=torch.float32,
+        seed: int = 0,
+    ):
+        if batch_size < 1 or full_loss_examples < 1:
+            raise ValueError(f"batch_size and full_loss_examples must be >= 1; got {batch_size}, {full_loss_examples}")
+        self.model_name, self.lora, self.dtype = model, lora, dtype
+        self.batch_size, self.max_length = batch_size, max_length
+        self.task = load_task(task, seed=seed, num_train=num_train, num_val=0, num_test=0)
+        self.prompt = get_prompt(task)
+        self.full_examples = self.task.train[:full_loss_examples]
+        self.name = f"lm-{model}-{task}" + ("-lora" if lora else "")
+
+    def make_model(self, seed: int = 0) -> PromptClassifier:
+        model, tokenizer = load_model(self.model_name, dtype=self.dtype)
+        _, kind = resolve(self.model_name)
+        if self.lora:
+            model = apply_lora(model, seed=seed)
+        return PromptClassifier(model, tokenizer, self.prompt, kind=kind, max_length=self.max_length).eval()
+
+    def sample_batch(self, generator: torch.Generator):
+        idx = torch.randint(len(self.task.train), (self.batch_size,), generator=generator)
+        return [self.task.train[i] for i in idx.tolist()]
+
+    def loss(self, model: PromptClassifier, batch) -> torch.Tensor:
+        return model.loss(self.full_examples if batch is None else batch)
+
+
+def make_lm_problem(model: str = "smollm2", task: str = "rt-sentiment", **kwargs) -> LMProblem:
+    """The benchmark's LM problem: ``model`` in {"smollm2", "minilm", PATH}, ``task`` in
+    {"rt-sentiment", "trec"}; other keyword arguments go to :class:`LMProblem`."""
+    return LMProblem(model=model, task=task, **kwargs)

@@ -1,0 +1,87 @@
+"""Problems by name, for the benchmark harness and ``zoptim bench --problems``.
+
+Each name maps to a zero-argument factory; heavy problems (real models and data) import their
+dependencies only when built, and the language-model ones come from :mod:`zoptim.problems.lm`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from .base import Problem
+
+
+def _digits() -> Problem:
+    from .digits import DigitsMLP
+
+    return DigitsMLP()
+
+
+def _fashion() -> Problem:
+    from .vision import FashionEfficientNet
+
+    return FashionEfficientNet()
+
+
+def _softmax() -> Problem:
+    from .softmax import SoftmaxRegression
+
+    return SoftmaxRegression(n=32, d=16, num_samples=256, batch_size=32, regularized=True, seed=0)
+
+
+def _quadratic() -> Problem:
+    from .quadratic import Quadratic
+
+    return Quadratic(dim=1000, cond=100.0)
+
+
+def _relaxed() -> Problem:
+    from .relaxed import RelaxedSmooth
+
+    return RelaxedSmooth()
+
+
+def _hyperbolic(kind: str) -> Callable[[], Problem]:
+    def make() -> Problem:
+        from .hyperbolic import HyperbolicRegression
+
+        return HyperbolicRegression(kind=kind)
+
+    return make
+
+
+def _lm(model: str) -> Callable[[], Problem]:
+    def make() -> Problem:
+        try:
+            from .lm import make_lm_problem
+        except ImportError as err:
+            raise ImportError(
+                f"the language-model problems need zoptim.problems.lm (the LM fine-tuning feature) and its assets "
+                f"(`make lm-assets`); importing it failed: {err}"
+            ) from err
+        return make_lm_problem(model=model, task="rt-sentiment")
+
+    return make
+
+
+PROBLEMS: dict[str, Callable[[], Problem]] = {
+    "digits-mlp": _digits,
+    "fashion-efficientnet": _fashion,
+    "softmax": _softmax,
+    "quadratic": _quadratic,
+    "relaxed-smooth": _relaxed,
+    "exp-regression": _hyperbolic("exp"),
+    "cosh-regression": _hyperbolic("cosh"),
+    "sinh-regression": _hyperbolic("sinh"),
+    "lm-smollm2-rt": _lm("smollm2"),
+    "lm-minilm-rt": _lm("minilm"),
+}
+
+
+def get_problem(name: str) -> Problem:
+    """Build the problem registered as ``name``; ValueError listing the known names otherwise."""
+    if name not in PROBLEMS:
+        raise ValueError(f"unknown problem {name!r}; known problems: {', '.join(PROBLEMS)}")
+    problem = PROBLEMS[name]()
+    problem.name = name
+    return problem

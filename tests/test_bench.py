@@ -1,0 +1,135 @@
+"""The benchmark harness: the training cost ratio (S2P paper, App. D.2), resumable runs, the CLI."""
+
+import json
+import math
+
+import pytest
+
+from zoptim.bench import cost_ratio, harness
+from zoptim.bench.harness import RunSpec
+from zoptim.problems import Quadratic, get_problem
+
+
+# -- training cost ratio on hand-made curves --------------------------------------------------------
+def test_smoothing_is_a_running_minimum_of_an_ema():
+    assert cost_ratio.smooth([4.0, 2.0, 3.0, 1.0], beta=0.5) == [4.0, 3.0, 3.0, 2.0]
+    assert cost_ratio.smooth([1.0, float("nan"), 0.5], beta=0.0) == [1.0, 1.0, 0.5]
+
+
+def test_baseline_row_is_the_fractions_of_its_budget_on_a_strictly_decreasing_curve():
+    q = list(range(0, 1001, 100))
+    ga = [10.0 - i for i in range(11)]  # strictly decreasing: reaches each target exactly on time
+    ratios = cost_ratio.cost_ratios((q, ga), {"GA": (q, ga)}, beta=0.0)
+    assert ratios["GA"] == pytest.approx([1.0, 0.8, 0.6, 0.4, 0.2])
+
+
+def test_a_method_twice_as_fast_has_half_the_ratio_and_a_slow_one_is_not_reached():
+    q = list(range(0, 1001, 100))
+    ga = [10.0 - i for i in range(11)]
+    fast = [10.0 - min(2 * i, 10) for i in range(11)]  # GA's loss at 2x the queries
+    slow = [10.0 - 0.5 * i for i in range(11)]  # ends at GA's 50 % loss: later targets never reached
+    r = cost_ratio.cost_ratios((q, ga), {"fast": (q, fast), "slow": (q, slow)}, beta=0.0)
+    assert r["fast"] == pytest.approx([0.5, 0.4, 0.3, 0.2, 0.1])
+    assert r["slow"][:3] == [None, None, None]  # targets 0, 2, 4 are below its final loss 5
+    assert r["slow"][3:] == pytest.approx([0.8, 0.4])
+
+
+def test_ratio_uses_queries_not_steps():
+    # STP's curve is recorded at 3 queries a step: the ratio divides queries by GA's total queries.
+    ga_q, ga = [0, 300, 600], [3.0, 2.0, 1.0]
+    stp_q, stp = [0, 300, 600, 900], [3.0, 2.0, 1.5, 1.0]
+    r = cost_ratio.cost_ratios((ga_q, ga), {"STP": (stp_q, stp)}, fractions=(1.0,), beta=0.0)
+    assert r["STP"] == [pytest.approx(1.5)]
+
+
+def test_not_reached_is_shown_as_such_never_as_a_number():
+    cells = cost_ratio.aggregate([[None, 0.5], [None, 0.7], [None, None]])
+    assert cost_ratio.format_cell(cells[0]) == "n/r"
+    assert cost_ratio.format_cell(cells[1]) == "0.60 ± 0.10 (2/3)"
+    table = cost_ratio.markdown_table({"task": {"GA": cost_ratio.aggregate([[1.0, 0.8, 0.6, 0.4, 0.2]]),
+                                                "X": cost_ratio.aggregate([[None] * 5])}})
+    assert "| task | GA | 1.00 ± 0.00 | 0.80 ± 0.00 |" in table
+    assert table.splitlines()[-1] == "|  | X | n/r | n/r | n/r | n/r | n/r |"
+
+
+# -- harness -------------------------------------------------------------------------------------------
+def test_bad_input_names_the_argument(tmp_path):
+    with pytest.raises(ValueError, match="budget"):
+        RunSpec("e", "p", "ZOSGD", 0, 0)
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        harness.run(RunSpec("e", "p", "nope", 0, 10), Quadratic(dim=5), tmp_path)
+    with pytest.raises(ValueError, match="unknown problem"):
+        get_problem("nope")
+    from zoptim.bench import run_suite
+
+    with pytest.raises(ValueError, match="unknown suite"):
+        run_suite("nope", tmp_path)
+
+
+def test_every_method_records_queries_at_its_own_cost_per_step(tmp_path):
+    problem = Quadratic(dim=20, cond=10.0)
+    hp = {"lr": 0.1, "eps": 1e-3, "stp_lr": 0.1, "s2p_lr": 5.0, "eta_b": 5.0}
+    for method, qps in [("ZOSGD", 2), ("STP", 3), ("S2P", 2), ("AS2P", 2), ("ZOSGD-k4", 8)]:
+        recs = harness.run(RunSpec("t", "quad", method, 0, 240, hp, num_evals=4), problem, tmp_path, progress=False)
+        evals = [r for r in recs if r["type"] == "eval"]
+        assert recs[0]["queries_per_step"] == qps
+        assert evals[-1]["queries"] == (240 // qps) * qps
+        assert all(r["queries"] == r["step"] * qps for r in evals)
+        assert evals[-1]["loss"] < evals[0]["loss"]
+
+
+def test_an_interrupted_run_resumes_to_the_same_records(tmp_path):
+    problem = get_problem("digits-mlp")
+    spec = RunSpec("t", "digits-mlp", "AS2P", 1, 400, dict(problem.default_hparams), num_evals=10)
+    whole = harness.run(spec, problem, tmp_path / "a", progress=False)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_4(rec):
+        if rec["step"] >= 4 * 20:
+            raise Stop
+
+    with pytest.raises(Stop):
+        harness.run(spec, problem, tmp_path / "b", checkpoint_seconds=0.0, progress=False, on_eval=stop_after_4)
+    assert not (tmp_path / "b" / "raw").exists()  # nothing half-written
+    assert list((tmp_path / "b" / "checkpoints").glob("*.pt"))
+    resumed = harness.run(spec, problem, tmp_path / "b", progress=False)
+    strip = lambda recs: [(r.get("queries"), r.get("loss"), r.get("gamma")) for r in recs if r["type"] == "eval"]
+    assert strip(resumed) == strip(whole)
+    assert not list((tmp_path / "b" / "checkpoints").glob("*.pt"))
+    # A finished run is skipped: its file is returned as is.
+    assert harness.run(spec, problem, tmp_path / "b", progress=False) == resumed
+
+
+def test_cli_end_to_end_writes_jsonl_summary_and_plots(tmp_path, capsys):
+    from zoptim.cli import main
+
+    out = tmp_path / "quick"
+    assert main(["bench", "--suite", "quick", "--seeds", "2", "--budget", "300", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| digits-mlp | ZOSGD | 1.00" in printed
+    raws = sorted((out / "raw").glob("*.jsonl"))
+    assert len(raws) == 5 * 2
+    header = json.loads(raws[0].read_text().splitlines()[0])
+    assert header["type"] == "run" and header["budget"] == 300 and "lr" in header["hparams"]
+    summary = (out / "summary.md").read_text()
+    for name in ["ZOSGD-rademacher", "STP", "S2P", "AS2P"]:
+        assert f"| {name} |" in summary
+    for png in ["quick-digits-mlp-loss.png", "quick-digits-mlp-cost-ratio.png", "quick-digits-mlp-as2p-dynamics.png"]:
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    # --report rebuilds the same summary from the raw records.
+    (out / "summary.md").unlink()
+    assert main(["bench", "--report", str(out)]) == 0
+    assert (out / "summary.md").read_text() == summary
+
+
+def test_cli_rejects_bad_arguments(tmp_path):
+    from zoptim.cli import main
+
+    with pytest.raises(SystemExit, match="budget"):
+        main(["bench", "--suite", "quick", "--budget", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown suite"):
+        main(["bench", "--suite", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["bench", "--suite", "quick", "--methods", "Adam", "--out", str(tmp_path)])
