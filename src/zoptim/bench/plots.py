@@ -22,7 +22,8 @@ def _on_grid(curves: list[tuple], grid: np.ndarray) -> np.ndarray:
     return np.array(rows)
 
 
-def loss_vs_queries(curves: dict[str, list[tuple]], path: Path, title: str, log_y: bool = True) -> Path:
+def loss_vs_queries(curves: dict[str, list[tuple]], path: Path, title: str, log_y: bool = True,
+                    ylabel: str = "training loss (full data)") -> Path:
     """Mean full training loss over seeds with a min-max band, against function queries (Fig. 1b)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, runs in curves.items():
@@ -39,7 +40,7 @@ def loss_vs_queries(curves: dict[str, list[tuple]], path: Path, title: str, log_
         if len(runs) > 1:
             ax.fill_between(grid, lo, hi, color=line.get_color(), alpha=0.2)
     ax.set_xlabel("function queries")
-    ax.set_ylabel("training loss (full data)")
+    ax.set_ylabel(ylabel)
     if log_y:
         ax.set_yscale("log")
     ax.set_title(title)
@@ -124,5 +125,5 @@ def scaling_loglog(rows: list[dict], path: Path, title: str) -> Path:
 def suboptimality(curves: dict[str, list[tuple]], l_star: float, path: Path, title: str) -> Path:
     """L(x) - L* on a log scale against queries: linear convergence shows as a straight line."""
     shifted = {name: [(q, [max(v - l_star, 1e-12) for v in l]) for q, l in runs] for name, runs in curves.items()}
-    loss_vs_queries(shifted, path, title, log_y=True)
+    loss_vs_queries(shifted, path, title, log_y=True, ylabel="L(x) - L* (floored at 1e-12)")
     return path

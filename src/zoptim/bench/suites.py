@@ -64,24 +64,25 @@ SOFTMAX_KS = (1, 2, 4, 8)
 
 
 def softmax_study_problem(d: int) -> SoftmaxRegression:
-    """The softmax-study instance of dimension d: n = 2d, 32 data points, full batch, ||A_j|| = 1."""
-    problem = SoftmaxRegression(n=2 * d, d=d, num_samples=32, R=1.0, cond=2.0, reg=0.5, regularized=True, seed=d)
+    """The softmax-study instance of dimension d: n = 2d, 32 data points, full batch, ||A_j|| = R = 4
+    (Theorem 5.6 assumes R >= 4), kappa(A_j) = 2, w_i = 0.1."""
+    problem = SoftmaxRegression(n=2 * d, d=d, num_samples=32, R=4.0, cond=2.0, reg=0.1, regularized=True, seed=d)
     problem.name = f"softmax-d{d}"
     return problem
 
 
 def run_softmax_study(out_dir: Path, seeds: int = 2, budget: int | None = None, progress=None) -> None:
-    """k-SPSA on softmax-d{d}: lr = lr0 k / (k + d) keeps the estimate's variance term (∝ d/k) in check,
+    """k-SPSA on softmax-d{d}: lr = 2 k / (k + d) keeps the estimate's variance term (∝ d/k) in check,
     the step-size shape of Theorem 5.6; constant lr and full batch so the strongly convex loss converges linearly."""
-    budget = budget or 40000
+    budget = budget or 8000
     lstar = {}
     for d in SOFTMAX_DIMS:
         problem = softmax_study_problem(d)
         lstar[problem.name] = problem.minimum()
         for k in SOFTMAX_KS:
-            hp = {"lr": 4.0 * k / (k + d), "eps": 1e-4}
+            hp = {"lr": 2.0 * k / (k + d), "eps": 1e-4}
             for seed in range(seeds):
-                spec = RunSpec("softmax-scaling", problem.name, f"kSPSA-k{k}", seed, budget, hp, num_evals=200)
+                spec = RunSpec("softmax-scaling", problem.name, f"kSPSA-k{k}", seed, budget, hp, num_evals=400)
                 harness.run(spec, problem, out_dir, progress=progress)
     atomic_write_text(Path(out_dir) / "softmax_lstar.json", json.dumps(lstar, indent=1))
 
