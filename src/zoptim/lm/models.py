@@ -142,3 +142,23 @@ def load_model(name_or_path: str, dtype=torch.float32):
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def apply_lora(model, r: int = 8, alpha: int = 16, target_modules=None, seed: int = 0):
+    """Wrap ``model`` with ``peft`` LoRA adapters and freeze everything else.
+
+    Only the adapters keep ``requires_grad=True``, so a zoptim optimizer perturbs and updates only
+    them. ``target_modules=None`` lets peft pick its defaults for the architecture (q/v
+    projections for Llama, query/value for BERT, as in MeZO's LoRA runs), so any model peft
+    supports works. peft initialises the adapters from the global RNG; that happens inside
+    ``torch.random.fork_rng`` seeded with ``seed``, so the result is reproducible and the caller's
+    global RNG state is left untouched.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        wrapped = get_peft_model(model, config)
+    wrapped.eval()
+    return wrapped

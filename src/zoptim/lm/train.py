@@ -1,0 +1,215 @@
+"""zoptim's own fine-tuning loop (what ``zoptim finetune`` runs), zeroth-order or AdamW.
+
+One loop for every method, so the first-order baseline goes through exactly the same data,
+prompt loss and evaluation as the zeroth-order runs. Per step it draws a minibatch with a seeded
+``torch.Generator``, then
+
+* zeroth-order: ``optimizer.step(closure)`` with ``closure() = loss(batch)`` (or minus accuracy
+  for the non-differentiable objective); the optimizer counts its forward passes;
+* AdamW: ``loss(batch).backward(); optimizer.step()``; one forward pass per step.
+
+Every ``eval_every`` steps it measures validation accuracy, appends to ``log.jsonl`` and writes
+an atomic checkpoint (trainable weights, optimizer state with the zeroth-order seed stream,
+the data generator), so that a killed run resumes where it stopped and continues identically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import AS2P, S2P, STP, ZOSGD
+from .data import Task
+from .prompts import PromptClassifier
+
+ZO_METHODS = ("zosgd", "as2p", "stp", "s2p")
+METHODS = ZO_METHODS + ("adamw",)
+OBJECTIVES = ("loss", "accuracy")
+
+# (full-parameter, LoRA) defaults. ZOSGD: MeZO's grid (lr 1e-6..1e-7, eps 1e-3 full; lr 1e-4,
+# eps 1e-2 LoRA). AS2P: rho_0 = eps from MeZO, eta_b = 50 (S2P paper, Table 4). STP: alpha_0 from
+# Table 4 (2e-5) for full tuning. AdamW: MeZO's fine-tuning grid (1e-5 full, 1e-4 LoRA).
+DEFAULT_LR = {
+    "zosgd": (1e-6, 1e-4),
+    "as2p": (None, None),
+    "stp": (2e-5, 1e-3),
+    "s2p": (2e-5, 1e-3),
+    "adamw": (1e-5, 1e-4),
+}
+DEFAULT_EPS = (1e-3, 1e-2)
+
+
+def make_optimizer(method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0):
+    """The optimizer for ``method`` with the defaults above (see the table's sources)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    params = [p for p in params if p.requires_grad]
+    lr = DEFAULT_LR[method][int(lora)] if lr is None else lr
+    eps = DEFAULT_EPS[int(lora)] if eps is None else eps
+    if method == "zosgd":
+        return ZOSGD(params, lr=lr, eps=eps, seed=seed)
+    if method == "as2p":
+        return AS2P(params, eps=eps, eta_b=eta_b, total_steps=steps, lr=lr, seed=seed)
+    if method == "stp":
+        return STP(params, lr=lr, seed=seed)
+    if method == "s2p":
+        return S2P(params, step_rule="stationary", lr=lr, total_steps=steps, seed=seed)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    batch_size: int = 8
+    eval_every: int = 100
+    eval_examples: int = 200
+    objective: str = "loss"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "eval_examples"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}; got {self.objective!r}")
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def is_zeroth_order(optimizer) -> bool:
+    return hasattr(optimizer, "num_queries")
+
+
+class Loop:
+    """Train ``classifier`` on ``task.train`` with ``optimizer``; log and checkpoint in ``out``."""
+
+    def __init__(self, classifier: PromptClassifier, task: Task, optimizer, config: LoopConfig, out, progress=True):
+        self.classifier, self.task, self.optimizer, self.config = classifier, task, optimizer, config
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.forward_passes = 0  # AdamW's count; zeroth-order optimizers count their own
+        self.progress = progress
+        if objective_needs_zo(config.objective) and not is_zeroth_order(optimizer):
+            raise ValueError("objective='accuracy' is not differentiable: use a zeroth-order method, not adamw")
+
+    @property
+    def queries(self) -> int:
+        return self.optimizer.num_queries if is_zeroth_order(self.optimizer) else self.forward_passes
+
+    # -- checkpoints -----------------------------------------------------------------------------------
+    def save(self) -> None:
+        atomic_save(
+            {
+                "step": self.step,
+                "forward_passes": self.forward_passes,
+                "trainable": trainable_state(self.classifier),
+                "optimizer": self.optimizer.state_dict(),
+                "generator": self.generator.get_state(),
+                "config": asdict(self.config),
+            },
+            self.ckpt_path,
+        )
+
+    def resume(self) -> bool:
+        """Load ``checkpoint.pt`` if present; drop log records written after it. True if resumed."""
+        if not self.ckpt_path.exists():
+            return False
+        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
+        params = dict(self.classifier.named_parameters())
+        with torch.no_grad():
+            for name, value in ckpt["trainable"].items():
+                params[name].copy_(value)
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.generator.set_state(ckpt["generator"])
+        self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]
+        if self.log_path.exists():
+            kept = [r for r in read_log(self.log_path) if r["step"] <= self.step]
+            write_lines(self.log_path, kept)
+        return True
+
+    # -- training --------------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def sample(self):
+        idx = torch.randint(len(self.task.train), (self.config.batch_size,), generator=self.generator)
+        return [self.task.train[i] for i in idx.tolist()]
+
+    def train_step(self) -> float:
+        batch = self.sample()
+        clf = self.classifier
+        if is_zeroth_order(self.optimizer):
+            closure = (lambda: clf.minus_accuracy(batch)) if self.config.objective == "accuracy" else (
+                lambda: clf.loss(batch)
+            )
+            return float(self.optimizer.step(closure))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = clf.loss(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.forward_passes += 1
+        return float(loss.detach())
+
+    def validate(self) -> float:
+        return self.classifier.accuracy(self.task.val[: self.config.eval_examples])
+
+    def run(self) -> list[dict]:
+        """Train to ``config.steps`` (from the checkpoint if one exists); return the log."""
+        from tqdm.auto import tqdm
+
+        self.classifier.eval()  # two queries of one step must differ only by the perturbation
+        if not self.resume():
+            self.log_path.unlink(missing_ok=True)
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.progress, desc="finetune")
+        start = time.perf_counter()
+        while self.step < self.config.steps:
+            loss = self.train_step()
+            self.step += 1
+            record = {"step": self.step, "queries": self.queries, "loss": loss, "time": time.perf_counter() - start}
+            if math.isfinite(loss):
+                bar.set_postfix(loss=f"{loss:.4f}")
+            if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
+                record["val_accuracy"] = self.validate()
+                bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
+            self.log(record)
+            if "val_accuracy" in record:
+                self.save()
+            bar.update(1)
+        bar.close()
+        return read_log(self.log_path)
+
+
+def objective_needs_zo(objective: str) -> bool:
+    return objective == "accuracy"
+
+
+def read_log(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def write_lines(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
