@@ -28,10 +28,14 @@ class GammaWindow:
         self.count += 1
 
     def recent(self, n: int) -> torch.Tensor:
-        """The last min(n, count, capacity) values, oldest first."""
+        """The last min(n, count, capacity) values (in ring order; order does not matter to sigma)."""
         n = min(n, self.count, self.capacity)
-        idx = [(self.count - n + i) % self.capacity for i in range(n)]
-        return self.values[idx]
+        end = self.count % self.capacity
+        if n == self.capacity:
+            return self.values
+        if n <= end:
+            return self.values[end - n : end]
+        return torch.cat((self.values[self.capacity - (n - end) :], self.values[:end]))
 
     def sigma(self, n: int) -> float:
         """Std Dev(gamma_recent) over the last n values (population std, ddof=0).

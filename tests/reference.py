@@ -1,0 +1,92 @@
+"""Slow, obviously-correct reference implementations written straight from the papers' formulas.
+
+They work on one flat float64 vector and draw the directions from the noise stream's definition
+(:func:`zoptim.noise.mix` and :class:`zoptim.noise.NoiseSource`), not from the engine, so a test
+that compares them with the optimizers checks the engine's bookkeeping too.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from zoptim.noise import CHUNK_SIZE, NoiseSource, mix
+from zoptim.schedules import cosine_decay
+
+
+def direction(seed, step, index, shapes, distribution="normal", normalize=False):
+    """s for (seed, step, index): tensor j, chunk c has key mix(mix(seed, step, index), j, c)."""
+    source, key, parts = NoiseSource(distribution), mix(seed, step, index), []
+    for j, n in enumerate(shapes):
+        for c, a in enumerate(range(0, n, CHUNK_SIZE)):
+            parts.append(source.fill(torch.empty(min(CHUNK_SIZE, n - a)), mix(key, j, c)))
+    s = torch.cat(parts).double()
+    if normalize:
+        s = s * math.sqrt(s.numel()) / s.norm()
+    return s
+
+
+def zosgd(f, x, steps, lr, eps, k=1, wd=0.0, seed=0, distribution="normal"):
+    """GA / k-SPSA: x <- x - lr ((1/k) sum_i g_i s_i + wd x), g_i = (f(x+eps s_i) - f(x-eps s_i)) / 2eps."""
+    xs = [x.clone()]
+    for t in range(steps):
+        g_hat = torch.zeros_like(x)
+        for i in range(k):
+            s = direction(seed, t, i, [x.numel()], distribution)
+            g_hat += (f(x + eps * s) - f(x - eps * s)) / (2 * eps) * s / k
+        x = x - lr * (g_hat + wd * x)
+        xs.append(x.clone())
+    return xs
+
+
+def stp(f, x, steps, lr, seed=0):
+    """x <- argmin{f(x + a s), f(x - a s), f(x)} (ties keep x; + wins a tie between the moves)."""
+    xs = [x.clone()]
+    for t in range(steps):
+        s = direction(seed, t, 0, [x.numel()])
+        here, plus, minus = f(x), f(x + lr * s), f(x - lr * s)
+        if min(plus, minus) < here:
+            x = x + lr * s if plus <= minus else x - lr * s
+        xs.append(x.clone())
+    return xs
+
+
+def s2p(f, x, steps, rule, seed=0, lr=None, K=None, L=None, L0=None, L1=None, rho=1e-3, A=1.01, B=1.01):
+    """Algorithm 1 of the S2P paper with Options 1-4."""
+    d, xs = x.numel(), [x.clone()]
+    for t in range(steps):
+        s = direction(seed, t, 0, [d])
+        gamma = abs(f(x + rho * s) - f(x - rho * s)) / (2 * rho)
+        alpha = {
+            "stationary": lambda: lr / math.sqrt(K * d),
+            "dynamic": lambda: gamma / (L * d),
+            "relaxed_stationary": lambda: math.sqrt(2) / (B * L1 * math.sqrt(d * K)),
+            "relaxed_dynamic": lambda: gamma / ((A * L0 + math.sqrt(2) * B * L1 * gamma) * d),
+        }[rule]()
+        x = x + alpha * s if f(x + alpha * s) <= f(x - alpha * s) else x - alpha * s
+        xs.append(x.clone())
+    return xs
+
+
+def as2p(f, x, steps, eps, K, eta_a=5.0, eta_b=5.0, window=0.1, full=False, seed=0, lr=None,
+         auto_lr=True, clipping=True):
+    """Algorithm 2 of the S2P paper, stepping towards the lower evaluation."""
+    gammas, xs = [], [x.clone()]
+    size = max(2, math.ceil(window * K))
+    for k in range(steps):
+        s = direction(seed, k, 0, [x.numel()])
+        rho = eps if full else cosine_decay(eps, eps / 10, k, K)
+        f_plus, f_minus = f(x + rho * s), f(x - rho * s)
+        gamma = (f_plus - f_minus) / (2 * rho)
+        gammas.append(gamma)
+        recent = torch.tensor(gammas[-size:], dtype=torch.float64)
+        sigma = float(recent.std(unbiased=False)) if len(recent) > 1 else abs(gamma)
+        tau_a = cosine_decay(2 * eta_a, eta_a, k, K) * sigma
+        g_clip = 1 / (1 / abs(gamma) + 1 / tau_a) if clipping else abs(gamma)
+        base = eps if lr is None else lr
+        lr_k = (rho if lr is None else lr) if full else cosine_decay(base, 0.0, k, K)
+        alpha = lr_k * g_clip / (eta_b * sigma) if auto_lr else lr_k * g_clip
+        x = x - math.copysign(alpha, f_plus - f_minus) * s
+        xs.append(x.clone())
+    return xs

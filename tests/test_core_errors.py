@@ -1,0 +1,86 @@
+"""Bad input gets a clear error that names the argument and what was expected."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import zoptim
+
+
+def params():
+    return [torch.nn.Parameter(torch.zeros(4))]
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: zoptim.ZOSGD(params(), eps=0.0), r"eps must be a finite number > 0; got 0.0"),
+    (lambda: zoptim.ZOSGD(params(), eps=-1e-3), r"eps must be"),
+    (lambda: zoptim.ZOSGD(params(), lr=-1.0), r"lr must be a finite number >= 0"),
+    (lambda: zoptim.ZOSGD(params(), lr=float("nan")), r"lr must be"),
+    (lambda: zoptim.ZOSGD(params(), num_directions=0), r"num_directions must be an integer >= 1"),
+    (lambda: zoptim.ZOSGD(params(), weight_decay=-0.1), r"weight_decay must be"),
+    (lambda: zoptim.ZOSGD(params(), distribution="gaussian"), r"distribution must be one of 'normal', 'rademacher', 'uniform'; got 'gaussian'"),
+    (lambda: zoptim.ZOSGD(params(), seed=1.5), r"seed must be an integer"),
+    (lambda: zoptim.ZOSGD(params(), max_nonfinite=0), r"max_nonfinite must be an integer >= 1"),
+    (lambda: zoptim.STP(params(), lr=-1), r"lr must be"),
+    (lambda: zoptim.S2P(params(), step_rule="fast"), r"step_rule must be one of 'stationary', 'dynamic'"),
+    (lambda: zoptim.S2P(params(), step_rule="dynamic"), r"step_rule='dynamic' needs L; got None"),
+    (lambda: zoptim.S2P(params(), step_rule="relaxed_dynamic", L0=1.0), r"needs L1"),
+    (lambda: zoptim.S2P(params(), step_rule="stationary", lr=1.0), r"needs total_steps"),
+    (lambda: zoptim.S2P(params(), step_rule="dynamic", L=-2.0), r"L must be a finite number > 0"),
+    (lambda: zoptim.AS2P(params()), r"total_steps is required in batch_mode='minibatch'"),
+    (lambda: zoptim.AS2P(params(), total_steps=0), r"total_steps must be an integer >= 1"),
+    (lambda: zoptim.AS2P(params(), total_steps=10, window=0.0), r"window must be a fraction in \(0, 1\]; got 0.0"),
+    (lambda: zoptim.AS2P(params(), total_steps=10, window=1.5), r"window must be a fraction"),
+    (lambda: zoptim.AS2P(params(), total_steps=10, eps=0), r"eps must be"),
+    (lambda: zoptim.AS2P(params(), total_steps=10, eps_end=1.0), r"eps_end must be <= eps"),
+    (lambda: zoptim.AS2P(params(), total_steps=10, eta_b=0), r"eta_b must be"),
+    (lambda: zoptim.AS2P(params(), batch_mode="online"), r"batch_mode must be 'minibatch' or 'full'"),
+    (lambda: zoptim.AS2P(params(), total_steps=10, auto_lr=False), r"auto_lr=False needs an explicit lr"),
+])
+def test_bad_hyper_parameters_raise_value_error(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_empty_and_frozen_and_integer_parameters_are_rejected():
+    with pytest.raises(ValueError, match="empty parameter list"):
+        zoptim.ZOSGD([])
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        zoptim.ZOSGD([torch.zeros(3)])
+    with pytest.raises(ValueError, match="floating point"):
+        zoptim.ZOSGD([torch.zeros(3, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("value,match", [
+    (None, "closure returned None"),
+    (torch.ones(3), r"scalar loss; got a tensor of shape \(3,\)"),
+    ("0.5", "got str"),
+    ([1.0], "got list"),
+])
+def test_a_closure_that_returns_no_scalar_raises_type_error(value, match):
+    p = torch.nn.Parameter(torch.randn(5))
+    before = p.detach().clone()
+    opt = zoptim.AS2P([p], total_steps=5)
+    with pytest.raises(TypeError, match=match):
+        opt.step(lambda: value)
+    assert torch.equal(before, p.detach())  # and nothing is lost
+
+
+@pytest.mark.parametrize("value", [1.5, 2, np.float32(0.5), torch.tensor(1.0), torch.tensor([2.0]), torch.tensor([[3.0]])])
+def test_scalar_losses_of_every_usual_type_are_accepted(value):
+    opt = zoptim.ZOSGD(params())
+    opt.step(lambda: value)
+
+
+def test_step_without_a_closure_is_an_error():
+    with pytest.raises(TypeError, match="need step\\(closure\\)"):
+        zoptim.ZOSGD(params()).step()
+
+
+def test_a_foreign_state_dict_is_rejected():
+    opt = zoptim.ZOSGD(params())
+    sgd = torch.optim.SGD(params(), lr=0.1)
+    with pytest.raises(ValueError, match="not saved by a zoptim optimizer"):
+        opt.load_state_dict(sgd.state_dict())
