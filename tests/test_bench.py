@@ -1,7 +1,6 @@
 """The benchmark harness: the training cost ratio (S2P paper, App. D.2), resumable runs, the CLI."""
 
 import json
-import math
 
 import pytest
 

@@ -24,7 +24,7 @@ seeds reached it, and "n/r" when none did.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 FRACTIONS = (1.0, 0.8, 0.6, 0.4, 0.2)
 

@@ -61,9 +61,7 @@ def _stats(opt) -> dict:
     for key, value in (getattr(opt, "last_stats", None) or {}).items():
         if key == "loss":
             key = "batch_loss"
-        if isinstance(value, (int, float)):
-            out[key] = float(value)
-        elif torch.is_tensor(value) and value.numel() == 1:
+        if isinstance(value, (int, float)) or torch.is_tensor(value) and value.numel() == 1:
             out[key] = float(value)
     return out
 

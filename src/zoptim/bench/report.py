@@ -79,9 +79,9 @@ def softmax_section(methods_by_problem: dict, out_dir: Path, lstar: dict) -> lis
             rows.append({"d": d, "k": k, "steps": sum(ok) / len(ok) if len(ok) == len(steps) else None,
                          "queries": (sum(q for q in queries if q is not None) / len(ok)) if len(ok) == len(steps) else None,
                          "reached": f"{len(ok)}/{len(steps)}"})
-    lines = ["## Softmax regression: ZO-SGD with k-SPSA (softmax paper, Theorem 5.6)", "",
-             "Target: L* + epsilon with epsilon = 1e-3 (L(x_0) - L*), L* from L-BFGS. Steps = queries / (2k). "
-             "Theorem 5.6 predicts T = O(1 + d^1.5 kappa^2 / k) steps (up to log terms and constants).", "",
+    intro = ("Target: L* + epsilon with epsilon = 1e-3 (L(x_0) - L*), L* from L-BFGS. Steps = queries / (2k). "
+             "Theorem 5.6 predicts T = O(1 + d^1.5 kappa^2 / k) steps (up to log terms and constants).")
+    lines = ["## Softmax regression: ZO-SGD with k-SPSA (softmax paper, Theorem 5.6)", "", intro, "",
              "| d | k | steps to target | queries to target | seeds reached | d^1.5/k |", "|---|---|---|---|---|---|"]
     for r in rows:
         s = "n/r" if r["steps"] is None else f"{r['steps']:.0f}"
@@ -103,11 +103,11 @@ def build_report(out_dir: Path) -> str:
     if not (out_dir / "raw").is_dir():
         raise FileNotFoundError(f"no results under {out_dir}/raw: run `zoptim bench --suite ... --out {out_dir}` first")
     groups = _group(load_runs(out_dir))
-    md = ["# zoptim benchmark summary", "",
-          "Loss = full-data training loss; x-axis = function queries. Training cost ratio (S2P paper, App. D.2): "
-          "queries to first reach ZOSGD's (GA/MeZO) smoothed loss at 100/80/60/40/20 % of its budget, divided by "
-          "ZOSGD's total queries; smoothing = EMA (beta 0.6) then running minimum; mean ± std over seeds; "
-          "n/r = not reached, (r/n) = reached by r of n seeds.", ""]
+    intro = ("Loss = full-data training loss; x-axis = function queries. Training cost ratio (S2P paper, App. D.2): "
+             "queries to first reach ZOSGD's (GA/MeZO) smoothed loss at 100/80/60/40/20 % of its budget, divided by "
+             "ZOSGD's total queries; smoothing = EMA (beta 0.6) then running minimum; mean ± std over seeds; "
+             "n/r = not reached, (r/n) = reached by r of n seeds.")
+    md = ["# zoptim benchmark summary", "", intro, ""]
     softmax = {p: m for (e, p), m in groups.items() if e == "softmax-scaling"}
     for (exp, pname), methods in sorted(groups.items()):
         if exp.startswith("search-") or exp == "softmax-scaling":

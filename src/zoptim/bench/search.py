@@ -28,7 +28,7 @@ ETA_B_GRID = (1.0, 5.0, 50.0)  # reduced from the paper's {3, 5, 50} range, exte
 
 
 def score(records: list[dict]) -> float:
-    q, losses = harness.curve(records)
+    _, losses = harness.curve(records)
     if any(r.get("diverged") for r in records if r.get("type") == "end"):
         return math.inf
     tail = losses[-max(1, len(losses) // 10):]

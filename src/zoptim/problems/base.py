@@ -7,7 +7,7 @@ batch per step and closes over it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,7 +22,7 @@ class Problem:
     #: (rho_0, shared by GA and AS2P), ``stp_lr`` (STP's alpha_0), ``s2p_lr`` (S2P's alpha_0 of the
     #: stationary rule), ``eta_b`` (AS2P). Subclasses override; chosen by the grid search on the
     #: problem (see docs/benchmarks.md).
-    default_hparams: dict = {"lr": 1e-3, "eps": 1e-3, "stp_lr": 1e-2, "s2p_lr": 1.0, "eta_b": 5.0}
+    default_hparams: ClassVar[dict] = {"lr": 1e-3, "eps": 1e-3, "stp_lr": 1e-2, "s2p_lr": 1.0, "eta_b": 5.0}
     #: Search grids (S2P paper, Appendix D.1): alpha_0 and rho_0 for every method. Problems whose
     #: scale differs from the paper's ResNets shift the alpha_0 grid by a constant factor.
     lr_grid: tuple = (2e-4, 1e-4, 8e-5, 5e-5, 2e-5, 1e-5)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from .base import Problem
@@ -19,7 +21,7 @@ class DigitsMLP(Problem):
     # From a search at 6,000 queries (seed 0): GA lr in {0.01, 0.02, 0.03, 0.05, 0.1}, eps in
     # {1e-3, 1e-2}; STP in {0.005, 0.01, 0.02, 0.05, 0.1, 0.2, ..., 4}; S2P alpha_0 in
     # {30, 100, 300, 1000}; AS2P eps in {1e-2, 3e-2, 0.1} x eta_b in {1, 5}.
-    default_hparams = {"lr": 0.02, "eps": 1e-2, "stp_lr": 0.02, "s2p_lr": 30.0, "eta_b": 1.0}
+    default_hparams: ClassVar[dict] = {"lr": 0.02, "eps": 1e-2, "stp_lr": 0.02, "s2p_lr": 30.0, "eta_b": 1.0}
     lr_grid = (0.05, 0.03, 0.02, 0.01, 0.005)
     stp_grid = (0.01, 0.02, 0.05, 0.1)
     eps_grid = (1e-2, 1e-3)

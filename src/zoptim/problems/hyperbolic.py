@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from .base import Problem, VectorModel
@@ -20,7 +22,7 @@ class HyperbolicRegression(Problem):
     """
 
     full_batch = True
-    default_hparams = {"lr": 2e-3, "eps": 1e-3, "stp_lr": 0.02, "s2p_lr": 1.0, "eta_b": 5.0}
+    default_hparams: ClassVar[dict] = {"lr": 2e-3, "eps": 1e-3, "stp_lr": 0.02, "s2p_lr": 1.0, "eta_b": 5.0}
     lr_grid = (2e-2, 1e-2, 5e-3, 2e-3, 1e-3, 5e-4)
 
     def __init__(self, kind: str = "exp", n: int = 64, d: int = 16, R: float = 1.0, reg: float = 0.0,

@@ -6,7 +6,7 @@ dependencies only when built, and the language-model ones come from :mod:`zoptim
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .base import Problem
 

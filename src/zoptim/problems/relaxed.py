@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from .base import Problem, VectorModel
@@ -19,7 +21,7 @@ class RelaxedSmooth(Problem):
     """
 
     full_batch = True
-    default_hparams = {"lr": 1e-3, "eps": 1e-3, "stp_lr": 0.05, "s2p_lr": 1.0, "eta_b": 5.0}
+    default_hparams: ClassVar[dict] = {"lr": 1e-3, "eps": 1e-3, "stp_lr": 0.05, "s2p_lr": 1.0, "eta_b": 5.0}
     lr_grid = (1e-2, 5e-3, 2e-3, 1e-3, 5e-4, 2e-4)
 
     def __init__(self, dim: int = 1000, cond: float = 100.0, L0: float = 1.0, scale: float = 2.0):

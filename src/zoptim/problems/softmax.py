@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from .base import Problem, VectorModel
@@ -29,7 +31,7 @@ class SoftmaxRegression(Problem):
     x_0 = 0.
     """
 
-    default_hparams = {"lr": 0.5, "eps": 1e-3, "stp_lr": 0.05, "s2p_lr": 10.0, "eta_b": 5.0}
+    default_hparams: ClassVar[dict] = {"lr": 0.5, "eps": 1e-3, "stp_lr": 0.05, "s2p_lr": 10.0, "eta_b": 5.0}
     lr_grid = (2.0, 1.0, 0.5, 0.2)
     stp_grid = (0.2, 0.1, 0.05, 0.02)
     eps_grid = (1e-3,)

@@ -11,6 +11,7 @@ import copy
 import gzip
 import os
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class FashionEfficientNet(Problem):
 
     # The paper's alpha_0 grid moved up (a first search picked its top value, 1e-4; lr 1e-3 diverges
     # in 50 steps) and its rho_0 for ResNets.
-    default_hparams = {"lr": 1e-4, "eps": 1e-3, "stp_lr": 2e-3, "s2p_lr": 5.0, "eta_b": 1.0}
+    default_hparams: ClassVar[dict] = {"lr": 1e-4, "eps": 1e-3, "stp_lr": 2e-3, "s2p_lr": 5.0, "eta_b": 1.0}
     lr_grid = (4e-4, 2e-4, 1e-4, 5e-5, 2e-5)
     stp_grid = (8e-3, 4e-3, 2e-3, 1e-3, 5e-4)
     eps_grid = (1e-3,)
