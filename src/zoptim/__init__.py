@@ -1,11 +1,15 @@
 """zoptim: train and fine-tune deep models with forward passes only."""
 
+from .blackbox import AskTell, OptimizeResult, minimize
 from .optim import AS2P, S2P, STP, ZOSGD, NonFiniteLossWarning, ZerothOrderOptimizer
 from .perturbation import SeededPerturbation
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AskTell",
+    "OptimizeResult",
+    "minimize",
     "AS2P",
     "S2P",
     "STP",
