@@ -18,15 +18,27 @@ users see as a collapsing loss. The map ``x -> fl(x + d)`` loses information whe
 lands in a coarser binade, so no arithmetic alone can invert it. When ``exact=True`` (default) the
 engine therefore checks, while it perturbs each chunk, which elements the arithmetic undo
 ``fl(fl(x + d) - d)`` would not return bit for bit, and keeps their original values in a *journal*
-(index and value). Undoing a move replays the arithmetic and then writes the journal back, so the
-parameters are restored bit for bit in every dtype. The journal is the only memory exactness
-costs: ``(8 + itemsize)`` bytes per mismatching element, i.e. about 0.9 byte per float32 parameter
-and 0.5 byte per bfloat16 parameter at eps = 1e-3 on weights of scale 0.02 (roughly 20 % of the
-parameter memory; less for larger weights or smaller eps). With ``exact=False`` there is no
-journal and the undo is the plain arithmetic one, as in MeZO.
+(chunk-local int32 index and value). Undoing a move replays the arithmetic and then writes the
+journal back, so the parameters are restored bit for bit in every dtype. The journal is the only
+memory exactness costs: ``(4 + itemsize)`` bytes per mismatching element (the index is local to
+its chunk), measured in ``docs/performance.md`` on the real models. With ``exact=False`` there is
+no journal and the undo is the plain arithmetic one, as in MeZO.
 
-Scratch memory: besides the journal, the engine holds at most five float32 buffers of
-``CHUNK_SIZE`` elements (20 MiB at the default 2**20) per device, never a copy of a whole tensor.
+Why the check is exact: a move adds ``delta = fl(scale * s)`` (a float32 product, materialised
+once per chunk) with one correctly rounded addition, and the undo subtracts the same ``delta``
+with one correctly rounded subtraction, in the parameter's dtype (computed in float32 for half
+precision, as the check is). No fused multiply-add is involved, so the check, which runs the
+undo's arithmetic on a scratch copy, predicts the undo bit for bit on any device and for any
+vectorisation of the kernels.
+
+Cost per chunk: one noise draw per pass (three per two-point step); with ``exact=True`` a
+temporary move also runs four cheap elementwise ops (add, sub, compare, nonzero) to find the
+journal entries; a non-temporary move or ``exact=False`` is a single in-place add.
+
+Scratch memory: besides the journal, the engine holds per device at most two float32 buffers,
+two buffers of the parameter dtype and one bool buffer of ``CHUNK_SIZE`` elements, plus the noise
+source's 2.5 bytes per element (about 5.1 MiB at the default 2**18), never a copy of a whole
+tensor.
 """
 
 from __future__ import annotations
@@ -170,42 +182,47 @@ class SeededPerturbation:
             d_j = 0.0 if decay is None else float(decay[j])
             if s_old == 0.0 and s_new == 0.0 and d_j == 0.0:
                 continue
+            same_noise = key == old_key and s_old != 0.0
             for c, a, b in self._chunks(p):
                 n = b - a
                 sl = flat[a:b]
-                z_old = None
+                z = None
                 if s_old != 0.0:
-                    z_old = self.chunk_noise(old_key, j, c, self._buffer(p.device, "z_old", n))
-                    delta = torch.mul(z_old, s_old, out=self._buffer(p.device, "delta", n))
-                    sl.sub_(delta)
+                    z = self.chunk_noise(old_key, j, c, self._buffer(p.device, "z", n))
+                    if not self.exact and d_j == 0.0 and (same_noise or s_new == 0.0):
+                        # MeZO's arithmetic: undo and redo in one add (not bit-exact).
+                        sl.add_(z, alpha=s_new - s_old)
+                        continue
+                    # Undo: the very subtraction that _perturb checked.
+                    sl.sub_(torch.mul(z, s_old, out=self._buffer(p.device, "delta", n)))
                     fix = old_journal.get((j, c))
                     if fix is not None:
-                        sl.index_copy_(0, fix[0], fix[1])
+                        sl[fix[0]] = fix[1]
                 if d_j != 0.0:
                     sl.mul_(1.0 - d_j)
                 if s_new != 0.0:
-                    if z_old is not None and key == old_key:
-                        z_new = z_old
+                    if not same_noise:
+                        z = self.chunk_noise(key, j, c, self._buffer(p.device, "z", n))
+                    if record:
+                        self._perturb(j, c, sl, z, s_new)
                     else:
-                        z_new = self.chunk_noise(key, j, c, self._buffer(p.device, "z_new", n))
-                    delta = torch.mul(z_new, s_new, out=self._buffer(p.device, "delta", n))
-                    if record:
-                        orig = self._buffer(p.device, "orig", n, p.dtype).copy_(sl)
-                    sl.add_(delta)
-                    if record:
-                        self._record(j, c, sl, delta, orig)
+                        sl.add_(z, alpha=s_new)
         if temporary and key is not None and any(s != 0.0 for s in new_scales):
             self._key, self._scales = key, new_scales
         else:
             self._key, self._scales = None, None
 
-    def _record(self, j: int, c: int, sl: torch.Tensor, delta: torch.Tensor, orig: torch.Tensor) -> None:
-        # The undo will compute fl(sl - delta) in sl's dtype; find where that misses orig's bits.
-        back = torch.sub(sl, delta).to(sl.dtype)
-        bad = _bits(back) != _bits(orig)
+    def _perturb(self, j: int, c: int, sl: torch.Tensor, z: torch.Tensor, scale: float) -> None:
+        """``sl += fl(scale * z)``, journaling the elements whose undo would miss their bits."""
+        n, device = sl.numel(), sl.device
+        delta = torch.mul(z, scale, out=self._buffer(device, "delta", n))
+        moved = torch.add(sl, delta, out=self._buffer(device, "moved", n, sl.dtype))
+        back = torch.sub(moved, delta, out=self._buffer(device, "back", n, sl.dtype))
+        bad = torch.ne(_bits(back), _bits(sl), out=self._buffer(device, "bad", n, torch.bool))
         idx = bad.nonzero().view(-1)
         if idx.numel():
-            self._journal[(j, c)] = (idx, orig[idx].clone())
+            self._journal[(j, c)] = (idx.to(torch.int32), sl[idx])
+        sl.copy_(moved)
 
     def restore(self) -> None:
         """Undo the current offset (bit for bit when ``exact``)."""
