@@ -1,0 +1,236 @@
+"""Step cost of zeroth-order optimizers against the cost of inference, on two real models.
+
+For all-MiniLM-L6-v2 and SmolLM2-135M with a batch of 8 x 64 tokens, prints for each
+configuration
+
+* time ratio: time of one optimizer step / time of two no-grad forward passes on the same batch
+  (both measured in the same process, interleaved, median over repetitions of the per-repetition
+  ratio), and
+* memory ratio: peak resident memory of a process doing steps / peak of a process doing only
+  inference (each configuration runs in its own subprocess; the peak is the kernel's high-water
+  mark VmHWM, reset after the model is loaded so that loading does not count; ``ru_maxrss`` is
+  printed too).
+
+Configurations: zoptim ZOSGD and AS2P with normal and Rademacher directions (exact restore, the
+default, and ZOSGD normal with ``exact_restore=False``), a MeZO-style reference step written from
+the paper (``mezo_reference.py``), torchzero's MeZO module if it is installed, and AdamW.
+
+    python benchmarks/step_cost.py [--models minilm smollm2] [--threads 1] [--reps 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CONFIGS = [
+    "inference",
+    "zosgd-normal",
+    "zosgd-rademacher",
+    "as2p-normal",
+    "as2p-rademacher",
+    "zosgd-normal-inexact",
+    "mezo-reference",
+    "torchzero-mezo",
+    "adamw",
+]
+BATCH, TOKENS = 8, 64
+
+
+# -- worker: one configuration in its own process ---------------------------------------------------
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_hwm() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _model_and_loss(name: str):
+    import torch
+
+    from zoptim.lm.models import load_model
+
+    model, _ = load_model(name, torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (BATCH, TOKENS), generator=gen)
+    if name == "smollm2":
+        def loss_fn():
+            return model(input_ids=ids, labels=ids).loss
+    else:
+        # A linear probe on the mean-pooled encoder output (the head starts random, as a
+        # classification head would).
+        head = torch.nn.Linear(model.config.hidden_size, 2)
+        labels = torch.randint(0, 2, (BATCH,), generator=gen)
+        model = torch.nn.ModuleDict({"encoder": model, "head": head})
+
+        def loss_fn():
+            hidden = model["encoder"](input_ids=ids).last_hidden_state.mean(1)
+            return torch.nn.functional.cross_entropy(model["head"](hidden), labels)
+    return model, loss_fn
+
+
+def _optimizer(config: str, model):
+    import torch
+
+    import zoptim
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.startswith("zosgd"):
+        dist = config.split("-")[1]
+        return zoptim.ZOSGD(params, lr=1e-6, eps=1e-3, distribution=dist,
+                            exact_restore=not config.endswith("inexact"))
+    if config.startswith("as2p"):
+        return zoptim.AS2P(params, eps=1e-3, distribution=config.split("-")[1],
+                           batch_mode="full") if _as2p_fullbatch_ok() else \
+            zoptim.AS2P(params, eps=1e-3, distribution=config.split("-")[1], total_steps=1000)
+    if config == "mezo-reference":
+        sys.path.insert(0, HERE)
+        from mezo_reference import MeZOReference
+
+        return MeZOReference(params, lr=1e-6, eps=1e-3)
+    if config == "torchzero-mezo":
+        import torchzero as tz
+
+        return tz.Optimizer(params, tz.m.MeZO(h=1e-3, distribution="normal"), tz.m.LR(1e-6))
+    if config == "adamw":
+        return torch.optim.AdamW(params, lr=1e-6)
+    raise ValueError(config)
+
+
+def _as2p_fullbatch_ok() -> bool:
+    import inspect
+
+    import zoptim
+
+    return "batch_mode" in inspect.signature(zoptim.AS2P).parameters
+
+
+def worker(name: str, config: str, reps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    model, loss_fn = _model_and_loss(name)
+
+    def two_forwards():
+        with torch.no_grad():
+            loss_fn()
+            loss_fn()
+
+    two_forwards()  # warm-up: first-call allocations belong to inference too
+    opt = None if config == "inference" else _optimizer(config, model)
+    if config == "adamw":
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss_fn().backward()
+            opt.step()
+    elif config == "torchzero-mezo":
+        def step():
+            def closure(backward=True):
+                return loss_fn()
+            with torch.no_grad():
+                opt.step(closure)
+    elif opt is not None:
+        def step():
+            opt.step(lambda: loss_fn())
+    _reset_hwm()
+    ratios, t_inf, t_step = [], [], []
+    for r in range(reps + 1):
+        a = time.perf_counter()
+        two_forwards()
+        b = time.perf_counter()
+        if opt is not None:
+            step()
+        c = time.perf_counter()
+        if r == 0:
+            continue  # the first step allocates the optimizer's buffers: counted in memory, not time
+        t_inf.append(b - a)
+        if opt is not None:
+            t_step.append(c - b)
+            ratios.append((c - b) / (b - a))
+    return {
+        "model": name,
+        "config": config,
+        "two_forwards_s": statistics.median(t_inf),
+        "step_s": statistics.median(t_step) if t_step else None,
+        "time_ratio": statistics.median(ratios) if ratios else 1.0,
+        "peak_kib": _hwm_kib(),
+        "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+    }
+
+
+# -- driver ---------------------------------------------------------------------------------------------
+def _available(config: str) -> bool:
+    if config != "torchzero-mezo":
+        return True
+    import importlib.util
+
+    return importlib.util.find_spec("torchzero") is not None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
+    ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--reps", type=int, default=0, help="repetitions (default 9 MiniLM, 4 SmolLM2)")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see docs/performance.md)")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--worker", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(*args.worker, args.reps, args.threads)), flush=True)
+        return
+    import torch
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+          f"{args.threads} intra-op thread(s), batch {BATCH} x {TOKENS} tokens")
+    results = []
+    for name in args.models:
+        reps = args.reps or (9 if name == "minilm" else 4)
+        base = None
+        print(f"\n## {name}\n{'configuration':24s} {'2 fwd (s)':>9s} {'step (s)':>9s} {'time ratio':>10s} "
+              f"{'peak MiB':>9s} {'mem ratio':>9s}", flush=True)
+        for config in args.configs:
+            if not _available(config):
+                print(f"{config:24s} (not installed)")
+                continue
+            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, config,
+                   "--reps", str(reps), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{config:24s} FAILED: {out.stderr.strip().splitlines()[-1:]}")
+                continue
+            res = json.loads(line[7:])
+            if config == "inference":
+                base = res["peak_kib"]
+            res["mem_ratio"] = res["peak_kib"] / base if base else None
+            results.append(res)
+            step = f"{res['step_s']:9.3f}" if res["step_s"] is not None else f"{'-':>9s}"
+            mem = f"{res['mem_ratio']:9.3f}" if res["mem_ratio"] else f"{'-':>9s}"
+            print(f"{config:24s} {res['two_forwards_s']:9.3f} {step} {res['time_ratio']:10.2f} "
+                  f"{res['peak_kib'] / 1024:9.0f} {mem}", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
