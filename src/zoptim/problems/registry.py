@@ -26,7 +26,7 @@ def _fashion() -> Problem:
 def _softmax() -> Problem:
     from .softmax import SoftmaxRegression
 
-    return SoftmaxRegression(n=32, d=16, num_samples=256, batch_size=32, regularized=True, seed=0)
+    return SoftmaxRegression(n=32, d=16, num_samples=256, R=4.0, cond=2.0, reg=0.1, batch_size=32, regularized=True, seed=0)
 
 
 def _quadratic() -> Problem:

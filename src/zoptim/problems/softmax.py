@@ -32,7 +32,7 @@ class SoftmaxRegression(Problem):
     """
 
     default_hparams: ClassVar[dict] = {"lr": 0.5, "eps": 1e-3, "stp_lr": 0.05, "s2p_lr": 10.0, "eta_b": 5.0}
-    lr_grid = (2.0, 1.0, 0.5, 0.2)
+    lr_grid = (2.0, 1.0, 0.5, 0.2, 0.1)
     stp_grid = (0.2, 0.1, 0.05, 0.02)
     eps_grid = (1e-3,)
 
