@@ -15,18 +15,16 @@ Distributions (every one has mean 0 and variance 1 per coordinate, so ``E||s||^2
 * ``"uniform"``: s_i ~ U(-sqrt(3), sqrt(3)), unit variance.
 
 Speed (``sampler="fast"``, the default). On a CPU, drawing the noise is what a zeroth-order step
-spends its time on: ``torch.randn`` makes about 0.43 G values/s on one core while an in-place add
-runs at 16-24 G/s. Random *bits* are cheaper per value than floats (``torch.randint`` over the
-full int64 range: about 3.2 GB/s), so the fast sampler spends as few bits per value as the
-distribution needs:
+spends its time on (an in-place add over the same values is far cheaper; ``docs/performance.md``
+has the measurements and the commands). Random *bits* are cheaper per value than floats, so the
+fast sampler spends as few bits per value as the distribution needs:
 
 * normal: 16 random bits per value index a table of the 2**16 quantiles
   ``Phi^-1((k + 1/2) / 2**16)`` of N(0, 1), rescaled to variance exactly 1. This is inverse
   transform sampling of N(0, 1) discretised to 65,536 equiprobable values: symmetric, mean 0,
   variance 1, kurtosis 2.9995 instead of 3, largest value 4.32 (N(0, 1) exceeds it with
-  probability 1.5e-5 per coordinate). About 2x the speed of ``torch.randn``.
-* rademacher: the sign bit of one random byte per value, about 7x the speed of the old
-  ``rand >= 1/2``.
+  probability 1.5e-5 per coordinate).
+* rademacher: the sign bit of one random byte per value.
 * uniform: ``torch.rand``, as before.
 
 ``sampler="torch"`` keeps the plain ``torch.randn`` / ``torch.rand`` draws, for comparison
