@@ -58,12 +58,14 @@ def s2p(f, x, steps, rule, seed=0, lr=None, K=None, L=None, L0=None, L1=None, rh
     for t in range(steps):
         s = direction(seed, t, 0, [d])
         gamma = abs(f(x + rho * s) - f(x - rho * s)) / (2 * rho)
-        alpha = {
-            "stationary": lambda: lr / math.sqrt(K * d),
-            "dynamic": lambda: gamma / (L * d),
-            "relaxed_stationary": lambda: math.sqrt(2) / (B * L1 * math.sqrt(d * K)),
-            "relaxed_dynamic": lambda: gamma / ((A * L0 + math.sqrt(2) * B * L1 * gamma) * d),
-        }[rule]()
+        if rule == "stationary":
+            alpha = lr / math.sqrt(K * d)
+        elif rule == "dynamic":
+            alpha = gamma / (L * d)
+        elif rule == "relaxed_stationary":
+            alpha = math.sqrt(2) / (B * L1 * math.sqrt(d * K))
+        else:
+            alpha = gamma / ((A * L0 + math.sqrt(2) * B * L1 * gamma) * d)
         x = x + alpha * s if f(x + alpha * s) <= f(x - alpha * s) else x - alpha * s
         xs.append(x.clone())
     return xs
