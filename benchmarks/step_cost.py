@@ -98,9 +98,7 @@ def _optimizer(config: str, model):
         return zoptim.ZOSGD(params, lr=1e-6, eps=1e-3, distribution=dist,
                             exact_restore=not config.endswith("inexact"))
     if config.startswith("as2p"):
-        return zoptim.AS2P(params, eps=1e-3, distribution=config.split("-")[1],
-                           batch_mode="full") if _as2p_fullbatch_ok() else \
-            zoptim.AS2P(params, eps=1e-3, distribution=config.split("-")[1], total_steps=1000)
+        return zoptim.AS2P(params, eps=1e-3, distribution=config.split("-")[1], batch_mode="full")
     if config == "mezo-reference":
         sys.path.insert(0, HERE)
         from mezo_reference import MeZOReference
@@ -113,14 +111,6 @@ def _optimizer(config: str, model):
     if config == "adamw":
         return torch.optim.AdamW(params, lr=1e-6)
     raise ValueError(config)
-
-
-def _as2p_fullbatch_ok() -> bool:
-    import inspect
-
-    import zoptim
-
-    return "batch_mode" in inspect.signature(zoptim.AS2P).parameters
 
 
 def worker(name: str, config: str, reps: int, threads: int) -> dict:
