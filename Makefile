@@ -29,7 +29,9 @@ demo: .stamp-install
 test: .stamp-lm
 	$(BIN)/python -m pytest
 
+# torchzero is only a comparison in the step-cost table; --no-deps keeps it from pulling a CUDA torch.
 bench: .stamp-lm
+	$(BIN)/pip install -q --no-deps "torchzero==0.4.4" || echo "torchzero not installed: its rows are skipped"
 	$(BIN)/python benchmarks/step_cost.py
 
 lint: .stamp-install
