@@ -232,3 +232,13 @@ def test_cost_ratio_counts_queries_to_reach_the_base_methods_smoothed_loss():
     assert cost_ratios(base, twice_as_fast, window=1) == [0.625, 0.5, 0.375, 0.25]
     assert cost_ratios(base, never, window=1) == [None] * 4
     json.dumps(cost_ratios(base, base))
+
+
+def test_cost_ratio_ignores_the_noisy_start_before_a_full_smoothing_window():
+    # flat loss 5 for GA; the other run's very first minibatch happens to be 0, then it stays at 6
+    base = [{"queries": 2 * (i + 1), "loss": 5.0} for i in range(8)]
+    lucky_start = [{"queries": 2 * (i + 1), "loss": 0.0 if i == 0 else 6.0} for i in range(8)]
+    assert cost_ratios(base, lucky_start, window=1) == [0.125] * 4  # one batch "reaches" every target
+    # with a window of 4 the first full window (0, 6, 6, 6) averages 4.5 <= 5: reached at 8 queries,
+    # not at the first batch
+    assert cost_ratios(base, lucky_start, window=4) == [0.5] * 4

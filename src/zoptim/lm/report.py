@@ -29,7 +29,9 @@ def smooth(values: list[float], window: int) -> list[float]:
 def cost_ratios(base_log: list[dict], other_log: list[dict], window: int | None = None) -> list[float | None]:
     """Table 6 of the S2P paper: targets are the base method's (GA's) smoothed loss at 100, 75, 50
     and 25 % of its queries; each ratio is the queries the other method needs to first reach the
-    target, divided by the base's total queries (None: never reached)."""
+    target, divided by the base's total queries (None: never reached). Curves are trailing means
+    over ``window`` steps (default 10 % of the base run); points before the first full window are
+    not counted as reaching a target."""
     window = window or max(1, len(base_log) // 10)
     base = smooth([r["loss"] for r in base_log], window)
     other = smooth([r["loss"] for r in other_log], window)
@@ -37,7 +39,10 @@ def cost_ratios(base_log: list[dict], other_log: list[dict], window: int | None 
     ratios = []
     for frac in FRACTIONS:
         target = base[max(0, round(frac * len(base)) - 1)]
-        hit = next((r["queries"] for r, s in zip(other_log, other) if s <= target), None)
+        # A trailing mean over fewer than `window` minibatches is one noisy batch at the start:
+        # only a full window counts as reaching a target.
+        hit = next((r["queries"] for i, (r, s) in enumerate(zip(other_log, other))
+                    if i >= window - 1 and s <= target), None)
         ratios.append(None if hit is None else hit / total)
     return ratios
 
