@@ -1,5 +1,6 @@
 """zoptim: train and fine-tune deep models with forward passes only."""
 
+from . import distributed
 from .blackbox import AskTell, OptimizeResult, minimize
 from .optim import AS2P, S2P, STP, ZOSGD, NonFiniteLossWarning, ZerothOrderOptimizer
 from .perturbation import SeededPerturbation
@@ -8,6 +9,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AskTell",
+    "distributed",
     "OptimizeResult",
     "minimize",
     "AS2P",
