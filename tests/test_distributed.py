@@ -46,6 +46,7 @@ def sharded_worker(rank, init_file, out_file):
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     ok = replicas_in_sync(model.parameters())
     torch.save({"flat": flat, "in_sync": ok}, f"{out_file}.{rank}")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
