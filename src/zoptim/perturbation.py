@@ -35,6 +35,9 @@ vectorisation of the kernels.
 Cost per chunk: one noise draw per pass (three per two-point step); with ``exact=True`` a
 temporary move also runs four cheap elementwise ops (add, sub, compare, nonzero) to find the
 journal entries; a non-temporary move or ``exact=False`` is a single in-place add.
+On a CPU with a core that torch's intra-op threads leave free, a large move draws its noise up to
+two chunks ahead in a helper thread (:meth:`SeededPerturbation._noise_stream`), so the draw of
+chunk c+1 overlaps the arithmetic on chunk c; the values are the same as inline.
 
 Scratch memory: besides the journal, the engine holds per device at most two float32 buffers,
 two buffers of the parameter dtype and one bool buffer of ``CHUNK_SIZE`` elements, plus the noise
