@@ -41,8 +41,9 @@ chunk c+1 overlaps the arithmetic on chunk c; the values are the same as inline.
 
 Scratch memory: besides the journal, the engine holds per device at most two float32 buffers,
 two buffers of the parameter dtype and one bool buffer of ``CHUNK_SIZE`` elements, plus the noise
-source's 2.5 bytes per element (about 5.1 MiB at the default 2**18), never a copy of a whole
-tensor.
+source's 2.5 bytes per element (about 5.1 MiB at the default 2**18), and on a CPU with a spare
+core the helper thread's three float32 chunk buffers and its own noise scratch (about 3.6 MiB
+more), never a copy of a whole tensor.
 """
 
 from __future__ import annotations
