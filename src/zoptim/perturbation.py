@@ -65,6 +65,16 @@ _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 Scales = Sequence[float]
 
+_POOL: ThreadPoolExecutor | None = None
+
+
+def _noise_pool() -> ThreadPoolExecutor:
+    """The one helper thread that draws noise ahead, shared by every engine in the process."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoptim-noise")
+    return _POOL
+
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_VIEW[t.element_size()])
@@ -109,7 +119,6 @@ class SeededPerturbation:
         # Noise for CPU moves is drawn one chunk ahead in a helper thread (torch releases the GIL),
         # overlapping the draw with the arithmetic on the previous chunk. Same keys, same values.
         self._ahead_noise = NoiseSource(distribution)
-        self._pool: ThreadPoolExecutor | None = None
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -163,7 +172,8 @@ class SeededPerturbation:
 
         Large CPU moves draw up to two chunks ahead in a helper thread, into a ring of three
         buffers (the one the caller holds, and two being filled), when torch's intra-op threads
-        leave a core free; small, accelerator or all-cores moves draw inline. Each chunk is seeded by its own key, so the values do not depend on the route.
+        leave a core free; small, accelerator or all-cores moves draw inline. Each chunk is
+        seeded by its own key, so the values do not depend on the route.
         """
         total = sum(t[3] for t in tasks)
         # The helper thread needs a core of its own: with torch's intra-op pool already on every
@@ -173,20 +183,19 @@ class SeededPerturbation:
             for key, j, c, n, device in tasks:
                 yield self.chunk_noise(key, j, c, self._buffer(device, "z", n))
             return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoptim-noise")
+        pool = _noise_pool()
         ring = [self._buffer(torch.device("cpu"), f"z{i}", self.chunk_size) for i in range(3)]
 
         def draw(i):
             key, j, c, n, _ = tasks[i]
             return self._ahead_noise.fill(ring[i % 3][:n], mix(key, j, c))
 
-        pending = deque(self._pool.submit(draw, i) for i in range(min(2, len(tasks))))
+        pending = deque(pool.submit(draw, i) for i in range(min(2, len(tasks))))
         try:
             for i in range(len(tasks)):
                 z = pending.popleft().result()
                 if i + 2 < len(tasks):
-                    pending.append(self._pool.submit(draw, i + 2))
+                    pending.append(pool.submit(draw, i + 2))
                 yield z
         finally:
             for f in pending:  # an abandoned stream must not leave draws writing into the ring
