@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..schedules import cosine_decay
-from .base import ZerothOrderOptimizer, check_int, check_positive
+from .base import Query, StepGenerator, ZerothOrderOptimizer, check_int, check_positive
 
 BATCH_MODES = ("minibatch", "full")
 
@@ -190,12 +190,12 @@ class AS2P(ZerothOrderOptimizer):
         return max(1, math.ceil(self.window * (k + 1)))
 
     # -- the step -------------------------------------------------------------------------------------
-    def _step(self, closure):
+    def _queries(self) -> StepGenerator:
         k = self.steps
         key = self.direction_key()
         rho = self.rho(k)
-        f_plus = self.query(closure, key, rho)
-        f_minus = self.query(closure, key, -rho)
+        f_plus = yield Query(key, rho)
+        f_minus = yield Query(key, -rho)
         gamma = (f_plus - f_minus) / (2.0 * rho)
         self.gammas.push(gamma)
         sigma = self.gammas.sigma(self.window_length(k))

@@ -1,10 +1,13 @@
 """What every zeroth-order optimizer shares: closure queries, counters, non-finite handling, state.
 
-Subclasses implement :meth:`ZerothOrderOptimizer._step`, a short sequence of
-``self.query(closure, key, scales)`` calls (a function query at ``x + scales * s(key)``) followed
-by one ``self.engine.update(...)``. Everything else, the checks on the closure's value, the
-exact restore on a non-finite loss or an exception, the query counter and the state that makes a
-resumed run bit-identical, lives here.
+Subclasses implement :meth:`ZerothOrderOptimizer._queries`, one step written as a generator: it
+yields :class:`Query` points (``x + scales * s(key)``), receives each point's loss by ``send``,
+and ends with one ``self.engine.update(...)``. That generator is the only implementation of a
+method's step, and it never calls the loss itself, so two drivers share it (:class:`StepRun`):
+``step(closure)`` answers each query with the closure, :class:`zoptim.AskTell` with ``tell()``.
+Everything else, moving the parameters to each query point, the checks on the loss, the exact
+restore on a non-finite loss, an exception or an abandoned step, the query counter and the state
+that makes a resumed run bit-identical, lives here.
 """
 
 from __future__ import annotations
@@ -12,8 +15,8 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Generator, Iterable
+from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -28,8 +31,18 @@ class NonFiniteLossWarning(RuntimeWarning):
     """A step saw a NaN or infinite loss; its update was skipped and the parameters restored."""
 
 
-class _NonFinite(Exception):
-    pass
+class Query(NamedTuple):
+    """A point to evaluate: ``x + scales * s(key)``; ``key=None`` is the unperturbed iterate x.
+
+    ``scales`` is one number or one per trainable tensor (the per-group step sizes).
+    """
+
+    key: int | None
+    scales: float | list[float] = 0.0
+
+
+#: One step of a method: yields the points to evaluate, is sent their losses, returns the step's loss.
+StepGenerator = Generator[Query, float, float]
 
 
 def check_positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = False):
@@ -89,6 +102,8 @@ class ZerothOrderOptimizer(Optimizer):
     """
 
     queries_per_step = 2
+    #: The step being driven query by query (AskTell between ask and tell), if any.
+    _run: StepRun | None = None
 
     def __init__(
         self,
@@ -154,44 +169,51 @@ class ZerothOrderOptimizer(Optimizer):
     def direction_key(self, index: int = 0) -> int:
         return mix(self.seed, self.steps, index)
 
-    # -- queries ----------------------------------------------------------------------------------
-    def query(self, closure: Closure, key: int | None = None, scales=0.0) -> float:
-        """f(x + scales * s(key)): move there, evaluate the closure without autograd, count it."""
-        if key is None:
-            self.engine.restore()
-        else:
-            self.engine.move(key, scales)
-        with torch.no_grad():
-            value = loss_value(closure())
-        self.num_queries += 1
-        if not math.isfinite(value):
-            raise _NonFinite(value)
-        return value
-
     # -- the step -----------------------------------------------------------------------------------
-    def _step(self, closure: Closure) -> float:
+    def _queries(self) -> StepGenerator:
+        """One step as a generator (subclasses implement it; it is the method's only step).
+
+        Yield a :class:`Query` for each function evaluation, e.g. ``f_plus = yield Query(key, eps)``;
+        the driver moves the parameters there, evaluates the loss and sends it back (a finite
+        float). After the last query, call ``self.engine.update(...)``, set ``last_stats`` and
+        return the step's loss. Do not change optimizer state before the last value is received:
+        a step can be abandoned at any yield (non-finite loss, exception, closed AskTell).
+        """
         raise NotImplementedError
+
+    def begin_step(self) -> StepRun:
+        """Start one step to be driven query by query (what ``step`` and AskTell do).
+
+        A step still in progress on this optimizer is abandoned first (see :meth:`StepRun.abandon`).
+        """
+        if self._run is not None:
+            self._run.abandon()
+        self._run = StepRun(self)
+        return self._run
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> float:  # type: ignore[override]
-        """One step. ``closure()`` must return the loss and must not call ``backward()``."""
+        """One step. ``closure()`` must return the loss and must not call ``backward()``.
+
+        Drives :meth:`_queries` with the closure: for each query the parameters are moved to the
+        point and ``closure()`` is called (without autograd). On a non-finite loss the update is
+        skipped, the parameters restored bit for bit and the value returned (see
+        ``max_nonfinite``); on an exception they are restored and it propagates. Either way the
+        step counter advances, so the next step draws a new direction.
+        """
         if closure is None or not callable(closure):
             raise TypeError("zeroth-order optimizers need step(closure): a callable returning the loss")
+        run = self.begin_step()
         try:
-            loss = self._step(closure)
-        except _NonFinite as bad:
-            self.engine.restore()
-            self._on_nonfinite(float(bad.args[0]))
-            return float(bad.args[0])
+            while not run.done:
+                run.move()
+                run.tell(closure())
         except BaseException:
-            self.engine.restore()
+            run.abandon()
             raise
-        finally:
-            self.steps += 1
-        self._nonfinite_run = 0
-        return loss
+        return run.loss
 
-    def _on_nonfinite(self, value: float) -> None:
+    def _on_nonfinite(self, value: float, stacklevel: int = 4) -> None:
         self.nonfinite_steps += 1
         self._nonfinite_run += 1
         self.last_stats = {"loss": value, "skipped": 1.0}
@@ -204,7 +226,7 @@ class ZerothOrderOptimizer(Optimizer):
         warnings.warn(
             f"non-finite loss ({value}) at step {self.steps}: update skipped, parameters restored exactly",
             NonFiniteLossWarning,
-            stacklevel=3,
+            stacklevel=stacklevel,
         )
 
     # -- state ------------------------------------------------------------------------------------
@@ -236,3 +258,88 @@ class ZerothOrderOptimizer(Optimizer):
             raise ValueError("state_dict has no 'zoptim' entry: it was not saved by a zoptim optimizer")
         super().load_state_dict(state_dict)
         self._load_extra_state(extra)
+
+
+class StepRun:
+    """One step of an optimizer in progress, driven one query at a time.
+
+    The driver loop is ``while not run.done: run.move(); run.tell(value_at_that_point)``.
+    :meth:`ZerothOrderOptimizer.step` feeds it the closure's values, :class:`zoptim.AskTell` the
+    values its caller tells. Both therefore produce the same iterates, bit for bit.
+
+    Attributes:
+        pending: the :class:`Query` to evaluate next (None once the step is done).
+        values: the finite losses told so far in this step (what a mid-step checkpoint saves).
+        loss: the step's loss once done (the non-finite value for a skipped step).
+    """
+
+    def __init__(self, optimizer: ZerothOrderOptimizer):
+        self.optimizer = optimizer
+        self.values: list[float] = []
+        self.loss: float | None = None
+        self._gen: StepGenerator | None = optimizer._queries()
+        self.pending: Query | None = next(self._gen)
+
+    @property
+    def done(self) -> bool:
+        return self._gen is None
+
+    def move(self) -> None:
+        """Move the parameters (in place) to the pending query point."""
+        if self._gen is None:
+            raise RuntimeError("this step is finished; start another with begin_step()")
+        key, scales = self.pending
+        engine = self.optimizer.engine
+        with torch.no_grad():
+            if key is None:
+                engine.restore()
+            else:
+                engine.move(key, scales)
+
+    def tell(self, loss) -> None:
+        """The loss at the pending point. A value that is not a scalar raises TypeError and changes
+        nothing; a NaN/inf one ends the step as skipped (update skipped, parameters restored)."""
+        if self._gen is None:
+            raise RuntimeError("this step is finished; start another with begin_step()")
+        value = loss_value(loss)
+        opt = self.optimizer
+        opt.num_queries += 1
+        if not math.isfinite(value):
+            self._finish()
+            self.loss = value
+            try:
+                opt._on_nonfinite(value)
+            finally:
+                opt.steps += 1
+            return
+        self.values.append(value)
+        try:
+            with torch.no_grad():
+                self.pending = self._gen.send(value)
+        except StopIteration as stop:
+            self._gen, self.pending, self.loss = None, None, float(stop.value)
+            opt._nonfinite_run = 0
+            opt.steps += 1
+            if opt._run is self:
+                opt._run = None
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _finish(self) -> None:
+        gen, self._gen, self.pending = self._gen, None, None
+        if gen is not None:
+            gen.close()
+        self.optimizer.engine.restore()
+        if self.optimizer._run is self:
+            self.optimizer._run = None
+
+    def abandon(self) -> None:
+        """End the step without its update: the parameters go back bit for bit to the iterate the
+        step started from (with ``exact_restore``), the step counter advances as after an exception
+        in the closure, the evaluations stay counted. No-op on a finished step."""
+        if self._gen is None:
+            return
+        with torch.no_grad():
+            self._finish()
+        self.optimizer.steps += 1

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .base import ZerothOrderOptimizer, check_int, check_positive
+from .base import Query, StepGenerator, ZerothOrderOptimizer, check_int, check_positive
 
 STEP_RULES = ("stationary", "dynamic", "relaxed_stationary", "relaxed_dynamic")
 
@@ -109,17 +109,17 @@ class S2P(ZerothOrderOptimizer):
             return math.sqrt(2.0) / (group["B"] * group["L1"] * math.sqrt(d * K))
         return abs(gamma) / ((group["A"] * group["L0"] + math.sqrt(2.0) * group["B"] * group["L1"] * abs(gamma)) * d)
 
-    def _step(self, closure):
+    def _queries(self) -> StepGenerator:
         key = self.direction_key()
         gamma = None
         if self.step_rule.endswith("dynamic"):
-            f_rho_plus = self.query(closure, key, self.rho)
-            f_rho_minus = self.query(closure, key, -self.rho)
+            f_rho_plus = yield Query(key, self.rho)
+            f_rho_minus = yield Query(key, -self.rho)
             gamma = (f_rho_plus - f_rho_minus) / (2.0 * self.rho)
         alpha_of_group = [self.step_size(g, gamma) for g in self.param_groups]
         alphas = [alpha_of_group[g] for g in self._group_of]
-        f_plus = self.query(closure, key, alphas)
-        f_minus = self.query(closure, key, [-a for a in alphas])
+        f_plus = yield Query(key, alphas)
+        f_minus = yield Query(key, [-a for a in alphas])
         sign = 1.0 if f_plus <= f_minus else -1.0
         self.engine.update([(key, [sign * a for a in alphas])])
         self.last_stats = {

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ZerothOrderOptimizer, check_positive
+from .base import Query, StepGenerator, ZerothOrderOptimizer, check_positive
 
 
 class STP(ZerothOrderOptimizer):
@@ -48,12 +48,12 @@ class STP(ZerothOrderOptimizer):
             max_nonfinite=max_nonfinite,
         )
 
-    def _step(self, closure):
+    def _queries(self) -> StepGenerator:
         key = self.direction_key()
         alphas = self.per_param("lr")
-        f_here = self.query(closure)
-        f_plus = self.query(closure, key, alphas)
-        f_minus = self.query(closure, key, [-a for a in alphas])
+        f_here = yield Query(None)
+        f_plus = yield Query(key, alphas)
+        f_minus = yield Query(key, [-a for a in alphas])
         sign = 0.0
         if min(f_plus, f_minus) < f_here:
             sign = 1.0 if f_plus <= f_minus else -1.0

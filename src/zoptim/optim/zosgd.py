@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import ZerothOrderOptimizer, check_int, check_positive
+from .base import Query, StepGenerator, ZerothOrderOptimizer, check_int, check_positive
 
 
 class ZOSGD(ZerothOrderOptimizer):
@@ -68,13 +68,13 @@ class ZOSGD(ZerothOrderOptimizer):
         )
         self.queries_per_step = 2 * self.num_directions
 
-    def _step(self, closure):
+    def _queries(self) -> StepGenerator:
         k, eps = self.num_directions, self.eps
         keys, gammas, losses = [], [], []
         for i in range(k):
             key = self.direction_key(i)
-            f_plus = self.query(closure, key, eps)
-            f_minus = self.query(closure, key, -eps)
+            f_plus = yield Query(key, eps)
+            f_minus = yield Query(key, -eps)
             keys.append(key)
             gammas.append((f_plus - f_minus) / (2.0 * eps))
             losses += [f_plus, f_minus]
