@@ -2,8 +2,13 @@
 
     zoptim finetune --model smollm2 --task rt-sentiment --method as2p --steps 200 --lora --out runs/rt
 
+Own data: ``--train FILE [--validation FILE] [--test FILE]`` (JSONL, CSV or TSV) with
+``--text-field``, ``--label-field`` and ``--labels "negative,positive"`` (default: the labels found in
+the training file), instead of ``--task``.
+
 Runs sharing ``--out`` form one comparison: each writes ``OUT/<run>/`` (log.jsonl, checkpoint.pt,
-result.json) and then the report (``OUT/report.md``, ``report.json``, ``loss_vs_queries.png``,
+result.json, and the tuned model in ``model/``: ``save_pretrained`` safetensors + tokenizer, the
+LoRA adapter with ``--lora``, the merged model with ``--lora --merge``) and then the report (``OUT/report.md``, ``report.json``, ``loss_vs_queries.png``,
 ``accuracy.png``) is regenerated from every run present. Zero-shot accuracy is computed once per
 ``OUT`` and cached in ``OUT/zero_shot.json``. A run killed midway resumes from its checkpoint.
 """
@@ -22,16 +27,29 @@ def register(sub) -> None:
 
     p = sub.add_parser("finetune", help="fine-tune a language model with forward passes only")
     p.add_argument("--model", default="smollm2", help="smollm2, minilm or a local Hugging Face model directory")
-    p.add_argument("--task", default="rt-sentiment", help=f"one of {', '.join(TASKS)}")
+    p.add_argument("--task", default=None, help=f"one of {', '.join(TASKS)} (default rt-sentiment; not with --train)")
+    p.add_argument("--train", default=None, metavar="FILE", help="own training data: .jsonl, .csv or .tsv")
+    p.add_argument("--validation", default=None, metavar="FILE", help="own validation data (default: 10%% of --train)")
+    p.add_argument("--test", default=None, metavar="FILE", help="own test data (default: the validation data)")
+    p.add_argument("--text-field", default="text", help="field / column holding the text (own data)")
+    p.add_argument("--label-field", default="label", help="field / column holding the label (own data)")
+    p.add_argument("--labels", default=None, help='class names in order, e.g. "negative,positive" (default: from the data)')
+    p.add_argument("--template", default=None,
+                   help="decoder prompt with {text} (own data default: '{text}\\nLabel:'); label words = ' <label>'")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda[:N] or mps")
     p.add_argument("--method", default="as2p", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--lora", action="store_true", help="tune LoRA adapters only (peft), base weights frozen")
+    p.add_argument("--merge", action="store_true", help="with --lora: save the merged model instead of the adapter")
+    p.add_argument("--no-save-model", action="store_true", help="do not write OUT/RUN/model/")
+    p.add_argument("--no-exact-restore", action="store_true",
+                   help="drop the exact-restore journal (MeZO's arithmetic undo; a control for bf16)")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64, help="longest prompt in tokens")
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-examples", type=int, default=200, help="validation examples per periodic evaluation")
-    p.add_argument("--test-examples", type=int, default=1000, help="test examples for the final accuracy (<= 1000)")
+    p.add_argument("--test-examples", type=int, default=None, help="test examples for the final accuracy (default: all)")
     p.add_argument("--objective", default="loss", help=f"one of {', '.join(OBJECTIVES)} (accuracy: minus argmax accuracy)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method, see zoptim.lm.train)")
     p.add_argument("--eps", type=float, default=None, help="smoothing parameter (the paper's rho, MeZO's epsilon)")
@@ -50,8 +68,28 @@ def check_args(args) -> None:
 
     if args.method not in METHODS:
         raise SystemExit(f"zoptim finetune: --method must be one of {', '.join(METHODS)}; got {args.method!r}")
-    if args.task not in TASKS:
-        raise SystemExit(f"zoptim finetune: --task must be one of {', '.join(TASKS)}; got {args.task!r}")
+    from ..lm.models import DEVICES
+
+    if args.train is not None and args.task is not None:
+        raise SystemExit("zoptim finetune: give either --task or --train FILE (own data), not both")
+    if args.train is None:
+        for flag in ("validation", "test", "labels"):
+            if getattr(args, flag) is not None:
+                raise SystemExit(f"zoptim finetune: --{flag} needs --train FILE (own data)")
+        args.task = args.task or "rt-sentiment"
+        if args.task not in TASKS:
+            raise SystemExit(f"zoptim finetune: --task must be one of {', '.join(TASKS)}; got {args.task!r}")
+    else:
+        for flag in ("train", "validation", "test"):
+            path = getattr(args, flag)
+            if path is not None and not Path(path).is_file():
+                raise SystemExit(f"zoptim finetune: --{flag} {path}: no such file")
+    if args.template is not None and "{text}" not in args.template:
+        raise SystemExit(f"zoptim finetune: --template must contain {{text}}; got {args.template!r}")
+    if args.device.split(":")[0] not in DEVICES:
+        raise SystemExit(f"zoptim finetune: --device must be one of {', '.join(DEVICES)}; got {args.device!r}")
+    if args.merge and not args.lora:
+        raise SystemExit("zoptim finetune: --merge merges LoRA adapters; it needs --lora")
     if args.model not in KNOWN_MODELS and not Path(args.model).is_dir():
         raise SystemExit(
             f"zoptim finetune: --model must be one of {', '.join(KNOWN_MODELS)} or a local directory; got {args.model!r}"
@@ -62,26 +100,50 @@ def check_args(args) -> None:
         raise SystemExit(f"zoptim finetune: --objective must be one of {', '.join(OBJECTIVES)}; got {args.objective!r}")
     if args.objective == "accuracy" and args.method == "adamw":
         raise SystemExit("zoptim finetune: --objective accuracy is not differentiable; use a zeroth-order --method")
-    if not 1 <= args.test_examples <= 1000:
-        raise SystemExit(f"zoptim finetune: --test-examples must be in [1, 1000]; got {args.test_examples}")
+    if args.test_examples is not None and args.test_examples < 1:
+        raise SystemExit(f"zoptim finetune: --test-examples must be >= 1; got {args.test_examples}")
     for name in ("steps", "batch_size", "eval_every", "eval_examples", "max_length"):
         if getattr(args, name) < 1:
             raise SystemExit(f"zoptim finetune: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
 
 
+def load_data(args):
+    """(task, prompt) for a built-in --task or for own --train/--validation/--test files."""
+    import dataclasses
+
+    from ..lm.data import DataError, load_files, load_task
+    from ..lm.prompts import get_prompt, prompt_for_labels
+
+    if args.train is None:
+        task, prompt = load_task(args.task, seed=args.seed), get_prompt(args.task)
+        if args.template is not None:
+            prompt = dataclasses.replace(prompt, template=args.template)
+        return task, prompt
+    try:
+        task = load_files(args.train, args.validation, args.test, text_field=args.text_field,
+                          label_field=args.label_field, labels=args.labels, seed=args.seed,
+                          name=Path(args.train).stem)
+    except DataError as err:
+        raise SystemExit(f"zoptim finetune: {err}") from None
+    return task, prompt_for_labels(task.classes, args.template or "{text}\nLabel:")
+
+
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_args(args)
-    from ..lm.data import load_task
-    from ..lm.models import apply_lora, load_model, resolve
-    from ..lm.prompts import PromptClassifier, get_prompt
+    from ..lm.models import apply_lora, load_model, resolve, resolve_device, save_model
+    from ..lm.prompts import PromptClassifier
     from ..lm.report import write_report
     from ..lm.train import Loop, LoopConfig, make_optimizer
 
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        raise SystemExit(f"zoptim finetune: --device: {err}") from None
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    task = load_task(args.task, seed=args.seed)
-    test = task.test[: args.test_examples]
+    task, prompt = load_data(args)
+    test = task.test[: args.test_examples] if args.test_examples else task.test
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype)
     except ModuleNotFoundError as err:
@@ -89,14 +151,26 @@ def run(args) -> int:
     kind = resolve(args.model)[1]
     if args.lora:
         model = apply_lora(model, seed=args.seed)
-    clf = PromptClassifier(model, tokenizer, get_prompt(args.task), kind=kind, max_length=args.max_length)
+    try:
+        clf = PromptClassifier(model, tokenizer, prompt, kind=kind, max_length=args.max_length).to(device)
+    except ValueError as err:  # e.g. label words sharing a first token
+        raise SystemExit(f"zoptim finetune: {err}") from None
+    truncated = {name: clf.count_truncated(split) for name, split in
+                 (("train", task.train), ("validation", task.val), ("test", test))}
+    if any(truncated.values()):
+        print(f"note: texts longer than --max-length {args.max_length} tokens are truncated "
+              f"({'the beginning' if kind == 'causal' else 'the end'} is dropped): "
+              + ", ".join(f"{n} of {len(s)} {name}" for (name, n), s in
+                          zip(truncated.items(), (task.train, task.val, test))), flush=True)
+    print(f"task {task.name}: {len(task.train)} train / {len(task.val)} validation / {len(test)} test examples, "
+          f"classes {', '.join(task.classes)}; device {device}", flush=True)
 
     zero_path = out / "zero_shot.json"
     if not zero_path.exists():
         print("zero-shot evaluation ...", flush=True)
         zero = {
             "model": args.model,
-            "task": args.task,
+            "task": task.name,
             "dtype": args.dtype,
             "test_examples": len(test),
             "test_accuracy": clf.accuracy(test),
@@ -114,30 +188,44 @@ def run(args) -> int:
     )
     optimizer = make_optimizer(
         args.method, clf.parameters(), args.steps, lora=args.lora, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
-        seed=args.seed,
+        seed=args.seed, exact_restore=not args.no_exact_restore,
     )
     run_dir = out / (args.run_name or args.method)
     loop = Loop(clf, task, optimizer, config, run_dir, progress=not args.no_progress)
     start = time.perf_counter()
-    log = loop.run()
+    from ..checkpoint import CheckpointError
+
+    try:
+        log = loop.run()
+    except CheckpointError as err:
+        raise SystemExit(f"zoptim finetune: {err}") from None
     train_seconds = log[-1]["time"] if log else time.perf_counter() - start
     result = {
         "method": args.method,
         "model": args.model,
-        "task": args.task,
+        "task": task.name,
         "lora": args.lora,
         "dtype": args.dtype,
+        "device": str(device),
+        "exact_restore": not args.no_exact_restore,
         "steps": loop.step,
         "queries": loop.queries,
         "batch_size": args.batch_size,
         "lr": optimizer.param_groups[0]["lr"] if args.method != "as2p" else args.lr,
         "eps": args.eps,
+        "seed": args.seed,
         "objective": args.objective,
         "val_accuracy": log[-1]["val_accuracy"],
         "test_accuracy": clf.accuracy(test),
         "test_examples": len(test),
+        "truncated": truncated,
+        "nonfinite_losses": sum(1 for r in log if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")),
         "train_seconds": train_seconds,
     }
+    if not args.no_save_model:
+        where = save_model(clf, run_dir / "model", merge=args.merge, extra={"task": task.name, "method": args.method})
+        result["model_dir"] = str(where)
+        print(f"tuned model saved in {where}", flush=True)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2))
     write_report(out)
     print((out / "report.md").read_text())

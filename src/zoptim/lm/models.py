@@ -71,7 +71,10 @@ def model_kind(name_or_path: str) -> str:
 
 
 def _is_causal_config(config) -> bool:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") for a in archs)
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     return config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and config.model_type not in ("bert", "roberta")
 
@@ -162,3 +165,126 @@ def apply_lora(model, r: int = 8, alpha: int = 16, target_modules=None, seed: in
         wrapped = get_peft_model(model, config)
     wrapped.eval()
     return wrapped
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``"auto"``: CUDA if available, else Apple's MPS, else the CPU; otherwise the named device,
+    with an error if it is not available on this machine."""
+    if isinstance(name, torch.device):
+        return name
+    base = str(name).split(":")[0]
+    if base not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} (cuda:N allowed); got {name!r}")
+    mps = getattr(torch.backends, "mps", None)
+    mps_ok = bool(mps is not None and mps.is_available())
+    if base == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps_ok else "cpu")
+    if base == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch {torch.__version__} sees no CUDA GPU")
+    if base == "mps" and not mps_ok:
+        raise ValueError(f"device {name!r} requested but Apple's MPS backend is not available here")
+    return torch.device(name)
+
+
+PROMPT_FILE = "zoptim_prompt.json"
+
+
+def save_model(classifier, directory, merge: bool = False, extra: dict | None = None) -> Path:
+    """Save a tuned :class:`~zoptim.lm.prompts.PromptClassifier` in Hugging Face's formats.
+
+    * a plain model: ``save_pretrained`` (safetensors, ``config.json``), loadable with
+      ``AutoModelForCausalLM`` / ``AutoModel.from_pretrained(directory)``;
+    * a LoRA (peft) model: the adapter only (``adapter_model.safetensors``,
+      ``adapter_config.json``), loadable with ``peft.PeftModel.from_pretrained(base, directory)``;
+      with ``merge=True`` the adapters are merged into the base weights first
+      (``merge_and_unload``: this changes ``classifier.model``) and the whole model is saved;
+    * always the tokenizer, and ``zoptim_prompt.json`` (template, label words or sentences,
+      class names, kind, max_length) that :func:`load_classifier` needs to classify again.
+
+    Written into a temporary sibling directory renamed into place, so a crash never leaves a half
+    model under ``directory``; an existing ``directory`` is replaced.
+    """
+    import json
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    model = classifier.model
+    is_peft = hasattr(model, "peft_config")
+    if is_peft and merge:
+        model = classifier.model = model.merge_and_unload()
+        is_peft = False
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        classifier.tokenizer.save_pretrained(tmp)
+        prompt = classifier.prompt
+        meta = {
+            "kind": classifier.kind,
+            "format": "peft-adapter" if is_peft else "model",
+            "template": prompt.template,
+            "label_words": list(prompt.label_words),
+            "label_sentences": list(prompt.label_sentences),
+            "classes": list(getattr(prompt, "classes", ()) or ()),
+            "max_length": classifier.max_length,
+            **(extra or {}),
+        }
+        (tmp / PROMPT_FILE).write_text(json.dumps(meta, indent=2))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}-old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(directory, old)
+            os.rename(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return directory
+
+
+def load_classifier(directory, base=None, device="cpu", dtype=None):
+    """A :class:`~zoptim.lm.prompts.PromptClassifier` from a directory written by :func:`save_model`.
+
+    A full or merged model loads with ``from_pretrained``; an adapter with
+    ``PeftModel.from_pretrained(base_model, directory)``, where the base model is ``base`` (a
+    model, a name such as ``"smollm2"`` or a directory) or, if None, the ``base_model_name_or_path``
+    recorded in ``adapter_config.json``. ``dtype``: None keeps the saved dtype.
+    """
+    import json
+
+    from .prompts import Prompt, PromptClassifier
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    meta_path = directory / PROMPT_FILE
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{directory} holds no {PROMPT_FILE}: not a model saved by zoptim finetune")
+    meta = json.loads(meta_path.read_text())
+    kind = meta["kind"]
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModel
+    kwargs = {"local_files_only": True, "dtype": parse_dtype(dtype) if dtype is not None else "auto"}
+    if meta["format"] == "peft-adapter":
+        from peft import PeftModel
+
+        if base is None:
+            base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+        if isinstance(base, str):
+            base = cls.from_pretrained(resolve(base)[0], **kwargs)
+        model = PeftModel.from_pretrained(base, directory)
+    else:
+        model = cls.from_pretrained(directory, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompt = Prompt(
+        meta["template"], tuple(meta["label_words"]), tuple(meta["label_sentences"]), tuple(meta.get("classes", ()))
+    )
+    model.to(resolve_device(device)).eval()
+    return PromptClassifier(model, tokenizer, prompt, kind=kind, max_length=meta["max_length"]).to(
+        resolve_device(device)
+    )

@@ -40,18 +40,38 @@ from .data import Example
 
 @dataclass(frozen=True)
 class Prompt:
-    """Template (with ``{text}``), one label word per class (decoder), one label sentence (encoder)."""
+    """Template (with ``{text}``), one label word per class (decoder), one label sentence (encoder),
+    and the class names (what :meth:`PromptClassifier.classify` returns)."""
 
     template: str
     label_words: tuple[str, ...]
     label_sentences: tuple[str, ...]
+    classes: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if "{text}" not in self.template:
+            raise ValueError(f"the prompt template must contain {{text}}; got {self.template!r}")
+        if len(self.label_words) != len(self.label_sentences):
+            raise ValueError("one label word and one label sentence per class")
+        if self.classes and len(self.classes) != len(self.label_words):
+            raise ValueError(f"{len(self.classes)} class names for {len(self.label_words)} label words")
+
+
+def prompt_for_labels(labels, template: str = "{text}\nLabel:") -> Prompt:
+    """The prompt for a task of one's own: label word = `` <label>`` (decoder), label sentence =
+    the label itself (encoder)."""
+    labels = tuple(str(x) for x in labels)
+    return Prompt(template, tuple(" " + x.strip() for x in labels), labels, labels)
 
 
 PROMPTS = {
     # MeZO's SST-2 template "<text> It was terrible/great" scored 54% zero-shot with SmolLM2-135M
     # on 128 validation sentences; this one scored 82% (docs/finetune.md).
     "rt-sentiment": Prompt(
-        "Review: {text}\nSentiment:", (" negative", " positive"), ("It was terrible.", "It was great.")
+        "Review: {text}\nSentiment:",
+        (" negative", " positive"),
+        ("It was terrible.", "It was great."),
+        ("negative", "positive"),
     ),
     "trec": Prompt(
         "{text} The answer is a",
@@ -64,6 +84,7 @@ PROMPTS = {
             "The question asks for a place.",
             "The question asks for a number or a date.",
         ),
+        ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM"),
     ),
 }
 
@@ -134,10 +155,21 @@ class PromptClassifier(torch.nn.Module):
                 ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def texts(self, examples) -> list[str]:
+        """What the model reads: the filled template (decoder) or the bare text (encoder)."""
+        return [self.prompt.template.replace("{text}", e.text) if self.kind == "causal" else e.text for e in examples]
+
+    def count_truncated(self, examples) -> int:
+        """How many of ``examples`` are longer than ``max_length`` tokens (and so get truncated:
+        the beginning is dropped for a decoder, the end for an encoder)."""
+        if not examples:
+            return 0
+        rows = self.tokenizer(self.texts(examples), add_special_tokens=self.kind == "encoder")["input_ids"]
+        return sum(len(r) > self.max_length for r in rows)
+
     def batch(self, examples: list[Example]) -> dict[str, torch.Tensor]:
         """Model inputs plus ``labels`` for a list of examples (a data collator for Trainer)."""
-        texts = [self.prompt.template.format(text=e.text) if self.kind == "causal" else e.text for e in examples]
-        inputs = self.encode(texts)
+        inputs = self.encode(self.texts(examples))
         inputs["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
         return inputs
 
@@ -193,6 +225,13 @@ class PromptClassifier(torch.nn.Module):
         """Fraction of ``examples`` whose argmax class logit is the label."""
         labels = torch.tensor([e.label for e in examples])
         return float((self.predict(examples, batch_size) == labels).float().mean())
+
+    def classify(self, texts, batch_size: int = 32) -> list[str]:
+        """Class names (or indices, if the prompt has no names) predicted for raw ``texts``."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        preds = self.predict([Example(t, 0) for t in texts], batch_size).tolist()
+        names = self.prompt.classes
+        return [names[i] for i in preds] if names else preds
 
     def loss(self, examples: list[Example]) -> torch.Tensor:
         """The prompt cross-entropy on ``examples`` (a 0-dim tensor)."""

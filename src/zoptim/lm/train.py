@@ -9,7 +9,7 @@ prompt loss and evaluation as the zeroth-order runs. Per step it draws a minibat
 * AdamW: ``loss(batch).backward(); optimizer.step()``; one forward pass per step.
 
 Every ``eval_every`` steps it measures validation accuracy, appends to ``log.jsonl`` and writes
-an atomic checkpoint (trainable weights, optimizer state with the zeroth-order seed stream,
+an atomic checkpoint (:mod:`zoptim.checkpoint`; read back with ``weights_only=True``: trainable weights, optimizer state with the zeroth-order seed stream,
 the data generator), so that a killed run resumes where it stopped and continues identically.
 """
 
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .. import AS2P, S2P, STP, ZOSGD
+from ..checkpoint import CheckpointError, atomic_save, safe_load
 from .data import Task
 from .prompts import PromptClassifier
 
@@ -45,21 +46,28 @@ DEFAULT_LR = {
 DEFAULT_EPS = (1e-3, 1e-2)
 
 
-def make_optimizer(method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0):
-    """The optimizer for ``method`` with the defaults above (see the table's sources)."""
+def make_optimizer(
+    method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True
+):
+    """The optimizer for ``method`` with the defaults above (see the table's sources).
+
+    ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
+    arithmetic undo); it is ignored by AdamW.
+    """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     params = [p for p in params if p.requires_grad]
     lr = DEFAULT_LR[method][int(lora)] if lr is None else lr
     eps = DEFAULT_EPS[int(lora)] if eps is None else eps
+    zo = dict(seed=seed, exact_restore=bool(exact_restore))
     if method == "zosgd":
-        return ZOSGD(params, lr=lr, eps=eps, seed=seed)
+        return ZOSGD(params, lr=lr, eps=eps, **zo)
     if method == "as2p":
-        return AS2P(params, eps=eps, eta_b=eta_b, total_steps=steps, lr=lr, seed=seed)
+        return AS2P(params, eps=eps, eta_b=eta_b, total_steps=steps, lr=lr, **zo)
     if method == "stp":
-        return STP(params, lr=lr, seed=seed)
+        return STP(params, lr=lr, **zo)
     if method == "s2p":
-        return S2P(params, step_rule="stationary", lr=lr, total_steps=steps, seed=seed)
+        return S2P(params, step_rule="stationary", lr=lr, total_steps=steps, **zo)
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
@@ -79,12 +87,6 @@ class LoopConfig:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {OBJECTIVES}; got {self.objective!r}")
-
-
-def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -132,10 +134,19 @@ class Loop:
         """Load ``checkpoint.pt`` if present; drop log records written after it. True if resumed."""
         if not self.ckpt_path.exists():
             return False
-        ckpt = torch.load(self.ckpt_path, map_location="cpu", weights_only=False)
-        params = dict(self.classifier.named_parameters())
+        ckpt = safe_load(
+            self.ckpt_path, required_keys=("step", "forward_passes", "trainable", "optimizer", "generator")
+        )
+        params = {n: p for n, p in self.classifier.named_parameters() if p.requires_grad}
+        saved = ckpt["trainable"]
+        if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
+            raise CheckpointError(
+                f"checkpoint {self.ckpt_path} was written for other trainable parameters "
+                f"({len(saved)} tensors, this run has {len(params)}: another model, --lora setting or "
+                f"version?); use another --out/--run-name or delete it to start over"
+            )
         with torch.no_grad():
-            for name, value in ckpt["trainable"].items():
+            for name, value in saved.items():
                 params[name].copy_(value)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])

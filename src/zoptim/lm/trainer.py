@@ -61,6 +61,9 @@ class StepDoneInTrainingStep(torch.optim.Optimizer):
     del _shared
 
     def step(self, closure=None):
+        flush = self.__dict__.get("flush")
+        if flush is not None:  # micro-batches left over that no training_step closed (see ZOTrainer)
+            flush()
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -79,6 +82,13 @@ class ZOTrainer(Trainer):
     Only :meth:`training_step` differs from Trainer: the model is put in eval mode (the two
     queries of a step must differ only by the perturbation, not by dropout) and the step is
     ``zo_optimizer.step(lambda: self.compute_loss(model, inputs))``.
+
+    Gradient accumulation (``gradient_accumulation_steps = k > 1``): one zeroth-order step per
+    optimizer step, as with gradients. ``training_step`` keeps the first k - 1 micro-batches of
+    the window (returning a zero loss for them) and at the last one, where Trainer sets
+    ``accelerator.sync_gradients``, makes the step whose closure is the loss over all k
+    micro-batches, each weighted by its number of examples: the mean loss of the concatenated
+    batch. Each query then costs k forward passes (``num_queries`` counts queries, not passes).
     """
 
     def __init__(self, *args, zo_optimizer=None, **kwargs):
@@ -86,17 +96,48 @@ class ZOTrainer(Trainer):
             raise ValueError("zo_optimizer must be a zoptim optimizer (e.g. zoptim.ZOSGD); got "
                              f"{type(zo_optimizer).__name__}")
         self.zo_optimizer = zo_optimizer
-        kwargs["optimizers"] = (StepDoneInTrainingStep(zo_optimizer), kwargs.get("optimizers", (None, None))[1])
+        self._micro_batches = []
+        view = StepDoneInTrainingStep(zo_optimizer)
+        view.__dict__["flush"] = self._flush
+        kwargs["optimizers"] = (view, kwargs.get("optimizers", (None, None))[1])
         super().__init__(*args, **kwargs)
         self.args.max_grad_norm = 0.0
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        model.eval()
-        inputs = self._prepare_inputs(inputs)
+    def _window_closed(self) -> bool:
+        """True at the last micro-batch of an optimizer step (Trainer tells accelerate so)."""
+        if self.args.gradient_accumulation_steps <= 1:
+            return True
+        state = getattr(getattr(self, "accelerator", None), "gradient_state", None)
+        if state is not None and hasattr(state, "sync_gradients"):
+            return bool(state.sync_gradients)
+        return len(self._micro_batches) >= self.args.gradient_accumulation_steps
+
+    @staticmethod
+    def _num_examples(inputs) -> int:
+        labels = inputs.get("labels") if hasattr(inputs, "get") else None
+        return int(labels.shape[0]) if isinstance(labels, torch.Tensor) and labels.dim() > 0 else 1
+
+    def _flush(self, model=None):
+        """The zeroth-order step over the pending micro-batches; its loss (a float) or None."""
+        batches, self._micro_batches = self._micro_batches, []
+        if not batches:
+            return None
+        if model is None:
+            model = self.model_wrapped if getattr(self, "model_wrapped", None) is not None else self.model
+        weights = [self._num_examples(b) for b in batches]
+        total = float(sum(weights))
 
         def closure():
             with self.compute_loss_context_manager():
-                return self.compute_loss(model, inputs)
+                if len(batches) == 1:
+                    return self.compute_loss(model, batches[0])
+                return sum(self.compute_loss(model, b) * (w / total) for b, w in zip(batches, weights))
 
-        loss = self.zo_optimizer.step(closure)
-        return torch.tensor(float(loss), device=self.args.device)
+        return float(self.zo_optimizer.step(closure))
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.eval()
+        self._micro_batches.append(self._prepare_inputs(inputs))
+        if not self._window_closed():
+            return torch.zeros((), device=self.args.device)
+        return torch.tensor(self._flush(model), device=self.args.device)

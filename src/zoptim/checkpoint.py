@@ -1,0 +1,78 @@
+"""Checkpoint files: written atomically, read without running pickled code.
+
+* :func:`atomic_save` writes ``torch.save(obj)`` to a temporary file in the target's folder,
+  flushes it to disk and renames it over the target (``os.replace``, atomic on POSIX and
+  Windows). A run killed mid-write leaves the previous checkpoint intact and at most a stray
+  ``.<name>.*.tmp`` file, never a half-written checkpoint under the real name.
+* :func:`safe_load` reads with ``torch.load(weights_only=True)``: tensors, numbers, strings and
+  the standard containers only, so a checkpoint copied from elsewhere cannot run code. A
+  truncated, corrupted or foreign file raises :class:`CheckpointError` naming the file and what to
+  do; nothing else (logs, results) is touched.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["CheckpointError", "atomic_save", "safe_load"]
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be read (truncated, corrupted, or not a zoptim checkpoint)."""
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save(obj, path)``, all or nothing: a temporary file renamed into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def safe_load(path, map_location="cpu", required_keys=()):
+    """``torch.load(path, weights_only=True)`` with a clear :class:`CheckpointError` on failure.
+
+    ``required_keys``: keys the loaded dict must hold (checked, so a checkpoint of something else
+    is reported as such instead of failing later with a ``KeyError``).
+    """
+    path = Path(path)
+    hint = "delete it (or restore a good copy) to start over"
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
+        if "Unsupported global" in text or "GLOBAL" in detail:
+            raise CheckpointError(
+                f"checkpoint {path} holds objects other than tensors and plain Python values, which zoptim "
+                f"does not load (they could run code); {hint}. Detail: {detail}"
+            ) from None
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted (unpickling failed: {detail or text.splitlines()[0]}); {hint}"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as err:
+        size = path.stat().st_size if path.exists() else 0
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupted ({size} bytes; {type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else 'no detail'}); {hint}"
+        ) from None
+    missing = [k for k in required_keys if not isinstance(obj, dict) or k not in obj]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a checkpoint of this kind: it lacks {missing}; {hint}")
+    return obj

@@ -1,0 +1,327 @@
+"""Issue 11: own data files, saved models that load back with from_pretrained, devices, safe
+checkpoints, gradient accumulation in ZOTrainer. Tiny randomly initialised models only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+import zoptim  # noqa: E402
+from test_lm import TEXTS, classifier, tiny_bert, tiny_llama, tiny_task, tiny_tokenizer  # noqa: E402
+from zoptim.checkpoint import CheckpointError, atomic_save, safe_load  # noqa: E402
+from zoptim.cli import main  # noqa: E402
+from zoptim.lm.data import DataError, load_files  # noqa: E402
+from zoptim.lm.models import load_classifier, load_model, resolve_device  # noqa: E402
+from zoptim.lm.prompts import PromptClassifier, prompt_for_labels  # noqa: E402
+from zoptim.lm.train import Loop, LoopConfig, make_optimizer  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+LABELS = ("negative", "positive")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    rows = [{"review": t, "sentiment": LABELS[y]} for t, y in TEXTS]
+    return {
+        "train": write_jsonl(tmp_path / "train.jsonl", rows),
+        "validation": write_jsonl(tmp_path / "val.jsonl", rows[:4]),
+        "test": write_jsonl(tmp_path / "test.jsonl", rows[4:]),
+    }
+
+
+def save_tiny(kind, directory):
+    model = tiny_llama() if kind == "causal" else tiny_bert()
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def finetune(tmp_path, model_dir, files, *extra, run="run"):
+    args = ["finetune", "--model", str(model_dir), "--train", str(files["train"]), "--validation",
+            str(files["validation"]), "--test", str(files["test"]), "--text-field", "review", "--label-field",
+            "sentiment", "--template", "Review: {text} Sentiment:", "--steps", "4", "--batch-size", "4",
+            "--eval-every", "2", "--eval-examples", "4", "--max-length", "16", "--lr", "5e-2", "--eps", "1e-2",
+            "--no-progress", "--run-name", run, "--out", str(tmp_path / "out"), *extra]
+    assert main(args) == 0
+    return tmp_path / "out" / run
+
+
+def logits(clf, texts=("good movie", "the plot was dull", "a very great film")):
+    with torch.no_grad():
+        inputs = clf.batch([zoptim.lm.data.Example(t, 0) for t in texts])
+        inputs.pop("labels")
+        return clf(**inputs)["logits"].float().cpu()
+
+
+def tuned_reference(model_dir, run_dir, kind="causal", lora=False):
+    """The base model with the trainable tensors of the run's checkpoint copied in."""
+    from zoptim.lm.models import apply_lora
+
+    model, tok = load_model(str(model_dir))
+    if lora:
+        model = apply_lora(model)
+    clf = PromptClassifier(model, tok, prompt_for_labels(LABELS, "Review: {text} Sentiment:"), kind=kind,
+                           max_length=16)
+    ckpt = safe_load(run_dir / "checkpoint.pt")
+    params = dict(clf.named_parameters())
+    with torch.no_grad():
+        for name, value in ckpt["trainable"].items():
+            params[name].copy_(value)
+    return clf, ckpt
+
+
+# -- own data, saved model, reload ---------------------------------------------------------------------
+def test_finetune_from_jsonl_saves_a_model_that_from_pretrained_reloads_with_the_same_logits(tmp_path, data_files):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--device", "cpu")
+    saved = run_dir / "model"
+    assert (saved / "model.safetensors").exists() and (saved / "config.json").exists()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["queries"] == 8 and result["test_examples"] == 4 and result["device"] == "cpu"
+
+    reference, _ = tuned_reference(model_dir, run_dir)
+    base = PromptClassifier(*load_model(str(model_dir)),
+                            prompt_for_labels(LABELS, "Review: {text} Sentiment:"), max_length=16)
+    assert not torch.equal(logits(base), logits(reference))  # training moved the weights
+    # plain Hugging Face: from_pretrained, no zoptim involved
+    hf = AutoModelForCausalLM.from_pretrained(saved)
+    tok = AutoTokenizer.from_pretrained(saved)
+    plain = PromptClassifier(hf.eval(), tok, prompt_for_labels(LABELS, "Review: {text} Sentiment:"), max_length=16)
+    torch.testing.assert_close(logits(plain), logits(reference), rtol=0, atol=0)
+    # and the three-line route of the README
+    clf = load_classifier(saved)
+    torch.testing.assert_close(logits(clf), logits(reference), rtol=0, atol=0)
+    assert clf.classify(["good movie", "awful acting"])[0] in LABELS
+
+
+def test_lora_adapter_round_trip_with_peft_from_pretrained_and_merge(tmp_path, data_files):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--lora", run="lora")
+    saved = run_dir / "model"
+    assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
+    reference, _ = tuned_reference(model_dir, run_dir, lora=True)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft_model = PeftModel.from_pretrained(base, saved).eval()
+    clf = PromptClassifier(peft_model, reference.tokenizer, reference.prompt, max_length=16)
+    torch.testing.assert_close(logits(clf), logits(reference), rtol=0, atol=0)
+    torch.testing.assert_close(logits(load_classifier(saved)), logits(reference), rtol=0, atol=0)
+
+    merged_dir = finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--lora", "--merge", run="merged")
+    assert (merged_dir / "model" / "model.safetensors").exists()
+    merged = load_classifier(merged_dir / "model")
+    assert not hasattr(merged.model, "peft_config")
+    # the same run (same seed), merged: equal up to the rounding of W + B A
+    torch.testing.assert_close(logits(merged), logits(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_path_from_csv_with_labels_taken_from_the_data(tmp_path):
+    model_dir = save_tiny("encoder", tmp_path / "bert")
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in TEXTS))
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(model_dir), "--train", str(csv_path), "--method", "zosgd",
+                 "--steps", "2", "--batch-size", "4", "--eval-every", "2", "--eval-examples", "4", "--lr", "1e-2",
+                 "--no-progress", "--out", str(out)]) == 0
+    result = json.loads((out / "zosgd" / "result.json").read_text())
+    assert result["test_examples"] == 1  # no --validation / --test: 10 % of 8 held out, used for both
+    clf = load_classifier(out / "zosgd" / "model")
+    assert clf.kind == "encoder" and clf.prompt.classes == ("0", "1")
+    assert clf.classify("good movie")[0] in ("0", "1")
+
+
+# -- bad data -------------------------------------------------------------------------------------------
+def test_bad_data_files_get_errors_naming_the_file_and_what_was_expected(tmp_path):
+    good = write_jsonl(tmp_path / "good.jsonl", [{"text": "a", "label": "pos"}, {"text": "b", "label": "neg"}])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(DataError, match=r"empty\.jsonl is empty"):
+        load_files(empty)
+    missing = write_jsonl(tmp_path / "missing.jsonl", [{"sentence": "a", "label": "pos"}])
+    with pytest.raises(DataError, match=r"missing\.jsonl line 1: no field 'text' \(fields: sentence, label\).*--text-field"):
+        load_files(missing)
+    csv_path = tmp_path / "bad.csv"
+    csv_path.write_text("text,y\na,1\n")
+    with pytest.raises(DataError, match=r"bad\.csv: no column 'label' \(columns: text, y\).*--label-field"):
+        load_files(csv_path)
+    outside = write_jsonl(tmp_path / "outside.jsonl", [{"text": "a", "label": "pos"}, {"text": "c", "label": "meh"}])
+    with pytest.raises(DataError, match=r"outside\.jsonl line 2: label 'meh' is not in the label set \(neg, pos\)"):
+        load_files(good, validation=outside, test=good)
+    with pytest.raises(DataError, match=r"good\.jsonl line 1: label 'pos' is not in the label set \(negative, positive\)"):
+        load_files(good, labels="negative,positive")
+    bad_json = tmp_path / "broken.jsonl"
+    bad_json.write_text('{"text": "a", "label": 1}\n{"text": \n')
+    with pytest.raises(DataError, match=r"broken\.jsonl line 2: not valid JSON"):
+        load_files(bad_json)
+    txt = tmp_path / "data.txt"
+    txt.write_text("x")
+    with pytest.raises(DataError, match=r"data\.txt: unknown format '\.txt'"):
+        load_files(txt)
+    task = load_files(good, labels=["neg", "pos"])
+    assert [e.label for e in task.train + task.val] and task.classes == ("neg", "pos")
+    # labels given as indices are accepted when the label set is given
+    idx = write_jsonl(tmp_path / "idx.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 1}] * 3)
+    assert load_files(idx, labels="negative,positive").classes == LABELS
+    # the CLI turns these into one-line errors naming the flag or the file
+    with pytest.raises(SystemExit, match="empty"):
+        main(["finetune", "--model", "minilm", "--train", str(empty), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="either --task or --train"):
+        main(["finetune", "--task", "trec", "--train", str(good), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--test .*no such file"):
+        main(["finetune", "--train", str(good), "--test", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--merge .*needs --lora"):
+        main(["finetune", "--train", str(good), "--merge", "--out", str(tmp_path / "o")])
+
+
+def test_texts_longer_than_max_length_are_truncated_and_counted(tmp_path, data_files, capsys):
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    long_rows = [{"review": "very " * 30 + "good movie", "sentiment": "positive"}] * 3 + [
+        {"review": "bad film", "sentiment": "negative"}]
+    data_files["test"] = write_jsonl(tmp_path / "long.jsonl", long_rows)
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="long")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["truncated"] == {"train": 0, "validation": 0, "test": 3}
+    assert "3 of 4 test" in capsys.readouterr().out
+    assert not (run_dir / "model").exists()
+
+
+# -- devices --------------------------------------------------------------------------------------------
+def test_device_resolution_and_errors():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else None
+    if expected:
+        assert resolve_device("auto").type == "cuda"
+    elif not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda, mps"):
+        resolve_device("tpu")
+    with pytest.raises(SystemExit, match="--device must be one of"):
+        main(["finetune", "--device", "tpu", "--out", "x"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_loop_trains_on_the_requested_device_and_matches_the_cpu_run(tmp_path, device):
+    task = tiny_task()
+
+    def run(dev, out):
+        clf = classifier("causal", lora=True).to(dev)
+        opt = make_optimizer("zosgd", clf.parameters(), steps=4, lora=True, lr=5e-2)
+        Loop(clf, task, opt, LoopConfig(steps=4, batch_size=4, eval_every=2, eval_examples=4), out,
+             progress=False).run()
+        return clf
+
+    clf = run(device, tmp_path / "dev")
+    assert all(p.device.type == device for p in clf.parameters())
+    if device != "cpu":  # same seeds, same directions: the accelerator's run ends close to the CPU's
+        ref = run("cpu", tmp_path / "cpu")
+        for (n, p), (_, q) in zip(clf.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(p.cpu(), q, rtol=1e-3, atol=1e-4, msg=n)
+
+
+# -- checkpoints ----------------------------------------------------------------------------------------
+def test_checkpoints_are_written_atomically_and_read_without_pickled_code(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    atomic_save({"step": 3, "w": torch.arange(4.0), "gen": torch.Generator().get_state()}, path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]  # no temporary file left behind
+    assert safe_load(path, required_keys=("step",))["step"] == 3
+
+    class Payload:  # anything that is not plain data is refused, not executed
+        def __reduce__(self):
+            return (print, ("pickled code ran",))
+
+    torch.save({"evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match=r"evil\.pt holds objects other than tensors"):
+        safe_load(tmp_path / "evil.pt")
+    data = path.read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"cut\.pt is truncated or corrupted"):
+        safe_load(tmp_path / "cut.pt")
+    (tmp_path / "junk.pt").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(CheckpointError, match=r"junk\.pt is truncated or corrupted"):
+        safe_load(tmp_path / "junk.pt")
+    with pytest.raises(CheckpointError, match=r"lacks \['optimizer'\]"):
+        safe_load(path, required_keys=("step", "optimizer"))
+
+    def failing_save(*a, **k):
+        raise OSError("disk full")
+
+    old = path.read_bytes()
+    real = torch.save
+    torch.save = failing_save
+    try:
+        with pytest.raises(OSError, match="disk full"):
+            atomic_save({"step": 4}, path)
+    finally:
+        torch.save = real
+    assert path.read_bytes() == old and [p.name for p in tmp_path.iterdir() if p.suffix == ".tmp"] == []
+
+
+def test_a_corrupted_finetune_checkpoint_stops_the_run_with_the_file_named_and_keeps_the_log(tmp_path, data_files):
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="ck")
+    log_before = (run_dir / "log.jsonl").read_text()
+    ckpt = run_dir / "checkpoint.pt"
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    with pytest.raises(SystemExit, match=r"checkpoint .*checkpoint\.pt is truncated or corrupted"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--steps", "6", run="ck")
+    assert (run_dir / "log.jsonl").read_text() == log_before
+    # a checkpoint of other trainable parameters (here: full vs LoRA) is refused by name too
+    ok = tmp_path / "ok"
+    finetune(ok, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="ck")
+    with pytest.raises(SystemExit, match="written for other trainable parameters"):
+        finetune(ok, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--lora", "--steps", "6", run="ck")
+
+
+# -- ZOTrainer with gradient accumulation ------------------------------------------------------------------
+def test_zo_trainer_gradient_accumulation_is_one_step_over_all_micro_batches(tmp_path):
+    from transformers import TrainingArguments
+
+    from zoptim.lm.trainer import ZOTrainer
+
+    task = tiny_task()
+
+    def train(batch_size, accumulation):
+        clf = classifier("causal", lora=True)
+        opt = zoptim.ZOSGD([p for p in clf.parameters() if p.requires_grad], lr=5e-2, eps=1e-2, seed=3)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"b{batch_size}"), max_steps=3, per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, learning_rate=5e-2, lr_scheduler_type="constant",
+            report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False, disable_tqdm=True,
+            dataloader_drop_last=True, seed=0, data_seed=0, logging_steps=1,
+        )
+        losses = []
+        trainer = ZOTrainer(model=clf, args=args, train_dataset=task.train, data_collator=clf.batch,
+                            zo_optimizer=opt)
+        trainer.get_train_dataloader = lambda: torch.utils.data.DataLoader(  # fixed order: same batches
+            task.train, batch_size=batch_size, collate_fn=clf.batch, shuffle=False)
+        trainer.train()
+        losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+        return clf, opt, losses
+
+    whole, opt_whole, loss_whole = train(8, 1)
+    micro, opt_micro, loss_micro = train(2, 4)
+    assert opt_micro.steps == opt_whole.steps == 3  # one zeroth-order step per optimizer step
+    assert opt_micro.num_queries == opt_whole.num_queries == 6
+    assert loss_micro == pytest.approx(loss_whole, rel=1e-5)  # Trainer logs the window's mean loss
+    assert not torch.equal(dict(whole.named_parameters())[next(n for n, p in whole.named_parameters()
+                                                               if p.requires_grad)],
+                           dict(classifier("causal", lora=True).named_parameters())[next(
+                               n for n, p in whole.named_parameters() if p.requires_grad)])
+    for (n, p), (_, q) in zip(whole.named_parameters(), micro.named_parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
