@@ -1,177 +1,329 @@
-"""Black-box interfaces over the optimizers: a scipy-style :func:`minimize` and :class:`AskTell`.
+"""Black-box interfaces over the optimizers: :class:`AskTell` and a scipy-style :func:`minimize`.
 
-Both are thin: the algorithm is always the optimizer's own ``step``; these only change who calls
-whom. ``minimize`` wraps a function of a NumPy vector; ``AskTell`` turns ``step(closure)`` inside
-out for loops that evaluate candidates elsewhere (a simulator, a remote service, a human rater).
+Neither re-implements a method. Every optimizer writes its step once, as a generator of queries
+(:meth:`zoptim.optim.base.ZerothOrderOptimizer._queries`); ``step(closure)`` drives that generator
+with the closure, :class:`AskTell` drives it with :meth:`AskTell.tell`, and :func:`minimize` is an
+ask/tell loop over a function of a NumPy vector. So all three produce the same iterates, bit for
+bit, for the same seed and hyper-parameters (tested), and there is no helper thread.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable
+import inspect
+import math
+import numbers
+import time
+import warnings
+import weakref
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from . import optim
+from .optim.base import StepRun, ZerothOrderOptimizer, loss_value
 
-METHODS = {
+try:  # scipy's own result type when scipy is installed (it is a dict with attribute access)
+    from scipy.optimize import OptimizeResult
+except ImportError:  # pragma: no cover - scipy comes with the bench extra
+
+    class OptimizeResult(dict):  # type: ignore[no-redef]
+        """Stand-in for scipy.optimize.OptimizeResult: a dict whose keys are also attributes."""
+
+        def __getattr__(self, name):
+            try:
+                return self[name]
+            except KeyError as e:
+                raise AttributeError(name) from e
+
+        __setattr__ = dict.__setitem__
+        __delattr__ = dict.__delitem__
+
+        def __dir__(self):
+            return list(self.keys())
+
+
+METHODS: dict[str, type[ZerothOrderOptimizer]] = {
     "zosgd": optim.ZOSGD,
     "stp": optim.STP,
     "s2p": optim.S2P,
     "as2p": optim.AS2P,
 }
 
+#: Options of :func:`minimize` that control the run (every other option is a method hyper-parameter).
+RUN_OPTIONS = ("maxfev", "maxiter", "ftarget", "timeout", "patience", "progress", "disp")
 
-class OptimizeResult(dict):
-    """scipy.optimize.OptimizeResult's shape: x, fun, nit, nfev, success, message (also as attributes)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError as e:
-            raise AttributeError(name) from e
+_STATE_FORMAT = "zoptim.AskTell/1"
 
 
-def minimize(
-    fun: Callable[[np.ndarray], float],
-    x0,
-    method: str = "as2p",
-    *,
-    maxfev: int = 10_000,
-    callback: Callable[[np.ndarray], object] | None = None,
-    **options,
-) -> OptimizeResult:
-    """Minimise ``fun(x)`` from ``x0`` with a zeroth-order method, like ``scipy.optimize.minimize``.
-
-    Args:
-        fun: f(x) -> float, x a float64 NumPy vector of x0's shape.
-        x0: starting point (array-like).
-        method: ``"zosgd"``, ``"stp"``, ``"s2p"`` or ``"as2p"``.
-        maxfev: budget of function evaluations (queries). The run stops at the first step that
-            would exceed it.
-        callback: called with a copy of x after every step; return True to stop.
-        **options: the optimizer's keyword arguments (``lr``, ``eps``, ``seed``, ...). For AS2P,
-            ``batch_mode`` defaults to ``"full"`` and ``total_steps`` to the number of steps that
-            ``maxfev`` allows; for S2P's stationary rules ``total_steps`` likewise.
-
-    Returns:
-        OptimizeResult with ``x`` (best point seen at a step boundary is not tracked: the final
-        iterate), ``fun`` (f at x, one extra evaluation, counted in nfev), ``nit``, ``nfev``,
-        ``success`` and ``message``.
-
-    Example:
-        >>> res = zoptim.minimize(lambda x: float((x**2).sum()), np.ones(10), "as2p", maxfev=2000)
-    """
-    if method not in METHODS:
+# -- argument checks -----------------------------------------------------------------------------
+def _method_class(method) -> tuple[str, type[ZerothOrderOptimizer]]:
+    if not isinstance(method, str) or method.lower() not in METHODS:
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    if not isinstance(maxfev, int) or maxfev < 1:
-        raise ValueError(f"maxfev must be a positive integer; got {maxfev!r}")
-    x = torch.nn.Parameter(torch.as_tensor(np.asarray(x0, dtype=np.float64)).clone())
-    cls = METHODS[method]
-    per_step = {"stp": 3, "s2p": 4 if str(options.get("step_rule", "stationary")).endswith("dynamic") else 2}
-    steps = max(1, maxfev // per_step.get(method, 2 * int(options.get("num_directions", 1))))
-    if method == "as2p":
-        options.setdefault("batch_mode", "full")
-        options.setdefault("total_steps", steps)
-    if method == "s2p" and not str(options.get("step_rule", "stationary")).endswith("dynamic"):
-        options.setdefault("total_steps", steps)
-    opt = cls([x], **options)
+    return method.lower(), METHODS[method.lower()]
 
-    def closure():
-        return float(fun(x.detach().numpy().copy()))
 
-    message, nit = "maximum number of function evaluations reached", 0
-    while opt.num_queries + opt.queries_per_step <= maxfev:
-        opt.step(closure)
-        nit += 1
-        if callback is not None and callback(x.detach().numpy().copy()):
-            message = "stopped by callback"
-            break
-    value = closure()
-    return OptimizeResult(
-        x=x.detach().numpy().copy(), fun=value, nit=nit, nfev=opt.num_queries + 1,
-        success=bool(np.isfinite(value)), message=message,
-    )
+def _check_hyperparameters(name: str, cls, hyperparameters: dict) -> None:
+    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
+    for key in hyperparameters:
+        if key not in known:
+            raise ValueError(
+                f"unknown option {key!r} for method {name!r}; its hyper-parameters are {', '.join(known)}"
+                + (f", and minimize's run options are {', '.join(RUN_OPTIONS)}" if key not in RUN_OPTIONS else "")
+            )
+
+
+def _as_vector(x0, name: str = "x0") -> np.ndarray:
+    """x0 as a fresh 1-D float64 array, or a TypeError/ValueError naming what is wrong with it."""
+    if isinstance(x0, torch.Tensor):
+        x0 = x0.detach().cpu().numpy()
+    try:
+        arr = np.asarray(x0)
+    except (TypeError, ValueError) as err:  # ragged nested sequences
+        raise ValueError(f"{name} must be a 1-D array of real numbers; got {x0!r} ({err})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise TypeError(f"{name} must be an array of real numbers; got dtype {arr.dtype} ({x0!r:.80})")
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise TypeError(f"{name} must be real; got a complex array")
+    arr = np.atleast_1d(arr).astype(np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional (a vector); got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty: there is nothing to optimise")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"{name} must be finite; {name}[{bad[0]}] = {arr[bad[0]]} ({bad.size} non-finite entries)")
+    return arr.copy()
+
+
+def _scalar(value, who: str) -> float:
+    """A fun/tell value as a float: a real number, or an array/tensor with one element."""
+    if isinstance(value, np.ndarray) and value.dtype != object:
+        if value.size != 1:
+            raise TypeError(f"{who} must be a scalar (a float, or an array of one element); got an array of shape {value.shape}")
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            raise TypeError(f"{who} must be a real number; got an array of dtype {value.dtype}")
+        value = value.reshape(()).item()
+    elif isinstance(value, np.generic) and not isinstance(value, (np.floating, np.integer)):
+        raise TypeError(f"{who} must be a real number; got {type(value).__name__}: {value!r}")
+    try:
+        return loss_value(value)
+    except TypeError as err:
+        raise TypeError(f"{who} must be a real scalar (float, or an array or tensor of one element); {err}") from None
+
+
+def _check_bounds(bounds, n: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(lb, ub) arrays of length n from a scipy ``Bounds`` or a sequence of (low, high) pairs."""
+    if bounds is None:
+        return None
+    if hasattr(bounds, "lb") and hasattr(bounds, "ub"):  # scipy.optimize.Bounds
+        lo, hi = bounds.lb, bounds.ub
+    else:
+        if not isinstance(bounds, Sequence) and not isinstance(bounds, np.ndarray):
+            raise TypeError(f"bounds must be a scipy.optimize.Bounds or a sequence of (low, high) pairs; got {bounds!r}")
+        if len(bounds) != n:
+            raise ValueError(f"bounds must have one (low, high) pair per variable: x0 has {n}, bounds has {len(bounds)}")
+        lo, hi = [], []
+        for i, pair in enumerate(bounds):
+            if pair is None or np.ndim(pair) != 1 or len(pair) != 2:
+                raise ValueError(f"bounds[{i}] must be a (low, high) pair (None for no bound); got {pair!r}")
+            lo.append(-np.inf if pair[0] is None else pair[0])
+            hi.append(np.inf if pair[1] is None else pair[1])
+    try:
+        lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), (n,)).copy()
+        hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), (n,)).copy()
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"bounds must be real numbers (or None), one pair per variable of x0 ({n}): {err}") from None
+    for name, arr in (("lower", lo), ("upper", hi)):
+        if np.isnan(arr).any():
+            raise ValueError(f"bounds: {name} bound {int(np.flatnonzero(np.isnan(arr))[0])} is NaN")
+    wrong = np.flatnonzero(lo > hi)
+    if wrong.size:
+        i = int(wrong[0])
+        raise ValueError(f"bounds: lower bound > upper bound for variable {i} ({lo[i]} > {hi[i]})")
+    return lo, hi
+
+
+def _positive(name, value, integer=False):
+    if value is None:
+        return None
+    kind = numbers.Integral if integer else numbers.Real
+    if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"options[{name!r}] must be a {'positive integer' if integer else 'finite number > 0'}; got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def queries_per_step(method: str, hyperparameters: dict) -> int:
+    """Function evaluations one step of ``method`` spends with these hyper-parameters."""
+    name, _ = _method_class(method)
+    if name == "stp":
+        return 3
+    if name == "s2p":
+        return 4 if str(hyperparameters.get("step_rule", "stationary")).endswith("dynamic") else 2
+    if name == "zosgd":
+        return 2 * int(hyperparameters.get("num_directions", 1))
+    return 2
+
+
+def _build(method: str, x: torch.Tensor, hyperparameters: dict) -> ZerothOrderOptimizer:
+    """The optimizer over the single tensor ``x``. A function of a vector is deterministic, so AS2P
+    defaults to ``batch_mode="full"`` (the paper's full-batch mode: constant rho, lr_k = rho)."""
+    name, cls = _method_class(method)
+    _check_hyperparameters(name, cls, hyperparameters)
+    hp = dict(hyperparameters)
+    if name == "as2p":
+        hp.setdefault("batch_mode", "full")
+    return cls([x], **hp)
+
+
+# -- ask / tell ----------------------------------------------------------------------------------------
+class _Slot:
+    """The step an AskTell is driving; held apart from the AskTell so that its finalizer (which
+    abandons that step) does not keep the AskTell alive."""
+
+    run: StepRun | None = None
+
+
+def _abandon(slot: _Slot) -> None:
+    if slot.run is not None:
+        slot.run.abandon()
+        slot.run = None
 
 
 class AskTell:
-    """Ask/tell driving of any zoptim optimizer: ``ask()`` moves the parameters to the next point to
-    evaluate and returns them; ``tell(loss)`` reports its loss. ::
+    """Drive a zoptim optimizer point by point: ``ask()`` a point, evaluate it anywhere, ``tell()`` its loss.
 
-        at = AskTell(zoptim.AS2P(model.parameters(), total_steps=1000))
-        for _ in range(2000):
-            at.ask()                      # the model's parameters now hold the candidate
-            at.tell(evaluate_elsewhere(model))
+    Two forms::
 
-    The optimizer's own ``step`` runs in a helper thread, blocked inside its closure between an
-    ask and a tell, so every method works unchanged and the iterates are those of ``step``.
-    ``close()`` (or leaving a ``with`` block) abandons an unfinished step and restores the
-    parameters exactly.
+        at = zoptim.AskTell(optimizer)                 # over the optimizer's tensors (a model)
+        at = zoptim.AskTell("as2p", x0, eps=1e-2)      # over a NumPy vector (method, x0, hyper-parameters)
+
+    ``ask()`` moves to the next point the method wants evaluated and returns it: the optimizer's
+    trainable tensors, perturbed in place (evaluate your model as it is), or a NumPy copy of the
+    vector. ``tell(loss)`` reports its value; after a step's last ``tell`` the update is applied.
+    ``recommend()`` returns the current iterate (never a perturbed point). The steps are the
+    methods' own: ``AskTell(method, x0, seed=s, **hp)`` and ``method([x], seed=s, **hp).step(f)``
+    visit the same points and reach the same iterates, bit for bit.
+
+    Leaving a loop early is safe: ``close()``, the end of a ``with`` block, or the AskTell being
+    garbage-collected (dropped, or its frame unwound by an exception) abandons the unfinished step
+    and puts the parameters back bit for bit at the last iterate (with the default
+    ``exact_restore=True``). There is no thread. An abandoned step counts like a step whose closure
+    raised: its evaluations stay in ``num_queries`` and the next step draws a new direction.
+
+    ``state_dict()`` / ``load_state_dict()`` (or :meth:`from_state_dict` for the vector form)
+    carry a run across a process restart, even mid-step: the state holds the optimizer's state at
+    the last step boundary, the values told since (replayed on load) and the current iterate. An
+    ``ask()`` not yet told is not saved; after loading, ``ask()`` returns the same point again.
+
+    With a NumPy vector, AS2P defaults to ``batch_mode="full"`` (a function of a vector is
+    deterministic); pass ``total_steps`` to get its schedules. S2P's stationary rules need
+    ``total_steps``.
     """
 
-    def __init__(self, optimizer: optim.ZerothOrderOptimizer):
-        self.optimizer = optimizer
-        self._asks: queue.Queue = queue.Queue(maxsize=1)
-        self._tells: queue.Queue = queue.Queue(maxsize=1)
-        self._thread: threading.Thread | None = None
+    def __init__(self, optimizer, x0=None, /, **hyperparameters):
+        if isinstance(optimizer, ZerothOrderOptimizer):
+            if x0 is not None or hyperparameters:
+                raise TypeError("AskTell(optimizer) takes no x0 or hyper-parameters: they belong to the optimizer")
+            self.method = type(optimizer).__name__.lower()
+            self.hyperparameters: dict = {}
+            self._vector: torch.Tensor | None = None
+            self.optimizer = optimizer
+        elif isinstance(optimizer, str):
+            if x0 is None:
+                raise TypeError(f"AskTell({optimizer!r}, x0, **hyperparameters) needs x0, the starting point")
+            x = _as_vector(x0)
+            self.method, _ = _method_class(optimizer)
+            self.hyperparameters = dict(hyperparameters)
+            self._vector = torch.nn.Parameter(torch.from_numpy(x))
+            self.optimizer = _build(self.method, self._vector, self.hyperparameters)
+        else:
+            raise TypeError(
+                "AskTell takes a zoptim optimizer, or a method name and x0 "
+                f"({', '.join(map(repr, METHODS))}); got {type(optimizer).__name__}"
+            )
+        self._slot = _Slot()
         self._pending = False
-        self._error: BaseException | None = None
-        self._closing = False
+        self._finalizer = weakref.finalize(self, _abandon, self._slot)
 
-    def _closure(self):
-        self._asks.put("ask")
-        value = self._tells.get()
-        if value is _CLOSE:
-            raise _Abandon
-        return value
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _active(self) -> StepRun | None:
+        """Our step in progress, or None (finished, abandoned, or replaced by another driver)."""
+        run = self._slot.run
+        if run is None or run.done or self.optimizer._run is not run:
+            return None
+        return run
 
-    def _run(self):
-        try:
-            while True:
-                self.optimizer.step(self._closure)
-                self._asks.put("stepped")
-        except _Abandon:
-            self._asks.put("closed")
-        except BaseException as e:  # handed to the caller of ask()/tell()
-            self._error = e
-            self._asks.put("error")
+    def _point(self):
+        if self._vector is None:
+            return self.optimizer.engine.params
+        return self._vector.detach().numpy().copy()
 
-    def _next_ask(self):
-        while True:
-            signal = self._asks.get()
-            if signal == "error":
-                raise self._error
-            if signal == "ask":
-                return
-
-    def ask(self) -> list[torch.Tensor]:
-        """Move to the next query point; returns the (perturbed, in place) trainable parameters."""
-        if self._pending:
+    def ask(self):
+        """Move to the next point to evaluate and return it (the perturbed tensors, or a NumPy copy)."""
+        if self._pending and self._active() is not None:
             raise RuntimeError("ask() called twice without tell(): report the last point's loss first")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, daemon=True)
-            self._thread.start()
-        self._next_ask()
-        self._pending = True
-        return self.optimizer.engine.params
-
-    def tell(self, loss) -> None:
-        """Report the loss of the point returned by the last ``ask()``."""
-        if not self._pending:
-            raise RuntimeError("tell() without a pending ask()")
         self._pending = False
-        self._tells.put(loss)
+        run = self._active()
+        if run is None:
+            run = self._slot.run = self.optimizer.begin_step()
+        run.move()
+        self._pending = True
+        return self._point()
+
+    def tell(self, value) -> None:
+        """Report the loss of the point from the last ``ask()`` (a real scalar).
+
+        A value that is not a real scalar raises TypeError and changes nothing (tell again). A NaN
+        or infinite value skips the step's update and restores the parameters exactly, with a
+        :class:`zoptim.NonFiniteLossWarning`; ``max_nonfinite`` such steps in a row raise RuntimeError.
+        """
+        if not self._pending:
+            raise RuntimeError("tell() without a pending ask(): call ask() first")
+        run = self._active()
+        if run is None:
+            self._pending = False
+            raise RuntimeError("the step of the last ask() was abandoned (the optimizer started another step); ask() again")
+        loss = _scalar(value, "tell(value)")
+        self._pending = False
+        run.tell(loss)
+
+    @property
+    def in_step(self) -> bool:
+        """True between a step's first ask() and its last tell() (the update not yet applied)."""
+        return self._active() is not None
+
+    @property
+    def num_queries(self) -> int:
+        return self.optimizer.num_queries
+
+    @property
+    def steps(self) -> int:
+        return self.optimizer.steps
+
+    @torch.no_grad()
+    def recommend(self):
+        """The current iterate: copies of the trainable tensors, or a NumPy vector. Mid-step this is
+        the point the step started from (the parameters are put back where they were after copying)."""
+        engine = self.optimizer.engine
+        run = self._active()
+        if engine.is_perturbed:
+            engine.restore()
+            point = self._copy()
+            if run is not None and self._pending:
+                run.move()  # back to the asked point (bit-exact with exact_restore)
+            return point
+        return self._copy()
+
+    def _copy(self):
+        if self._vector is None:
+            return [p.detach().clone() for p in self.optimizer.engine.params]
+        return self._vector.detach().numpy().copy()
 
     def close(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
-            if not self._pending:
-                self._next_ask()
-            self._pending = False
-            self._tells.put(_CLOSE)
-            self._thread.join()
-        self._thread = None
+        """Abandon an unfinished step: the parameters go back bit for bit to the last iterate."""
+        _abandon(self._slot)
+        self._pending = False
 
     def __enter__(self):
         return self
@@ -179,9 +331,263 @@ class AskTell:
     def __exit__(self, *exc):
         self.close()
 
+    # -- state ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything needed to continue elsewhere: optimizer state, the current iterate and the
+        values told in the unfinished step. Tensors and plain Python values only, so
+        ``torch.save``/``torch.load(weights_only=True)`` round-trip it."""
+        run = self._active()
+        point = self.recommend()
+        sd = {
+            "format": _STATE_FORMAT,
+            "method": self.method,
+            "optimizer": self.optimizer.state_dict(),
+            "told": list(run.values) if run is not None else [],
+        }
+        if self._vector is None:
+            sd["params"] = point
+        else:
+            sd["x"] = torch.from_numpy(point)
+            sd["hyperparameters"] = dict(self.hyperparameters)
+        return sd
 
-class _Abandon(Exception):
-    pass
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Continue the run saved by :meth:`state_dict` (in this or another process)."""
+        if not isinstance(state_dict, dict) or state_dict.get("format") != _STATE_FORMAT:
+            raise ValueError("state_dict was not saved by AskTell.state_dict()")
+        if state_dict["method"] != self.method:
+            raise ValueError(f"state_dict is of method {state_dict['method']!r}; this AskTell runs {self.method!r}")
+        if ("x" in state_dict) != (self._vector is not None):
+            raise ValueError("state_dict is of the other AskTell form (NumPy vector vs. optimizer tensors)")
+        self.close()
+        engine = self.optimizer.engine
+        engine.restore()
+        saved = [state_dict["x"]] if self._vector is not None else state_dict["params"]
+        if len(saved) != len(engine.params) or any(s.shape != p.shape for s, p in zip(saved, engine.params)):
+            raise ValueError(
+                "state_dict's parameters have shapes "
+                f"{[tuple(s.shape) for s in saved]}; this AskTell's are {[tuple(p.shape) for p in engine.params]}"
+            )
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        for s, p in zip(saved, engine.params):
+            p.detach().copy_(s)
+        told = [float(v) for v in state_dict["told"]]
+        self.optimizer.num_queries -= len(told)  # counted again by the replay
+        if told:
+            run = self._slot.run = self.optimizer.begin_step()
+            for v in told:  # the same moves as the interrupted run, without evaluating anything
+                run.move()
+                run.tell(v)
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict) -> AskTell:
+        """Rebuild a NumPy-vector AskTell from its :meth:`state_dict` (e.g. after a restart)."""
+        if not isinstance(state_dict, dict) or "x" not in state_dict:
+            raise ValueError("from_state_dict needs the state_dict of a NumPy-vector AskTell (AskTell(method, x0, ...))")
+        at = cls(state_dict["method"], state_dict["x"].numpy(), **state_dict["hyperparameters"])
+        at.load_state_dict(state_dict)
+        return at
 
 
-_CLOSE = object()
+# -- minimize ------------------------------------------------------------------------------------------
+_MESSAGES = {
+    1: "Maximum number of function evaluations has been exceeded.",
+    2: "Maximum number of iterations has been exceeded.",
+    3: "Time limit (options['timeout']) reached.",
+    99: "`callback` stopped the run.",
+}
+
+
+def _callback_wants_result(callback) -> bool:
+    try:
+        return "intermediate_result" in inspect.signature(callback).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def minimize(
+    fun: Callable[..., float],
+    x0,
+    args: tuple = (),
+    method: str = "as2p",
+    bounds=None,
+    tol: float | None = None,
+    callback: Callable | None = None,
+    options: dict | None = None,
+) -> OptimizeResult:
+    """Minimise ``fun(x, *args)`` from ``x0`` with a zeroth-order method, like ``scipy.optimize.minimize``.
+
+    Args:
+        fun: f(x, *args) -> float, x a 1-D float64 NumPy array (a fresh copy each call). A NaN or
+            infinite value is skipped as in ``step()`` (no update, a ``NonFiniteLossWarning``;
+            ``max_nonfinite`` = 10 in a row raise RuntimeError); a value that is not a real
+            scalar raises TypeError.
+        x0: the starting point, a non-empty 1-D array of finite real numbers.
+        args: extra positional arguments for ``fun``.
+        method: ``"as2p"`` (default), ``"zosgd"``, ``"stp"`` or ``"s2p"``.
+        bounds: box bounds, a ``scipy.optimize.Bounds`` or one ``(low, high)`` pair per variable
+            (``None`` for no bound). Handled by projection: ``fun`` is evaluated at the query
+            point clipped to the box, and each iterate is clipped after its update. An ``x0``
+            outside the box is clipped, with a warning.
+        tol: stop (success) when the best value has improved by less than
+            ``tol * max(1, |best|)`` over the last ``options["patience"]`` steps (default 100).
+        callback: called after every step, as ``callback(xk)`` or, if its parameter is named
+            ``intermediate_result``, with an OptimizeResult (``x``, ``fun`` = the step's loss,
+            ``nit``, ``nfev``, ``x_best``, ``fun_best``). Returning True or raising
+            ``StopIteration`` stops the run (status 99).
+        options: run options ``maxfev`` (evaluations in all, default 10,000, the final
+            evaluation at x included; a step is only started if it fits), ``maxiter`` (steps),
+            ``ftarget`` (stop, success, as soon as a value <= ftarget is seen), ``timeout``
+            (seconds), ``patience`` (steps, for ``tol``), ``progress`` (or ``disp``: a tqdm
+            progress bar on stderr), and the method's hyper-parameters (``seed``, ``eps``,
+            ``lr``, ``eta_b``, ...; see the optimizer classes). AS2P defaults to
+            ``batch_mode="full"`` and, like S2P's stationary rules, ``total_steps`` = the steps the
+            budget allows.
+
+    Returns:
+        ``scipy.optimize.OptimizeResult`` (a compatible dict when scipy is missing) with ``x`` (the
+        final iterate), ``fun`` (f(x), one evaluation), ``nfev``, ``nit``, ``success``,
+        ``status`` (0 converged or ftarget reached, 1 maxfev, 2 maxiter, 3 timeout, 99 callback),
+        ``message``, ``x_best``/``fun_best`` (the best point evaluated, perturbed query points
+        included) and ``loss_history`` (every value of fun, in order). Note that, as in scipy,
+        using up the budget is ``success=False``.
+
+    Example:
+        >>> res = zoptim.minimize(lambda x: float(((x - 1) ** 2).sum()), np.zeros(10),
+        ...                       options={"maxfev": 2000, "eps": 0.05})
+    """
+    if not callable(fun):
+        raise TypeError(f"fun must be callable; got {type(fun).__name__}")
+    if not isinstance(args, tuple):
+        args = (args,)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback must be callable or None; got {type(callback).__name__}")
+    if options is not None and not isinstance(options, dict):
+        raise TypeError(f"options must be a dict; got {type(options).__name__}")
+    hp = dict(options or {})
+    run_opts = {k: hp.pop(k) for k in RUN_OPTIONS if k in hp}
+    name, cls = _method_class(method)
+    _check_hyperparameters(name, cls, hp)
+    maxfev = _positive("maxfev", run_opts.get("maxfev", 10_000), integer=True)
+    maxiter = _positive("maxiter", run_opts.get("maxiter"), integer=True)
+    timeout = _positive("timeout", run_opts.get("timeout"))
+    patience = _positive("patience", run_opts.get("patience", 100), integer=True)
+    tol = None if tol is None else _positive("tol", tol)
+    ftarget = run_opts.get("ftarget")
+    if ftarget is not None and (not isinstance(ftarget, numbers.Real) or isinstance(ftarget, bool) or math.isnan(ftarget)):
+        raise ValueError(f"options['ftarget'] must be a real number; got {ftarget!r}")
+    progress = bool(run_opts.get("progress", run_opts.get("disp", False)))
+
+    x = _as_vector(x0)
+    box = _check_bounds(bounds, x.size)
+    if box is not None and ((x < box[0]) | (x > box[1])).any():
+        warnings.warn("x0 is not within the bounds; it was clipped to the box", UserWarning, stacklevel=2)
+        x = np.clip(x, *box)
+    qps = queries_per_step(name, hp)
+    if maxfev < qps + 1:
+        raise ValueError(f"options['maxfev'] = {maxfev} is below one step of {name!r} ({qps} evaluations) plus the final one")
+    steps = (maxfev - 1) // qps
+    if maxiter is not None:
+        steps = min(steps, maxiter)
+    at = AskTell(name, x, **_defaults_for_budget(name, hp, steps))
+    x_tensor = at._vector
+    box_t = None if box is None else tuple(torch.from_numpy(b) for b in box)
+
+    def evaluate(point: np.ndarray) -> float:
+        return _scalar(fun(point, *args), "fun(x)")
+
+    history: list[float] = []
+    best, x_best = math.inf, x.copy()
+    best_at_step: list[float] = []
+    status = None
+    message = ""
+    nit = 0
+    wants_result = callback is not None and _callback_wants_result(callback)
+    start = time.monotonic()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=maxfev, disable=not progress, unit="eval", desc=f"zoptim {name}", leave=False)
+    try:
+        while status is None:
+            if not at.in_step:
+                if len(history) + qps + 1 > maxfev:
+                    status = 1
+                    break
+                if maxiter is not None and nit >= maxiter:
+                    status = 2
+                    break
+            point = at.ask()
+            if box is not None:
+                np.clip(point, box[0], box[1], out=point)
+            value = evaluate(point)
+            history.append(value)
+            bar.update(1)
+            if value < best:
+                best, x_best = value, point
+            at.tell(value)
+            if ftarget is not None and value <= ftarget:
+                status, message = 0, f"A value <= ftarget ({ftarget}) was reached (x_best)."
+                break
+            if timeout is not None and time.monotonic() - start > timeout:
+                status = 3
+                break
+            if at.in_step:
+                continue
+            nit += 1
+            if box_t is not None:
+                with torch.no_grad():
+                    torch.clamp(x_tensor, box_t[0], box_t[1], out=x_tensor.data)
+            best_at_step.append(best)
+            if progress:
+                bar.set_postfix(best=f"{best:.4g}", refresh=False)
+            if callback is not None:
+                xk = at.recommend()
+                try:
+                    if wants_result:
+                        stop = callback(intermediate_result=OptimizeResult(
+                            x=xk, fun=at.optimizer.last_stats.get("loss"), nit=nit, nfev=len(history),
+                            x_best=x_best.copy(), fun_best=best))
+                    else:
+                        stop = callback(xk)
+                except StopIteration:
+                    stop = True
+                if stop is True:
+                    status = 99
+                    break
+            if tol is not None and nit > patience:
+                before = best_at_step[-1 - patience]
+                if before - best <= tol * max(1.0, abs(best)):
+                    status, message = 0, f"The best value improved by less than tol over the last {patience} steps."
+    finally:
+        bar.close()
+        at.close()  # a run stopped mid-step goes back to its last iterate
+
+    x_final = at.recommend()
+    fun_final = evaluate(x_final.copy())
+    history.append(fun_final)
+    if fun_final < best:
+        best, x_best = fun_final, x_final.copy()
+    return OptimizeResult(
+        x=x_final,
+        fun=fun_final,
+        nfev=len(history),
+        nit=nit,
+        success=status == 0,
+        status=status,
+        message=message or _MESSAGES[status],
+        x_best=np.asarray(x_best, dtype=np.float64).copy(),
+        fun_best=best,
+        loss_history=np.asarray(history, dtype=np.float64),
+        method=name,
+    )
+
+
+def _defaults_for_budget(name: str, hp: dict, steps: int) -> dict:
+    hp = dict(hp)
+    if name == "as2p":
+        hp.setdefault("batch_mode", "full")
+        hp.setdefault("total_steps", steps)
+    if name == "s2p" and not str(hp.get("step_rule", "stationary")).endswith("dynamic"):
+        hp.setdefault("total_steps", steps)
+    return hp
