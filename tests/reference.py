@@ -1,7 +1,7 @@
 """Slow, obviously-correct reference implementations written straight from the papers' formulas.
 
 They work on one flat float64 vector and draw the directions from the noise stream's definition
-(:func:`zoptim.noise.mix` and :class:`zoptim.noise.NoiseSource`), not from the engine, so a test
+(:func:`zoptim.noise.mix` and the counter formula, re-implemented here in Python integers), not from the engine, so a test
 that compares them with the optimizers checks the engine's bookkeeping too.
 """
 
@@ -11,17 +11,42 @@ import math
 
 import torch
 
-from zoptim.noise import CHUNK_SIZE, NoiseSource, mix
+from zoptim.noise import _normal_table, mix
 from zoptim.schedules import cosine_decay
+
+NORMAL_TABLE = _normal_table().float()
+
+
+_M32 = 0xFFFFFFFF
+
+
+def stream_bits(key: int, i: int) -> int:
+    """Element i of the counter-based stream ``key``: the zoptim.noise docstring's formula, in Python ints."""
+    k_lo, k_hi = key & _M32, key >> 32
+    x = (i * 0x61C88647 + k_lo + (i >> 32) * 0x2545F491) & _M32
+    x ^= k_hi
+    x ^= x >> 16
+    x = (x * 0x21F0AAAD) & _M32
+    x ^= x >> 15
+    x = (x * 0x735A2D97) & _M32
+    return x ^ (x >> 15)
+
+
+def stream_value(bits: int, distribution: str) -> float:
+    if distribution == "normal":
+        return float(NORMAL_TABLE[bits >> 16])
+    if distribution == "rademacher":
+        return 1.0 - 2.0 * (bits >> 31)
+    return ((bits >> 8) + 0.5) / (1 << 24) * 2 * math.sqrt(3.0) - math.sqrt(3.0)
 
 
 def direction(seed, step, index, shapes, distribution="normal", normalize=False):
-    """s for (seed, step, index): tensor j, chunk c has key mix(mix(seed, step, index), j, c)."""
-    source, key, parts = NoiseSource(distribution), mix(seed, step, index), []
-    for j, n in enumerate(shapes):
-        for c, a in enumerate(range(0, n, CHUNK_SIZE)):
-            parts.append(source.fill(torch.empty(min(CHUNK_SIZE, n - a)), mix(key, j, c)))
-    s = torch.cat(parts).double()
+    """s for (seed, step, index): element i of tensor j is value(bits(mix(mix(seed, step, index), j), i))."""
+    key = mix(seed, step, index)
+    s = torch.tensor(
+        [stream_value(stream_bits(mix(key, j), i), distribution) for j, n in enumerate(shapes) for i in range(n)],
+        dtype=torch.float32,
+    ).double()
     if normalize:
         s = s * math.sqrt(s.numel()) / s.norm()
     return s

@@ -1,36 +1,51 @@
-"""Seeded noise: the values of a random direction, regenerated on demand from an integer key.
+"""Seeded noise: the values of a random direction, a pure function of a key and an element index.
 
-A direction is never stored. Its values for one chunk of one parameter are a pure function of
-``(seed, step, direction index, parameter index, chunk index)`` and, for distributed runs, a rank
-word: those words are mixed into a 64-bit key (:func:`mix`, SplitMix64), the key seeds a private
-``torch.Generator`` and the chunk is drawn from it. The global RNG (``torch.manual_seed``,
-``torch.get_rng_state``) is never touched, so the user's dropout and data shuffling see exactly
-the random numbers they would see without zoptim.
+A direction is never stored. Element i of the direction named by a 64-bit key is
+``values_from_bits(counter_bits(i, key), distribution)``: a counter-based generator, so any element
+can be computed on its own, in any order, on any core or device, compiled or not (the idea of
+Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011). Chunk size, thread count,
+device, sharding and the compiled/eager route do not change a direction (tested). Keys come from
+:func:`mix` over ``(seed, step, direction index, parameter index)`` and, for distributed runs, a
+rank word. The global RNG (``torch.manual_seed``, ``torch.get_rng_state``) is never touched.
+
+The generator (:func:`counter_bits`), 32 bits per element:
+
+1. a Weyl sequence over the index, ``w = (i_lo * 0x61C88647 + k_lo + i_hi * 0x2545F491) mod 2**32``
+   (``0x61C88647`` is the odd 32-bit golden-ratio increment, 2**32 / phi rounded to odd, negated);
+2. ``w ^ k_hi``;
+3. Wellons' ``lowbias32`` finaliser (``x ^= x >> 16; x *= 0x21F0AAAD; x ^= x >> 15;
+   x *= 0x735A2D97; x ^= x >> 15``, from C. Wellons' "Hash Prospector" search for low-bias 32-bit
+   integer hashes, 2018-2020), a bijection of 32-bit words with full avalanche.
+
+This is the construction of SplitMix (Steele, Lea & Flood, OOPSLA 2014): a finaliser over a Weyl
+sequence, here at 32 bits. Every product is of a value below 2**32 and a constant below 2**31, so
+it fits a signed 64-bit integer without overflow: eager PyTorch, inductor's C++ and Triton kernels
+compute the same bits (no wrap-around, no undefined behaviour).
+
+Why streams of different keys do not overlap: for a fixed key the map i -> w is a bijection of
+2**32 indices (an odd multiplier), and the finaliser is a bijection, so within one stream no two
+of the first 2**32 elements share a 32-bit word by construction. Two keys share the finaliser's
+input sequence, shifted, only if their high words are equal (probability 2**-32 for keys from
+:func:`mix`) *and* their low words differ by a multiple of the Weyl increment that lies within the
+parameter's length (probability n / 2**32 for n elements); the chance of any overlap for a tensor
+of n elements is therefore about n / 2**64, as for SplitMix64's streams.
 
 Distributions (every one has mean 0 and variance 1 per coordinate, so ``E||s||^2 = d``):
 
-* ``"normal"``: s_i ~ N(0, 1), the Gaussian smoothing of GA / MeZO / SPSA.
-* ``"rademacher"``: s_i = +-1 with probability 1/2 each, the distribution of Algorithms 1 and 2 of
-  the S2P paper (its ``_sign`` variants).
-* ``"uniform"``: s_i ~ U(-sqrt(3), sqrt(3)), unit variance.
-
-Speed (``sampler="fast"``, the default). On a CPU, drawing the noise is what a zeroth-order step
-spends its time on (an in-place add over the same values is far cheaper; ``docs/performance.md``
-has the measurements and the commands). Random *bits* are cheaper per value than floats, so the
-fast sampler spends as few bits per value as the distribution needs:
-
-* normal: 16 random bits per value index a table of the 2**16 quantiles
+* ``"normal"``: the top 16 bits index a table of the 2**16 quantiles
   ``Phi^-1((k + 1/2) / 2**16)`` of N(0, 1), rescaled to variance exactly 1. This is inverse
   transform sampling of N(0, 1) discretised to 65,536 equiprobable values: symmetric, mean 0,
   variance 1, kurtosis 2.9995 instead of 3, largest value 4.32 (N(0, 1) exceeds it with
-  probability 1.5e-5 per coordinate).
-* rademacher: the sign bit of one random byte per value.
-* uniform: ``torch.rand``, as before.
+  probability 1.5e-5 per coordinate). The GA / MeZO / SPSA direction.
+* ``"rademacher"``: the top bit gives -1 or +1, the distribution of Algorithms 1 and 2 of the S2P
+  paper (its ``_sign`` variants).
+* ``"uniform"``: the top 24 bits give U(-sqrt(3), sqrt(3)) on a 2**-24 grid (unit variance up to
+  2**-48).
 
-``sampler="torch"`` keeps the plain ``torch.randn`` / ``torch.rand`` draws, for comparison
-(``benchmarks/noise_quality.py`` shows both give the same convergence per query). Both samplers
-use the same keys, so they are equally reproducible; their streams differ. The streams also
-differ between device types (a CUDA generator is not a CPU one), as with any torch generator.
+``sampler="torch"`` draws from a ``torch.Generator`` seeded with the key instead (``torch.randn``,
+``torch.rand``), only to compare convergence per query against the standard generator
+(``benchmarks/noise_quality.py``); it is not counter-based (its values depend on the start index
+of each fill), so the engine never uses it.
 """
 
 from __future__ import annotations
@@ -41,8 +56,11 @@ import torch
 
 DISTRIBUTIONS = ("normal", "rademacher", "uniform")
 
-#: Elements per chunk. Part of the definition of the noise stream: a chunk is the unit that one
-#: key seeds, so changing it changes every direction. It also bounds the scratch memory.
+#: Version of the noise stream. Optimizer state_dicts record it; loading one saved with another
+#: version raises, because its directions would differ (a resumed run would silently diverge).
+NOISE_VERSION = 2
+
+#: Elements per chunk of a move: bounds the engine's scratch memory. Not part of the stream.
 CHUNK_SIZE = 1 << 18
 
 _MASK = (1 << 64) - 1
@@ -75,9 +93,13 @@ def check_distribution(distribution: str) -> str:
     return distribution
 
 
-SAMPLERS = ("fast", "torch")
+SAMPLERS = ("counter", "torch")
 
 _TABLE_BITS = 16
+_M32 = 0xFFFFFFFF
+_WEYL = 0x61C88647
+_HI = 0x2545F491
+_C1, _C2 = 0x21F0AAAD, 0x735A2D97
 
 
 def _normal_table() -> torch.Tensor:
@@ -88,80 +110,84 @@ def _normal_table() -> torch.Tensor:
     return q / q.square().mean().sqrt()
 
 
+_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def normal_table(device: torch.device) -> torch.Tensor:
+    """The float32 quantile table on ``device`` (cached)."""
+    t = _TABLES.get(device)
+    if t is None:
+        t = _TABLES[device] = _normal_table().to(device=device, dtype=torch.float32)
+    return t
+
+
+def key_words(key: int, rank: int = 0) -> tuple[int, int]:
+    """The (low, high) 32-bit words of a 64-bit key; a nonzero rank selects an independent stream."""
+    key = (key if rank == 0 else mix(key, rank)) & _MASK
+    return key & _M32, key >> 32
+
+
+def counter_bits(idx: torch.Tensor, k0, k1) -> torch.Tensor:
+    """32 random bits (in an int64 tensor) for each element index ``idx`` of the stream (k0, k1).
+
+    ``k0``, ``k1`` are the key's words (ints or 0-d int64 tensors). No intermediate exceeds 2**63.
+    """
+    x = ((idx & _M32) * _WEYL & _M32) + k0 + ((idx >> 32) * _HI & _M32)
+    x = (x & _M32) ^ k1
+    x = x ^ (x >> 16)
+    x = (x * _C1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * _C2) & _M32
+    return x ^ (x >> 15)
+
+
+def values_from_bits(bits: torch.Tensor, distribution: str, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Map 32-bit words to float32 values of ``distribution`` (see the module docstring)."""
+    if distribution == "normal":
+        if table is None:
+            table = normal_table(bits.device)
+        return table[bits >> 16]
+    if distribution == "rademacher":
+        return 1.0 - 2.0 * (bits >> 31).to(torch.float32)
+    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # exact: 24-bit integers
+    return (u * 2.0 - 1.0) * _SQRT3
+
+
 class NoiseSource:
-    """Fills float32 buffers with seeded noise of one distribution, one generator per device.
+    """Writes the values of seeded directions into float32 tensors.
 
     Args:
         distribution: ``"normal"``, ``"rademacher"`` or ``"uniform"``.
-        sampler: ``"fast"`` (default; see the module docstring) or ``"torch"``.
+        sampler: ``"counter"`` (default; the stream the engine uses) or ``"torch"`` (comparison only).
         rank: a stream word for distributed runs: ranks with different ``rank`` draw independent
             noise from the same key; rank 0 is the single-process stream.
-
-    Scratch: at most ``2.5 * n`` bytes for a buffer of n values (the random bits and the table
-    indices), kept per device and reused.
     """
 
-    def __init__(self, distribution: str = "normal", sampler: str = "fast", rank: int = 0):
+    def __init__(self, distribution: str = "normal", sampler: str = "counter", rank: int = 0):
         self.distribution = check_distribution(distribution)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {sampler!r}")
         self.sampler = sampler
         self.rank = int(rank)
         self._generators: dict[torch.device, torch.Generator] = {}
-        self._scratch: dict[tuple, torch.Tensor] = {}
-        self._tables: dict[torch.device, torch.Tensor] = {}
 
-    def _generator(self, device: torch.device) -> torch.Generator:
-        g = self._generators.get(device)
-        if g is None:
-            g = self._generators[device] = torch.Generator(device=device)
-        return g
+    def words(self, key: int) -> tuple[int, int]:
+        return key_words(key, self.rank)
 
-    def _buffer(self, device: torch.device, dtype: torch.dtype, n: int) -> torch.Tensor:
-        buf = self._scratch.get((device, dtype))
-        if buf is None or buf.numel() < n:
-            buf = self._scratch[(device, dtype)] = torch.empty(n, dtype=dtype, device=device)
-        return buf[:n]
-
-    def _table(self, device: torch.device) -> torch.Tensor:
-        t = self._tables.get(device)
-        if t is None:
-            t = self._tables[device] = _normal_table().to(device=device, dtype=torch.float32)
-        return t
-
-    def _random_bytes(self, g: torch.Generator, device: torch.device, nbytes: int) -> torch.Tensor:
-        # Full-range int64 draws: every one of the 64 bits is a fair coin (random_() would leave
-        # the top bit 0).
-        words = self._buffer(device, torch.int64, (nbytes + 7) // 8)
-        torch.randint(-(1 << 63), (1 << 63) - 1, words.shape, generator=g, dtype=torch.int64, out=words)
-        return words.view(torch.int8)[:nbytes]
-
-    def fill(self, out: torch.Tensor, key: int) -> torch.Tensor:
-        """Overwrite the float32 tensor ``out`` with the noise that ``key`` names, and return it."""
-        device = out.device
-        g = self._generator(device)
-        g.manual_seed((key if self.rank == 0 else mix(key, self.rank)) & _MASK)
-        flat = out.view(-1)
-        n = flat.numel()
-        if self.distribution == "uniform":
-            torch.rand(out.shape, generator=g, out=out)
-            out.mul_(2.0 * _SQRT3).sub_(_SQRT3)
-        elif self.sampler == "torch":
+    def fill(self, out: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:
+        """Overwrite the float32 tensor ``out`` with elements ``start, start + 1, ...`` of the
+        direction that ``key`` names, and return it."""
+        device, n = out.device, out.numel()
+        if self.sampler == "torch":
+            g = self._generators.get(device) or self._generators.setdefault(device, torch.Generator(device=device))
+            g.manual_seed(mix(*self.words(key), start))
             if self.distribution == "normal":
-                torch.randn(out.shape, generator=g, out=out)
-            else:
-                # u >= 1/2 with u ~ U[0, 1) is a fair coin; map {0, 1} -> {-1, +1}.
-                torch.rand(out.shape, generator=g, out=out)
-                out.ge_(0.5).mul_(2.0).sub_(1.0)
-        elif self.distribution == "normal":
-            # Inverse transform sampling: 16 uniform bits index the quantile table.
-            bits = self._random_bytes(g, device, 2 * n).view(torch.int16)
-            index = self._buffer(device, torch.int32, n)
-            index.copy_(bits).add_(1 << 15)  # int16 in [-2**15, 2**15) -> table index in [0, 2**16)
-            torch.index_select(self._table(device), 0, index, out=flat)
-        else:
-            # The sign bit of a random byte: (b >> 7) is -1 or 0, | 1 makes it -1 or +1.
-            signs = self._random_bytes(g, device, n)
-            signs.bitwise_right_shift_(7).bitwise_or_(1)
-            flat.copy_(signs)
+                return torch.randn(out.shape, generator=g, out=out)
+            torch.rand(out.shape, generator=g, out=out)
+            if self.distribution == "rademacher":
+                return out.ge_(0.5).mul_(2.0).sub_(1.0)
+            return out.mul_(2.0 * _SQRT3).sub_(_SQRT3)
+        k0, k1 = self.words(key)
+        idx = torch.arange(start, start + n, device=device, dtype=torch.int64)
+        out.view(-1).copy_(values_from_bits(counter_bits(idx, k0, k1), self.distribution, normal_table(device)))
         return out

@@ -32,52 +32,33 @@ precision, as the check is). No fused multiply-add is involved, so the check, wh
 undo's arithmetic on a scratch copy, predicts the undo bit for bit on any device and for any
 vectorisation of the kernels.
 
-Cost per chunk: one noise draw per pass (three per two-point step); with ``exact=True`` a
-temporary move also runs four cheap elementwise ops (add, sub, compare, nonzero) to find the
-journal entries; a non-temporary move or ``exact=False`` is a single in-place add.
-On a CPU with a core that torch's intra-op threads leave free, a large move draws its noise up to
-two chunks ahead in a helper thread (:meth:`SeededPerturbation._noise_stream`), so the draw of
-chunk c+1 overlaps the arithmetic on chunk c; the values are the same as inline.
+One pass per chunk. Since element i of a direction is a pure function of (key, i)
+(:mod:`zoptim.noise`), a move computes the old and the new noise inside the same loop that undoes
+the old offset, applies weight decay, applies the new offset and, for a temporary move, marks the
+elements whose undo would not be exact (:func:`zoptim.kernels.fused_move`, compiled by
+``torch.compile`` where available, eager otherwise, same bits). The journal's index extraction
+(``nonzero``) runs only for chunks with marked elements; journaled elements of the previous move
+are then fixed up from their saved values (:func:`zoptim.kernels.gathered_move`, noise recomputed
+at their indices). A two-point step is three passes (``0 -> +rho``, ``+rho -> -rho``,
+``-rho -> update``), against MeZO's four noise regenerations.
 
-Scratch memory: besides the journal, the engine holds per device at most two float32 buffers,
-two buffers of the parameter dtype and one bool buffer of ``CHUNK_SIZE`` elements, plus the noise
-source's 2.5 bytes per element (about 5.1 MiB at the default 2**18), and on a CPU with a spare
-core the helper thread's three float32 chunk buffers and its own noise scratch (about 3.6 MiB
-more), never a copy of a whole tensor.
+Scratch memory: besides the journal, per device one chunk of the parameter dtype (the
+unperturbed values of the chunk under a recorded move) and one int32 chunk (the marks), that is
+``CHUNK_SIZE * (itemsize + 4)`` bytes (2 MiB in float32 at the default 2**18), never a copy of a
+whole tensor. Chunking does not change the values.
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .noise import CHUNK_SIZE, NoiseSource, check_distribution, mix
-
-#: Moves smaller than this draw their noise inline (a helper thread's hand-off costs ~20 us a chunk).
-PREFETCH_MIN_ELEMENTS = 1 << 20
-
-_INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+from . import kernels
+from .noise import CHUNK_SIZE, NoiseSource, check_distribution, mix, normal_table
 
 Scales = Sequence[float]
-
-_POOL: ThreadPoolExecutor | None = None
-
-
-def _noise_pool() -> ThreadPoolExecutor:
-    """The one helper thread that draws noise ahead, shared by every engine in the process."""
-    global _POOL
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="zoptim-noise")
-    return _POOL
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    return t.view(_INT_VIEW[t.element_size()])
 
 
 class SeededPerturbation:
@@ -104,9 +85,11 @@ class SeededPerturbation:
         normalize: bool = False,
         exact: bool = True,
         chunk_size: int = CHUNK_SIZE,
+        rank: int = 0,
     ):
         self.params = list(params)
-        self.noise = NoiseSource(check_distribution(distribution))
+        self.noise = NoiseSource(check_distribution(distribution), rank=rank)
+        self.distribution = distribution
         self.normalize = bool(normalize)
         self.exact = bool(exact)
         self.chunk_size = int(chunk_size)
@@ -116,9 +99,6 @@ class SeededPerturbation:
         self._journal: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._norm_cache: tuple[int, float] | None = None
-        # Noise for CPU moves is drawn one chunk ahead in a helper thread (torch releases the GIL),
-        # overlapping the draw with the arithmetic on the previous chunk. Same keys, same values.
-        self._ahead_noise = NoiseSource(distribution)
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -144,9 +124,9 @@ class SeededPerturbation:
         for c, a in enumerate(range(0, n, self.chunk_size)):
             yield c, a, min(a + self.chunk_size, n)
 
-    def chunk_noise(self, key: int, j: int, c: int, out: torch.Tensor) -> torch.Tensor:
-        """The direction ``key``'s values for chunk ``c`` of tensor ``j``, written into ``out``."""
-        return self.noise.fill(out, mix(key, j, c))
+    def tensor_key(self, key: int, j: int) -> int:
+        """The stream of tensor ``j`` in the direction ``key``: element i is ``fill(..., mix(key, j))[i]``."""
+        return mix(key, j)
 
     def direction_norm(self, key: int) -> float:
         """||s(key)||_2 over all tensors (one noise pass; cached for the last key)."""
@@ -154,8 +134,8 @@ class SeededPerturbation:
             return self._norm_cache[1]
         total = 0.0
         for j, p in enumerate(self.params):
-            for c, a, b in self._chunks(p):
-                z = self.chunk_noise(key, j, c, self._buffer(p.device, "z", b - a))
+            for _, a, b in self._chunks(p):
+                z = self.noise.fill(self._buffer(p.device, "z", b - a), self.tensor_key(key, j), start=a)
                 total += float(torch.dot(z, z))
         norm = math.sqrt(total)
         self._norm_cache = (key, norm)
@@ -167,40 +147,6 @@ class SeededPerturbation:
         norm = self.direction_norm(key)
         return math.sqrt(self.dim) / norm if norm > 0 else 0.0
 
-    def _noise_stream(self, tasks: list[tuple[int, int, int, int, torch.device]]):
-        """Yield the noise of each ``(key, j, c, n, device)`` task in order.
-
-        Large CPU moves draw up to two chunks ahead in a helper thread, into a ring of three
-        buffers (the one the caller holds, and two being filled), when torch's intra-op threads
-        leave a core free; small, accelerator or all-cores moves draw inline. Each chunk is
-        seeded by its own key, so the values do not depend on the route.
-        """
-        total = sum(t[3] for t in tasks)
-        # The helper thread needs a core of its own: with torch's intra-op pool already on every
-        # core it only adds contention (measured: slower at 2 threads on 2 cores, ~1/3 faster at 1).
-        spare_core = torch.get_num_threads() < (os.cpu_count() or 1)
-        if total < PREFETCH_MIN_ELEMENTS or not spare_core or any(t[4].type != "cpu" for t in tasks):
-            for key, j, c, n, device in tasks:
-                yield self.chunk_noise(key, j, c, self._buffer(device, "z", n))
-            return
-        pool = _noise_pool()
-        ring = [self._buffer(torch.device("cpu"), f"z{i}", self.chunk_size) for i in range(3)]
-
-        def draw(i):
-            key, j, c, n, _ = tasks[i]
-            return self._ahead_noise.fill(ring[i % 3][:n], mix(key, j, c))
-
-        pending = deque(pool.submit(draw, i) for i in range(min(2, len(tasks))))
-        try:
-            for i in range(len(tasks)):
-                z = pending.popleft().result()
-                if i + 2 < len(tasks):
-                    pending.append(pool.submit(draw, i + 2))
-                yield z
-        finally:
-            for f in pending:  # an abandoned stream must not leave draws writing into the ring
-                f.result()
-
     # -- moves --------------------------------------------------------------------------------
     def _as_scales(self, scales: float | Scales) -> list[float]:
         if isinstance(scales, (int, float)):
@@ -209,6 +155,13 @@ class SeededPerturbation:
         if len(scales) != len(self.params):
             raise ValueError(f"scales must have one value per tensor ({len(self.params)}); got {len(scales)}")
         return scales
+
+    def _words(self, key: int | None, j: int, device: torch.device):
+        if key is None:
+            zero = torch.zeros((), dtype=torch.int64, device=device)
+            return zero, zero
+        k0, k1 = self.noise.words(self.tensor_key(key, j))
+        return (torch.tensor(k0, dtype=torch.int64, device=device), torch.tensor(k1, dtype=torch.int64, device=device))
 
     def move(
         self,
@@ -233,64 +186,60 @@ class SeededPerturbation:
         old_key, old_scales = self._key, self._scales
         old_journal, self._journal = self._journal, {}
         record = temporary and self.exact
-        plan, tasks = [], []
         for j, p in enumerate(self.params):
             s_old = old_scales[j] if old_key is not None else 0.0
             s_new = new_scales[j]
             d_j = 0.0 if decay is None else float(decay[j])
             if s_old == 0.0 and s_new == 0.0 and d_j == 0.0:
                 continue
-            same_noise = key == old_key and s_old != 0.0
-            plan.append((j, p, s_old, s_new, d_j, same_noise))
-            for c, a, b in self._chunks(p):
-                if s_old != 0.0:
-                    tasks.append((old_key, j, c, b - a, p.device))
-                if s_new != 0.0 and not same_noise:
-                    tasks.append((key, j, c, b - a, p.device))
-        noise = self._noise_stream(tasks)
-        for j, p, s_old, s_new, d_j, same_noise in plan:
-            flat = p.detach().view(-1)
-            for c, a, b in self._chunks(p):
-                n = b - a
-                sl = flat[a:b]
-                z = None
-                if s_old != 0.0:
-                    z = next(noise)
-                    if not self.exact and d_j == 0.0 and (same_noise or s_new == 0.0):
-                        # MeZO's arithmetic: undo and redo in one add (not bit-exact).
-                        sl.add_(z, alpha=s_new - s_old)
-                        continue
-                    # Undo: the very subtraction that _perturb checked.
-                    sl.sub_(torch.mul(z, s_old, out=self._buffer(p.device, "delta", n)))
-                    fix = old_journal.get((j, c))
-                    if fix is not None:
-                        sl[fix[0]] = fix[1]
-                if d_j != 0.0:
-                    sl.mul_(1.0 - d_j)
-                if s_new != 0.0:
-                    if not same_noise:
-                        z = next(noise)
-                    if record:
-                        self._perturb(j, c, sl, z, s_new)
-                    else:
-                        sl.add_(z, alpha=s_new)
-        noise.close()
+            self._move_tensor(j, p, old_key, s_old, key, s_new, d_j, record, old_journal)
         if temporary and key is not None and any(s != 0.0 for s in new_scales):
             self._key, self._scales = key, new_scales
         else:
             self._key, self._scales = None, None
 
-    def _perturb(self, j: int, c: int, sl: torch.Tensor, z: torch.Tensor, scale: float) -> None:
-        """``sl += fl(scale * z)``, journaling the elements whose undo would miss their bits."""
-        n, device = sl.numel(), sl.device
-        delta = torch.mul(z, scale, out=self._buffer(device, "delta", n))
-        moved = torch.add(sl, delta, out=self._buffer(device, "moved", n, sl.dtype))
-        back = torch.sub(moved, delta, out=self._buffer(device, "back", n, sl.dtype))
-        bad = torch.ne(_bits(back), _bits(sl), out=self._buffer(device, "bad", n, torch.bool))
-        idx = bad.nonzero().view(-1)
-        if idx.numel():
-            self._journal[(j, c)] = (idx.to(torch.int32), sl[idx])
-        sl.copy_(moved)
+    def _move_tensor(self, j, p, old_key, s_old, key, s_new, d_j, record, old_journal) -> None:
+        device, dtype = p.device, p.dtype
+        flat = p.detach().view(-1)
+        has_old, has_new = s_old != 0.0, s_new != 0.0
+        record = record and has_new
+        ok0, ok1 = self._words(old_key if has_old else None, j, device)
+        nk0, nk1 = self._words(key if has_new else None, j, device)
+        f32 = dict(dtype=torch.float32, device=device)
+        # float32 scalars: the kernels multiply float32 noise by them, as the journal check assumes
+        s_o, s_n, keep = torch.tensor(s_old, **f32), torch.tensor(s_new, **f32), torch.tensor(1.0 - d_j, **f32)
+        table = normal_table(device)
+        flags = dict(distribution=self.distribution, has_old=has_old, has_new=has_new, record=record)
+        for c, a, b in self._chunks(p):
+            n = b - a
+            sl = flat[a:b]
+            P = self._buffer(device, "P", n, dtype) if record else None
+            M = self._buffer(device, "M", n, torch.int32) if record else None
+            base = torch.tensor(a, dtype=torch.int64, device=device)
+            count = kernels.run(
+                kernels.fused_move, (sl, base, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M), device, **flags
+            )
+            fix = old_journal.get((j, c)) if has_old else None
+            if fix is not None:
+                # Journaled elements: their arithmetic undo was wrong; redo the move from their saved values.
+                lidx, vals = fix
+                lidx = lidx.long()
+                xp, moved, bad = kernels.run(
+                    kernels.gathered_move,
+                    (vals, lidx + a, nk0, nk1, s_n, keep, table),
+                    device,
+                    distribution=self.distribution,
+                    has_new=has_new,
+                    record=record,
+                )
+                sl[lidx] = moved
+                if record:
+                    count = count - M[lidx].sum() + bad.sum()
+                    P[lidx] = xp
+                    M[lidx] = bad.to(torch.int32)
+            if record and int(count) > 0:
+                idx = M.nonzero().view(-1)
+                self._journal[(j, c)] = (idx.to(torch.int32), P[idx])
 
     def restore(self) -> None:
         """Undo the current offset (bit for bit when ``exact``)."""
@@ -300,7 +249,7 @@ class SeededPerturbation:
     def update(self, terms: Sequence[tuple[int, float | Scales]], decay: Scales | None = None) -> None:
         """Finish a step: restore, then ``x <- x * (1 - decay) + sum_i scales_i * s(key_i)``.
 
-        The term whose key is the current offset's is fused with the restore (one noise pass);
+        The term whose key is the current offset's is fused with the restore (one pass);
         each other term costs one more pass.
         """
         terms = list(terms)

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from ..noise import check_distribution, mix
+from ..noise import NOISE_VERSION, check_distribution, mix
 from ..perturbation import SeededPerturbation
 
 Closure = Callable[[], Any]
@@ -134,9 +134,16 @@ class ZerothOrderOptimizer(Optimizer):
 
     # -- parameters -----------------------------------------------------------------------------
     def _build_engine(self) -> None:
-        trainable, group_of = [], []
+        trainable, group_of, seen = [], [], {}
         for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
+            for pi, p in enumerate(group["params"]):
+                if id(p) in seen:
+                    raise ValueError(
+                        f"the same tensor appears twice in params (group {seen[id(p)][0]} index "
+                        f"{seen[id(p)][1]} and group {gi} index {pi}, shape {tuple(p.shape)}): it would "
+                        "be perturbed twice per query; give each parameter once"
+                    )
+                seen[id(p)] = (gi, pi)
                 if not p.is_floating_point():
                     raise ValueError(f"parameters must be floating point; got one of dtype {p.dtype}")
                 if not p.requires_grad:
@@ -232,6 +239,9 @@ class ZerothOrderOptimizer(Optimizer):
     # -- state ------------------------------------------------------------------------------------
     def _extra_state(self) -> dict:
         return {
+            "class": type(self).__name__,
+            "noise_version": NOISE_VERSION,
+            "dim": self.dim,
             "seed": self.seed,
             "steps": self.steps,
             "num_queries": self.num_queries,
@@ -246,6 +256,25 @@ class ZerothOrderOptimizer(Optimizer):
         self.nonfinite_steps = int(extra["nonfinite_steps"])
         self._nonfinite_run = int(extra["nonfinite_run"])
 
+    def _check_compatible(self, extra: dict) -> None:
+        """Refuse a state_dict from another class, another noise stream or another model."""
+        cls = extra.get("class", type(self).__name__)
+        if cls != type(self).__name__:
+            raise ValueError(f"state_dict was saved by {cls}; it cannot be loaded into {type(self).__name__}")
+        version = extra.get("noise_version", 1)
+        if version != NOISE_VERSION:
+            raise ValueError(
+                f"state_dict was saved with noise_version {version}, this zoptim draws noise_version "
+                f"{NOISE_VERSION}: its directions would differ, so the run could not resume as it was. "
+                "Start a new run, or resume with the zoptim version that saved it."
+            )
+        dim = extra.get("dim", self.dim)
+        if int(dim) != self.dim:
+            raise ValueError(
+                f"state_dict was saved for {dim} trainable scalars; this optimizer has {self.dim} "
+                "(another model, or other parameters frozen)"
+            )
+
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["zoptim"] = self._extra_state()
@@ -256,6 +285,7 @@ class ZerothOrderOptimizer(Optimizer):
         extra = state_dict.pop("zoptim", None)
         if extra is None:
             raise ValueError("state_dict has no 'zoptim' entry: it was not saved by a zoptim optimizer")
+        self._check_compatible(extra)
         super().load_state_dict(state_dict)
         self._load_extra_state(extra)
 

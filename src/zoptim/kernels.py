@@ -1,0 +1,184 @@
+"""Fused moves: one pass per chunk that undoes the old offset, decays, applies the new offset and
+checks exactness, with the noise computed inside the same loop from the counter-based stream.
+
+Every function here is plain PyTorch. :func:`fused_move` and :func:`gathered_move` are the
+reference (eager) implementations; :func:`run` calls them through ``torch.compile`` (inductor:
+C++/OpenMP on a CPU, Triton on a GPU) when compilation is available and allowed, and eagerly
+otherwise. Both routes give the same bits (tested): the arithmetic is integer hashing, exact
+float32 products and correctly rounded additions, written so that no step depends on evaluation
+order or on fused multiply-adds (``delta = fl(scale * s)`` is a separate rounding, as the
+exactness check requires).
+
+Routing:
+
+* ``ZOPTIM_COMPILE=0`` forces the eager route everywhere.
+* CPU: compiled when inductor can build a kernel; if compilation fails (no C++ compiler, an
+  unsupported platform), a one-time :class:`CompileFallbackWarning` says why and the eager route
+  is used from then on, with the same values.
+* CUDA: the compiled route only where ``ZOPTIM_COMPILE_CUDA=1`` (default off until the
+  ``test_kernels`` eager = compiled test has passed on the GPU in use; see README). Otherwise the
+  eager counter-based route, which is exact and device-independent.
+
+Keys and scales are passed as 0-d tensors and chunk lengths are dynamic, so a kernel is compiled
+once per (variant, dtype, device), never per step, key or chunk. Each variant is its own code
+object (:func:`_variant`), so the variants do not share Dynamo's per-function recompile limit.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+
+import torch
+
+from .noise import counter_bits, values_from_bits
+
+
+class CompileFallbackWarning(RuntimeWarning):
+    """torch.compile was unavailable; zoptim uses its eager kernels (same values, slower)."""
+
+
+def _noise(idx, k0, k1, table, distribution: str):
+    return values_from_bits(counter_bits(idx, k0, k1), distribution, table)
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """The arithmetic type of a move: float64 for float64 parameters, float32 otherwise (half
+    precision is computed in float32 and rounded once, as torch's own in-place add does)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _sign_bit(x: torch.Tensor) -> torch.Tensor:
+    # -0.0 == 0.0 as floats, but the bits differ; 1/-0 = -inf tells them apart (vectorises, unlike signbit).
+    return (1.0 / _wide(x)) < 0
+
+
+def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool):
+    """``moved = fl(xp + fl(s_new * z))`` and, if ``record``, where ``fl(moved - delta) != xp``."""
+    delta = _noise(idx, nk0, nk1, table, distribution) * s_new
+    moved = (_wide(xp) + delta).to(xp.dtype)
+    if not record:
+        return moved, None
+    back = (_wide(moved) - delta).to(xp.dtype)
+    # Bitwise inequality: values differ, or both are zeros of opposite sign. (A NaN compares
+    # unequal and is journaled, which is harmless.)
+    bad = (back != xp) | (_sign_bit(back) != _sign_bit(xp))
+    return moved, bad
+
+
+def fused_move(
+    x, base, ok0, ok1, s_old, nk0, nk1, s_new, keep, table, P, M, *, distribution, has_old, has_new, record
+):
+    """One chunk ``x`` (a contiguous 1-d view of a parameter; its first element has global index
+    ``base``) goes from ``x0 + s_old * z_old`` to ``x0 * keep + s_new * z_new``, in place.
+
+    The old offset is undone arithmetically, ``x0' = fl(x - fl(s_old * z_old))``; elements the
+    journal holds are wrong after this pass and are fixed by :func:`gathered_move`. With
+    ``record``, ``P`` receives the unperturbed point ``x0 * keep`` and ``M`` (int32) marks the
+    elements whose undo would not be bit-exact; the count of marks is returned.
+    """
+    n = x.shape[0]
+    idx = base + torch.arange(n, device=x.device, dtype=torch.int64)
+    xp = x
+    if has_old:
+        xp = (_wide(x) - _noise(idx, ok0, ok1, table, distribution) * s_old).to(x.dtype)
+    xp = (_wide(xp) * keep).to(x.dtype)
+    if not has_new:
+        x.copy_(xp)
+        return None
+    moved, bad = _apply_new(xp, idx, nk0, nk1, s_new, table, distribution, record)
+    if record:
+        P.copy_(xp)
+        M.copy_(bad.to(torch.int32))
+    x.copy_(moved)
+    if record:
+        return bad.to(torch.int32).sum()
+    return None
+
+
+def gathered_move(xj, idx, nk0, nk1, s_new, keep, table, *, distribution, has_new, record):
+    """The same move for scattered elements whose unperturbed values ``xj`` are known (journal
+    entries, global indices ``idx``). Returns ``(x0 * keep, moved, bad)``."""
+    xp = (_wide(xj) * keep).to(xj.dtype)
+    if not has_new:
+        return xp, xp, None
+    moved, bad = _apply_new(xp, idx, nk0, nk1, s_new, table, distribution, record)
+    return xp, moved, bad
+
+
+# -- routing ---------------------------------------------------------------------------------------
+_compiled: dict[tuple, object] = {}
+_compile_failed: str | None = None
+_FLAGS = ("distribution", "has_old", "has_new", "record")
+
+
+def _no_duck_shapes():
+    from torch.fx.experimental import _config
+
+    return _config.patch(use_duck_shape=False)
+
+
+def compile_allowed(device: torch.device) -> bool:
+    """Whether moves on ``device`` go through torch.compile (see the module docstring)."""
+    if os.environ.get("ZOPTIM_COMPILE", "1") == "0" or _compile_failed is not None:
+        return False
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return os.environ.get("ZOPTIM_COMPILE_CUDA", "0") == "1"
+    return False
+
+
+def _variant(fn, name: str, **flags):
+    """A copy of ``fn`` with its own code object and the flags bound as constants, compiled."""
+    code = fn.__code__.replace(co_name=f"{fn.__name__}_{name}")
+    copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = dict(flags)
+    # emulate_precision_casts: round half-precision intermediates where the eager code does (the
+    # exactness check relies on each rounding); inductor would otherwise keep them in float32.
+    return torch.compile(copy, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})
+
+
+#: Below this many elements a move runs eagerly: compiling buys nothing there, and size-1 tensors
+#: would make Dynamo specialise the kernels (values are identical on both routes).
+MIN_COMPILED_ELEMENTS = 64
+
+
+def run(fn, args: tuple, device: torch.device, **flags):
+    """Call ``fn(*args, **flags)`` compiled when allowed, else eagerly; same values either way.
+
+    ``args[0]`` is the tensor the move runs over (a chunk, or the gathered journal values).
+    """
+    global _compile_failed
+    x = args[0]
+    if x.numel() >= MIN_COMPILED_ELEMENTS and compile_allowed(device):
+        # One compiled variant per flag set, dtype, device and aligned/unaligned start, so each
+        # code object is compiled about once (Dynamo specialises on dtype and on offset 0).
+        key = (fn.__name__, device.type, x.dtype, x.storage_offset() == 0, tuple(sorted(flags.items())))
+        compiled = _compiled.get(key)
+        if compiled is None:
+            name = "_".join(str(v) for _, v in sorted(flags.items()))
+            compiled = _compiled[key] = _variant(fn, name, **flags)
+        try:
+            # No duck sizing: a chunk whose length equals its offset or a scratch buffer's size
+            # must not get a kernel specialised to that coincidence (and a recompile per chunk).
+            with _no_duck_shapes():
+                return compiled(*args)
+        except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same values
+            _compile_failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            warnings.warn(
+                f"zoptim: torch.compile could not build the fused noise kernels ({_compile_failed}); "
+                "using the eager kernels from now on (same values, slower). Set ZOPTIM_COMPILE=0 to "
+                "skip the attempt.",
+                CompileFallbackWarning,
+                stacklevel=3,
+            )
+    return fn(*args, **flags)
+
+
+def reset_routing() -> None:
+    """Forget a compile failure and the compiled kernels (for tests)."""
+    global _compile_failed
+    _compile_failed = None
+    _compiled.clear()
