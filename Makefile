@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of PyTorch: a plain `torch` would pull a multi-GB CUDA build on this machine.
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: demo test bench lint lm-assets clean
+.PHONY: demo test bench bench-blackbox lint lm-assets clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: .stamp-lm
 bench: .stamp-lm
 	$(BIN)/pip install -q --no-deps "torchzero==0.4.4" || echo "torchzero not installed: its rows are skipped"
 	$(BIN)/python benchmarks/step_cost.py
+
+# zoptim vs nevergrad, CMA-ES, scipy and torchzero on functions of a vector (about 10 minutes on 2 cores).
+bench-blackbox: .stamp-install
+	$(BIN)/pip install -q -e ".[peers]"
+	$(BIN)/pip install -q --no-deps "torchzero==0.4.4" || echo "torchzero not installed: its rows are marked missing"
+	$(BIN)/zoptim bench --suite blackbox --out runs/blackbox
 
 lint: .stamp-install
 	$(BIN)/pip install -q ruff && $(BIN)/ruff check src tests benchmarks

@@ -11,6 +11,9 @@
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
+* ``blackbox``: zoptim's methods against nevergrad, CMA-ES, scipy and torchzero on functions of a
+  vector, 10 to 100,000 dimensions, at equal evaluation budgets (:mod:`zoptim.bench.blackbox`;
+  ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ SUITES = {
                                                search=True, num_evals=50)],
     "ablations": lambda budget, seeds: _ablations(budget or 6000, seeds or 3),
     "softmax": None,  # its own runner below
+    "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
 }
 
 SOFTMAX_DIMS = (4, 8, 16, 32)
@@ -88,7 +92,7 @@ def run_softmax_study(out_dir: Path, seeds: int = 2, budget: int | None = None, 
 
 
 def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None, budget=None, progress=None,
-              log=print) -> None:
+              log=print, quick: bool = False) -> None:
     """Run every experiment of ``suite`` (resumable: finished runs are skipped)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
@@ -96,6 +100,11 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
         raise ValueError(f"budget must be a positive number of queries; got {budget!r}")
     if seeds is not None and seeds < 1:
         raise ValueError(f"seeds must be >= 1; got {seeds!r}")
+    if suite == "blackbox":
+        from .blackbox import run_blackbox_suite
+
+        run_blackbox_suite(Path(out_dir), methods, problems, seeds, budget, quick=quick, log=log)
+        return
     for m in methods or []:
         get_method(m)
     out_dir = Path(out_dir)

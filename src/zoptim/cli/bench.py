@@ -21,8 +21,10 @@ def _positive_int(name):
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="compare zeroth-order optimizers at equal query budgets",
-                       description="Run a benchmark suite (quick | paper | softmax | ablations) or rebuild a report.")
-    p.add_argument("--suite", help="quick (the demo), paper, softmax or ablations")
+                       description="Run a benchmark suite (quick | paper | softmax | ablations | blackbox) or rebuild a report.")
+    p.add_argument("--suite", help="quick (the demo), paper, softmax, ablations or blackbox (zoptim vs nevergrad, "
+                                   "CMA-ES, scipy, torchzero on functions of a vector)")
+    p.add_argument("--quick", action="store_true", help="blackbox suite only: a smoke run (3 small problems, 300 evaluations)")
     p.add_argument("--methods", nargs="+", help="override the suite's methods (see zoptim.bench.METHODS)")
     p.add_argument("--problems", nargs="+", help="override the suite's problems (see zoptim.problems.PROBLEMS)")
     p.add_argument("--seeds", type=_positive_int("seeds"), help="number of seeds (0..N-1)")
@@ -43,6 +45,10 @@ def main(args) -> int:
     torch.set_num_threads(int(os.environ.get("ZOPTIM_BENCH_THREADS", "1")))
 
     if args.report is not None:
+        if (args.report / "blackbox.json").exists():
+            from ..bench.blackbox import build_report as build_blackbox_report
+
+            build_report = build_blackbox_report  # noqa: F811
         print(_table_only(build_report(args.report)))
         print(f"wrote {args.report / 'summary.md'}")
         return 0
@@ -50,9 +56,13 @@ def main(args) -> int:
         raise SystemExit("zoptim bench: give --suite and --out (or --report DIR)")
     try:
         run_suite(args.suite, args.out, methods=args.methods, problems=args.problems, seeds=args.seeds,
-                  budget=args.budget, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+                  budget=args.budget, log=lambda msg: print(msg, file=sys.stderr, flush=True), quick=args.quick)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise SystemExit(f"zoptim bench: {err}") from None
+    if args.suite == "blackbox":
+        from ..bench.blackbox import build_report as build_blackbox_report
+
+        build_report = build_blackbox_report  # noqa: F811
     text = build_report(args.out)
     print(_table_only(text))
     print(f"wrote {args.out / 'summary.md'} and plots in {args.out}")
