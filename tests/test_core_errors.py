@@ -84,3 +84,32 @@ def test_a_foreign_state_dict_is_rejected():
     sgd = torch.optim.SGD(params(), lr=0.1)
     with pytest.raises(ValueError, match="not saved by a zoptim optimizer"):
         opt.load_state_dict(sgd.state_dict())
+
+
+def test_a_tensor_given_twice_is_rejected():
+    w = torch.nn.Parameter(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match=r"same tensor appears twice.*shape \(3, 4\)"):
+        zoptim.ZOSGD([w, torch.nn.Parameter(torch.zeros(2)), w])
+    with pytest.raises(ValueError, match="more than one parameter group"):  # torch's own check
+        zoptim.AS2P([{"params": [w]}, {"params": [w], "lr": 1e-3}], total_steps=10)
+
+
+def _trained_state(cls=zoptim.ZOSGD, n=5, **kw):
+    p = torch.nn.Parameter(torch.ones(n))
+    opt = cls([p], **kw)
+    opt.step(lambda: float(p.detach().square().sum()))
+    return opt.state_dict()
+
+
+def test_a_state_dict_of_another_class_another_model_or_another_noise_version_is_rejected():
+    opt = zoptim.ZOSGD([torch.nn.Parameter(torch.ones(5))])
+    with pytest.raises(ValueError, match="saved by AS2P"):
+        opt.load_state_dict(_trained_state(zoptim.AS2P, total_steps=10))
+    with pytest.raises(ValueError, match="saved for 6 trainable scalars; this optimizer has 5"):
+        opt.load_state_dict(_trained_state(n=6))
+    old = _trained_state()
+    old["zoptim"]["noise_version"] = 1
+    with pytest.raises(ValueError, match="noise_version 1"):
+        opt.load_state_dict(old)
+    opt.load_state_dict(_trained_state())  # the same class, model and stream loads
+    assert opt.steps == 1
