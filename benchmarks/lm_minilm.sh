@@ -16,9 +16,10 @@ for seed in $SEEDS; do
   for task in $TASKS; do
     D="$OUT/$task/seed$seed"
     mkdir -p "$D"
-    COMMON="--model minilm --task $task --batch-size 4 --max-length 64 --eval-every 100 --eval-examples 200 --test-examples 1000 --seed $seed --no-progress --out $D"
-    nice -n 15 $ZO finetune $COMMON --method zosgd --lr 1e-5 --eps 1e-3 --steps 500 > "$D/zosgd.log" 2>&1
-    nice -n 15 $ZO finetune $COMMON --method as2p --eps 1e-3 --steps 500 > "$D/as2p.log" 2>&1
-    nice -n 15 $ZO finetune $COMMON --method adamw --lr 1e-5 --steps 1000 --eval-every 200 > "$D/adamw.log" 2>&1
+    COMMON="--model minilm --task $task --batch-size 4 --max-length 64 --eval-every 100 --eval-examples 200 --test-examples 1000 --seed $seed --no-progress --no-save-model --out $D"
+    # a run whose result.json exists is skipped: the script resumes where it stopped
+    [ -f "$D/zosgd/result.json" ] || nice -n 15 $ZO finetune $COMMON --method zosgd --lr 1e-5 --eps 1e-3 --steps 500 > "$D/zosgd.log" 2>&1
+    [ -f "$D/as2p/result.json" ] || nice -n 15 $ZO finetune $COMMON --method as2p --eps 1e-3 --steps 500 > "$D/as2p.log" 2>&1
+    [ -f "$D/adamw/result.json" ] || nice -n 15 $ZO finetune $COMMON --method adamw --lr 1e-5 --steps 1000 --eval-every 200 > "$D/adamw.log" 2>&1
   done
 done
