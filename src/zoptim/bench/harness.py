@@ -27,9 +27,10 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import atomic_save, safe_load
 from ..optim import NonFiniteLossWarning
 from ..problems.base import Problem
-from .io import atomic_torch_save, read_jsonl, write_jsonl
+from .io import read_jsonl, write_jsonl
 from .methods import get_method
 
 
@@ -93,7 +94,8 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
               "queries_per_step": method.queries_per_step, "dim": sum(p.numel() for p in params)}
     step, wall_before, records = 0, 0.0, None
     if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+        ckpt = safe_load(ckpt_path, required_keys=("model", "optimizer", "scheduler", "batches", "step", "wall",
+                                                   "records"))
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         if scheduler is not None:
@@ -116,9 +118,9 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
         return rec
 
     def checkpoint() -> None:
-        atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                           "scheduler": None if scheduler is None else scheduler.state_dict(),
-                           "batches": batches.get_state(), "step": step, "wall": wall(), "records": records}, ckpt_path)
+        atomic_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": None if scheduler is None else scheduler.state_dict(),
+                     "batches": batches.get_state(), "step": step, "wall": wall(), "records": records}, ckpt_path)
 
     if records is None:
         records = [header, evaluate()]
