@@ -90,6 +90,7 @@ def test_finetune_from_jsonl_saves_a_model_that_from_pretrained_reloads_with_the
     assert (saved / "model.safetensors").exists() and (saved / "config.json").exists()
     result = json.loads((run_dir / "result.json").read_text())
     assert result["queries"] == 8 and result["test_examples"] == 4 and result["device"] == "cpu"
+    assert 0 < result["weights_changed"]["fraction"] <= 1 and result["weights_changed"]["max_abs"] > 0
 
     reference, _ = tuned_reference(model_dir, run_dir)
     base = PromptClassifier(*load_model(str(model_dir)),

@@ -128,6 +128,29 @@ def load_data(args):
     return task, prompt_for_labels(task.classes, args.template or "{text}\nLabel:")
 
 
+def weights_changed(model, name: str, dtype) -> dict:
+    """How far full-parameter tuning moved the weights: the fraction of scalars that differ from
+    the pretrained ones (reloaded from disk, so no copy is held during training) and the largest
+    change. In bfloat16 an update below half an ulp is lost; this shows whether any survived."""
+    import torch
+
+    from ..lm.models import load_model
+
+    base, _ = load_model(name, dtype=dtype)
+    ref = dict(base.named_parameters())
+    changed = total = 0
+    largest = 0.0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            q = ref[n].to(p.device)
+            diff = p != q
+            changed += int(diff.sum())
+            total += p.numel()
+            if diff.any():
+                largest = max(largest, float((p.float() - q.float()).abs().max()))
+    return {"fraction": changed / max(total, 1), "max_abs": largest}
+
+
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_args(args)
@@ -222,6 +245,8 @@ def run(args) -> int:
         "nonfinite_losses": sum(1 for r in log if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")),
         "train_seconds": train_seconds,
     }
+    if not args.lora:
+        result["weights_changed"] = weights_changed(clf.model, args.model, args.dtype)
     if not args.no_save_model:
         where = save_model(clf, run_dir / "model", merge=args.merge, extra={"task": task.name, "method": args.method})
         result["model_dir"] = str(where)
