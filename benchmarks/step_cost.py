@@ -116,7 +116,8 @@ def _optimizer(config: str, model):
 def worker(name: str, config: str, reps: int, threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(threads)
+    if threads > 0:
+        torch.set_num_threads(threads)
     model, loss_fn = _model_and_loss(name)
     # Weights load memory-mapped; inference touches only the embedding rows of its tokens, a
     # training step writes every weight. Copy all weights into anonymous memory first so that
@@ -151,7 +152,7 @@ def worker(name: str, config: str, reps: int, threads: int) -> dict:
         def step():
             opt.step(lambda: loss_fn())
     _reset_hwm()
-    ratios, t_inf, t_step = [], [], []
+    ratios, t_inf, t_step, first = [], [], [], None
     for r in range(reps + 1):
         a = time.perf_counter()
         two_forwards()
@@ -160,7 +161,8 @@ def worker(name: str, config: str, reps: int, threads: int) -> dict:
             step()
         c = time.perf_counter()
         if r == 0:
-            continue  # the first step allocates the optimizer's buffers: counted in memory, not time
+            first = c - b  # allocations and, for zoptim, compiling the fused kernels: reported apart
+            continue
         t_inf.append(b - a)
         if opt is not None:
             t_step.append(c - b)
@@ -171,6 +173,8 @@ def worker(name: str, config: str, reps: int, threads: int) -> dict:
         "two_forwards_s": statistics.median(t_inf),
         "step_s": statistics.median(t_step) if t_step else None,
         "time_ratio": statistics.median(ratios) if ratios else 1.0,
+        "first_step_s": first if opt is not None else None,
+        "threads": torch.get_num_threads(),
         "peak_kib": _hwm_kib(),
         "ru_maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
     }
@@ -190,43 +194,48 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
     ap.add_argument("--reps", type=int, default=0, help="repetitions (default 9 MiniLM, 4 SmolLM2)")
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see docs/performance.md)")
+    ap.add_argument("--threads", type=int, nargs="+", default=[0, 1],
+                    help="torch intra-op thread counts to measure; 0 = torch's default (default: 0 1)")
     ap.add_argument("--json", default=None, help="also write the results here")
     ap.add_argument("--worker", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print("RESULT " + json.dumps(worker(*args.worker, args.reps, args.threads)), flush=True)
+        print("RESULT " + json.dumps(worker(*args.worker, args.reps, args.threads[0])), flush=True)
         return
     import torch
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{args.threads} intra-op thread(s), batch {BATCH} x {TOKENS} tokens")
+          f"batch {BATCH} x {TOKENS} tokens; time ratio = step / two no-grad forwards, memory ratio = "
+          "peak RSS / inference process; first = the first step (zoptim: compiling the fused kernels)")
     results = []
-    for name in args.models:
-        reps = args.reps or (9 if name == "minilm" else 4)
-        base = None
-        print(f"\n## {name}\n{'configuration':24s} {'2 fwd (s)':>9s} {'step (s)':>9s} {'time ratio':>10s} "
-              f"{'peak MiB':>9s} {'mem ratio':>9s}", flush=True)
-        for config in args.configs:
-            if not _available(config):
-                print(f"{config:24s} (not installed)")
-                continue
-            cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, config,
-                   "--reps", str(reps), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-            if line is None:
-                print(f"{config:24s} FAILED: {out.stderr.strip().splitlines()[-1:]}")
-                continue
-            res = json.loads(line[7:])
-            if config == "inference":
-                base = res["peak_kib"]
-            res["mem_ratio"] = res["peak_kib"] / base if base else None
-            results.append(res)
-            step = f"{res['step_s']:9.3f}" if res["step_s"] is not None else f"{'-':>9s}"
-            mem = f"{res['mem_ratio']:9.3f}" if res["mem_ratio"] else f"{'-':>9s}"
-            print(f"{config:24s} {res['two_forwards_s']:9.3f} {step} {res['time_ratio']:10.2f} "
-                  f"{res['peak_kib'] / 1024:9.0f} {mem}", flush=True)
+    for threads in args.threads:
+        label = f"torch's default ({torch.get_num_threads()})" if threads == 0 else str(threads)
+        for name in args.models:
+            reps = args.reps or (9 if name == "minilm" else 4)
+            base = None
+            print(f"\n## {name}, {label} intra-op thread(s)\n{'configuration':24s} {'2 fwd (s)':>9s} {'step (s)':>9s} "
+                  f"{'time ratio':>10s} {'peak MiB':>9s} {'mem ratio':>9s} {'first (s)':>9s}", flush=True)
+            for config in args.configs:
+                if not _available(config):
+                    print(f"{config:24s} (not installed)")
+                    continue
+                cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, config,
+                       "--reps", str(reps), "--threads", str(threads)]
+                out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+                if line is None:
+                    print(f"{config:24s} FAILED: {out.stderr.strip().splitlines()[-1:]}")
+                    continue
+                res = json.loads(line[7:])
+                if config == "inference":
+                    base = res["peak_kib"]
+                res["mem_ratio"] = res["peak_kib"] / base if base else None
+                results.append(res)
+                step = f"{res['step_s']:9.3f}" if res["step_s"] is not None else f"{'-':>9s}"
+                mem = f"{res['mem_ratio']:9.3f}" if res["mem_ratio"] else f"{'-':>9s}"
+                first = f"{res['first_step_s']:9.1f}" if res.get("first_step_s") is not None else f"{'-':>9s}"
+                print(f"{config:24s} {res['two_forwards_s']:9.3f} {step} {res['time_ratio']:10.2f} "
+                      f"{res['peak_kib'] / 1024:9.0f} {mem} {first}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -113,10 +113,21 @@ _compile_failed: str | None = None
 _FLAGS = ("distribution", "has_old", "has_new", "record")
 
 
-def _no_duck_shapes():
-    from torch.fx.experimental import _config
+class _NoDuckShapes:
+    """Turn off Dynamo's duck sizing around a call (two attribute writes; ``config.patch`` builds a
+    class per call)."""
 
-    return _config.patch(use_duck_shape=False)
+    def __enter__(self):
+        from torch.fx.experimental import _config
+
+        self._config, self._saved = _config, _config.use_duck_shape
+        _config.use_duck_shape = False
+
+    def __exit__(self, *exc):
+        self._config.use_duck_shape = self._saved
+
+
+_no_duck_shapes = _NoDuckShapes()
 
 
 def compile_allowed(device: torch.device) -> bool:
@@ -163,7 +174,7 @@ def run(fn, args: tuple, device: torch.device, **flags):
         try:
             # No duck sizing: a chunk whose length equals its offset or a scratch buffer's size
             # must not get a kernel specialised to that coincidence (and a recompile per chunk).
-            with _no_duck_shapes():
+            with _no_duck_shapes:
                 return compiled(*args)
         except Exception as err:  # noqa: BLE001 - any compiler failure falls back to the same values
             _compile_failed = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

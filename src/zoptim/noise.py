@@ -60,8 +60,9 @@ DISTRIBUTIONS = ("normal", "rademacher", "uniform")
 #: version raises, because its directions would differ (a resumed run would silently diverge).
 NOISE_VERSION = 2
 
-#: Elements per chunk of a move: bounds the engine's scratch memory. Not part of the stream.
-CHUNK_SIZE = 1 << 18
+#: Elements per chunk of a move: bounds the engine's scratch memory (``CHUNK_SIZE * (itemsize + 4)``
+#: bytes, 8 MiB in float32) and sets the number of kernel calls. Not part of the stream.
+CHUNK_SIZE = 1 << 20
 
 _MASK = (1 << 64) - 1
 _SQRT3 = math.sqrt(3.0)

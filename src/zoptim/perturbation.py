@@ -44,7 +44,7 @@ at their indices). A two-point step is three passes (``0 -> +rho``, ``+rho -> -r
 
 Scratch memory: besides the journal, per device one chunk of the parameter dtype (the
 unperturbed values of the chunk under a recorded move) and one int32 chunk (the marks), that is
-``CHUNK_SIZE * (itemsize + 4)`` bytes (2 MiB in float32 at the default 2**18), never a copy of a
+``CHUNK_SIZE * (itemsize + 4)`` bytes (8 MiB in float32 at the default 2**20), never a copy of a
 whole tensor. Chunking does not change the values.
 """
 
