@@ -7,7 +7,8 @@
 # full-parameter tuning (zoptim.lm.train): ZOSGD lr 1e-6, eps 1e-3 (MeZO); AS2P rho_0 1e-3,
 # eta_b 50 (S2P paper Table 4); AdamW lr 1e-5. One run at a time.
 #   DEVICE=cuda SEEDS="0 1 2" OUT=runs/lm-smollm2-full benchmarks/lm_smollm2_full.sh
-# Subsets: DTYPES="bf16" CONTROLS="zosgd" (the methods rerun with --no-exact-restore) SEEDS="0".
+# Subsets: DTYPES="bf16" METHODS="zosgd" CONTROLS="zosgd" (rerun with --no-exact-restore; "" for
+# none) SEEDS="0"; the AdamW run only with fp32.
 # A run whose result.json exists is skipped, so the script resumes where it stopped.
 # Results: $OUT/<fp32|bf16>/seed<k>/<run>/result.json (+ log.jsonl); summary: benchmarks/lm_summary.py.
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ OUT=${OUT:-runs/lm-smollm2-full}
 SEEDS=${SEEDS:-"0 1 2"}
 DEVICE=${DEVICE:-auto}
 DTYPES=${DTYPES:-"fp32 bf16"}
+METHODS=${METHODS:-"zosgd as2p"}
 CONTROLS=${CONTROLS:-"zosgd as2p"}
 ZO=${ZOPTIM:-.venv/bin/zoptim}
 NICE=${NICE:-nice -n 15}
@@ -24,7 +26,7 @@ for seed in $SEEDS; do
     D="$OUT/$dtype/seed$seed"
     mkdir -p "$D"
     COMMON="--model smollm2 --task rt-sentiment --dtype $dtype --device $DEVICE --batch-size 4 --max-length 64 --eval-every 100 --eval-examples 100 --seed $seed --no-progress --no-save-model --out $D"
-    for method in zosgd as2p; do
+    for method in $METHODS; do
       [ -f "$D/$method/result.json" ] || $NICE $ZO finetune $COMMON --method $method --steps 500 > "$D/$method.log" 2>&1
     done
     if [ "$dtype" = bf16 ]; then
