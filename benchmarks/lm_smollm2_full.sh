@@ -17,8 +17,8 @@ OUT=${OUT:-runs/lm-smollm2-full}
 SEEDS=${SEEDS:-"0 1 2"}
 DEVICE=${DEVICE:-auto}
 DTYPES=${DTYPES:-"fp32 bf16"}
-METHODS=${METHODS:-"zosgd as2p"}
-CONTROLS=${CONTROLS:-"zosgd as2p"}
+METHODS=${METHODS-"zosgd as2p"}
+CONTROLS=${CONTROLS-"zosgd as2p"}
 ZO=${ZOPTIM:-.venv/bin/zoptim}
 NICE=${NICE:-nice -n 15}
 for seed in $SEEDS; do
