@@ -54,9 +54,11 @@ def _sign_bit(x: torch.Tensor) -> torch.Tensor:
     return (1.0 / _wide(x)) < 0
 
 
-def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool):
+def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool, z=None):
     """``moved = fl(xp + fl(s_new * z))`` and, if ``record``, where ``fl(moved - delta) != xp``."""
-    delta = _noise(idx, nk0, nk1, table, distribution) * s_new
+    if z is None:
+        z = _noise(idx, nk0, nk1, table, distribution)
+    delta = z * s_new
     moved = (_wide(xp) + delta).to(xp.dtype)
     if not record:
         return moved, None
@@ -68,7 +70,8 @@ def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool)
 
 
 def fused_move(
-    x, base, ok0, ok1, s_old, nk0, nk1, s_new, keep, table, P, M, *, distribution, has_old, has_new, record
+    x, base, ok0, ok1, s_old, nk0, nk1, s_new, keep, table, P, M, *, distribution, has_old, has_new, record,
+    same_key=False,
 ):
     """One chunk ``x`` (a contiguous 1-d view of a parameter; its first element has global index
     ``base``) goes from ``x0 + s_old * z_old`` to ``x0 * keep + s_new * z_new``, in place.
@@ -76,18 +79,21 @@ def fused_move(
     The old offset is undone arithmetically, ``x0' = fl(x - fl(s_old * z_old))``; elements the
     journal holds are wrong after this pass and are fixed by :func:`gathered_move`. With
     ``record``, ``P`` receives the unperturbed point ``x0 * keep`` and ``M`` (int32) marks the
-    elements whose undo would not be bit-exact; the count of marks is returned.
+    elements whose undo would not be bit-exact; the count of marks is returned. ``same_key``: the
+    old and new directions are the same (the second query of a two-point step, and the update
+    fused with the restore), so the noise is computed once.
     """
     n = x.shape[0]
     idx = base + torch.arange(n, device=x.device, dtype=torch.int64)
-    xp = x
+    xp, z = x, None
     if has_old:
-        xp = (_wide(x) - _noise(idx, ok0, ok1, table, distribution) * s_old).to(x.dtype)
+        z = _noise(idx, ok0, ok1, table, distribution)
+        xp = (_wide(x) - z * s_old).to(x.dtype)
     xp = (_wide(xp) * keep).to(x.dtype)
     if not has_new:
         x.copy_(xp)
         return None
-    moved, bad = _apply_new(xp, idx, nk0, nk1, s_new, table, distribution, record)
+    moved, bad = _apply_new(xp, idx, nk0, nk1, s_new, table, distribution, record, z if same_key else None)
     if record:
         P.copy_(xp)
         M.copy_(bad.to(torch.int32))
@@ -145,7 +151,7 @@ def _variant(fn, name: str, **flags):
     """A copy of ``fn`` with its own code object and the flags bound as constants, compiled."""
     code = fn.__code__.replace(co_name=f"{fn.__name__}_{name}")
     copy = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__ = dict(flags)
+    copy.__kwdefaults__ = {**(fn.__kwdefaults__ or {}), **flags}
     # emulate_precision_casts: round half-precision intermediates where the eager code does (the
     # exactness check relies on each rounding); inductor would otherwise keep them in float32.
     return torch.compile(copy, dynamic=True, fullgraph=True, options={"emulate_precision_casts": True})

@@ -210,6 +210,8 @@ class SeededPerturbation:
         s_o, s_n, keep = torch.tensor(s_old, **f32), torch.tensor(s_new, **f32), torch.tensor(1.0 - d_j, **f32)
         table = normal_table(device)
         flags = dict(distribution=self.distribution, has_old=has_old, has_new=has_new, record=record)
+        if has_old and has_new and key == old_key:
+            flags["same_key"] = True  # one noise evaluation serves the undo and the new offset
         for c, a, b in self._chunks(p):
             n = b - a
             sl = flat[a:b]
