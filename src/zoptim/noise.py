@@ -63,6 +63,8 @@ NOISE_VERSION = 2
 #: Elements per chunk of a move: bounds the engine's scratch memory (``CHUNK_SIZE * (itemsize + 4)``
 #: bytes, 8 MiB in float32) and sets the number of kernel calls. Not part of the stream.
 CHUNK_SIZE = 1 << 20
+#: Chunk of the eager route, whose integer temporaries cost 8 bytes an element.
+EAGER_CHUNK_SIZE = 1 << 16
 
 _MASK = (1 << 64) - 1
 _SQRT3 = math.sqrt(3.0)

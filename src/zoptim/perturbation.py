@@ -56,7 +56,7 @@ from collections.abc import Sequence
 import torch
 
 from . import kernels
-from .noise import CHUNK_SIZE, NoiseSource, check_distribution, mix, normal_table
+from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, mix, normal_table
 
 Scales = Sequence[float]
 
@@ -71,7 +71,10 @@ class SeededPerturbation:
             normalisation trick of the S2P paper, Sec. 3.2, after Lemma 3.1). Costs one extra
             noise pass per direction to measure its norm.
         exact: keep the journal that makes every undo bit-exact (see the module docstring).
-        chunk_size: elements per chunk. Part of the noise stream's definition.
+        chunk_size: elements per chunk (default: ``CHUNK_SIZE`` on the compiled route,
+            ``EAGER_CHUNK_SIZE`` on the eager one, whose integer temporaries are 8 bytes an
+            element). Bounds the scratch memory; does not change the values. Fixed for the
+            engine's life, so the journal's chunk indices stay valid if the route changes.
 
     The offset currently applied is ``x + scale_j * s(key)`` for each tensor j, where x is the
     unperturbed value; :meth:`move` changes it, :meth:`restore` removes it.
@@ -84,7 +87,7 @@ class SeededPerturbation:
         distribution: str = "normal",
         normalize: bool = False,
         exact: bool = True,
-        chunk_size: int = CHUNK_SIZE,
+        chunk_size: int | None = None,
         rank: int = 0,
     ):
         self.params = list(params)
@@ -92,6 +95,9 @@ class SeededPerturbation:
         self.distribution = distribution
         self.normalize = bool(normalize)
         self.exact = bool(exact)
+        if chunk_size is None:
+            device = self.params[0].device if self.params else torch.device("cpu")
+            chunk_size = CHUNK_SIZE if kernels.compile_allowed(device) else EAGER_CHUNK_SIZE
         self.chunk_size = int(chunk_size)
         self.dim = sum(p.numel() for p in self.params)
         self._key: int | None = None
