@@ -46,7 +46,7 @@ def run(method, dtype, exact, steps, batch_size, seed=0):
         idx = torch.randint(len(task.train), (batch_size,), generator=gen).tolist()
         batch = [task.train[i] for i in idx]
         t = time.perf_counter()
-        loss = float(opt.step(lambda: clf.loss(batch)))
+        loss = float(opt.step(lambda batch=batch: clf.loss(batch)))
         changed, largest = 0, 0.0
         with torch.no_grad():
             for n, p in clf.named_parameters():
