@@ -49,7 +49,7 @@ def save_tiny(kind, directory):
 def finetune(tmp_path, model_dir, files, *extra, run="run"):
     args = ["finetune", "--model", str(model_dir), "--train", str(files["train"]), "--validation",
             str(files["validation"]), "--test", str(files["test"]), "--text-field", "review", "--label-field",
-            "sentiment", "--template", "Review: {text} Sentiment:", "--steps", "4", "--batch-size", "4",
+            "sentiment", "--template", "Review: {text}\\nSentiment:", "--steps", "4", "--batch-size", "4",
             "--eval-every", "2", "--eval-examples", "4", "--max-length", "16", "--lr", "5e-2", "--eps", "1e-2",
             "--no-progress", "--run-name", run, "--out", str(tmp_path / "out"), *extra]
     assert main(args) == 0
@@ -70,7 +70,7 @@ def tuned_reference(model_dir, run_dir, kind="causal", lora=False):
     model, tok = load_model(str(model_dir))
     if lora:
         model = apply_lora(model)
-    clf = PromptClassifier(model, tok, prompt_for_labels(LABELS, "Review: {text} Sentiment:"), kind=kind,
+    clf = PromptClassifier(model, tok, prompt_for_labels(LABELS, "Review: {text}\nSentiment:"), kind=kind,
                            max_length=16)
     ckpt = safe_load(run_dir / "checkpoint.pt")
     params = dict(clf.named_parameters())
@@ -91,15 +91,16 @@ def test_finetune_from_jsonl_saves_a_model_that_from_pretrained_reloads_with_the
     result = json.loads((run_dir / "result.json").read_text())
     assert result["queries"] == 8 and result["test_examples"] == 4 and result["device"] == "cpu"
     assert 0 < result["weights_changed"]["fraction"] <= 1 and result["weights_changed"]["max_abs"] > 0
+    assert json.loads((saved / "zoptim_prompt.json").read_text())["template"] == "Review: {text}\nSentiment:"
 
     reference, _ = tuned_reference(model_dir, run_dir)
     base = PromptClassifier(*load_model(str(model_dir)),
-                            prompt_for_labels(LABELS, "Review: {text} Sentiment:"), max_length=16)
+                            prompt_for_labels(LABELS, "Review: {text}\nSentiment:"), max_length=16)
     assert not torch.equal(logits(base), logits(reference))  # training moved the weights
     # plain Hugging Face: from_pretrained, no zoptim involved
     hf = AutoModelForCausalLM.from_pretrained(saved)
     tok = AutoTokenizer.from_pretrained(saved)
-    plain = PromptClassifier(hf.eval(), tok, prompt_for_labels(LABELS, "Review: {text} Sentiment:"), max_length=16)
+    plain = PromptClassifier(hf.eval(), tok, prompt_for_labels(LABELS, "Review: {text}\nSentiment:"), max_length=16)
     torch.testing.assert_close(logits(plain), logits(reference), rtol=0, atol=0)
     # and the three-line route of the README
     clf = load_classifier(saved)

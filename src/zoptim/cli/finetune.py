@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--label-field", default="label", help="field / column holding the label (own data)")
     p.add_argument("--labels", default=None, help='class names in order, e.g. "negative,positive" (default: from the data)')
     p.add_argument("--template", default=None,
-                   help="decoder prompt with {text} (own data default: '{text}\\nLabel:'); label words = ' <label>'")
+                   help="decoder prompt with {text}; \\n is a newline (own data default: '{text}\\nLabel:'); label words = ' <label>'")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda[:N] or mps")
     p.add_argument("--method", default="as2p", help=f"one of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=200)
@@ -114,6 +114,8 @@ def load_data(args):
     from ..lm.data import DataError, load_files, load_task
     from ..lm.prompts import get_prompt, prompt_for_labels
 
+    if args.template is not None:  # a shell passes "\n" as backslash + n: make it the newline it means
+        args.template = args.template.replace("\\n", "\n").replace("\\t", "\t")
     if args.train is None:
         task, prompt = load_task(args.task, seed=args.seed), get_prompt(args.task)
         if args.template is not None:
