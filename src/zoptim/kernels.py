@@ -40,7 +40,13 @@ class CompileFallbackWarning(RuntimeWarning):
 
 
 def _noise(idx, k0, k1, table, distribution: str):
-    return values_from_bits(counter_bits(idx, k0, k1), distribution, table)
+    if idx.device.type == "cpu" and not torch.compiler.is_compiling():
+        # Eager on a CPU: the same integer formula through NumPy, whose per-operation overhead is
+        # a fraction of torch's (this is what keeps small moves and the test suite fast).
+        bits = torch.from_numpy(counter_bits(idx.numpy(), int(k0), int(k1)))
+    else:
+        bits = counter_bits(idx, k0, k1)
+    return values_from_bits(bits, distribution, table)
 
 
 def _wide(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +95,8 @@ def fused_move(
     if has_old:
         z = _noise(idx, ok0, ok1, table, distribution)
         xp = (_wide(x) - z * s_old).to(x.dtype)
-    xp = (_wide(xp) * keep).to(x.dtype)
+    if not (isinstance(keep, float) and keep == 1.0):  # eager calls skip a no-op decay (x * 1.0 == x)
+        xp = (_wide(xp) * keep).to(x.dtype)
     if not has_new:
         x.copy_(xp)
         return None
@@ -106,7 +113,7 @@ def fused_move(
 def gathered_move(xj, idx, nk0, nk1, s_new, keep, table, *, distribution, has_new, record):
     """The same move for scattered elements whose unperturbed values ``xj`` are known (journal
     entries, global indices ``idx``). Returns ``(x0 * keep, moved, bad)``."""
-    xp = (_wide(xj) * keep).to(xj.dtype)
+    xp = xj if isinstance(keep, float) and keep == 1.0 else (_wide(xj) * keep).to(xj.dtype)
     if not has_new:
         return xp, xp, None
     moved, bad = _apply_new(xp, idx, nk0, nk1, s_new, table, distribution, record)
@@ -165,11 +172,15 @@ MIN_COMPILED_ELEMENTS = 64
 def run(fn, args: tuple, device: torch.device, **flags):
     """Call ``fn(*args, **flags)`` compiled when allowed, else eagerly; same values either way.
 
-    ``args[0]`` is the tensor the move runs over (a chunk, or the gathered journal values).
+    ``args[0]`` is the tensor the move runs over (a chunk, or the gathered journal values). Python
+    ints (key words, offsets) and floats (scales, already rounded to float32) are passed as they
+    are to the eager route, and as 0-d int64 / float32 tensors to the compiled one, so that a new
+    key or scale never triggers a recompilation.
     """
     global _compile_failed
     x = args[0]
     if x.numel() >= MIN_COMPILED_ELEMENTS and compile_allowed(device):
+        args = tuple(_as_tensor(a, device) for a in args)
         # One compiled variant per flag set, dtype, device and aligned/unaligned start, so each
         # code object is compiled about once (Dynamo specialises on dtype and on offset 0).
         key = (fn.__name__, device.type, x.dtype, x.storage_offset() == 0, tuple(sorted(flags.items())))
@@ -192,6 +203,12 @@ def run(fn, args: tuple, device: torch.device, **flags):
                 stacklevel=3,
             )
     return fn(*args, **flags)
+
+
+def _as_tensor(a, device):
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        return a
+    return torch.tensor(a, dtype=torch.int64 if isinstance(a, int) else torch.float32, device=device)
 
 
 def reset_routing() -> None:

@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from . import kernels
@@ -162,12 +163,10 @@ class SeededPerturbation:
             raise ValueError(f"scales must have one value per tensor ({len(self.params)}); got {len(scales)}")
         return scales
 
-    def _words(self, key: int | None, j: int, device: torch.device):
+    def _words(self, key: int | None, j: int) -> tuple[int, int]:
         if key is None:
-            zero = torch.zeros((), dtype=torch.int64, device=device)
-            return zero, zero
-        k0, k1 = self.noise.words(self.tensor_key(key, j))
-        return (torch.tensor(k0, dtype=torch.int64, device=device), torch.tensor(k1, dtype=torch.int64, device=device))
+            return 0, 0
+        return self.noise.words(self.tensor_key(key, j))
 
     def move(
         self,
@@ -209,11 +208,10 @@ class SeededPerturbation:
         flat = p.detach().view(-1)
         has_old, has_new = s_old != 0.0, s_new != 0.0
         record = record and has_new
-        ok0, ok1 = self._words(old_key if has_old else None, j, device)
-        nk0, nk1 = self._words(key if has_new else None, j, device)
-        f32 = dict(dtype=torch.float32, device=device)
+        ok0, ok1 = self._words(old_key if has_old else None, j)
+        nk0, nk1 = self._words(key if has_new else None, j)
         # float32 scalars: the kernels multiply float32 noise by them, as the journal check assumes
-        s_o, s_n, keep = torch.tensor(s_old, **f32), torch.tensor(s_new, **f32), torch.tensor(1.0 - d_j, **f32)
+        s_o, s_n, keep = (float(np.float32(v)) for v in (s_old, s_new, 1.0 - d_j))
         table = normal_table(device)
         flags = dict(distribution=self.distribution, has_old=has_old, has_new=has_new, record=record)
         if has_old and has_new and key == old_key:
@@ -223,9 +221,8 @@ class SeededPerturbation:
             sl = flat[a:b]
             P = self._buffer(device, "P", n, dtype) if record else None
             M = self._buffer(device, "M", n, torch.int32) if record else None
-            base = torch.tensor(a, dtype=torch.int64, device=device)
             count = kernels.run(
-                kernels.fused_move, (sl, base, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M), device, **flags
+                kernels.fused_move, (sl, a, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M), device, **flags
             )
             fix = old_journal.get((j, c)) if has_old else None
             if fix is not None:
