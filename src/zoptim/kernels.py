@@ -110,14 +110,27 @@ def fused_move(
     return None
 
 
-def gathered_move(xj, idx, nk0, nk1, s_new, keep, table, *, distribution, has_new, record):
-    """The same move for scattered elements whose unperturbed values ``xj`` are known (journal
-    entries, global indices ``idx``). Returns ``(x0 * keep, moved, bad)``."""
+def gathered_move(x, P, M, lidx, xj, base, nk0, nk1, s_new, keep, table, *, distribution, has_new, record):
+    """Finish :func:`fused_move` for the chunk's journaled elements: local indices ``lidx``
+    (int32), whose unperturbed values ``xj`` were saved because their arithmetic undo is wrong.
+
+    Redoes the move from ``xj`` (noise recomputed at global indices ``base + lidx``) and writes the
+    results into ``x`` and, with ``record``, into ``P`` and ``M``. Returns the change in the
+    chunk's count of marks (``record``), else None.
+    """
+    i = lidx.long()
     xp = xj if isinstance(keep, float) and keep == 1.0 else (_wide(xj) * keep).to(xj.dtype)
     if not has_new:
-        return xp, xp, None
-    moved, bad = _apply_new(xp, idx, nk0, nk1, s_new, table, distribution, record)
-    return xp, moved, bad
+        x[i] = xp
+        return None
+    moved, bad = _apply_new(xp, base + i, nk0, nk1, s_new, table, distribution, record)
+    x[i] = moved
+    if not record:
+        return None
+    delta = bad.to(torch.int32).sum() - M[i].sum()
+    P[i] = xp
+    M[i] = bad.to(torch.int32)
+    return delta
 
 
 # -- routing ---------------------------------------------------------------------------------------
@@ -169,17 +182,18 @@ def _variant(fn, name: str, **flags):
 MIN_COMPILED_ELEMENTS = 64
 
 
-def run(fn, args: tuple, device: torch.device, **flags):
+def run(fn, args: tuple, device: torch.device, size: int | None = None, **flags):
     """Call ``fn(*args, **flags)`` compiled when allowed, else eagerly; same values either way.
 
-    ``args[0]`` is the tensor the move runs over (a chunk, or the gathered journal values). Python
+    ``args[0]`` is the chunk the move runs over; ``size`` the number of elements it touches
+    (default: the chunk's; the journal's length for :func:`gathered_move`). Python
     ints (key words, offsets) and floats (scales, already rounded to float32) are passed as they
     are to the eager route, and as 0-d int64 / float32 tensors to the compiled one, so that a new
     key or scale never triggers a recompilation.
     """
     global _compile_failed
     x = args[0]
-    if x.numel() >= MIN_COMPILED_ELEMENTS and compile_allowed(device):
+    if (x.numel() if size is None else size) >= MIN_COMPILED_ELEMENTS and compile_allowed(device):
         args = tuple(_as_tensor(a, device) for a in args)
         # One compiled variant per flag set, dtype, device and aligned/unaligned start, so each
         # code object is compiled about once (Dynamo specialises on dtype and on offset 0).

@@ -227,21 +227,17 @@ class SeededPerturbation:
             fix = old_journal.get((j, c)) if has_old else None
             if fix is not None:
                 # Journaled elements: their arithmetic undo was wrong; redo the move from their saved values.
-                lidx, vals = fix
-                lidx = lidx.long()
-                xp, moved, bad = kernels.run(
+                delta = kernels.run(
                     kernels.gathered_move,
-                    (vals, lidx + a, nk0, nk1, s_n, keep, table),
+                    (sl, P, M, fix[0], fix[1], a, nk0, nk1, s_n, keep, table),
                     device,
+                    size=fix[0].numel(),
                     distribution=self.distribution,
                     has_new=has_new,
                     record=record,
                 )
-                sl[lidx] = moved
                 if record:
-                    count = count - M[lidx].sum() + bad.sum()
-                    P[lidx] = xp
-                    M[lidx] = bad.to(torch.int32)
+                    count = count + delta
             if record and int(count) > 0:
                 idx = M.nonzero().view(-1)
                 self._journal[(j, c)] = (idx.to(torch.int32), P[idx])
