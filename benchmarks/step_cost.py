@@ -12,7 +12,7 @@ configuration
   printed too).
 
 Configurations: zoptim ZOSGD and AS2P with normal and Rademacher directions (exact restore, the
-default, and ZOSGD normal with ``exact_restore=False``), a MeZO-style reference step written from
+default, and ZOSGD normal with ``exact_restore=False``; ``-eager`` rows with ``ZOPTIM_COMPILE=0``), a MeZO-style reference step written from
 the paper (``mezo_reference.py``), torchzero's MeZO module if it is installed, and AdamW.
 
     python benchmarks/step_cost.py [--models minilm smollm2] [--threads 1] [--reps 7]
@@ -38,6 +38,8 @@ CONFIGS = [
     "as2p-normal",
     "as2p-rademacher",
     "zosgd-normal-inexact",
+    "zosgd-normal-eager",
+    "as2p-rademacher-eager",
     "mezo-reference",
     "torchzero-mezo",
     "adamw",
@@ -114,6 +116,10 @@ def _optimizer(config: str, model):
 
 
 def worker(name: str, config: str, reps: int, threads: int) -> dict:
+    label = config
+    if config.endswith("-eager"):  # zoptim's eager kernels (same values), without torch.compile
+        os.environ["ZOPTIM_COMPILE"] = "0"
+        config = config[: -len("-eager")]
     import torch
 
     if threads > 0:
@@ -169,7 +175,7 @@ def worker(name: str, config: str, reps: int, threads: int) -> dict:
             ratios.append((c - b) / (b - a))
     return {
         "model": name,
-        "config": config,
+        "config": label,
         "two_forwards_s": statistics.median(t_inf),
         "step_s": statistics.median(t_step) if t_step else None,
         "time_ratio": statistics.median(ratios) if ratios else 1.0,
