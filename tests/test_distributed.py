@@ -1,4 +1,13 @@
-"""Data-parallel zeroth-order training: replicas stay identical and match one process on all the data."""
+"""Distributed zeroth-order training: every mode equals its single-process run, and replicas agree.
+
+Two gloo processes on this machine run 50 steps in each mode of ``zoptim.distributed.wrap``;
+the parent process runs the single-process equivalent and compares:
+
+* ``batch``: each rank half of the minibatch, the same direction -> one process on the whole batch;
+* ``directions``: each rank its own direction on the same batch -> ZOSGD / AS2P with
+  ``num_directions = 2`` in one process (k-SPSA), bit for bit;
+* ``sharded``: the model sharded with FSDP2 -> one unsharded process on the whole batch.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +17,12 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import zoptim
-from zoptim.distributed import data_parallel, replicas_in_sync
+from zoptim.distributed import replicas_in_sync, wrap
 
 WORLD = 2
+STEPS = 50
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
 
 def make_data():
@@ -20,52 +32,125 @@ def make_data():
 
 def make_model():
     torch.manual_seed(0)  # the tests' own model init; the library never seeds the global RNG
-    return torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    return torch.nn.Sequential(torch.nn.Linear(8, 9), torch.nn.Tanh(), torch.nn.Linear(9, 1))
 
 
-def train(model, x, y, steps, loss_of=None):
-    opt = zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=steps, seed=7)
-    for k in range(steps):
-        idx = slice(8 * (k % 4), 8 * (k % 4) + 8)
-        closure = (lambda i=idx: torch.nn.functional.mse_loss(model(x[i]), y[i]))
-        opt.step(loss_of(closure) if loss_of else closure)
+def flat(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+def build(method, model, num_directions=1):
+    if method == "zosgd":
+        return zoptim.ZOSGD(model.parameters(), lr=2e-2, eps=1e-2, num_directions=num_directions, seed=7)
+    return zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=STEPS, num_directions=num_directions, seed=7)
 
 
-def sharded_worker(rank, init_file, out_file):
+def batch_rows(k):
+    return torch.arange(8 * (k % 4), 8 * (k % 4) + 8)
+
+
+def train(opt, model, rows_of=batch_rows):
+    x, y = make_data()
+    for k in range(STEPS):
+        opt.step(lambda r=rows_of(k): torch.nn.functional.mse_loss(model(x[r]), y[r]))
+    return model
+
+
+def shard(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in (model[0], model[2]):
+        fully_shard(layer, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def worker(rank, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     torch.set_num_threads(1)
-    x, y = make_data()
-    model = make_model()
-    opt = zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=20, seed=7)
-    for k in range(20):
-        rows = torch.arange(8 * (k % 4), 8 * (k % 4) + 8)[rank::WORLD]  # this rank's half of the batch
-        opt.step(data_parallel(lambda r=rows: torch.nn.functional.mse_loss(model(x[r]), y[r])))
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    ok = replicas_in_sync(model.parameters())
-    torch.save({"flat": flat, "in_sync": ok}, f"{out_file}.{rank}")
+    mine = lambda k: batch_rows(k)[rank::WORLD]  # noqa: E731 - this rank's half of the batch
+    results = {}
+    for method in ("zosgd", "as2p"):
+        model = make_model()
+        opt = wrap(build(method, model), mode="batch")
+        train(opt, model, mine)
+        results[f"batch-{method}"] = (flat(model), replicas_in_sync(model.parameters()), opt.stats.bytes_sent)
+
+        model = make_model()
+        opt = wrap(build(method, model), mode="directions")
+        train(opt, model)
+        results[f"directions-{method}"] = (flat(model), replicas_in_sync(model.parameters()), opt.stats.bytes_sent)
+
+    model = shard(make_model())
+    opt = wrap(build("zosgd", model), mode="sharded", module=model)
+    local = sum(p.to_local().numel() for p in model.parameters())
+    train(opt, model, mine)
+    held_after = [type(p).__name__ for p in model.parameters()]
+    full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
+    results["sharded-zosgd"] = (full, local, held_after, opt.stats.bytes_sent)
+    torch.save(results, f"{out_file}.{rank}")
     dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
-def test_data_parallel_replicas_stay_identical_and_match_one_process(tmp_path):
-    out = str(tmp_path / "result.pt")
-    mp.spawn(sharded_worker, args=(str(tmp_path / "init"), out), nprocs=WORLD, join=True)
-    results = [torch.load(f"{out}.{r}") for r in range(WORLD)]
-    assert all(r["in_sync"] for r in results)
-    assert torch.equal(results[0]["flat"], results[1]["flat"])
-    # one process on the whole batch: the mean of the two half-batch means is the full mean
-    x, y = make_data()
-    single = train(make_model(), x, y, 20)
-    assert torch.allclose(results[0]["flat"], single, atol=1e-5)
-    assert not torch.equal(single, torch.cat([p.detach().reshape(-1) for p in make_model().parameters()]))
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    out = str(tmp / "result.pt")
+    mp.spawn(worker, args=(str(tmp / "init"), out), nprocs=WORLD, join=True)
+    return [torch.load(f"{out}.{r}") for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("method", ["zosgd", "as2p"])
+def test_batch_mode_equals_one_process_on_the_whole_batch(two_ranks, method):
+    (a, in_sync, sent), (b, *_) = two_ranks[0][f"batch-{method}"], two_ranks[1][f"batch-{method}"]
+    assert in_sync and torch.equal(a, b)
+    model = make_model()
+    single = flat(train(build(method, model), model))
+    assert torch.allclose(a, single, atol=1e-5)
+    assert not torch.allclose(single, flat(make_model()), atol=1e-3)  # the run did move
+    assert sent == STEPS * 2 * 8  # one float64 per query
+
+
+@pytest.mark.parametrize("method", ["zosgd", "as2p"])
+def test_directions_mode_equals_k_directions_in_one_process(two_ranks, method):
+    (a, in_sync, sent), (b, *_) = two_ranks[0][f"directions-{method}"], two_ranks[1][f"directions-{method}"]
+    assert in_sync and torch.equal(a, b)
+    model = make_model()
+    single = flat(train(build(method, model, num_directions=WORLD), model))
+    # bit for bit: each rank's exact undo of its own direction lands on the same point, and every
+    # rank applies the directions' terms in the order one process does
+    assert torch.equal(a, single)
+    # and not the one-direction run: the second rank's direction was applied too
+    model = make_model()
+    assert not torch.allclose(a, flat(train(build(method, model), model)), atol=1e-4)
+    assert sent == STEPS * 3 * 8  # (gamma, f+, f-) per direction, float64
+
+
+def test_sharded_mode_equals_one_unsharded_process_and_never_holds_the_whole_model(two_ranks):
+    (a, local0, held, sent), (b, local1, *_) = two_ranks[0]["sharded-zosgd"], two_ranks[1]["sharded-zosgd"]
+    assert torch.equal(a, b)
+    model = make_model()
+    single = flat(train(build("zosgd", model), model))
+    assert torch.allclose(a, single, atol=1e-5)
+    total = single.numel()
+    assert local0 + local1 == total and max(local0, local1) < total  # each rank moved only its shard
+    assert held == ["DTensor"] * 4  # after the run the module holds its shards, not gathered tensors
+    assert sent == STEPS * 2 * 8
 
 
 def test_without_a_process_group_the_wrapper_says_what_to_do():
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         pytest.skip("a process group is already initialised")
     with pytest.raises(RuntimeError, match="init_process_group"):
-        data_parallel(lambda: 1.0)
+        zoptim.distributed.data_parallel(lambda: 1.0)
+    model = make_model()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        wrap(build("zosgd", model), mode="batch")
+
+
+def test_methods_that_cannot_split_their_directions_say_so():
+    model = make_model()
+    with pytest.raises(ValueError, match="supports ZOSGD and AS2P"):
+        zoptim.STP(model.parameters()).shard_directions(0, 2, lambda v: [v, v])

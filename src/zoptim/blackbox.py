@@ -167,7 +167,7 @@ def queries_per_step(method: str, hyperparameters: dict) -> int:
         return 3
     if name == "s2p":
         return 4 if str(hyperparameters.get("step_rule", "stationary")).endswith("dynamic") else 2
-    if name == "zosgd":
+    if name in ("zosgd", "as2p"):
         return 2 * int(hyperparameters.get("num_directions", 1))
     return 2
 

@@ -1,31 +1,57 @@
-"""Data-parallel zeroth-order training over ``torch.distributed``: one scalar per query on the wire.
+"""Zeroth-order training over ``torch.distributed``: a few scalars per step on the wire.
 
-A zeroth-order step needs, from the data, only the loss values at its query points. With the same
-seed on every rank, every rank draws the same direction (the noise stream has no rank word unless
-asked for one), so if every rank also sees the same loss, every rank applies the same update and
-the replicas stay identical without ever exchanging parameters or gradients. :func:`data_parallel`
-makes that so: it wraps a rank's closure (the loss on its own shard of the minibatch) into one
-that returns the mean over ranks, an ``all_reduce`` of a single float per query, against the
-full-gradient all-reduce of first-order data parallelism (cf. Zelikman et al. 2023, "Just one byte
-(per gradient)", cited by the S2P paper).
+A zeroth-order step needs from the data only the loss values at its query points, and from the
+other processes nothing but those values: every direction is a pure function of its key
+(:mod:`zoptim.noise`), so any process can apply any direction's update without receiving it.
+:func:`wrap` turns an optimizer into a distributed one in one of three modes (cf. Salimans et al.
+2017, evolution strategies; Zelikman et al. 2023, "Just one byte (per gradient)", cited by the S2P
+paper):
 
-Usage, on every rank::
+``"batch"`` (data parallel)
+    Every rank draws the same direction and evaluates it on its own share of the minibatch; the
+    closure's value is the mean over ranks, one ``all_reduce`` of one float64 per query. Every rank
+    then applies the same update and the replicas stay bit-identical; with equal shares the run
+    equals one process on the whole minibatch (up to the rounding of the mean).
+``"directions"`` (direction parallel)
+    Every rank evaluates its own direction(s) on the same minibatch (rank r the global direction
+    indices ``r*k .. r*k+k-1``); after its queries each rank all-gathers its
+    ``(gamma, f(x+eps s), f(x-eps s))`` triples, 24 bytes a direction, and every rank applies all
+    directions' updates in rank order. The run is the single-process step with
+    ``num_directions = k * world``: k-SPSA for ZOSGD (equal within float rounding, the ranks
+    bit-identical). For AS2P every rank's gamma joins the gamma window, in rank order, before sigma
+    is taken, so sigma is the spread of all ranks' recent gammas (the window holds
+    ceil(window * K * k * world) of them, the same fraction of the run), and each direction gets
+    its own clipped, auto-scaled step; the update is their average (see ``AS2P(num_directions)``).
+``"sharded"`` (FSDP2)
+    The model is sharded with ``torch.distributed.fsdp.fully_shard`` and the optimizer built over
+    its parameters (DTensors). Each rank perturbs and updates only its local shard, with the values
+    of the *global* direction at those elements (:mod:`zoptim.shards`); data work as in
+    ``"batch"``. The run equals one unsharded process on the whole minibatch. After every query the
+    wrapper reshards the FSDP modules (``FSDPModule.reshard()``): FSDP2 keeps the root's parameters
+    gathered after a forward (for the backward that never comes), which would both hold the full
+    parameter set and let the next query see stale values.
 
-    opt = zoptim.AS2P(model.parameters(), total_steps=K, seed=0)    # same seed everywhere
-    for batch in shard_of_the_loader:
-        opt.step(zoptim.distributed.data_parallel(lambda: loss_fn(model, batch)))
+Usage, on every rank (same seed everywhere)::
+
+    torch.distributed.init_process_group("gloo")            # or zoptim.distributed.init_from_env()
+    opt = zoptim.distributed.wrap(zoptim.ZOSGD(model.parameters(), seed=0), mode="directions")
+    for batch in loader:                                       # "batch"/"sharded": this rank's share
+        opt.step(lambda: loss_fn(model, batch))
 
 :func:`replicas_in_sync` checks the invariant cheaply (a checksum all-reduce).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from .optim.base import loss_value
+from .optim.base import ZerothOrderOptimizer, loss_value
+
+MODES = ("batch", "directions", "sharded")
 
 
 def _require_initialized() -> None:
@@ -36,34 +62,178 @@ def _require_initialized() -> None:
         )
 
 
-def data_parallel(closure: Callable[[], object], group=None, device: torch.device | str | None = None):
+def _reduce_device(group) -> str:
+    return "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+
+
+def launched_world_size() -> int:
+    """The world size torchrun (or another launcher setting ``WORLD_SIZE``) started this process in; 1 otherwise."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
+    """Initialise the default process group from torchrun's environment; return (rank, world size).
+
+    Backend: NCCL for a CUDA device, gloo otherwise. A no-op (returning the current rank and
+    size) when a group already exists; (0, 1) outside a launcher.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if launched_world_size() <= 1:
+        return 0, 1
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    return dist.get_rank(), dist.get_world_size()
+
+
+class CommStats:
+    """What a rank contributed to the wire: payload bytes and collective calls (for benchmarks)."""
+
+    def __init__(self):
+        self.bytes_sent = 0
+        self.calls = 0
+
+    def add(self, tensor: torch.Tensor) -> None:
+        self.bytes_sent += tensor.numel() * tensor.element_size()
+        self.calls += 1
+
+
+def data_parallel(
+    closure: Callable[[], object], group=None, device: torch.device | str | None = None, stats: CommStats | None = None
+):
     """Wrap ``closure`` (this rank's shard loss) into one returning the mean loss over all ranks.
 
     Args:
         closure: returns this rank's loss (a float or one-element tensor), no backward.
         group: the process group (default: the world).
         device: where the scalar is reduced (default: CPU for gloo, the current CUDA device for nccl).
+        stats: a :class:`CommStats` that counts the bytes this rank sends.
 
     Every rank must call the wrapped closure the same number of times, in the same order, which
     the optimizers do when they are built with the same seed and hyper-parameters.
     """
     _require_initialized()
     if device is None:
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+        device = _reduce_device(group)
 
     def reduced():
         value = torch.tensor([loss_value(closure())], dtype=torch.float64, device=device)
+        if stats is not None:
+            stats.add(value)
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
         return float(value.item()) / dist.get_world_size(group)
 
     return reduced
 
 
+class DistributedOptimizer:
+    """A zoptim optimizer run by every rank of a process group; built by :func:`wrap`.
+
+    ``step(closure)``, ``state_dict()`` and ``load_state_dict()`` are the optimizer's; every other
+    attribute (``param_groups``, ``num_queries``, ``last_stats``, ...) is read from it. ``stats``
+    counts the payload bytes this rank has sent.
+    """
+
+    def __init__(self, optimizer: ZerothOrderOptimizer, mode: str, group=None, module: torch.nn.Module | None = None):
+        if not isinstance(optimizer, ZerothOrderOptimizer):
+            raise TypeError(f"wrap needs a zoptim optimizer; got {type(optimizer).__name__}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
+        _require_initialized()
+        self.optimizer, self.mode, self.group, self.module = optimizer, mode, group, module
+        self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
+        self.stats = CommStats()
+        self._device = _reduce_device(group)
+        if mode == "sharded":
+            if module is None:
+                raise ValueError(
+                    "mode='sharded' needs module=<the fully_shard-ed model>: after each query the wrapper "
+                    "reshards it (FSDP2 leaves the root's parameters gathered after a forward)"
+                )
+            if not getattr(optimizer, "sharded", False) and self.world_size > 1:
+                raise ValueError(
+                    "mode='sharded' expects an optimizer built over sharded parameters (call "
+                    "torch.distributed.fsdp.fully_shard on the model before building the optimizer); these "
+                    "parameters are whole on every rank: use mode='batch'"
+                )
+            self._fsdp_modules = [m for m in module.modules() if hasattr(m, "reshard") and hasattr(m, "unshard")]
+        if mode == "directions":
+            optimizer.shard_directions(self.rank, self.world_size, self._all_gather)
+
+    def __getattr__(self, name):
+        return getattr(self.optimizer, name)
+
+    # -- collectives ------------------------------------------------------------------------------
+    def _all_gather(self, values: list[float]) -> list[list[float]]:
+        mine = torch.tensor(values, dtype=torch.float64, device=self._device)
+        self.stats.add(mine)
+        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(rows, mine, group=self.group)
+        return [row.tolist() for row in rows]
+
+    def _resharding(self, closure):
+        def query():
+            try:
+                return closure()
+            finally:
+                for m in self._fsdp_modules:
+                    m.reshard()
+
+        return query
+
+    # -- the optimizer's interface -----------------------------------------------------------------
+    def step(self, closure) -> float:
+        """One step on every rank (see the module docstring for what each mode evaluates)."""
+        if closure is None or not callable(closure):
+            raise TypeError("zeroth-order optimizers need step(closure): a callable returning the loss")
+        if self.mode == "directions":
+            return self.optimizer.step(closure)
+        if self.mode == "sharded":
+            closure = self._resharding(closure)
+        return self.optimizer.step(data_parallel(closure, self.group, self._device, self.stats))
+
+    def state_dict(self) -> dict:
+        sd = self.optimizer.state_dict()
+        sd["zoptim"]["distributed"] = {"mode": self.mode, "world_size": self.world_size}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("zoptim", {}).get("distributed")
+        if saved is not None and self.mode == "directions" and (
+            saved["mode"] != "directions" or saved["world_size"] != self.world_size
+        ):
+            raise ValueError(
+                f"state_dict was saved in mode {saved['mode']!r} with {saved['world_size']} processes; a "
+                f"direction-parallel run of {self.world_size} processes draws other directions per step"
+            )
+        self.optimizer.load_state_dict(state_dict)
+
+
+def wrap(optimizer: ZerothOrderOptimizer, mode: str = "batch", group=None, module: torch.nn.Module | None = None):
+    """Run ``optimizer`` on every rank of ``group`` (default: the world) in ``mode``.
+
+    Args:
+        optimizer: a zoptim optimizer, built with the same seed and hyper-parameters on every rank.
+        mode: ``"batch"``, ``"directions"`` or ``"sharded"`` (see the module docstring).
+        group: the process group (default: the world).
+        module: the ``fully_shard``-ed model (``mode="sharded"`` only).
+
+    Returns:
+        a :class:`DistributedOptimizer`.
+    """
+    return DistributedOptimizer(optimizer, mode, group=group, module=module)
+
+
 @torch.no_grad()
 def replicas_in_sync(params, group=None) -> bool:
     """True when every rank holds bit-identical parameters (compares a checksum of their bits)."""
     _require_initialized()
-    device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
+    device = _reduce_device(group)
     checksum = 0.0
     for p in params:
         bits = p.detach().reshape(-1).view(torch.uint8).to(dtype=torch.float64)

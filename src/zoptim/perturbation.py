@@ -90,8 +90,14 @@ class SeededPerturbation:
         exact: bool = True,
         chunk_size: int | None = None,
         rank: int = 0,
+        offsets: Sequence[int] | None = None,
     ):
         self.params = list(params)
+        # Global index of each tensor's first element: 0, except for the local shard of a sharded
+        # parameter, which draws the values of the *global* direction at its own elements.
+        self.offsets = [0] * len(self.params) if offsets is None else [int(o) for o in offsets]
+        if len(self.offsets) != len(self.params):
+            raise ValueError(f"offsets must have one value per tensor ({len(self.params)}); got {len(self.offsets)}")
         self.noise = NoiseSource(check_distribution(distribution), rank=rank)
         self.distribution = distribution
         self.normalize = bool(normalize)
@@ -142,7 +148,9 @@ class SeededPerturbation:
         total = 0.0
         for j, p in enumerate(self.params):
             for _, a, b in self._chunks(p):
-                z = self.noise.fill(self._buffer(p.device, "z", b - a), self.tensor_key(key, j), start=a)
+                z = self.noise.fill(
+                    self._buffer(p.device, "z", b - a), self.tensor_key(key, j), start=self.offsets[j] + a
+                )
                 total += float(torch.dot(z, z))
         norm = math.sqrt(total)
         self._norm_cache = (key, norm)
@@ -216,20 +224,21 @@ class SeededPerturbation:
         flags = dict(distribution=self.distribution, has_old=has_old, has_new=has_new, record=record)
         if has_old and has_new and key == old_key:
             flags["same_key"] = True  # one noise evaluation serves the undo and the new offset
+        offset = self.offsets[j]
         for c, a, b in self._chunks(p):
             n = b - a
             sl = flat[a:b]
             P = self._buffer(device, "P", n, dtype) if record else None
             M = self._buffer(device, "M", n, torch.int32) if record else None
             count = kernels.run(
-                kernels.fused_move, (sl, a, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M), device, **flags
+                kernels.fused_move, (sl, offset + a, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M), device, **flags
             )
             fix = old_journal.get((j, c)) if has_old else None
             if fix is not None:
                 # Journaled elements: their arithmetic undo was wrong; redo the move from their saved values.
                 delta = kernels.run(
                     kernels.gathered_move,
-                    (sl, P, M, fix[0], fix[1], a, nk0, nk1, s_n, keep, table),
+                    (sl, P, M, fix[0], fix[1], offset + a, nk0, nk1, s_n, keep, table),
                     device,
                     size=fix[0].numel(),
                     distribution=self.distribution,
@@ -248,20 +257,17 @@ class SeededPerturbation:
             self.move(None)
 
     def update(self, terms: Sequence[tuple[int, float | Scales]], decay: Scales | None = None) -> None:
-        """Finish a step: restore, then ``x <- x * (1 - decay) + sum_i scales_i * s(key_i)``.
+        """Finish a step: ``x <- x * (1 - decay) + sum_i scales_i * s(key_i)``, terms in order.
 
-        The term whose key is the current offset's is fused with the restore (one pass);
-        each other term costs one more pass.
+        The first term is fused with the undo of the current offset (one pass; one noise
+        evaluation when its key is the current offset's, as in a one-direction step); each further
+        term costs one more pass. Because the undo is exact, the result does not depend on which
+        offset was applied before: every process of a direction-parallel run, each at its own
+        direction, lands on the same bits.
         """
         terms = list(terms)
-        fused = next((i for i, (k, _) in enumerate(terms) if k == self._key), None)
-        if fused is None:
-            self.restore()
-            first_key, first_scales = (terms[0] if terms else (None, 0.0))
-            rest = terms[1:]
-        else:
-            first_key, first_scales = terms[fused]
-            rest = terms[:fused] + terms[fused + 1 :]
-        self.move(first_key, first_scales, decay=decay, temporary=False)
-        for k, s in rest:
-            self.move(k, s, temporary=False)
+        if not terms:
+            self.move(None, decay=decay, temporary=False)
+            return
+        for i, (key, scales) in enumerate(terms):
+            self.move(key, scales, decay=decay if i == 0 else None, temporary=False)

@@ -97,6 +97,12 @@ class AS2P(ZerothOrderOptimizer):
         clipping: use progressive gamma-clipping. ``False`` is the "W.O. gamma-clipping" ablation:
             gamma'_k = |gamma_k|.
         max_window: ring-buffer capacity when total_steps is None. Default 1024.
+        num_directions: k directions per step (2k queries), an extension beyond Alg. 2 (which has
+            k = 1), made for direction-parallel runs (:func:`zoptim.distributed.wrap`,
+            ``mode="directions"``): all k gammas of a step join the window, in direction order,
+            before sigma is taken (so the window holds ceil(window * K * k) gammas, the same
+            fraction of the run); each direction gets its own clipped, auto-scaled step, and the
+            update is their average, x <- x - (1/k) sum_i sign(gamma_i) |alpha_i| s_i. Default 1.
         distribution, normalize, seed, exact_restore, max_nonfinite: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
@@ -123,6 +129,7 @@ class AS2P(ZerothOrderOptimizer):
         distribution: str = "normal",
         seed: int = 0,
         *,
+        num_directions: int = 1,
         auto_lr: bool = True,
         clipping: bool = True,
         max_window: int = 1024,
@@ -153,6 +160,8 @@ class AS2P(ZerothOrderOptimizer):
             raise ValueError("auto_lr=False needs an explicit lr (the GA-like learning rate); got lr=None")
         self.auto_lr, self.clipping = bool(auto_lr), bool(clipping)
         self.max_window = check_int("max_window", max_window, minimum=2)
+        self.num_directions = check_int("num_directions", num_directions)
+        self.queries_per_step = 2 * self.num_directions
         super().__init__(
             params,
             dict(lr=lr),
@@ -162,8 +171,19 @@ class AS2P(ZerothOrderOptimizer):
             exact_restore=exact_restore,
             max_nonfinite=max_nonfinite,
         )
-        capacity = self.max_window if self.total_steps is None else max(2, math.ceil(self.window * self.total_steps))
-        self.gammas = GammaWindow(capacity)
+        self.gammas = GammaWindow(self._window_capacity())
+
+    def _window_capacity(self) -> int:
+        if self.total_steps is None:
+            return self.max_window
+        per_step = self.num_directions * self._direction_world
+        return max(2, math.ceil(self.window * self.total_steps * per_step))
+
+    supports_direction_sharding = True
+
+    def shard_directions(self, rank, world, exchange) -> None:
+        super().shard_directions(rank, world, exchange)
+        self.gammas = GammaWindow(self._window_capacity())  # the window holds every rank's gammas
 
     # -- schedules ----------------------------------------------------------------------------------
     def rho(self, k: int) -> float:
@@ -187,41 +207,53 @@ class AS2P(ZerothOrderOptimizer):
     def window_length(self, k: int) -> int:
         if self.total_steps is not None:
             return self.gammas.capacity
-        return max(1, math.ceil(self.window * (k + 1)))
+        return max(1, math.ceil(self.window * (k + 1) * self.num_directions * self._direction_world))
 
     # -- the step -------------------------------------------------------------------------------------
     def _queries(self) -> StepGenerator:
         k = self.steps
-        key = self.direction_key()
         rho = self.rho(k)
-        f_plus = yield Query(key, rho)
-        f_minus = yield Query(key, -rho)
-        gamma = (f_plus - f_minus) / (2.0 * rho)
-        self.gammas.push(gamma)
+        first = self._direction_rank * self.num_directions
+        keys, gammas, plus, minus = [], [], [], []
+        for i in range(self.num_directions):
+            key = self.direction_key(first + i)
+            f_plus = yield Query(key, rho)
+            f_minus = yield Query(key, -rho)
+            keys.append(key)
+            gammas.append((f_plus - f_minus) / (2.0 * rho))
+            plus.append(f_plus)
+            minus.append(f_minus)
+        keys, (gammas, plus, minus) = self._gather_directions(keys, [gammas, plus, minus])
+        for gamma in gammas:  # every direction's gamma, in direction (rank) order, joins the window
+            self.gammas.push(gamma)
         sigma = self.gammas.sigma(self.window_length(k))
         tau_a = self.tau_a_factor(k) * sigma
-        g = abs(gamma)
-        if self.clipping:
-            clipped = g * tau_a / (g + tau_a) if g > 0.0 and tau_a > 0.0 else 0.0
-        else:
-            clipped = g
-        if self.auto_lr:
-            ratio = clipped / (self.eta_b * sigma) if sigma > 0.0 else 0.0
-        else:
-            ratio = clipped
-        direction = -math.copysign(1.0, gamma) if gamma != 0.0 else 0.0
         lr_of_group = [self.lr_at(k, grp["lr"]) for grp in self.param_groups]
-        scales = [direction * lr_of_group[gi] * ratio for gi in self._group_of]
-        self.engine.update([(key, scales)])
-        loss = 0.5 * (f_plus + f_minus)
+        terms, ratios = [], []
+        for key, gamma in zip(keys, gammas):
+            g = abs(gamma)
+            if self.clipping:
+                clipped = g * tau_a / (g + tau_a) if g > 0.0 and tau_a > 0.0 else 0.0
+            else:
+                clipped = g
+            if self.auto_lr:
+                ratio = clipped / (self.eta_b * sigma) if sigma > 0.0 else 0.0
+            else:
+                ratio = clipped
+            direction = -math.copysign(1.0, gamma) if gamma != 0.0 else 0.0
+            # k directions: the average of their steps, as k-SPSA averages its estimates
+            terms.append((key, [direction * lr_of_group[gi] * ratio / len(keys) for gi in self._group_of]))
+            ratios.append(ratio)
+        self.engine.update(terms)
+        loss = sum(0.5 * (fp + fm) for fp, fm in zip(plus, minus)) / len(keys)
         self.last_stats = {
             "loss": loss,
-            "gamma": gamma,
+            "gamma": gammas[-1],
             "gamma_clipped": clipped,
             "sigma": sigma,
             "rho": rho,
             "lr": lr_of_group[0],
-            "step_size": lr_of_group[0] * ratio,
+            "step_size": lr_of_group[0] * sum(ratios) / len(ratios),
         }
         return loss
 

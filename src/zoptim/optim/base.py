@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from ..noise import NOISE_VERSION, check_distribution, mix
 from ..perturbation import SeededPerturbation
+from ..shards import local_part
 
 Closure = Callable[[], Any]
 
@@ -104,6 +105,11 @@ class ZerothOrderOptimizer(Optimizer):
     queries_per_step = 2
     #: The step being driven query by query (AskTell between ask and tell), if any.
     _run: StepRun | None = None
+    #: Direction parallelism (:func:`zoptim.distributed.wrap` with ``mode="directions"``): this
+    #: process evaluates directions ``rank*k .. rank*k + k - 1`` of a step that has ``world*k``;
+    #: ``_exchange`` all-gathers each rank's list of floats (see :meth:`shard_directions`).
+    _direction_rank, _direction_world = 0, 1
+    _exchange: Callable[[list[float]], list[list[float]]] | None = None
 
     def __init__(
         self,
@@ -148,15 +154,27 @@ class ZerothOrderOptimizer(Optimizer):
                     raise ValueError(f"parameters must be floating point; got one of dtype {p.dtype}")
                 if not p.requires_grad:
                     continue
-                if not p.is_contiguous():
+                part = local_part(p)
+                if not part.tensor.is_contiguous():
                     raise ValueError("parameters must be contiguous tensors (call .contiguous() on the module's weights)")
-                trainable.append(p)
+                trainable.append(part)
                 group_of.append(gi)
         if not trainable:
             raise ValueError("no trainable parameters: every parameter given has requires_grad=False")
+        self.sharded = any(part.tensor.numel() != part.global_numel for part in trainable)
+        if self.sharded and self._normalize:
+            raise ValueError(
+                "normalize=True needs the norm of the whole direction, which a rank holding a shard does not "
+                "see; use normalize=False with sharded (FSDP2) parameters"
+            )
         self._group_of = group_of
+        self._global_dim = sum(part.global_numel for part in trainable)
         self.engine = SeededPerturbation(
-            trainable, distribution=self._distribution, normalize=self._normalize, exact=self._exact
+            [part.tensor for part in trainable],
+            distribution=self._distribution,
+            normalize=self._normalize,
+            exact=self._exact,
+            offsets=[part.offset for part in trainable],
         )
 
     def add_param_group(self, param_group: dict) -> None:
@@ -166,8 +184,8 @@ class ZerothOrderOptimizer(Optimizer):
 
     @property
     def dim(self) -> int:
-        """d, the number of trainable scalars."""
-        return self.engine.dim
+        """d, the number of trainable scalars (of the whole model, when its parameters are sharded)."""
+        return self._global_dim
 
     def per_param(self, name: str) -> list[float]:
         """A group hyper-parameter spread to one value per trainable tensor."""
@@ -175,6 +193,44 @@ class ZerothOrderOptimizer(Optimizer):
 
     def direction_key(self, index: int = 0) -> int:
         return mix(self.seed, self.steps, index)
+
+    supports_direction_sharding = False
+
+    def shard_directions(self, rank: int, world: int, exchange: Callable[[list[float]], list[list[float]]]) -> None:
+        """Split each step's directions over ``world`` processes (what ``mode="directions"`` does).
+
+        This process then evaluates only its own ``num_directions`` directions, global indices
+        ``rank * num_directions + i`` of the step's ``world * num_directions``; after its queries it
+        calls ``exchange(values)``, which must return every rank's list in rank order (an
+        all-gather), and applies all the directions' updates in rank order. The step is then the
+        single-process step with ``num_directions * world`` directions. Only before the first step.
+        """
+        if not self.supports_direction_sharding:
+            raise ValueError(
+                f"{type(self).__name__} does not split its directions over processes; mode='directions' "
+                "supports ZOSGD and AS2P (use mode='batch' for the others)"
+            )
+        if self.steps:
+            raise ValueError("shard_directions must be called before the first step")
+        self._direction_rank, self._direction_world, self._exchange = int(rank), int(world), exchange
+
+    def _gather_directions(self, keys: list[int], values: list[list[float]]):
+        """All directions of this step: ``(keys, values)`` with every rank's, in rank order.
+
+        ``values`` holds parallel lists (one per quantity, one entry per local direction). In a
+        single process they come back unchanged. Every rank then applies the same update terms in
+        the same order; since the engine's undo of each rank's own offset is exact, the replicas
+        stay bit-identical, and equal to one process running all the directions. Without the
+        exact-restore journal the undo is arithmetic, so the parameters are first restored.
+        """
+        if self._direction_world == 1:
+            return keys, values
+        k = len(keys)
+        rows = self._exchange([v for column in values for v in column])
+        gathered = [[v for row in rows for v in row[q * k : (q + 1) * k]] for q in range(len(values))]
+        if not self.engine.exact:
+            self.engine.restore()
+        return [self.direction_key(i) for i in range(k * len(rows))], gathered
 
     # -- the step -----------------------------------------------------------------------------------
     def _queries(self) -> StepGenerator:

@@ -68,16 +68,21 @@ class ZOSGD(ZerothOrderOptimizer):
         )
         self.queries_per_step = 2 * self.num_directions
 
+    supports_direction_sharding = True
+
     def _queries(self) -> StepGenerator:
-        k, eps = self.num_directions, self.eps
-        keys, gammas, losses = [], [], []
-        for i in range(k):
-            key = self.direction_key(i)
+        eps, first = self.eps, self._direction_rank * self.num_directions
+        keys, gammas, plus, minus = [], [], [], []
+        for i in range(self.num_directions):
+            key = self.direction_key(first + i)
             f_plus = yield Query(key, eps)
             f_minus = yield Query(key, -eps)
             keys.append(key)
             gammas.append((f_plus - f_minus) / (2.0 * eps))
-            losses += [f_plus, f_minus]
+            plus.append(f_plus)
+            minus.append(f_minus)
+        keys, (gammas, plus, minus) = self._gather_directions(keys, [gammas, plus, minus])
+        k, losses = len(keys), [v for pair in zip(plus, minus) for v in pair]
         lrs = self.per_param("lr")
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
         terms = [(key, [-lr * g / k for lr in lrs]) for key, g in zip(keys, gammas)]
