@@ -80,7 +80,8 @@ def main():
                 torch.cuda.synchronize()
                 a0 = time.perf_counter()
                 with torch.no_grad():
-                    loss(); loss()
+                    loss()
+                    loss()
                 torch.cuda.synchronize()
                 b0 = time.perf_counter()
                 opt.step(loss)

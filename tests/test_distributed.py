@@ -52,7 +52,8 @@ def batch_rows(k):
 def train(opt, model, rows_of=batch_rows):
     x, y = make_data()
     for k in range(STEPS):
-        opt.step(lambda r=rows_of(k): torch.nn.functional.mse_loss(model(x[r]), y[r]))
+        rows = rows_of(k)
+        opt.step(lambda r=rows: torch.nn.functional.mse_loss(model(x[r]), y[r]))
     return model
 
 

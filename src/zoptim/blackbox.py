@@ -23,6 +23,7 @@ import torch
 from . import optim
 from .optim.base import StepRun, ZerothOrderOptimizer, loss_value
 
+
 class _DictResult(dict):
     """Stand-in for scipy.optimize.OptimizeResult: a dict whose keys are also attributes."""
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -87,7 +88,20 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://")
+    rank, world = int(os.environ["RANK"]), launched_world_size()
+    # torchrun's store outlives a restart of the workers, and with it the addresses the previous
+    # attempt's ranks published: a plain env:// init of a restarted group reads those and fails to
+    # connect. Each attempt therefore gets its own key space in the store.
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=not agent_store and rank == 0,
+        timeout=timedelta(minutes=30),
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", store=dist.PrefixStore(f"zoptim/attempt{attempt}", store),
+        rank=rank, world_size=world,
+    )
     return dist.get_rank(), dist.get_world_size()
 
 

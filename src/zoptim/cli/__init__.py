@@ -17,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     bench.register(sub)
     finetune.register(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for a subcommand that relaunches itself
     return int(args.run(args) or 0)
 
 

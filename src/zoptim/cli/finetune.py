@@ -11,10 +11,17 @@ result.json, and the tuned model in ``model/``: ``save_pretrained`` safetensors 
 LoRA adapter with ``--lora``, the merged model with ``--lora --merge``) and then the report (``OUT/report.md``, ``report.json``, ``loss_vs_queries.png``,
 ``accuracy.png``) is regenerated from every run present. Zero-shot accuracy is computed once per
 ``OUT`` and cached in ``OUT/zero_shot.json``. A run killed midway resumes from its checkpoint.
+
+Several processes: ``zoptim finetune --nproc 2 ...`` launches itself under ``torchrun
+--standalone --nproc-per-node 2 --max-restarts 3`` (or run ``torchrun ... -m zoptim.cli finetune
+...`` yourself). The run is data parallel (see :mod:`zoptim.lm.train`); rank 0 writes a checkpoint
+every ``--checkpoint-every`` steps, and a worker that dies is restarted with the whole group from
+that checkpoint, ending on the same parameters, bit for bit, as an uninterrupted run.
 """
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -48,6 +55,10 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=64, help="longest prompt in tokens")
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: --eval-every)")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="run N data-parallel processes under torchrun (each its share of every minibatch)")
+    p.add_argument("--max-restarts", type=int, default=3, help="with --nproc: restarts of the group after a worker dies")
     p.add_argument("--eval-examples", type=int, default=200, help="validation examples per periodic evaluation")
     p.add_argument("--test-examples", type=int, default=None, help="test examples for the final accuracy (default: all)")
     p.add_argument("--objective", default="loss", help=f"one of {', '.join(OBJECTIVES)} (accuracy: minus argmax accuracy)")
@@ -102,9 +113,21 @@ def check_args(args) -> None:
         raise SystemExit("zoptim finetune: --objective accuracy is not differentiable; use a zeroth-order --method")
     if args.test_examples is not None and args.test_examples < 1:
         raise SystemExit(f"zoptim finetune: --test-examples must be >= 1; got {args.test_examples}")
-    for name in ("steps", "batch_size", "eval_every", "eval_examples", "max_length"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"zoptim finetune: --{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    for name in ("steps", "batch_size", "eval_every", "eval_examples", "max_length", "checkpoint_every", "nproc"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise SystemExit(f"zoptim finetune: --{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.max_restarts < 0:
+        raise SystemExit(f"zoptim finetune: --max-restarts must be >= 0; got {args.max_restarts}")
+    world = args.nproc or launched_world_size()
+    if world > 1:
+        if args.method == "adamw":
+            raise SystemExit("zoptim finetune: several processes need a zeroth-order --method (adamw would need DDP)")
+        if args.batch_size % world:
+            raise SystemExit(
+                f"zoptim finetune: --batch-size ({args.batch_size}) must be a multiple of the number of processes "
+                f"({world}): each evaluates an equal share of every minibatch"
+            )
 
 
 def load_data(args):
@@ -153,18 +176,63 @@ def weights_changed(model, name: str, dtype) -> dict:
     return {"fraction": changed / max(total, 1), "max_abs": largest}
 
 
+def launched_world_size() -> int:
+    from ..distributed import launched_world_size as world
+
+    return world()
+
+
+def launch(args) -> int:
+    """Run this same command under torchrun with ``--nproc`` processes (standalone: one machine)."""
+    import subprocess
+    import sys
+
+    argv, skip = [], False
+    for a in args.argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--nproc", "--max-restarts"):
+            skip = True
+            continue
+        if a.startswith(("--nproc=", "--max-restarts=")):
+            continue
+        argv.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+           f"--max-restarts={args.max_restarts}", "-m", "zoptim.cli", *argv]
+    print("launching: " + " ".join(cmd[1:]), flush=True)
+    return subprocess.call(cmd)
+
+
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_args(args)
-    from ..lm.models import apply_lora, load_model, resolve, resolve_device, save_model
-    from ..lm.prompts import PromptClassifier
-    from ..lm.report import write_report
-    from ..lm.train import Loop, LoopConfig, make_optimizer
+    if args.nproc is not None and args.nproc > 1 and launched_world_size() <= 1:
+        return launch(args)
+    from ..lm.models import resolve_device
 
     try:
         device = resolve_device(args.device)
     except ValueError as err:
         raise SystemExit(f"zoptim finetune: --device: {err}") from None
+    from ..distributed import init_from_env
+
+    rank, world = init_from_env(device)
+    code = _run(args, device, rank, world)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()  # no rank tears the group down while another still talks to it
+        dist.destroy_process_group()
+    return code
+
+
+def _run(args, device, rank: int, world: int) -> int:
+    from ..lm.models import apply_lora, load_model, resolve, save_model
+    from ..lm.prompts import PromptClassifier
+    from ..lm.report import write_report
+    from ..lm.train import Loop, LoopConfig, make_optimizer
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     task, prompt = load_data(args)
@@ -182,16 +250,18 @@ def run(args) -> int:
         raise SystemExit(f"zoptim finetune: {err}") from None
     truncated = {name: clf.count_truncated(split) for name, split in
                  (("train", task.train), ("validation", task.val), ("test", test))}
+    print = builtins.print if rank == 0 else (lambda *a, **k: None)  # noqa: A001 - rank 0 speaks for the run
     if any(truncated.values()):
         print(f"note: texts longer than --max-length {args.max_length} tokens are truncated "
               f"({'the beginning' if kind == 'causal' else 'the end'} is dropped): "
               + ", ".join(f"{n} of {len(s)} {name}" for (name, n), s in
                           zip(truncated.items(), (task.train, task.val, test))), flush=True)
     print(f"task {task.name}: {len(task.train)} train / {len(task.val)} validation / {len(test)} test examples, "
-          f"classes {', '.join(task.classes)}; device {device}", flush=True)
+          f"classes {', '.join(task.classes)}; device {device}"
+          + (f"; {world} processes (data parallel)" if world > 1 else ""), flush=True)
 
     zero_path = out / "zero_shot.json"
-    if not zero_path.exists():
+    if rank == 0 and not zero_path.exists():
         print("zero-shot evaluation ...", flush=True)
         zero = {
             "model": args.model,
@@ -210,6 +280,7 @@ def run(args) -> int:
         eval_examples=args.eval_examples,
         objective=args.objective,
         seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
     )
     optimizer = make_optimizer(
         args.method, clf.parameters(), args.steps, lora=args.lora, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
@@ -224,6 +295,8 @@ def run(args) -> int:
         log = loop.run()
     except CheckpointError as err:
         raise SystemExit(f"zoptim finetune: {err}") from None
+    if rank != 0:
+        return 0
     train_seconds = log[-1]["time"] if log else time.perf_counter() - start
     result = {
         "method": args.method,
@@ -246,6 +319,8 @@ def run(args) -> int:
         "truncated": truncated,
         "nonfinite_losses": sum(1 for r in log if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")),
         "train_seconds": train_seconds,
+        "processes": world,
+        "resumed_from_step": loop.resumed_from,
     }
     if not args.lora:
         result["weights_changed"] = weights_changed(clf.model, args.model, args.dtype)

@@ -8,9 +8,18 @@ prompt loss and evaluation as the zeroth-order runs. Per step it draws a minibat
   for the non-differentiable objective); the optimizer counts its forward passes;
 * AdamW: ``loss(batch).backward(); optimizer.step()``; one forward pass per step.
 
-Every ``eval_every`` steps it measures validation accuracy, appends to ``log.jsonl`` and writes
-an atomic checkpoint (:mod:`zoptim.checkpoint`; read back with ``weights_only=True``: trainable weights, optimizer state with the zeroth-order seed stream,
-the data generator), so that a killed run resumes where it stopped and continues identically.
+Every ``eval_every`` steps it measures validation accuracy and appends to ``log.jsonl``; every
+``checkpoint_every`` steps (default: ``eval_every``) it writes an atomic checkpoint
+(:mod:`zoptim.checkpoint`; read back with ``weights_only=True``: trainable weights, optimizer state
+with the zeroth-order seed stream, the data generator), so that a killed run resumes where it
+stopped and continues identically.
+
+Under ``torchrun`` (a default process group of ``world`` ranks) the loop is data parallel
+(:func:`zoptim.distributed.wrap`, ``mode="batch"``): every rank draws the same minibatch from the
+same generator and evaluates its share ``batch[rank::world]``, the loss is averaged across ranks
+(one float per query), and every rank applies the same update. Rank 0 alone logs, validates and
+writes the checkpoint; after a worker dies, ``torchrun --max-restarts`` restarts the group, every
+rank loads that checkpoint, and the run continues bit for bit as if it had not been interrupted.
 """
 
 from __future__ import annotations
@@ -79,9 +88,12 @@ class LoopConfig:
     eval_examples: int = 200
     objective: str = "loss"
     seed: int = 0
+    checkpoint_every: int | None = None  # default: eval_every
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "eval_every", "eval_examples"):
+        if self.checkpoint_every is None:
+            self.checkpoint_every = self.eval_every
+        for name in ("steps", "batch_size", "eval_every", "eval_examples", "checkpoint_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
@@ -102,6 +114,19 @@ class Loop:
 
     def __init__(self, classifier: PromptClassifier, task: Task, optimizer, config: LoopConfig, out, progress=True):
         self.classifier, self.task, self.optimizer, self.config = classifier, task, optimizer, config
+        self.rank, self.world = _rank_and_world()
+        if self.world > 1:
+            if not is_zeroth_order(optimizer):
+                raise ValueError("a multi-process run needs a zeroth-order method (adamw would need DDP's gradient all-reduce)")
+            if config.batch_size % self.world:
+                raise ValueError(
+                    f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({self.world}), "
+                    "so that every rank evaluates an equal share and their mean is the minibatch loss"
+                )
+            from ..distributed import wrap
+
+            self.optimizer = wrap(optimizer, mode="batch")
+        self.resumed_from: int | None = None
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
@@ -118,6 +143,8 @@ class Loop:
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def save(self) -> None:
+        if self.rank != 0:
+            return
         atomic_save(
             {
                 "step": self.step,
@@ -151,13 +178,16 @@ class Loop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])
         self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]
-        if self.log_path.exists():
+        if self.log_path.exists() and self.rank == 0:
             kept = [r for r in read_log(self.log_path) if r["step"] <= self.step]
             write_lines(self.log_path, kept)
+        self.resumed_from = self.step
         return True
 
     # -- training --------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
+        if self.rank != 0:
+            return
         with open(self.log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -169,6 +199,8 @@ class Loop:
         batch = self.sample()
         clf = self.classifier
         if is_zeroth_order(self.optimizer):
+            if self.world > 1:
+                batch = batch[self.rank :: self.world]  # this rank's share; the wrapper averages over ranks
             closure = (lambda: clf.minus_accuracy(batch)) if self.config.objective == "accuracy" else (
                 lambda: clf.loss(batch)
             )
@@ -188,9 +220,10 @@ class Loop:
         from tqdm.auto import tqdm
 
         self.classifier.eval()  # two queries of one step must differ only by the perturbation
-        if not self.resume():
+        if not self.resume() and self.rank == 0:
             self.log_path.unlink(missing_ok=True)
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.progress, desc="finetune")
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.progress or self.rank != 0,
+                   desc="finetune")
         start = time.perf_counter()
         while self.step < self.config.steps:
             loss = self.train_step()
@@ -198,15 +231,24 @@ class Loop:
             record = {"step": self.step, "queries": self.queries, "loss": loss, "time": time.perf_counter() - start}
             if math.isfinite(loss):
                 bar.set_postfix(loss=f"{loss:.4f}")
-            if self.step % self.config.eval_every == 0 or self.step == self.config.steps:
+            last = self.step == self.config.steps
+            if (self.step % self.config.eval_every == 0 or last) and self.rank == 0:
                 record["val_accuracy"] = self.validate()
                 bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
             self.log(record)
-            if "val_accuracy" in record:
+            if self.step % self.config.checkpoint_every == 0 or last:
                 self.save()
             bar.update(1)
         bar.close()
-        return read_log(self.log_path)
+        return read_log(self.log_path) if self.rank == 0 else []
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def objective_needs_zo(objective: str) -> bool:

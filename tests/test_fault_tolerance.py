@@ -1,0 +1,122 @@
+"""A worker killed with SIGKILL mid-run: torchrun restarts the group from the last checkpoint and
+the run ends on the same parameters, bit for bit, as an uninterrupted one.
+
+Both runs are ``torchrun --nproc-per-node 2 --max-restarts 1 -m zoptim.cli finetune`` on a tiny
+Llama saved to disk (data parallel, rank 0 checkpointing every 5 steps).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from test_lm_io import save_tiny, write_jsonl  # noqa: E402
+from test_lm import TEXTS  # noqa: E402
+from zoptim.checkpoint import safe_load  # noqa: E402
+from zoptim.cli import main  # noqa: E402
+
+STEPS = 600
+LABELS = ("negative", "positive")
+
+
+def command(model_dir, data, out, *extra, method="zosgd"):
+    return ["finetune", "--model", str(model_dir), "--train", str(data), "--text-field", "review",
+            "--label-field", "sentiment", "--method", method, "--steps", str(STEPS), "--batch-size", "4",
+            "--eval-every", str(STEPS), "--checkpoint-every", "5", "--eval-examples", "2", "--max-length", "16",
+            "--lr", "5e-2", "--eps", "1e-2", "--no-progress", "--no-save-model", "--run-name", "run",
+            "--out", str(out), *extra]
+
+
+def torchrun(args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           "-m", "zoptim.cli", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def logged_step(log: Path) -> int:
+    try:
+        lines = log.read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return json.loads(lines[-1])["step"] if lines and lines[-1].endswith("}") else 0
+
+
+def worker_of_rank(agent_pid: int, rank: int) -> int | None:
+    """The pid of torchrun's worker process with RANK=rank (from /proc)."""
+    children = Path(f"/proc/{agent_pid}/task/{agent_pid}/children").read_text().split()
+    for pid in map(int, children):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return pid
+    return None
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    rows = [{"review": t, "sentiment": LABELS[y]} for t, y in TEXTS]
+    return save_tiny("causal", tmp / "tiny"), write_jsonl(tmp / "train.jsonl", rows), tmp
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker through /proc (Linux)")
+def test_a_killed_worker_is_restarted_from_the_checkpoint_and_ends_bit_identical(setup):
+    model_dir, data, tmp = setup
+    plain = torchrun(command(model_dir, data, tmp / "plain"))
+    output, _ = plain.communicate(timeout=240)
+    assert plain.returncode == 0, output
+
+    killed = torchrun(command(model_dir, data, tmp / "killed"))
+    log, victim = tmp / "killed" / "run" / "log.jsonl", None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline and killed.poll() is None:
+        if logged_step(log) >= 12:  # past two checkpoints, far from the end
+            victim = worker_of_rank(killed.pid, 1)
+            if victim is not None:
+                os.kill(victim, signal.SIGKILL)
+        time.sleep(0.01)
+    output, _ = killed.communicate(timeout=240)
+    assert victim is not None, f"the run ended before a worker could be killed:\n{output}"
+    assert killed.returncode == 0, output
+
+    result = json.loads((tmp / "killed" / "run" / "result.json").read_text())
+    assert result["processes"] == 2 and result["steps"] == STEPS
+    assert result["resumed_from_step"] is not None and 10 <= result["resumed_from_step"] < STEPS  # it did restart
+    assert json.loads((tmp / "plain" / "run" / "result.json").read_text())["resumed_from_step"] is None
+    final = [safe_load(tmp / run / "run" / "checkpoint.pt")["trainable"] for run in ("plain", "killed")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][n], final[1][n]) for n in final[0])
+    assert any(not torch.equal(final[0][n], v) for n, v in first_checkpoint_free(model_dir).items())
+    # the log has one record per step, none duplicated by the replay after the restart
+    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+
+
+def first_checkpoint_free(model_dir):
+    """The untrained weights, to show the runs did train."""
+    from zoptim.lm.models import load_model
+
+    model, _ = load_model(str(model_dir))
+    return {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+
+
+def test_nproc_and_batch_size_are_checked_before_anything_starts(setup, capsys):
+    model_dir, data, tmp = setup
+    with pytest.raises(SystemExit, match="multiple of the number of processes"):
+        main(command(model_dir, data, tmp / "bad", "--nproc", "3"))
+    with pytest.raises(SystemExit, match="zeroth-order --method"):
+        main(command(model_dir, data, tmp / "bad", "--nproc", "2", method="adamw"))
+    with pytest.raises(SystemExit, match="--nproc must be >= 1"):
+        main(command(model_dir, data, tmp / "bad", "--nproc", "0"))
