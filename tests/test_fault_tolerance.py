@@ -20,8 +20,8 @@ import torch
 
 pytest.importorskip("transformers")
 
-from test_lm_io import save_tiny, write_jsonl  # noqa: E402
 from test_lm import TEXTS  # noqa: E402
+from test_lm_io import save_tiny, write_jsonl  # noqa: E402
 from zoptim.checkpoint import safe_load  # noqa: E402
 from zoptim.cli import main  # noqa: E402
 
