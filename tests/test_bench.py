@@ -132,3 +132,29 @@ def test_cli_rejects_bad_arguments(tmp_path):
         main(["bench", "--suite", "nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown method"):
         main(["bench", "--suite", "quick", "--methods", "Adam", "--out", str(tmp_path)])
+
+
+def test_under_torchrun_the_runs_are_shared_out_and_give_the_single_process_records(tmp_path, monkeypatch, capsys):
+    """What torchrun's two workers do, run one after the other: rank 1 runs its share and returns,
+    rank 0 runs the rest, waits for rank 1's results and writes the report."""
+    from zoptim.cli import main
+
+    args = ["bench", "--suite", "quick", "--methods", "ZOSGD", "AS2P", "STP", "--seeds", "1", "--budget", "120"]
+    assert main([*args, "--out", str(tmp_path / "single")]) == 0
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank in (1, 0):
+        monkeypatch.setenv("RANK", str(rank))
+        assert main([*args, "--out", str(tmp_path / "shared")]) == 0
+        if rank == 1:  # its share only (runs 1 of 0, 1, 2), and no report yet
+            assert len(list((tmp_path / "shared" / "raw").glob("*.jsonl"))) == 1
+            assert not (tmp_path / "shared" / "summary.md").exists()
+
+    def records(folder):
+        out = {}
+        for path in sorted((tmp_path / folder / "raw").glob("*.jsonl")):
+            out[path.name] = [{k: v for k, v in json.loads(line).items() if k != "wall"}
+                              for line in path.read_text().splitlines()]
+        return out
+
+    assert records("shared") == records("single") and len(records("single")) == 3
+    assert (tmp_path / "shared" / "summary.md").exists()

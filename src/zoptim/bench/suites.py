@@ -14,11 +14,20 @@
 * ``blackbox``: zoptim's methods against nevergrad, CMA-ES, scipy and torchzero on functions of a
   vector, 10 to 100,000 dimensions, at equal evaluation budgets (:mod:`zoptim.bench.blackbox`;
   ``--quick`` for a smoke run).
+
+Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set) the runs of a suite are shared out: run i goes
+to rank ``i % world`` (a hyper-parameter search runs on rank 0, the others wait for its choice),
+and rank 0 waits for every run's result before the report is built. Every run checkpoints and
+resumes on its own (:mod:`zoptim.bench.harness`), so when a worker dies and ``torchrun
+--max-restarts`` restarts the group, finished runs are skipped and interrupted ones resume, with
+the same records as an uninterrupted suite. The black-box suite runs on rank 0 alone.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -75,11 +84,46 @@ def softmax_study_problem(d: int) -> SoftmaxRegression:
     return problem
 
 
+def _rank_and_world() -> tuple[int, int]:
+    """This process's share of a suite: (RANK, WORLD_SIZE) under torchrun, else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
+class Share:
+    """Hands out a suite's runs to the ranks (run i to rank i % world) and waits for the others'."""
+
+    def __init__(self, out_dir: Path, poll_seconds: float = 1.0):
+        self.out_dir, self.poll = Path(out_dir), poll_seconds
+        self.rank, self.world = _rank_and_world()
+        self.count = 0
+        self.others: list[Path] = []
+
+    def run(self, spec: RunSpec, problem, progress=None) -> None:
+        mine = self.count % self.world == self.rank
+        self.count += 1
+        if mine:
+            harness.run(spec, problem, self.out_dir, progress=progress)
+        else:
+            self.others.append(self.out_dir / "raw" / f"{spec.run_id}.jsonl")
+
+    def wait_for_file(self, path: Path) -> None:
+        while not path.exists():
+            time.sleep(self.poll)
+
+    def finish(self) -> None:
+        """Rank 0 returns once every rank's runs have written their results."""
+        if self.rank == 0:
+            for path in self.others:
+                self.wait_for_file(path)
+
+
 def run_softmax_study(out_dir: Path, seeds: int = 2, budget: int | None = None, progress=None) -> None:
     """k-SPSA on softmax-d{d}: lr = 2 k / (k + d) keeps the estimate's variance term (∝ d/k) in check,
     the step-size shape of Theorem 5.6; constant lr and full batch so the strongly convex loss converges linearly."""
     budget = budget or 8000
     lstar = {}
+    share = Share(out_dir)
     for d in SOFTMAX_DIMS:
         problem = softmax_study_problem(d)
         lstar[problem.name] = problem.minimum()
@@ -87,7 +131,8 @@ def run_softmax_study(out_dir: Path, seeds: int = 2, budget: int | None = None, 
             hp = {"lr": 2.0 * k / (k + d), "eps": 1e-4}
             for seed in range(seeds):
                 spec = RunSpec("softmax-scaling", problem.name, f"kSPSA-k{k}", seed, budget, hp, num_evals=400)
-                harness.run(spec, problem, out_dir, progress=progress)
+                share.run(spec, problem, progress)
+    share.finish()
     atomic_write_text(Path(out_dir) / "softmax_lstar.json", json.dumps(lstar, indent=1))
 
 
@@ -103,6 +148,9 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
     if suite == "blackbox":
         from .blackbox import run_blackbox_suite
 
+        if _rank_and_world()[0] != 0:
+            log("[blackbox] runs on rank 0 only; this rank has nothing to do")
+            return
         run_blackbox_suite(Path(out_dir), methods, problems, seeds, budget, quick=quick, log=log)
         return
     for m in methods or []:
@@ -111,6 +159,7 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
     if suite == "softmax":
         run_softmax_study(out_dir, seeds or 2, budget, progress)
         return
+    share = Share(out_dir)
     for exp in SUITES[suite](budget, seeds):
         exp_methods = [get_method(m).name for m in methods] if methods else exp.methods
         for pname in problems or exp.problems:
@@ -119,15 +168,21 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
             hp = {**problem.default_hparams, **exp.hparams}
             if exp.search:
                 search_budget = max(100, exp.budget // 4)
-                log(f"[{exp.name}] hyper-parameter search on {pname} at {search_budget} queries")
-                found = search.search(pname, problem, exp_methods, search_budget, out_dir, exp.name, progress)
-                hp = dict(found["chosen"])
-                # S2P's alpha_0 is per sqrt(K): keep the per-step alpha found at the search budget
-                hp["s2p_lr"] = hp["s2p_lr"] * (exp.budget / search_budget) ** 0.5
-                found["used_at_full_budget"] = hp
-                atomic_write_text(out_dir / f"hparams-{exp.name}-{pname}.json", json.dumps(found, indent=1))
+                hparams_file = out_dir / f"hparams-{exp.name}-{pname}.json"
+                if share.rank == 0:
+                    log(f"[{exp.name}] hyper-parameter search on {pname} at {search_budget} queries")
+                    found = search.search(pname, problem, exp_methods, search_budget, out_dir, exp.name, progress)
+                    hp = dict(found["chosen"])
+                    # S2P's alpha_0 is per sqrt(K): keep the per-step alpha found at the search budget
+                    hp["s2p_lr"] = hp["s2p_lr"] * (exp.budget / search_budget) ** 0.5
+                    found["used_at_full_budget"] = hp
+                    atomic_write_text(hparams_file, json.dumps(found, indent=1))
+                else:
+                    log(f"[{exp.name}] waiting for rank 0's hyper-parameter search on {pname}")
+                    share.wait_for_file(hparams_file)
+                    hp = json.loads(hparams_file.read_text())["used_at_full_budget"]
             for method in exp_methods:
                 for seed in range(exp.seeds):
                     log(f"[{exp.name}] {pname} {method} seed {seed}")
-                    harness.run(RunSpec(exp.name, pname, method, seed, exp.budget, hp, exp.num_evals), problem, out_dir,
-                                progress=progress)
+                    share.run(RunSpec(exp.name, pname, method, seed, exp.budget, hp, exp.num_evals), problem, progress)
+    share.finish()
