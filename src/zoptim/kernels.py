@@ -55,9 +55,12 @@ def _wide(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
-def _sign_bit(x: torch.Tensor) -> torch.Tensor:
-    # -0.0 == 0.0 as floats, but the bits differ; 1/-0 = -inf tells them apart (vectorises, unlike signbit).
-    return (1.0 / _wide(x)) < 0
+_BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    """The bit pattern of ``x`` as integers of its width (a reinterpretation, not a conversion)."""
+    return x.view(_BITS[x.dtype])
 
 
 def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool, z=None):
@@ -69,9 +72,9 @@ def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool,
     if not record:
         return moved, None
     back = (_wide(moved) - delta).to(xp.dtype)
-    # Bitwise inequality: values differ, or both are zeros of opposite sign. (A NaN compares
-    # unequal and is journaled, which is harmless.)
-    bad = (back != xp) | (_sign_bit(back) != _sign_bit(xp))
+    # Bitwise inequality: exactly the elements whose arithmetic undo would not give back their bits
+    # (this also tells -0.0 from +0.0, which compare equal as floats).
+    bad = _bits(back) != _bits(xp)
     return moved, bad
 
 
