@@ -155,3 +155,29 @@ def test_methods_that_cannot_split_their_directions_say_so():
     model = make_model()
     with pytest.raises(ValueError, match="supports ZOSGD and AS2P"):
         zoptim.STP(model.parameters()).shard_directions(0, 2, lambda v: [v, v])
+
+
+@pytest.mark.parametrize("distribution", ["normal", "rademacher"])
+def test_a_shard_moves_with_the_values_of_the_global_direction_at_its_elements(distribution):
+    """What sharded mode rests on: rows [4, 10) of a (10, 3) parameter, offset 12, move exactly as
+    those rows move in the whole tensor, temporary moves, exact undo and update included."""
+    from zoptim.perturbation import SeededPerturbation
+
+    g = torch.Generator().manual_seed(0)
+    whole = torch.randn(10, 3, generator=g)
+    top, bottom = whole[:4].clone(), whole[4:].clone()
+    engines = [SeededPerturbation([whole], distribution=distribution),
+               SeededPerturbation([top], distribution=distribution),
+               SeededPerturbation([bottom], distribution=distribution, offsets=[12])]
+    for e in engines:
+        e.move(123, 0.3)
+    assert torch.equal(torch.cat([top, bottom]), whole)
+    for e in engines:
+        e.update([(123, -0.01), (456, 0.02)])
+    assert torch.equal(torch.cat([top, bottom]), whole)
+    assert not torch.equal(whole, torch.randn(10, 3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_a_mode_that_does_not_exist_is_named():
+    with pytest.raises(ValueError, match="mode must be one of 'batch', 'directions', 'sharded'"):
+        wrap(build("zosgd", make_model()), mode="pipeline")

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..schedules import cosine_decay
-from .base import Query, StepGenerator, ZerothOrderOptimizer, check_int, check_positive
+from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
 
 BATCH_MODES = ("minibatch", "full")
 
@@ -213,17 +213,7 @@ class AS2P(ZerothOrderOptimizer):
     def _queries(self) -> StepGenerator:
         k = self.steps
         rho = self.rho(k)
-        first = self._direction_rank * self.num_directions
-        keys, gammas, plus, minus = [], [], [], []
-        for i in range(self.num_directions):
-            key = self.direction_key(first + i)
-            f_plus = yield Query(key, rho)
-            f_minus = yield Query(key, -rho)
-            keys.append(key)
-            gammas.append((f_plus - f_minus) / (2.0 * rho))
-            plus.append(f_plus)
-            minus.append(f_minus)
-        keys, (gammas, plus, minus) = self._gather_directions(keys, [gammas, plus, minus])
+        keys, gammas, plus, minus = yield from self._two_point_directions(rho)
         for gamma in gammas:  # every direction's gamma, in direction (rank) order, joins the window
             self.gammas.push(gamma)
         sigma = self.gammas.sigma(self.window_length(k))

@@ -214,6 +214,23 @@ class ZerothOrderOptimizer(Optimizer):
             raise ValueError("shard_directions must be called before the first step")
         self._direction_rank, self._direction_world, self._exchange = int(rank), int(world), exchange
 
+    def _two_point_directions(self, rho: float):
+        """Query ``x + rho s_i`` and ``x - rho s_i`` for this process's ``num_directions``
+        directions (a sub-generator: ``keys, gammas, f_plus, f_minus = yield from ...``) and return
+        every direction's key, gamma = (f+ - f-) / (2 rho) and the two values, all ranks' in rank order."""
+        first = self._direction_rank * self.num_directions
+        keys, gammas, plus, minus = [], [], [], []
+        for i in range(self.num_directions):
+            key = self.direction_key(first + i)
+            f_plus = yield Query(key, rho)
+            f_minus = yield Query(key, -rho)
+            keys.append(key)
+            gammas.append((f_plus - f_minus) / (2.0 * rho))
+            plus.append(f_plus)
+            minus.append(f_minus)
+        keys, (gammas, plus, minus) = self._gather_directions(keys, [gammas, plus, minus])
+        return keys, gammas, plus, minus
+
     def _gather_directions(self, keys: list[int], values: list[list[float]]):
         """All directions of this step: ``(keys, values)`` with every rank's, in rank order.
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import Query, StepGenerator, ZerothOrderOptimizer, check_int, check_positive
+from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
 
 
 class ZOSGD(ZerothOrderOptimizer):
@@ -71,17 +71,7 @@ class ZOSGD(ZerothOrderOptimizer):
     supports_direction_sharding = True
 
     def _queries(self) -> StepGenerator:
-        eps, first = self.eps, self._direction_rank * self.num_directions
-        keys, gammas, plus, minus = [], [], [], []
-        for i in range(self.num_directions):
-            key = self.direction_key(first + i)
-            f_plus = yield Query(key, eps)
-            f_minus = yield Query(key, -eps)
-            keys.append(key)
-            gammas.append((f_plus - f_minus) / (2.0 * eps))
-            plus.append(f_plus)
-            minus.append(f_minus)
-        keys, (gammas, plus, minus) = self._gather_directions(keys, [gammas, plus, minus])
+        keys, gammas, plus, minus = yield from self._two_point_directions(self.eps)
         k, losses = len(keys), [v for pair in zip(plus, minus) for v in pair]
         lrs = self.per_param("lr")
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
@@ -92,7 +82,7 @@ class ZOSGD(ZerothOrderOptimizer):
             "loss": loss,
             "gamma": gammas[-1],
             "step_size": abs(self.param_groups[0]["lr"] * sum(gammas) / k),
-            "rho": eps,
+            "rho": self.eps,
             "lr": self.param_groups[0]["lr"],
         }
         return loss
