@@ -76,6 +76,10 @@ class SeededPerturbation:
             ``EAGER_CHUNK_SIZE`` on the eager one, whose integer temporaries are 8 bytes an
             element). Bounds the scratch memory; does not change the values. Fixed for the
             engine's life, so the journal's chunk indices stay valid if the route changes.
+        rank: a stream word (see :class:`zoptim.noise.NoiseSource`); 0 is the single-process stream.
+        offsets: the global flat index of each tensor's first element (default 0): a process
+            holding a shard of a parameter (:mod:`zoptim.shards`) draws the values of the whole
+            parameter's direction at its own elements.
 
     The offset currently applied is ``x + scale_j * s(key)`` for each tensor j, where x is the
     unperturbed value; :meth:`move` changes it, :meth:`restore` removes it.
