@@ -17,8 +17,7 @@ paper):
     indices ``r*k .. r*k+k-1``); after its queries each rank all-gathers its
     ``(gamma, f(x+eps s), f(x-eps s))`` triples, 24 bytes a direction, and every rank applies all
     directions' updates in rank order. The run is the single-process step with
-    ``num_directions = k * world``: k-SPSA for ZOSGD (equal within float rounding, the ranks
-    bit-identical). For AS2P every rank's gamma joins the gamma window, in rank order, before sigma
+    ``num_directions = k * world``, bit for bit (k-SPSA for ZOSGD; the ranks bit-identical too). For AS2P every rank's gamma joins the gamma window, in rank order, before sigma
     is taken, so sigma is the spread of all ranks' recent gammas (the window holds
     ceil(window * K * k * world) of them, the same fraction of the run), and each direction gets
     its own clipped, auto-scaled step; the update is their average (see ``AS2P(num_directions)``).
@@ -75,6 +74,12 @@ def launched_world_size() -> int:
         return 1
 
 
+def launched_rank_and_world() -> tuple[int, int]:
+    """(``RANK``, ``WORLD_SIZE``) as the launcher set them, without a process group; (0, 1) outside one."""
+    world = launched_world_size()
+    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+
+
 def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment; return (rank, world size).
 
@@ -88,7 +93,7 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    rank, world = int(os.environ["RANK"]), launched_world_size()
+    rank, world = launched_rank_and_world()
     # torchrun's store outlives a restart of the workers, and with it the addresses the previous
     # attempt's ranks published: a plain env:// init of a restarted group reads those and fails to
     # connect. Each attempt therefore gets its own key space in the store.
@@ -106,15 +111,13 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
 
 
 class CommStats:
-    """What a rank contributed to the wire: payload bytes and collective calls (for benchmarks)."""
+    """What a rank contributed to the wire: payload bytes handed to collectives (for benchmarks)."""
 
     def __init__(self):
         self.bytes_sent = 0
-        self.calls = 0
 
     def add(self, tensor: torch.Tensor) -> None:
         self.bytes_sent += tensor.numel() * tensor.element_size()
-        self.calls += 1
 
 
 def data_parallel(

@@ -26,11 +26,11 @@ the same records as an uninterrupted suite. The black-box suite runs on rank 0 a
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..distributed import launched_rank_and_world
 from ..problems import SoftmaxRegression, get_problem
 from . import harness, search
 from .harness import RunSpec
@@ -84,18 +84,12 @@ def softmax_study_problem(d: int) -> SoftmaxRegression:
     return problem
 
 
-def _rank_and_world() -> tuple[int, int]:
-    """This process's share of a suite: (RANK, WORLD_SIZE) under torchrun, else (0, 1)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
-
-
 class Share:
     """Hands out a suite's runs to the ranks (run i to rank i % world) and waits for the others'."""
 
     def __init__(self, out_dir: Path, poll_seconds: float = 1.0):
         self.out_dir, self.poll = Path(out_dir), poll_seconds
-        self.rank, self.world = _rank_and_world()
+        self.rank, self.world = launched_rank_and_world()
         self.count = 0
         self.others: list[Path] = []
 
@@ -148,7 +142,7 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
     if suite == "blackbox":
         from .blackbox import run_blackbox_suite
 
-        if _rank_and_world()[0] != 0:
+        if launched_rank_and_world()[0] != 0:
             log("[blackbox] runs on rank 0 only; this rank has nothing to do")
             return
         run_blackbox_suite(Path(out_dir), methods, problems, seeds, budget, quick=quick, log=log)

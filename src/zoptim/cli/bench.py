@@ -59,7 +59,9 @@ def main(args) -> int:
                   budget=args.budget, log=lambda msg: print(msg, file=sys.stderr, flush=True), quick=args.quick)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise SystemExit(f"zoptim bench: {err}") from None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0:
+    from ..distributed import launched_rank_and_world
+
+    if launched_rank_and_world()[0] != 0:
         return 0  # under torchrun, rank 0 writes the report once every rank's runs are in
     if args.suite == "blackbox":
         from ..bench.blackbox import build_report as build_blackbox_report

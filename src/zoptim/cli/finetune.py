@@ -119,6 +119,8 @@ def check_args(args) -> None:
             raise SystemExit(f"zoptim finetune: --{name.replace('_', '-')} must be >= 1; got {value}")
     if args.max_restarts < 0:
         raise SystemExit(f"zoptim finetune: --max-restarts must be >= 0; got {args.max_restarts}")
+    from ..distributed import launched_world_size
+
     world = args.nproc or launched_world_size()
     if world > 1:
         if args.method == "adamw":
@@ -176,12 +178,6 @@ def weights_changed(model, name: str, dtype) -> dict:
     return {"fraction": changed / max(total, 1), "max_abs": largest}
 
 
-def launched_world_size() -> int:
-    from ..distributed import launched_world_size as world
-
-    return world()
-
-
 def launch(args) -> int:
     """Run this same command under torchrun with ``--nproc`` processes (standalone: one machine)."""
     import subprocess
@@ -207,6 +203,8 @@ def launch(args) -> int:
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_args(args)
+    from ..distributed import launched_world_size
+
     if args.nproc is not None and args.nproc > 1 and launched_world_size() <= 1:
         return launch(args)
     from ..lm.models import resolve_device
