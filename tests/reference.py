@@ -117,3 +117,70 @@ def as2p(f, x, steps, eps, K, eta_a=5.0, eta_b=5.0, window=0.1, full=False, seed
         x = x - math.copysign(alpha, f_plus - f_minus) * s
         xs.append(x.clone())
     return xs
+
+
+def zosgd_momentum(f, x, steps, lr, eps, beta, m, seed=0):
+    """ZOSGD whose step is the normalised truncated EMA of the last m estimates g_j s_j:
+    x <- x - lr * sum_j beta^j g_{t-j} s_{t-j} / sum_j beta^j (j < min(t+1, m))."""
+    xs, past = [x.clone()], []
+    for t in range(steps):
+        s = direction(seed, t, 0, [x.numel()])
+        past.insert(0, (f(x + eps * s) - f(x - eps * s)) / (2 * eps) * s)
+        past = past[:m]
+        w = [beta**j for j in range(len(past))]
+        x = x - lr * sum(wj * v for wj, v in zip(w, past)) / sum(w)
+        xs.append(x.clone())
+    return xs
+
+
+def as2p_momentum(f, x, steps, eps, K, beta, m, eta_a=5.0, eta_b=5.0, window=0.1, seed=0):
+    """AS2P (minibatch mode, Alg. 2) whose step is lr_k times the normalised truncated EMA of the
+    last m unit-lr steps sign(gamma_j) gamma'_j / (eta_b sigma_j) s_j."""
+    gammas, xs, past = [], [x.clone()], []
+    size = max(2, math.ceil(window * K))
+    for k in range(steps):
+        s = direction(seed, k, 0, [x.numel()])
+        rho = cosine_decay(eps, eps / 10, k, K)
+        f_plus, f_minus = f(x + rho * s), f(x - rho * s)
+        gamma = (f_plus - f_minus) / (2 * rho)
+        gammas.append(gamma)
+        recent = torch.tensor(gammas[-size:], dtype=torch.float64)
+        sigma = float(recent.std(unbiased=False)) if len(recent) > 1 else abs(gamma)
+        tau_a = cosine_decay(2 * eta_a, eta_a, k, K) * sigma
+        g_clip = 1 / (1 / abs(gamma) + 1 / tau_a)
+        past.insert(0, -math.copysign(g_clip / (eta_b * sigma), gamma) * s)
+        past = past[:m]
+        w = [beta**j for j in range(len(past))]
+        x = x + cosine_decay(eps, 0.0, k, K) * sum(wj * v for wj, v in zip(w, past)) / sum(w)
+        xs.append(x.clone())
+    return xs
+
+
+def hizoo(f, x, steps, lr, eps, alpha, wd=0.0, seed=0, shape=None):
+    """HiZOO, Algorithm 1 of Zhao et al. (2025): H starts at 1;
+    l = f(x), l+- = f(x +- eps u / sqrt(H)), H <- (1-a) H + a |l+ + l- - 2l| / (2 eps^2) H u^2,
+    x <- x - lr ((l+ - l-) / (2 eps) u / sqrt(H) + wd x).
+    ``shape`` (rows, cols): the factored variant, H ~ r c^T / sum(r) with EMAs of the row and
+    column sums of the estimate."""
+    d, xs = x.numel(), [x.clone()]
+    if shape is None:
+        h = torch.ones(d, dtype=torch.float64)
+    else:
+        rows, cols = shape
+        r = torch.full((rows,), float(cols), dtype=torch.float64)
+        c = torch.full((cols,), float(rows), dtype=torch.float64)
+        h = (torch.outer(r, c) / r.sum()).reshape(-1)
+    for t in range(steps):
+        u = direction(seed, t, 0, [d])
+        here = f(x)
+        plus, minus = f(x + eps * u / h.sqrt()), f(x - eps * u / h.sqrt())
+        estimate = abs(plus + minus - 2 * here) / (2 * eps**2) * h * u**2
+        if shape is None:
+            h = (1 - alpha) * h + alpha * estimate
+        else:
+            e = estimate.reshape(rows, cols)
+            r, c = (1 - alpha) * r + alpha * e.sum(1), (1 - alpha) * c + alpha * e.sum(0)
+            h = (torch.outer(r, c) / r.sum()).reshape(-1)
+        x = x - lr * ((plus - minus) / (2 * eps) * u / h.sqrt() + wd * x)
+        xs.append(x.clone())
+    return xs

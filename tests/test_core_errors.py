@@ -38,6 +38,13 @@ def params():
     (lambda: zoptim.AS2P(params(), total_steps=10, eta_b=0), r"eta_b must be"),
     (lambda: zoptim.AS2P(params(), batch_mode="online"), r"batch_mode must be 'minibatch' or 'full'"),
     (lambda: zoptim.AS2P(params(), total_steps=10, auto_lr=False), r"auto_lr=False needs an explicit lr"),
+    (lambda: zoptim.ZOSGD(params(), momentum=1.0), r"momentum must be in \[0, 1\); got 1.0"),
+    (lambda: zoptim.ZOSGD(params(), momentum=-0.5), r"momentum must be a finite number >= 0"),
+    (lambda: zoptim.AS2P(params(), total_steps=10, momentum=0.9, momentum_window=0), r"momentum_window must be an integer >= 1"),
+    (lambda: zoptim.HiZOO(params(), hessian_smooth=1.0), r"hessian_smooth must be in \[0, 1\); got 1.0"),
+    (lambda: zoptim.HiZOO(params(), hessian_smooth=-1e-3), r"hessian_smooth must be a finite number >= 0"),
+    (lambda: zoptim.HiZOO(params(), eps=0.0), r"eps must be"),
+    (lambda: zoptim.HiZOO(params(), lr=float("inf")), r"lr must be"),
 ])
 def test_bad_hyper_parameters_raise_value_error(make, match):
     with pytest.raises(ValueError, match=match):
@@ -113,3 +120,15 @@ def test_a_state_dict_of_another_class_another_model_or_another_noise_version_is
         opt.load_state_dict(old)
     opt.load_state_dict(_trained_state())  # the same class, model and stream loads
     assert opt.steps == 1
+
+
+def test_a_state_dict_with_other_momentum_or_hessian_settings_is_rejected():
+    with pytest.raises(ValueError, match="saved without momentum; this optimizer has momentum=0.9"):
+        zoptim.ZOSGD([torch.nn.Parameter(torch.ones(5))], momentum=0.9).load_state_dict(_trained_state())
+    with pytest.raises(ValueError, match="saved with momentum=0.9, momentum_window=8; this optimizer has momentum=0.5"):
+        zoptim.ZOSGD([torch.nn.Parameter(torch.ones(5))], momentum=0.5).load_state_dict(_trained_state(momentum=0.9))
+    w = torch.nn.Parameter(torch.ones(3, 4))
+    dense = zoptim.HiZOO([w])
+    dense.step(lambda: float(w.detach().sum()))
+    with pytest.raises(ValueError, match="saved with factored=False; this HiZOO has factored=True"):
+        zoptim.HiZOO([torch.nn.Parameter(torch.ones(3, 4))], factored=True).load_state_dict(dense.state_dict())

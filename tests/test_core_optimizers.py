@@ -57,6 +57,15 @@ CASES = [
     Case("as2p-full-batch", zoptim.AS2P, dict(eps=0.03, batch_mode="full", total_steps=_k(QUAD_BUDGET, 2)),
          dict(eps=0.01, batch_mode="full", total_steps=_k(SOFTMAX_BUDGET, 2)),
          dict(eps=0.05, batch_mode="full", total_steps=30)),
+    Case("zosgd-momentum", zoptim.ZOSGD, dict(lr=1 / 1002, momentum=0.9, momentum_window=8),
+         dict(lr=0.3, momentum=0.9), dict(lr=0.05, eps=1e-2, momentum=0.8, momentum_window=4)),
+    Case("as2p-momentum", zoptim.AS2P, dict(eps=0.1, total_steps=_k(QUAD_BUDGET, 2), momentum=0.9),
+         dict(eps=0.1, total_steps=_k(SOFTMAX_BUDGET, 2), momentum=0.9),
+         dict(eps=0.1, total_steps=30, momentum=0.8, momentum_window=4)),
+    Case("hizoo", zoptim.HiZOO, dict(lr=2 / 1002, hessian_smooth=1e-6), dict(lr=0.3, hessian_smooth=1e-3),
+         dict(lr=0.05, eps=1e-2, hessian_smooth=0.1, weight_decay=0.1)),
+    Case("hizoo-factored", zoptim.HiZOO, dict(lr=2 / 1002, hessian_smooth=1e-6, factored=True),
+         dict(lr=0.3, hessian_smooth=1e-3, factored=True), dict(lr=0.05, eps=1e-2, hessian_smooth=0.1, factored=True)),
 ]
 IDS = [c.name for c in CASES]
 
@@ -91,6 +100,10 @@ REFERENCES = {
     "s2p-relaxed-dynamic": lambda kw, x0, n: reference.s2p(tiny_f, x0, n, "relaxed_dynamic", L0=2.0, L1=0.5),
     "as2p": lambda kw, x0, n: reference.as2p(tiny_f, x0, n, eps=0.1, K=30),
     "as2p-full-batch": lambda kw, x0, n: reference.as2p(tiny_f, x0, n, eps=0.05, K=30, full=True),
+    "zosgd-momentum": lambda kw, x0, n: reference.zosgd_momentum(tiny_f, x0, n, lr=0.05, eps=1e-2, beta=0.8, m=4),
+    "as2p-momentum": lambda kw, x0, n: reference.as2p_momentum(tiny_f, x0, n, eps=0.1, K=30, beta=0.8, m=4),
+    "hizoo": lambda kw, x0, n: reference.hizoo(tiny_f, x0, n, lr=0.05, eps=1e-2, alpha=0.1, wd=0.1),
+    "hizoo-factored": lambda kw, x0, n: reference.hizoo(tiny_f, x0, n, lr=0.05, eps=1e-2, alpha=0.1),
 }
 
 
@@ -203,6 +216,33 @@ def test_queries_per_step_match_the_paper():
     assert zoptim.S2P(p, "dynamic", L=1.0).queries_per_step == 4
     assert zoptim.S2P(p, "stationary", lr=1.0, total_steps=5).queries_per_step == 2
     assert zoptim.AS2P(p, total_steps=5).queries_per_step == 2
+    assert zoptim.HiZOO(p).queries_per_step == 3
+    assert zoptim.ZOSGD(p, momentum=0.9).queries_per_step == 2
+
+
+def test_factored_hizoo_matches_its_formula_on_a_matrix():
+    """The rank-one factored estimate (H ~ r c^T / sum r) on a 3 x 4 weight matrix."""
+    x0 = torch.linspace(-1.0, 1.5, 12, dtype=torch.float64)
+    w = torch.nn.Parameter(x0.clone().reshape(3, 4))
+    opt = zoptim.HiZOO([w], lr=0.05, eps=1e-2, hessian_smooth=0.2, factored=True)
+    got = [w.detach().reshape(-1).clone()]
+    for _ in range(30):
+        opt.step(lambda: tiny_f(w.detach().reshape(-1)))
+        got.append(w.detach().reshape(-1).clone())
+    want = reference.hizoo(tiny_f, x0, 30, lr=0.05, eps=1e-2, alpha=0.2, shape=(3, 4))
+    assert opt.memory_bytes() == 4 * (3 + 4)
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), f"iterate {k} differs"
+
+
+def test_memory_free_momentum_holds_m_pairs_and_no_tensor():
+    p = torch.nn.Parameter(torch.zeros(1000))
+    opt = zoptim.ZOSGD([p], lr=1e-3, momentum=0.9, momentum_window=5)
+    for _ in range(12):
+        opt.step(lambda: float(p.detach().sum()))
+    extra = opt.state_dict()["zoptim"]["momentum"]
+    assert len(extra["history"]) == 5 and all(len(step) == 1 for step in extra["history"])
+    assert not opt.state  # torch.optim's per-parameter state stays empty: no momentum buffer
 
 
 # -- torch.optim conventions ----------------------------------------------------------------------

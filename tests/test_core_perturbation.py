@@ -55,6 +55,9 @@ def test_without_the_journal_the_round_trip_drifts(dtype):
     (zoptim.ZOSGD, dict(lr=0.0)),
     (zoptim.ZOSGD, dict(lr=0.0, num_directions=3)),
     (zoptim.AS2P, dict(lr=0.0, total_steps=20)),
+    (zoptim.AS2P, dict(lr=0.0, total_steps=20, momentum=0.9)),
+    (zoptim.HiZOO, dict(lr=0.0, hessian_smooth=0.1)),
+    (zoptim.HiZOO, dict(lr=0.0, hessian_smooth=0.1, factored=True)),
     (zoptim.STP, dict(lr=1e-2)),  # every candidate is rejected at the minimum below
 ])
 def test_zero_updates_leave_parameters_bit_identical(dtype, cls, kw):
@@ -151,12 +154,16 @@ def test_the_global_rng_is_untouched():
 
 
 @pytest.mark.parametrize("cls,kw", [(zoptim.AS2P, dict(total_steps=40, eps=1e-2)), (zoptim.ZOSGD, dict(lr=1e-2)),
-                                    (zoptim.S2P, dict(step_rule="relaxed_dynamic", L0=5.0, L1=1.0))])
+                                    (zoptim.S2P, dict(step_rule="relaxed_dynamic", L0=5.0, L1=1.0)),
+                                    (zoptim.ZOSGD, dict(lr=1e-2, momentum=0.9, momentum_window=4)),
+                                    (zoptim.AS2P, dict(total_steps=40, eps=1e-2, momentum=0.9)),
+                                    (zoptim.HiZOO, dict(lr=1e-2, hessian_smooth=0.05)),
+                                    (zoptim.HiZOO, dict(lr=1e-2, hessian_smooth=0.05, factored=True))])
 def test_resume_from_a_state_dict_is_bit_identical(cls, kw, tmp_path):
     full, _ = train(0, 30, cls=cls, **kw)
     half, opt = train(0, 12, cls=cls, **kw)
     torch.save({"model": half.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
     fresh.load_state_dict(ckpt["model"])
     resumed, opt2 = train(0, 18, model=fresh, opt_state=ckpt["opt"], cls=cls, **kw)
@@ -176,6 +183,36 @@ def test_a_non_finite_loss_skips_the_update_and_restores_exactly():
     assert opt.nonfinite_steps == 1
     opt.step(lambda: float(p.detach().float().sum()))
     assert not torch.equal(before, bits(p.detach()))
+
+
+@pytest.mark.parametrize("cls,kw", [(zoptim.HiZOO, dict(lr=0.1, hessian_smooth=0.1)),
+                                    (zoptim.ZOSGD, dict(lr=0.1, momentum=0.9)),
+                                    (zoptim.AS2P, dict(total_steps=10, momentum=0.9))])
+@pytest.mark.parametrize("bad_query", [0, 1, 2])
+def test_new_methods_restore_exactly_on_a_non_finite_loss_at_any_query(cls, kw, bad_query):
+    """After a few real steps (H or the momentum window is populated), a NaN at any query of a
+    step leaves the bf16 weights bit for bit where the step began and the state unchanged."""
+    p = torch.nn.Parameter(torch.randn(300, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16))
+    opt = cls([p], **kw)
+    f = lambda: float(p.detach().float().square().sum())  # noqa: E731
+    for _ in range(3):
+        opt.step(f)
+    before, state = bits(p.detach()), opt.state_dict()["zoptim"]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        return float("nan") if len(calls) == bad_query + 1 else f()
+
+    if bad_query >= opt.queries_per_step:
+        pytest.skip("the method has fewer queries per step")
+    with pytest.warns(zoptim.NonFiniteLossWarning):
+        opt.step(closure)
+    assert torch.equal(before, bits(p.detach()))
+    after = opt.state_dict()["zoptim"]
+    for key in ("hessian", "momentum", "gamma_window"):
+        if key in state:
+            assert repr(state[key]) == repr(after[key]), key
 
 
 def test_consecutive_non_finite_losses_raise_after_the_limit():

@@ -2,7 +2,7 @@
 
 from . import distributed
 from .blackbox import AskTell, OptimizeResult, minimize
-from .optim import AS2P, S2P, STP, ZOSGD, NonFiniteLossWarning, ZerothOrderOptimizer
+from .optim import AS2P, S2P, STP, ZOSGD, HiZOO, NonFiniteLossWarning, ZerothOrderOptimizer
 from .perturbation import SeededPerturbation
 
 __version__ = "0.1.0"
@@ -13,6 +13,7 @@ __all__ = [
     "OptimizeResult",
     "minimize",
     "AS2P",
+    "HiZOO",
     "S2P",
     "STP",
     "ZOSGD",

@@ -63,10 +63,14 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
     return x.view(_BITS[x.dtype])
 
 
-def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool, z=None):
-    """``moved = fl(xp + fl(s_new * z))`` and, if ``record``, where ``fl(moved - delta) != xp``."""
+def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool, z=None, W=None):
+    """``moved = fl(xp + fl(s_new * z))`` and, if ``record``, where ``fl(moved - delta) != xp``.
+
+    ``W`` (float32, optional): a per-element multiplier of the direction, ``z <- fl(z * W)``."""
     if z is None:
         z = _noise(idx, nk0, nk1, table, distribution)
+    if W is not None:
+        z = z * W
     delta = z * s_new
     moved = (_wide(xp) + delta).to(xp.dtype)
     if not record:
@@ -79,8 +83,8 @@ def _apply_new(xp, idx, nk0, nk1, s_new, table, distribution: str, record: bool,
 
 
 def fused_move(
-    x, base, ok0, ok1, s_old, nk0, nk1, s_new, keep, table, P, M, *, distribution, has_old, has_new, record,
-    same_key=False,
+    x, base, ok0, ok1, s_old, nk0, nk1, s_new, keep, table, P, M, W=None, *, distribution, has_old,
+    has_new, record, same_key=False, weighted=False,
 ):
     """One chunk ``x`` (a contiguous 1-d view of a parameter; its first element has global index
     ``base``) goes from ``x0 + s_old * z_old`` to ``x0 * keep + s_new * z_new``, in place.
@@ -90,20 +94,25 @@ def fused_move(
     ``record``, ``P`` receives the unperturbed point ``x0 * keep`` and ``M`` (int32) marks the
     elements whose undo would not be bit-exact; the count of marks is returned. ``same_key``: the
     old and new directions are the same (the second query of a two-point step, and the update
-    fused with the restore), so the noise is computed once.
+    fused with the restore), so the noise is computed once. ``weighted``: both directions are
+    multiplied element-wise by the float32 chunk ``W`` (a preconditioned direction, HiZOO's
+    ``Sigma^(1/2) u``), ``fl(z * W)``, before the scale.
     """
     n = x.shape[0]
     idx = base + torch.arange(n, device=x.device, dtype=torch.int64)
     xp, z = x, None
     if has_old:
         z = _noise(idx, ok0, ok1, table, distribution)
-        xp = (_wide(x) - z * s_old).to(x.dtype)
+        z_old = z * W if weighted else z
+        xp = (_wide(x) - z_old * s_old).to(x.dtype)
     if not (isinstance(keep, float) and keep == 1.0):  # eager calls skip a no-op decay (x * 1.0 == x)
         xp = (_wide(xp) * keep).to(x.dtype)
     if not has_new:
         x.copy_(xp)
         return None
-    moved, bad = _apply_new(xp, idx, nk0, nk1, s_new, table, distribution, record, z if same_key else None)
+    moved, bad = _apply_new(
+        xp, idx, nk0, nk1, s_new, table, distribution, record, z if same_key else None, W if weighted else None
+    )
     if record:
         P.copy_(xp)
         M.copy_(bad.to(torch.int32))
@@ -113,7 +122,9 @@ def fused_move(
     return None
 
 
-def gathered_move(x, P, M, lidx, xj, base, nk0, nk1, s_new, keep, table, *, distribution, has_new, record):
+def gathered_move(
+    x, P, M, lidx, xj, base, nk0, nk1, s_new, keep, table, W=None, *, distribution, has_new, record, weighted=False
+):
     """Finish :func:`fused_move` for the chunk's journaled elements: local indices ``lidx``
     (int32), whose unperturbed values ``xj`` were saved because their arithmetic undo is wrong.
 
@@ -126,7 +137,7 @@ def gathered_move(x, P, M, lidx, xj, base, nk0, nk1, s_new, keep, table, *, dist
     if not has_new:
         x[i] = xp
         return None
-    moved, bad = _apply_new(xp, base + i, nk0, nk1, s_new, table, distribution, record)
+    moved, bad = _apply_new(xp, base + i, nk0, nk1, s_new, table, distribution, record, W=W[i] if weighted else None)
     x[i] = moved
     if not record:
         return None

@@ -51,7 +51,7 @@ whole tensor. Chunking does not change the values.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -60,6 +60,8 @@ from . import kernels
 from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, mix, normal_table
 
 Scales = Sequence[float]
+#: ``weights(j, a, b)``: float32 multipliers of elements a:b of tensor j (see SeededPerturbation.weights).
+Weights = Callable[[int, int, int], torch.Tensor]
 
 
 class SeededPerturbation:
@@ -116,6 +118,28 @@ class SeededPerturbation:
         self._journal: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._norm_cache: tuple[int, float] | None = None
+        self._weights: Weights | None = None
+
+    # -- preconditioning ----------------------------------------------------------------------
+    @property
+    def weights(self) -> Weights | None:
+        """An element-wise multiplier of every direction, or None (plain directions).
+
+        ``weights(j, a, b)`` returns the float32 multipliers of elements ``a:b`` of tensor ``j``
+        (on its device); a move then adds ``fl(scale * fl(s * w))`` instead of
+        ``fl(scale * s)``, checked and journaled the same way. HiZOO's ``Sigma^(1/2) u`` is such a
+        direction. The multipliers must not change while an offset is applied (the undo recomputes
+        them), so they can be set only on the unperturbed point.
+        """
+        return self._weights
+
+    @weights.setter
+    def weights(self, fn: Weights | None) -> None:
+        if self.is_perturbed:
+            raise RuntimeError("the direction weights can change only on the unperturbed point; call restore() first")
+        if fn is not None and self.normalize:
+            raise ValueError("weighted directions cannot be normalized (normalize=True)")
+        self._weights = fn
 
     # -- state ------------------------------------------------------------------------------
     @property
@@ -229,25 +253,30 @@ class SeededPerturbation:
         if has_old and has_new and key == old_key:
             flags["same_key"] = True  # one noise evaluation serves the undo and the new offset
         offset = self.offsets[j]
+        weights = self._weights
+        if weights is not None:
+            flags["weighted"] = True
         for c, a, b in self._chunks(p):
             n = b - a
             sl = flat[a:b]
             P = self._buffer(device, "P", n, dtype) if record else None
             M = self._buffer(device, "M", n, torch.int32) if record else None
+            W = None if weights is None else weights(j, a, b)
             count = kernels.run(
-                kernels.fused_move, (sl, offset + a, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M), device, **flags
+                kernels.fused_move, (sl, offset + a, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M, W), device, **flags
             )
             fix = old_journal.get((j, c)) if has_old else None
             if fix is not None:
                 # Journaled elements: their arithmetic undo was wrong; redo the move from their saved values.
                 delta = kernels.run(
                     kernels.gathered_move,
-                    (sl, P, M, fix[0], fix[1], offset + a, nk0, nk1, s_n, keep, table),
+                    (sl, P, M, fix[0], fix[1], offset + a, nk0, nk1, s_n, keep, table, W),
                     device,
                     size=fix[0].numel(),
                     distribution=self.distribution,
                     has_new=has_new,
                     record=record,
+                    weighted=W is not None,
                 )
                 if record:
                     count = count + delta

@@ -2,8 +2,9 @@
 
 from .as2p import AS2P
 from .base import NonFiniteLossWarning, ZerothOrderOptimizer
+from .hizoo import HiZOO
 from .s2p import S2P
 from .stp import STP
 from .zosgd import ZOSGD
 
-__all__ = ["AS2P", "NonFiniteLossWarning", "S2P", "STP", "ZOSGD", "ZerothOrderOptimizer"]
+__all__ = ["AS2P", "HiZOO", "NonFiniteLossWarning", "S2P", "STP", "ZOSGD", "ZerothOrderOptimizer"]

@@ -8,6 +8,7 @@ import torch
 
 from ..schedules import cosine_decay
 from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
+from .momentum import SeedMomentum, check_momentum_state
 
 BATCH_MODES = ("minibatch", "full")
 
@@ -103,6 +104,11 @@ class AS2P(ZerothOrderOptimizer):
             before sigma is taken (so the window holds ceil(window * K * k) gammas, the same
             fraction of the run); each direction gets its own clipped, auto-scaled step, and the
             update is their average, x <- x - (1/k) sum_i sign(gamma_i) |alpha_i| s_i. Default 1.
+        momentum: beta of the memory-free momentum (:class:`~zoptim.optim.momentum.SeedMomentum`),
+            an extension beyond Alg. 2: the step follows the normalised average of the last
+            ``momentum_window`` clipped, auto-scaled steps ``sign(gamma_j) |alpha_j| s_j``
+            (each s redrawn from its key), all scaled by today's lr_k. 0 (default) is Alg. 2.
+        momentum_window: m, the number of past steps in that average. Default 8.
         distribution, normalize, seed, exact_restore, max_nonfinite: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
@@ -130,6 +136,8 @@ class AS2P(ZerothOrderOptimizer):
         seed: int = 0,
         *,
         num_directions: int = 1,
+        momentum: float = 0.0,
+        momentum_window: int = 8,
         auto_lr: bool = True,
         clipping: bool = True,
         max_window: int = 1024,
@@ -172,6 +180,7 @@ class AS2P(ZerothOrderOptimizer):
             max_nonfinite=max_nonfinite,
         )
         self.gammas = GammaWindow(self._window_capacity())
+        self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
 
     def _window_capacity(self) -> int:
         if self.total_steps is None:
@@ -219,7 +228,7 @@ class AS2P(ZerothOrderOptimizer):
         sigma = self.gammas.sigma(self.window_length(k))
         tau_a = self.tau_a_factor(k) * sigma
         lr_of_group = [self.lr_at(k, grp["lr"]) for grp in self.param_groups]
-        terms, ratios = [], []
+        steps, ratios = [], []
         for key, gamma in zip(keys, gammas):
             g = abs(gamma)
             if self.clipping:
@@ -232,9 +241,12 @@ class AS2P(ZerothOrderOptimizer):
                 ratio = clipped
             direction = -math.copysign(1.0, gamma) if gamma != 0.0 else 0.0
             # k directions: the average of their steps, as k-SPSA averages its estimates
-            terms.append((key, [direction * lr_of_group[gi] * ratio / len(keys) for gi in self._group_of]))
+            steps.append((key, direction * ratio / len(keys)))
             ratios.append(ratio)
-        self.engine.update(terms)
+        if self.momentum is not None:
+            self.momentum.push(steps)
+            steps = self.momentum.terms()
+        self.engine.update([(key, [c * lr_of_group[gi] for gi in self._group_of]) for key, c in steps])
         loss = sum(0.5 * (fp + fm) for fp, fm in zip(plus, minus)) / len(keys)
         self.last_stats = {
             "loss": loss,
@@ -251,10 +263,18 @@ class AS2P(ZerothOrderOptimizer):
     def _extra_state(self) -> dict:
         extra = super()._extra_state()
         extra["gamma_window"] = {"values": self.gammas.values.clone(), "count": self.gammas.count}
+        if self.momentum is not None:
+            extra["momentum"] = self.momentum.state()
         return extra
+
+    def _check_compatible(self, extra: dict) -> None:
+        super()._check_compatible(extra)
+        check_momentum_state(self.momentum, extra)
 
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
         window = extra["gamma_window"]
         self.gammas.values = window["values"].clone().to(torch.float64)
         self.gammas.count = int(window["count"])
+        if self.momentum is not None:
+            self.momentum.load(extra["momentum"])

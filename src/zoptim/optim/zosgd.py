@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
+from .momentum import SeedMomentum, check_momentum_state
 
 
 class ZOSGD(ZerothOrderOptimizer):
@@ -27,6 +28,10 @@ class ZOSGD(ZerothOrderOptimizer):
         eps: perturbation scale epsilon (rho), > 0. Default 1e-3. One value for all groups.
         num_directions: k, directions averaged per step. Default 1.
         weight_decay: lambda, decoupled as in SGD, per group. Default 0.
+        momentum: beta of the memory-free momentum (:class:`~zoptim.optim.momentum.SeedMomentum`):
+            the step follows the normalised average of the last ``momentum_window`` estimates
+            ``g_i s_i``, each s redrawn from its key. 0 (default) is plain ZOSGD.
+        momentum_window: m, the number of past steps in that average. Default 8.
         distribution, normalize, seed, exact_restore, max_nonfinite: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
@@ -49,6 +54,8 @@ class ZOSGD(ZerothOrderOptimizer):
         weight_decay: float = 0.0,
         seed: int = 0,
         *,
+        momentum: float = 0.0,
+        momentum_window: int = 8,
         normalize: bool = False,
         exact_restore: bool = True,
         max_nonfinite: int = 10,
@@ -67,6 +74,7 @@ class ZOSGD(ZerothOrderOptimizer):
             max_nonfinite=max_nonfinite,
         )
         self.queries_per_step = 2 * self.num_directions
+        self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
 
     supports_direction_sharding = True
 
@@ -75,7 +83,11 @@ class ZOSGD(ZerothOrderOptimizer):
         k, losses = len(keys), [v for pair in zip(plus, minus) for v in pair]
         lrs = self.per_param("lr")
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
-        terms = [(key, [-lr * g / k for lr in lrs]) for key, g in zip(keys, gammas)]
+        steps = [(key, g / k) for key, g in zip(keys, gammas)]
+        if self.momentum is not None:
+            self.momentum.push(steps)
+            steps = self.momentum.terms()
+        terms = [(key, [-lr * c for lr in lrs]) for key, c in steps]
         self.engine.update(terms, decay=decay if any(decay) else None)
         loss = sum(losses) / len(losses)
         self.last_stats = {
@@ -86,3 +98,18 @@ class ZOSGD(ZerothOrderOptimizer):
             "lr": self.param_groups[0]["lr"],
         }
         return loss
+
+    def _extra_state(self) -> dict:
+        extra = super()._extra_state()
+        if self.momentum is not None:
+            extra["momentum"] = self.momentum.state()
+        return extra
+
+    def _check_compatible(self, extra: dict) -> None:
+        super()._check_compatible(extra)
+        check_momentum_state(self.momentum, extra)
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        if self.momentum is not None:
+            self.momentum.load(extra["momentum"])
