@@ -26,9 +26,13 @@ def weights(dtype, n, seed=0):
     return w
 
 
-def two_point_step(params, distribution, chunk_size=4096, decay=0.1):
-    """The moves of a ZOSGD step, recording every intermediate state and the journals."""
+def two_point_step(params, distribution, chunk_size=4096, decay=0.1, weighted=False):
+    """The moves of a ZOSGD step, recording every intermediate state and the journals.
+    ``weighted``: HiZOO's preconditioned directions (per-element multipliers)."""
     engine = SeededPerturbation(params, distribution=distribution, chunk_size=chunk_size)
+    if weighted:
+        mult = [torch.linspace(0.01, 30.0, p.numel()) for p in params]
+        engine.weights = lambda j, a, b: mult[j][a:b]
     seen = []
     engine.move(11, 1e-3)
     seen += [bits(p) for p in params] + [engine.journal_elements()]
@@ -51,13 +55,14 @@ def compiled(monkeypatch):
     kernels.reset_routing()
 
 
-@pytest.mark.parametrize("dtype, distribution", [(torch.float32, "normal"), (torch.bfloat16, "rademacher")])
-def test_compiled_moves_equal_eager_moves_bit_for_bit(monkeypatch, compiled, dtype, distribution):
+@pytest.mark.parametrize("dtype, distribution, weighted", [
+    (torch.float32, "normal", False), (torch.bfloat16, "rademacher", False), (torch.bfloat16, "normal", True)])
+def test_compiled_moves_equal_eager_moves_bit_for_bit(monkeypatch, compiled, dtype, distribution, weighted):
     base = [weights(dtype, 3 * 4096 + 77), weights(dtype, 300, seed=1)]
-    got = two_point_step([t.clone() for t in base], distribution)
+    got = two_point_step([t.clone() for t in base], distribution, weighted=weighted)
     assert len(kernels._compiled) > 0  # the compiled route was taken
     monkeypatch.setenv("ZOPTIM_COMPILE", "0")
-    want = two_point_step([t.clone() for t in base], distribution)
+    want = two_point_step([t.clone() for t in base], distribution, weighted=weighted)
     assert got[-1] == 0 and got[2] > 0  # journals were exercised, and emptied by the update
     for a, b in zip(got, want):
         assert (a == b) if isinstance(a, int) else torch.equal(a, b)
