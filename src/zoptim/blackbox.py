@@ -56,6 +56,7 @@ METHODS: dict[str, type[ZerothOrderOptimizer]] = {
     "stp": optim.STP,
     "s2p": optim.S2P,
     "as2p": optim.AS2P,
+    "hizoo": optim.HiZOO,
 }
 
 #: Options of :func:`minimize` that control the run (every other option is a method hyper-parameter).
@@ -168,6 +169,8 @@ def queries_per_step(method: str, hyperparameters: dict) -> int:
         return 3
     if name == "s2p":
         return 4 if str(hyperparameters.get("step_rule", "stationary")).endswith("dynamic") else 2
+    if name == "hizoo":
+        return 3
     if name in ("zosgd", "as2p"):
         return 2 * int(hyperparameters.get("num_directions", 1))
     return 2
@@ -433,7 +436,8 @@ def minimize(
             scalar raises TypeError.
         x0: the starting point, a non-empty 1-D array of finite real numbers.
         args: extra positional arguments for ``fun``.
-        method: ``"as2p"`` (default), ``"zosgd"``, ``"stp"`` or ``"s2p"``.
+        method: ``"as2p"`` (default), ``"zosgd"``, ``"stp"``, ``"s2p"`` or ``"hizoo"``; the
+            memory-free momentum is an option of zosgd and as2p (``momentum=0.9``).
         bounds: box bounds, a ``scipy.optimize.Bounds`` or one ``(low, high)`` pair per variable
             (``None`` for no bound). Handled by projection: ``fun`` is evaluated at the query
             point clipped to the box, and each iterate is clipped after its update. An ``x0``

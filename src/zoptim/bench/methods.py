@@ -7,7 +7,9 @@ step size with a cosine schedule (Table 3: "LR scheduler: cosine decay" for all)
 the optimizer, the others through ``torch.optim.lr_scheduler.CosineAnnealingLR``.
 
 Hyper-parameter keys: ``lr`` (GA's alpha_0), ``eps`` (rho_0), ``stp_lr`` (STP's alpha_0),
-``s2p_lr`` (alpha_0 of S2P's stationary rule, alpha = alpha_0 / sqrt(K d)), ``eta_b`` (AS2P).
+``s2p_lr`` (alpha_0 of S2P's stationary rule, alpha = alpha_0 / sqrt(K d)), ``eta_b`` (AS2P),
+``hessian_smooth`` (HiZOO's alpha; default :data:`HIZOO_SMOOTH`). HiZOO and the momentum
+variants take GA's ``lr`` and ``eps``.
 AS2P's step size is tied to rho_k as in the paper (lr=None); its ablation without the automatic
 learning rate uses GA's ``lr``.
 """
@@ -26,7 +28,7 @@ class Method:
     """A named optimizer recipe. ``uses``: the hyper-parameter keys it reads (recorded per run)."""
 
     name: str
-    kind: str  # "zosgd" | "stp" | "s2p" | "as2p"
+    kind: str  # "zosgd" | "stp" | "s2p" | "as2p" | "hizoo"
     queries_per_step: int
     uses: tuple
     options: dict = field(default_factory=dict)
@@ -38,7 +40,8 @@ class Method:
         o = self.options
         if self.kind == "zosgd":
             opt = zoptim.ZOSGD(params, lr=hparams["lr"], eps=hparams["eps"], num_directions=o.get("num_directions", 1),
-                               distribution=o.get("distribution", "normal"), seed=seed)
+                               distribution=o.get("distribution", "normal"), seed=seed,
+                               momentum=o.get("momentum", 0.0), momentum_window=o.get("momentum_window", 8))
         elif self.kind == "stp":
             opt = zoptim.STP(params, lr=hparams["stp_lr"], distribution=o.get("distribution", "normal"), seed=seed)
         elif self.kind == "s2p":
@@ -49,7 +52,12 @@ class Method:
             opt = zoptim.AS2P(params, eps=hparams["eps"], eta_b=o.get("eta_b", hparams["eta_b"]), total_steps=total_steps,
                               batch_mode=o.get("batch_mode", "minibatch"), lr=None if auto_lr else hparams["lr"],
                               distribution=o.get("distribution", "normal"), seed=seed, auto_lr=auto_lr,
-                              clipping=o.get("clipping", True))
+                              clipping=o.get("clipping", True), momentum=o.get("momentum", 0.0),
+                              momentum_window=o.get("momentum_window", 8))
+        elif self.kind == "hizoo":
+            opt = zoptim.HiZOO(params, lr=hparams["lr"], eps=hparams["eps"],
+                               hessian_smooth=hparams.get("hessian_smooth", HIZOO_SMOOTH), factored=o.get("factored", False),
+                               seed=seed)
         else:  # pragma: no cover - the table below is the only source of methods
             raise ValueError(f"unknown method kind {self.kind!r}")
         if opt.queries_per_step != self.queries_per_step:
@@ -81,11 +89,20 @@ def _table() -> dict[str, Method]:
     add("AS2P-uniform", "as2p", 2, ("eps", "eta_b"), "AS2P with uniform directions", distribution="uniform")
     add("AS2P-no-auto-lr", "as2p", 2, ("eps", "eta_b", "lr"), "AS2P without the automatic learning rate (GA's lr)", auto_lr=False)
     add("AS2P-no-clipping", "as2p", 2, ("eps", "eta_b"), "AS2P without progressive gamma-clipping", clipping=False)
+    add("ZOSGD-momentum", "zosgd", 2, ("lr", "eps"), "ZOSGD with memory-free seed momentum, beta 0.9 over 8 steps",
+        momentum=0.9, momentum_window=8)
+    add("AS2P-momentum", "as2p", 2, ("eps", "eta_b"), "AS2P with memory-free seed momentum, beta 0.9 over 8 steps",
+        momentum=0.9, momentum_window=8)
+    add("HiZOO", "hizoo", 3, ("lr", "eps", "hessian_smooth"), "HiZOO (Zhao et al. 2025): diagonal-Hessian-preconditioned MeZO")
+    add("HiZOO-factored", "hizoo", 3, ("lr", "eps", "hessian_smooth"), "HiZOO with the rank-one factored Hessian estimate",
+        factored=True)
     for eta_b in (1, 3, 5, 10, 50):
         add(f"AS2P-etab{eta_b}", "as2p", 2, ("eps",), f"AS2P with eta_b = {eta_b}", eta_b=float(eta_b))
     return m
 
 
+#: HiZOO's alpha when a problem names none: the largest of the paper's grid {1e-6, 1e-7, 1e-8}.
+HIZOO_SMOOTH = 1e-6
 METHODS: dict[str, Method] = _table()
 #: The paper's baseline for the training cost ratio (GA, i.e. MeZO).
 BASELINE = "ZOSGD"

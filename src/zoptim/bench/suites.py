@@ -8,6 +8,9 @@
 * ``ablations``: Fig. 3a (AS2P without automatic LR / without gamma-clipping), Fig. 3c (eta_b
   sweep), Fig. 4 (normal / Rademacher / uniform directions), Fig. 7 (directions per update at an
   equal query budget), on the digits MLP.
+* ``methods``: the methods beyond the paper (seed momentum for ZOSGD and AS2P, HiZOO dense and
+  factored) beside GA and AS2P on four cheap problems, 3 seeds, 6,000 queries, every method with
+  the problem's default hyper-parameters (GA's lr and eps; no search for any method).
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
@@ -38,6 +41,11 @@ from .io import atomic_write_text
 from .methods import get_method
 
 FIVE = ["ZOSGD", "ZOSGD-rademacher", "STP", "S2P", "AS2P"]
+#: The methods beyond the S2P paper (issue 12) beside its GA and AS2P.
+NEW = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "HiZOO-factored"]
+#: Cheap problems for the ``methods`` suite: the quick suite's MLP, softmax regression, a
+#: relaxed-smooth function and an ill-conditioned quadratic.
+NEW_PROBLEMS = ["digits-mlp", "softmax", "relaxed-smooth", "quadratic"]
 
 
 @dataclass
@@ -68,6 +76,7 @@ SUITES = {
     "paper": lambda budget, seeds: [Experiment("paper", ["fashion-efficientnet", "softmax"], FIVE, seeds or 2, budget or 10000,
                                                search=True, num_evals=50)],
     "ablations": lambda budget, seeds: _ablations(budget or 6000, seeds or 3),
+    "methods": lambda budget, seeds: [Experiment("methods", NEW_PROBLEMS, NEW, seeds or 3, budget or 6000)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
 }

@@ -65,6 +65,10 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: per method, see zoptim.lm.train)")
     p.add_argument("--eps", type=float, default=None, help="smoothing parameter (the paper's rho, MeZO's epsilon)")
     p.add_argument("--eta-b", type=float, default=50.0, help="AS2P's eta_b (S2P paper Table 4: 50 for LLMs)")
+    p.add_argument("--momentum", type=float, default=0.0,
+                   help="zosgd / as2p: beta of the memory-free seed momentum (0: none)")
+    p.add_argument("--momentum-window", type=int, default=8, help="steps in the seed momentum's window")
+    p.add_argument("--hessian-smooth", type=float, default=1e-6, help="hizoo: alpha, the Hessian estimate's EMA rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
     p.add_argument("--no-progress", action="store_true")
@@ -111,6 +115,10 @@ def check_args(args) -> None:
         raise SystemExit(f"zoptim finetune: --objective must be one of {', '.join(OBJECTIVES)}; got {args.objective!r}")
     if args.objective == "accuracy" and args.method == "adamw":
         raise SystemExit("zoptim finetune: --objective accuracy is not differentiable; use a zeroth-order --method")
+    if args.momentum and args.method not in ("zosgd", "as2p"):
+        raise SystemExit(f"zoptim finetune: --momentum is an option of zosgd and as2p; got --method {args.method}")
+    if not 0.0 <= args.momentum < 1.0:
+        raise SystemExit(f"zoptim finetune: --momentum must be in [0, 1); got {args.momentum}")
     if args.test_examples is not None and args.test_examples < 1:
         raise SystemExit(f"zoptim finetune: --test-examples must be >= 1; got {args.test_examples}")
     for name in ("steps", "batch_size", "eval_every", "eval_examples", "max_length", "checkpoint_every", "nproc"):
@@ -282,7 +290,8 @@ def _run(args, device, rank: int, world: int) -> int:
     )
     optimizer = make_optimizer(
         args.method, clf.parameters(), args.steps, lora=args.lora, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
-        seed=args.seed, exact_restore=not args.no_exact_restore,
+        seed=args.seed, exact_restore=not args.no_exact_restore, momentum=args.momentum,
+        momentum_window=args.momentum_window, hessian_smooth=args.hessian_smooth,
     )
     run_dir = out / (args.run_name or args.method)
     loop = Loop(clf, task, optimizer, config, run_dir, progress=not args.no_progress)
@@ -304,6 +313,8 @@ def _run(args, device, rank: int, world: int) -> int:
         "dtype": args.dtype,
         "device": str(device),
         "exact_restore": not args.no_exact_restore,
+        "momentum": args.momentum,
+        "hessian_smooth": args.hessian_smooth if args.method == "hizoo" else None,
         "steps": loop.step,
         "queries": loop.queries,
         "batch_size": args.batch_size,

@@ -33,20 +33,22 @@ from pathlib import Path
 
 import torch
 
-from .. import AS2P, S2P, STP, ZOSGD
+from .. import AS2P, S2P, STP, ZOSGD, HiZOO
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from .data import Task
 from .prompts import PromptClassifier
 
-ZO_METHODS = ("zosgd", "as2p", "stp", "s2p")
+ZO_METHODS = ("zosgd", "as2p", "stp", "s2p", "hizoo")
 METHODS = ZO_METHODS + ("adamw",)
 OBJECTIVES = ("loss", "accuracy")
 
 # (full-parameter, LoRA) defaults. ZOSGD: MeZO's grid (lr 1e-6..1e-7, eps 1e-3 full; lr 1e-4,
 # eps 1e-2 LoRA). AS2P: rho_0 = eps from MeZO, eta_b = 50 (S2P paper, Table 4). STP: alpha_0 from
-# Table 4 (2e-5) for full tuning. AdamW: MeZO's fine-tuning grid (1e-5 full, 1e-4 LoRA).
+# Table 4 (2e-5) for full tuning. HiZOO: MeZO's values (it is MeZO with a preconditioner), alpha
+# 1e-6 from the HiZOO paper's grid. AdamW: MeZO's fine-tuning grid (1e-5 full, 1e-4 LoRA).
 DEFAULT_LR = {
     "zosgd": (1e-6, 1e-4),
+    "hizoo": (1e-6, 1e-4),
     "as2p": (None, None),
     "stp": (2e-5, 1e-3),
     "s2p": (2e-5, 1e-3),
@@ -56,23 +58,32 @@ DEFAULT_EPS = (1e-3, 1e-2)
 
 
 def make_optimizer(
-    method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True
+    method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True,
+    momentum: float = 0.0, momentum_window: int = 8, hessian_smooth: float = 1e-6,
 ):
     """The optimizer for ``method`` with the defaults above (see the table's sources).
+
+    ``momentum`` / ``momentum_window``: the memory-free seed momentum of ZOSGD and AS2P (a
+    ValueError for the other methods); ``hessian_smooth``: HiZOO's alpha.
 
     ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
     arithmetic undo); it is ignored by AdamW.
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if momentum and method not in ("zosgd", "as2p"):
+        raise ValueError(f"momentum is an option of zosgd and as2p; got method {method!r}")
     params = [p for p in params if p.requires_grad]
     lr = DEFAULT_LR[method][int(lora)] if lr is None else lr
     eps = DEFAULT_EPS[int(lora)] if eps is None else eps
     zo = dict(seed=seed, exact_restore=bool(exact_restore))
     if method == "zosgd":
-        return ZOSGD(params, lr=lr, eps=eps, **zo)
+        return ZOSGD(params, lr=lr, eps=eps, momentum=momentum, momentum_window=momentum_window, **zo)
     if method == "as2p":
-        return AS2P(params, eps=eps, eta_b=eta_b, total_steps=steps, lr=lr, **zo)
+        return AS2P(params, eps=eps, eta_b=eta_b, total_steps=steps, lr=lr, momentum=momentum,
+                    momentum_window=momentum_window, **zo)
+    if method == "hizoo":
+        return HiZOO(params, lr=lr, eps=eps, hessian_smooth=hessian_smooth, **zo)
     if method == "stp":
         return STP(params, lr=lr, **zo)
     if method == "s2p":
