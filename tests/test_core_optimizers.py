@@ -57,15 +57,13 @@ CASES = [
     Case("as2p-full-batch", zoptim.AS2P, dict(eps=0.03, batch_mode="full", total_steps=_k(QUAD_BUDGET, 2)),
          dict(eps=0.01, batch_mode="full", total_steps=_k(SOFTMAX_BUDGET, 2)),
          dict(eps=0.05, batch_mode="full", total_steps=30)),
-    Case("zosgd-momentum", zoptim.ZOSGD, dict(lr=1 / 1002, momentum=0.9, momentum_window=8),
+    Case("zosgd-momentum", zoptim.ZOSGD, dict(lr=1 / 1002, momentum=0.5, momentum_window=3),
          dict(lr=0.3, momentum=0.9), dict(lr=0.05, eps=1e-2, momentum=0.8, momentum_window=4)),
-    Case("as2p-momentum", zoptim.AS2P, dict(eps=0.1, total_steps=_k(QUAD_BUDGET, 2), momentum=0.9),
+    Case("as2p-momentum", zoptim.AS2P, dict(eps=0.1, total_steps=_k(QUAD_BUDGET, 2), momentum=0.5, momentum_window=3),
          dict(eps=0.1, total_steps=_k(SOFTMAX_BUDGET, 2), momentum=0.9),
          dict(eps=0.1, total_steps=30, momentum=0.8, momentum_window=4)),
     Case("hizoo", zoptim.HiZOO, dict(lr=2 / 1002, hessian_smooth=1e-6), dict(lr=0.3, hessian_smooth=1e-3),
          dict(lr=0.05, eps=1e-2, hessian_smooth=0.1, weight_decay=0.1)),
-    Case("hizoo-factored", zoptim.HiZOO, dict(lr=2 / 1002, hessian_smooth=1e-6, factored=True),
-         dict(lr=0.3, hessian_smooth=1e-3, factored=True), dict(lr=0.05, eps=1e-2, hessian_smooth=0.1, factored=True)),
 ]
 IDS = [c.name for c in CASES]
 
@@ -103,7 +101,6 @@ REFERENCES = {
     "zosgd-momentum": lambda kw, x0, n: reference.zosgd_momentum(tiny_f, x0, n, lr=0.05, eps=1e-2, beta=0.8, m=4),
     "as2p-momentum": lambda kw, x0, n: reference.as2p_momentum(tiny_f, x0, n, eps=0.1, K=30, beta=0.8, m=4),
     "hizoo": lambda kw, x0, n: reference.hizoo(tiny_f, x0, n, lr=0.05, eps=1e-2, alpha=0.1, wd=0.1),
-    "hizoo-factored": lambda kw, x0, n: reference.hizoo(tiny_f, x0, n, lr=0.05, eps=1e-2, alpha=0.1),
 }
 
 

@@ -22,7 +22,7 @@ def _positive_int(name):
 def register(sub) -> None:
     p = sub.add_parser("bench", help="compare zeroth-order optimizers at equal query budgets",
                        description="Run a benchmark suite (quick | paper | softmax | ablations | blackbox) or rebuild a report.")
-    p.add_argument("--suite", help="quick (the demo), paper, softmax, ablations or blackbox (zoptim vs nevergrad, "
+    p.add_argument("--suite", help="quick (the demo), paper, methods (HiZOO, seed momentum), softmax, ablations or blackbox (zoptim vs nevergrad, "
                                    "CMA-ES, scipy, torchzero on functions of a vector)")
     p.add_argument("--quick", action="store_true", help="blackbox suite only: a smoke run (3 small problems, 300 evaluations)")
     p.add_argument("--methods", nargs="+", help="override the suite's methods (see zoptim.bench.METHODS)")
