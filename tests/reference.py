@@ -52,15 +52,18 @@ def direction(seed, step, index, shapes, distribution="normal", normalize=False)
     return s
 
 
-def zosgd(f, x, steps, lr, eps, k=1, wd=0.0, seed=0, distribution="normal"):
-    """GA / k-SPSA: x <- x - lr ((1/k) sum_i g_i s_i + wd x), g_i = (f(x+eps s_i) - f(x-eps s_i)) / 2eps."""
-    xs = [x.clone()]
+def zosgd(f, x, steps, lr, eps, k=1, wd=0.0, seed=0, distribution="normal", beta=0.0, m=1):
+    """GA / k-SPSA: x <- x - lr (v + wd x), with v = (1/k) sum_i g_i s_i, g_i = (f(x+eps s_i) - f(x-eps s_i)) / 2eps;
+    with momentum, v = sum_j beta^j v_{t-j} / sum_j beta^j over the last min(t+1, m) steps."""
+    xs, past = [x.clone()], []
     for t in range(steps):
         g_hat = torch.zeros_like(x)
         for i in range(k):
             s = direction(seed, t, i, [x.numel()], distribution)
             g_hat += (f(x + eps * s) - f(x - eps * s)) / (2 * eps) * s / k
-        x = x - lr * (g_hat + wd * x)
+        past = [g_hat] + past[: m - 1]
+        w = [beta**j for j in range(len(past))]
+        x = x - lr * (sum(wj * v for wj, v in zip(w, past)) / sum(w) + wd * x)
         xs.append(x.clone())
     return xs
 
@@ -97,9 +100,11 @@ def s2p(f, x, steps, rule, seed=0, lr=None, K=None, L=None, L0=None, L1=None, rh
 
 
 def as2p(f, x, steps, eps, K, eta_a=5.0, eta_b=5.0, window=0.1, full=False, seed=0, lr=None,
-         auto_lr=True, clipping=True):
-    """Algorithm 2 of the S2P paper, stepping towards the lower evaluation."""
-    gammas, xs = [], [x.clone()]
+         auto_lr=True, clipping=True, beta=0.0, m=1):
+    """Algorithm 2 of the S2P paper, stepping towards the lower evaluation: x <- x + lr_k v, with
+    v = -sign(gamma) gamma' / (eta_b sigma) s (gamma' without auto_lr); with momentum,
+    v = sum_j beta^j v_{t-j} / sum_j beta^j over the last min(t+1, m) steps."""
+    gammas, xs, past = [], [x.clone()], []
     size = max(2, math.ceil(window * K))
     for k in range(steps):
         s = direction(seed, k, 0, [x.numel()])
@@ -113,45 +118,10 @@ def as2p(f, x, steps, eps, K, eta_a=5.0, eta_b=5.0, window=0.1, full=False, seed
         g_clip = 1 / (1 / abs(gamma) + 1 / tau_a) if clipping else abs(gamma)
         base = eps if lr is None else lr
         lr_k = (rho if lr is None else lr) if full else cosine_decay(base, 0.0, k, K)
-        alpha = lr_k * g_clip / (eta_b * sigma) if auto_lr else lr_k * g_clip
-        x = x - math.copysign(alpha, f_plus - f_minus) * s
-        xs.append(x.clone())
-    return xs
-
-
-def zosgd_momentum(f, x, steps, lr, eps, beta, m, seed=0):
-    """ZOSGD whose step is the normalised truncated EMA of the last m estimates g_j s_j:
-    x <- x - lr * sum_j beta^j g_{t-j} s_{t-j} / sum_j beta^j (j < min(t+1, m))."""
-    xs, past = [x.clone()], []
-    for t in range(steps):
-        s = direction(seed, t, 0, [x.numel()])
-        past.insert(0, (f(x + eps * s) - f(x - eps * s)) / (2 * eps) * s)
-        past = past[:m]
+        unit = g_clip / (eta_b * sigma) if auto_lr else g_clip
+        past = [-math.copysign(unit, f_plus - f_minus) * s] + past[: m - 1]
         w = [beta**j for j in range(len(past))]
-        x = x - lr * sum(wj * v for wj, v in zip(w, past)) / sum(w)
-        xs.append(x.clone())
-    return xs
-
-
-def as2p_momentum(f, x, steps, eps, K, beta, m, eta_a=5.0, eta_b=5.0, window=0.1, seed=0):
-    """AS2P (minibatch mode, Alg. 2) whose step is lr_k times the normalised truncated EMA of the
-    last m unit-lr steps sign(gamma_j) gamma'_j / (eta_b sigma_j) s_j."""
-    gammas, xs, past = [], [x.clone()], []
-    size = max(2, math.ceil(window * K))
-    for k in range(steps):
-        s = direction(seed, k, 0, [x.numel()])
-        rho = cosine_decay(eps, eps / 10, k, K)
-        f_plus, f_minus = f(x + rho * s), f(x - rho * s)
-        gamma = (f_plus - f_minus) / (2 * rho)
-        gammas.append(gamma)
-        recent = torch.tensor(gammas[-size:], dtype=torch.float64)
-        sigma = float(recent.std(unbiased=False)) if len(recent) > 1 else abs(gamma)
-        tau_a = cosine_decay(2 * eta_a, eta_a, k, K) * sigma
-        g_clip = 1 / (1 / abs(gamma) + 1 / tau_a)
-        past.insert(0, -math.copysign(g_clip / (eta_b * sigma), gamma) * s)
-        past = past[:m]
-        w = [beta**j for j in range(len(past))]
-        x = x + cosine_decay(eps, 0.0, k, K) * sum(wj * v for wj, v in zip(w, past)) / sum(w)
+        x = x + lr_k * sum(wj * v for wj, v in zip(w, past)) / sum(w)
         xs.append(x.clone())
     return xs
 

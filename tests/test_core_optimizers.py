@@ -98,8 +98,8 @@ REFERENCES = {
     "s2p-relaxed-dynamic": lambda kw, x0, n: reference.s2p(tiny_f, x0, n, "relaxed_dynamic", L0=2.0, L1=0.5),
     "as2p": lambda kw, x0, n: reference.as2p(tiny_f, x0, n, eps=0.1, K=30),
     "as2p-full-batch": lambda kw, x0, n: reference.as2p(tiny_f, x0, n, eps=0.05, K=30, full=True),
-    "zosgd-momentum": lambda kw, x0, n: reference.zosgd_momentum(tiny_f, x0, n, lr=0.05, eps=1e-2, beta=0.8, m=4),
-    "as2p-momentum": lambda kw, x0, n: reference.as2p_momentum(tiny_f, x0, n, eps=0.1, K=30, beta=0.8, m=4),
+    "zosgd-momentum": lambda kw, x0, n: reference.zosgd(tiny_f, x0, n, lr=0.05, eps=1e-2, beta=0.8, m=4),
+    "as2p-momentum": lambda kw, x0, n: reference.as2p(tiny_f, x0, n, eps=0.1, K=30, beta=0.8, m=4),
     "hizoo": lambda kw, x0, n: reference.hizoo(tiny_f, x0, n, lr=0.05, eps=1e-2, alpha=0.1, wd=0.1),
 }
 

@@ -169,17 +169,20 @@ class SeededPerturbation:
         """The stream of tensor ``j`` in the direction ``key``: element i is ``fill(..., mix(key, j))[i]``."""
         return mix(key, j)
 
+    def direction_chunks(self, key: int):
+        """The direction ``key`` chunk by chunk: yields ``(j, a, b, s)``, s the float32 values of
+        elements a:b of tensor j (a scratch buffer, overwritten by the next chunk)."""
+        for j, p in enumerate(self.params):
+            for _, a, b in self._chunks(p):
+                yield j, a, b, self.noise.fill(
+                    self._buffer(p.device, "z", b - a), self.tensor_key(key, j), start=self.offsets[j] + a
+                )
+
     def direction_norm(self, key: int) -> float:
         """||s(key)||_2 over all tensors (one noise pass; cached for the last key)."""
         if self._norm_cache is not None and self._norm_cache[0] == key:
             return self._norm_cache[1]
-        total = 0.0
-        for j, p in enumerate(self.params):
-            for _, a, b in self._chunks(p):
-                z = self.noise.fill(
-                    self._buffer(p.device, "z", b - a), self.tensor_key(key, j), start=self.offsets[j] + a
-                )
-                total += float(torch.dot(z, z))
+        total = sum(float(torch.dot(z, z)) for _, _, _, z in self.direction_chunks(key))
         norm = math.sqrt(total)
         self._norm_cache = (key, norm)
         return norm

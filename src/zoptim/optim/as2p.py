@@ -8,7 +8,7 @@ import torch
 
 from ..schedules import cosine_decay
 from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
-from .momentum import SeedMomentum, check_momentum_state
+from .momentum import SeedMomentum
 
 BATCH_MODES = ("minibatch", "full")
 
@@ -243,9 +243,7 @@ class AS2P(ZerothOrderOptimizer):
             # k directions: the average of their steps, as k-SPSA averages its estimates
             steps.append((key, direction * ratio / len(keys)))
             ratios.append(ratio)
-        if self.momentum is not None:
-            self.momentum.push(steps)
-            steps = self.momentum.terms()
+        steps = self._momentum_terms(steps)
         self.engine.update([(key, [c * lr_of_group[gi] for gi in self._group_of]) for key, c in steps])
         loss = sum(0.5 * (fp + fm) for fp, fm in zip(plus, minus)) / len(keys)
         self.last_stats = {
@@ -263,18 +261,10 @@ class AS2P(ZerothOrderOptimizer):
     def _extra_state(self) -> dict:
         extra = super()._extra_state()
         extra["gamma_window"] = {"values": self.gammas.values.clone(), "count": self.gammas.count}
-        if self.momentum is not None:
-            extra["momentum"] = self.momentum.state()
         return extra
-
-    def _check_compatible(self, extra: dict) -> None:
-        super()._check_compatible(extra)
-        check_momentum_state(self.momentum, extra)
 
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)
         window = extra["gamma_window"]
         self.gammas.values = window["values"].clone().to(torch.float64)
         self.gammas.count = int(window["count"])
-        if self.momentum is not None:
-            self.momentum.load(extra["momentum"])

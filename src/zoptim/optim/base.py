@@ -110,6 +110,9 @@ class ZerothOrderOptimizer(Optimizer):
     #: ``_exchange`` all-gathers each rank's list of floats (see :meth:`shard_directions`).
     _direction_rank, _direction_world = 0, 1
     _exchange: Callable[[list[float]], list[list[float]]] | None = None
+    #: The memory-free seed momentum (:class:`zoptim.optim.momentum.SeedMomentum`) of methods that
+    #: offer it (ZOSGD, AS2P), else None; its (key, coefficient) window is part of the state.
+    momentum = None
 
     def __init__(
         self,
@@ -249,6 +252,14 @@ class ZerothOrderOptimizer(Optimizer):
             self.engine.restore()
         return [self.direction_key(i) for i in range(k * len(rows))], gathered
 
+    def _momentum_terms(self, steps: list[tuple[int, float]]) -> list[tuple[int, float]]:
+        """This step's ``(key, coefficient)`` directions, or, with momentum, the window's average
+        after they join it (see :class:`zoptim.optim.momentum.SeedMomentum`)."""
+        if self.momentum is None:
+            return steps
+        self.momentum.push(steps)
+        return self.momentum.terms()
+
     # -- the step -----------------------------------------------------------------------------------
     def _queries(self) -> StepGenerator:
         """One step as a generator (subclasses implement it; it is the method's only step).
@@ -320,6 +331,7 @@ class ZerothOrderOptimizer(Optimizer):
             "num_queries": self.num_queries,
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_run": self._nonfinite_run,
+            **({"momentum": self.momentum.state()} if self.momentum is not None else {}),
         }
 
     def _load_extra_state(self, extra: dict) -> None:
@@ -328,6 +340,8 @@ class ZerothOrderOptimizer(Optimizer):
         self.num_queries = int(extra["num_queries"])
         self.nonfinite_steps = int(extra["nonfinite_steps"])
         self._nonfinite_run = int(extra["nonfinite_run"])
+        if self.momentum is not None:
+            self.momentum.load(extra["momentum"])
 
     def _check_compatible(self, extra: dict) -> None:
         """Refuse a state_dict from another class, another noise stream or another model."""
@@ -346,6 +360,16 @@ class ZerothOrderOptimizer(Optimizer):
             raise ValueError(
                 f"state_dict was saved for {dim} trainable scalars; this optimizer has {self.dim} "
                 "(another model, or other parameters frozen)"
+            )
+        saved, mine = extra.get("momentum"), self.momentum
+        if (saved is None) != (mine is None):
+            have = "no momentum" if mine is None else f"momentum={mine.beta}"
+            was = "without momentum" if saved is None else f"with momentum={saved['beta']}"
+            raise ValueError(f"state_dict was saved {was}; this optimizer has {have}")
+        if mine is not None and (float(saved["beta"]) != mine.beta or int(saved["window"]) != mine.window):
+            raise ValueError(
+                f"state_dict was saved with momentum={saved['beta']}, momentum_window={saved['window']}; this "
+                f"optimizer has momentum={mine.beta}, momentum_window={mine.window}"
             )
 
     def state_dict(self) -> dict:

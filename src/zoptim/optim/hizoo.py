@@ -151,27 +151,25 @@ class HiZOO(ZerothOrderOptimizer):
 
     def _update_hessian(self, key: int, curvature: float) -> None:
         """H <- (1 - alpha) H + alpha * curvature * H * u^2 (u redrawn from its key, chunk by chunk)."""
-        alpha, engine = self.hessian_smooth, self.engine
+        alpha = self.hessian_smooth
         if alpha == 0.0:
             return
-        for j, p in enumerate(engine.params):
+        # factored: the row and column sums of the estimate, accumulated over the chunks
+        sums = {j: (torch.zeros_like(h[0]), torch.zeros_like(h[1]))
+                for j, h in enumerate(self.hessian) if isinstance(h, tuple)}
+        for j, a, b, u in self.engine.direction_chunks(key):
+            estimate = self._chunk_hessian(j, a, b) * u.square() * curvature
             h = self.hessian[j]
-            factored = not isinstance(h, torch.Tensor)
-            if factored:
+            if j in sums:
                 cols = h[1].numel()
-                row_sum, col_sum = torch.zeros_like(h[0]), torch.zeros_like(h[1])
-            for _, a, b in engine._chunks(p):
-                u = engine.noise.fill(engine._buffer(p.device, "z", b - a), engine.tensor_key(key, j), start=engine.offsets[j] + a)
-                estimate = self._chunk_hessian(j, a, b) * u.square() * curvature
-                if factored:
-                    idx = torch.arange(a, b, device=p.device)
-                    row_sum.index_add_(0, idx // cols, estimate)
-                    col_sum.index_add_(0, idx % cols, estimate)
-                else:
-                    h[a:b].mul_(1.0 - alpha).add_(estimate, alpha=alpha)
-            if factored:
-                h[0].mul_(1.0 - alpha).add_(row_sum, alpha=alpha)
-                h[1].mul_(1.0 - alpha).add_(col_sum, alpha=alpha)
+                idx = torch.arange(a, b, device=u.device)
+                sums[j][0].index_add_(0, idx // cols, estimate)
+                sums[j][1].index_add_(0, idx % cols, estimate)
+            else:
+                h[a:b].mul_(1.0 - alpha).add_(estimate, alpha=alpha)
+        for j, (row_sum, col_sum) in sums.items():
+            self.hessian[j][0].mul_(1.0 - alpha).add_(row_sum, alpha=alpha)
+            self.hessian[j][1].mul_(1.0 - alpha).add_(col_sum, alpha=alpha)
 
     def memory_bytes(self) -> int:
         """Bytes of optimizer state the estimate holds."""

@@ -54,16 +54,3 @@ class SeedMomentum:
     def load(self, state: dict) -> None:
         self.history = deque(([(int(k), float(c)) for k, c in s] for s in state["history"]), maxlen=self.window)
 
-
-def check_momentum_state(momentum: SeedMomentum | None, extra: dict) -> None:
-    """Refuse a state_dict saved with momentum into an optimizer without it, or the reverse."""
-    saved = extra.get("momentum")
-    if (saved is None) != (momentum is None):
-        have = "no momentum" if momentum is None else f"momentum={momentum.beta}"
-        was = "without momentum" if saved is None else f"with momentum={saved['beta']}"
-        raise ValueError(f"state_dict was saved {was}; this optimizer has {have}")
-    if momentum is not None and (float(saved["beta"]) != momentum.beta or int(saved["window"]) != momentum.window):
-        raise ValueError(
-            f"state_dict was saved with momentum={saved['beta']}, momentum_window={saved['window']}; this "
-            f"optimizer has momentum={momentum.beta}, momentum_window={momentum.window}"
-        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
-from .momentum import SeedMomentum, check_momentum_state
+from .momentum import SeedMomentum
 
 
 class ZOSGD(ZerothOrderOptimizer):
@@ -84,9 +84,7 @@ class ZOSGD(ZerothOrderOptimizer):
         lrs = self.per_param("lr")
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
         steps = [(key, g / k) for key, g in zip(keys, gammas)]
-        if self.momentum is not None:
-            self.momentum.push(steps)
-            steps = self.momentum.terms()
+        steps = self._momentum_terms(steps)
         terms = [(key, [-lr * c for lr in lrs]) for key, c in steps]
         self.engine.update(terms, decay=decay if any(decay) else None)
         loss = sum(losses) / len(losses)
@@ -98,18 +96,3 @@ class ZOSGD(ZerothOrderOptimizer):
             "lr": self.param_groups[0]["lr"],
         }
         return loss
-
-    def _extra_state(self) -> dict:
-        extra = super()._extra_state()
-        if self.momentum is not None:
-            extra["momentum"] = self.momentum.state()
-        return extra
-
-    def _check_compatible(self, extra: dict) -> None:
-        super()._check_compatible(extra)
-        check_momentum_state(self.momentum, extra)
-
-    def _load_extra_state(self, extra: dict) -> None:
-        super()._load_extra_state(extra)
-        if self.momentum is not None:
-            self.momentum.load(extra["momentum"])
