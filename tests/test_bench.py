@@ -77,6 +77,26 @@ def test_every_method_records_queries_at_its_own_cost_per_step(tmp_path):
         assert evals[-1]["loss"] < evals[0]["loss"]
 
 
+def test_search_gives_each_new_method_the_trials_of_the_method_it_extends(tmp_path):
+    """GA's alpha_0 x rho_0 grid for ZOSGD-momentum and HiZOO (as many trials as GA), AS2P's eta_b
+    grid for AS2P-momentum; their picks are per-method overrides of the shared values."""
+    from zoptim.bench import search
+
+    problem = Quadratic(dim=20, cond=10.0)
+    problem.lr_grid, problem.eps_grid = (0.3, 0.1, 0.03), (1e-3, 1e-2)
+    methods = ["ZOSGD", "AS2P", "ZOSGD-momentum", "HiZOO", "AS2P-momentum"]
+    found = search.search("quad", problem, methods, 120, tmp_path, "t", progress=False)
+    count = lambda m: sum(t["method"] == m for t in found["trials"])
+    assert count("ZOSGD") == count("ZOSGD-momentum") == count("HiZOO") == 6
+    assert count("AS2P") == count("AS2P-momentum") == len(search.ETA_B_GRID)
+    for m in ["ZOSGD-momentum", "HiZOO"]:
+        scores = {(t["hparams"]["lr"], t["hparams"]["eps"]): t["score"] for t in found["trials"] if t["method"] == m}
+        best = min(scores, key=scores.get)
+        assert search.hparams_for(m, found) == {**found["chosen"], "lr": best[0], "eps": best[1]}
+    assert set(search.hparams_for("AS2P-momentum", found)) == set(found["chosen"])
+    assert search.hparams_for("ZOSGD", found) == found["chosen"]  # GA and the paper's methods: the shared values
+
+
 def test_an_interrupted_run_resumes_to_the_same_records(tmp_path):
     problem = get_problem("digits-mlp")
     spec = RunSpec("t", "digits-mlp", "AS2P", 1, 400, dict(problem.default_hparams), num_evals=10)
@@ -105,13 +125,15 @@ def test_cli_end_to_end_writes_jsonl_summary_and_plots(tmp_path, capsys):
     from zoptim.cli import main
 
     out = tmp_path / "quick"
-    assert main(["bench", "--suite", "quick", "--seeds", "2", "--budget", "300", "--out", str(out)]) == 0
+    args = ["bench", "--suite", "quick", "--problems", "digits-mlp", "--seeds", "2", "--budget", "300"]
+    assert main([*args, "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "| digits-mlp | ZOSGD | 1.00" in printed
     raws = sorted((out / "raw").glob("*.jsonl"))
     assert len(raws) == 5 * 2
     header = json.loads(raws[0].read_text().splitlines()[0])
     assert header["type"] == "run" and header["budget"] == 300 and "lr" in header["hparams"]
+    assert header["num_evals"] == 30  # the quick suite's
     summary = (out / "summary.md").read_text()
     for name in ["ZOSGD-rademacher", "STP", "S2P", "AS2P"]:
         assert f"| {name} |" in summary
@@ -130,6 +152,8 @@ def test_cli_rejects_bad_arguments(tmp_path):
         main(["bench", "--suite", "quick", "--budget", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown suite"):
         main(["bench", "--suite", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="evals"):
+        main(["bench", "--suite", "quick", "--evals", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown method"):
         main(["bench", "--suite", "quick", "--methods", "Adam", "--out", str(tmp_path)])
 
@@ -139,7 +163,8 @@ def test_under_torchrun_the_runs_are_shared_out_and_give_the_single_process_reco
     rank 0 runs the rest, waits for rank 1's results and writes the report."""
     from zoptim.cli import main
 
-    args = ["bench", "--suite", "quick", "--methods", "ZOSGD", "AS2P", "STP", "--seeds", "1", "--budget", "120"]
+    args = ["bench", "--suite", "quick", "--problems", "digits-mlp", "--methods", "ZOSGD", "AS2P", "STP", "--seeds", "1",
+            "--budget", "120"]
     assert main([*args, "--out", str(tmp_path / "single")]) == 0
     monkeypatch.setenv("WORLD_SIZE", "2")
     for rank in (1, 0):

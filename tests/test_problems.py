@@ -85,3 +85,30 @@ def test_missing_fashion_mnist_names_the_debian_package(monkeypatch, tmp_path):
     monkeypatch.delenv("ZOPTIM_FASHION_MNIST", raising=False)
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         vision.fashion_mnist_dir()
+
+
+def test_digits_efficientnet_is_the_pretrained_network_with_its_frozen_part_cached():
+    """make demo's problem: the loss on cached features equals EfficientNet-Lite0's own forward pass
+    (ImageNet weights, the 10-class fc swapped in), and the tuned layers start at the pre-trained values."""
+    from zoptim.problems.vision import IMAGENET_MEAN, IMAGENET_STD
+
+    problem = get_problem("digits-efficientnet")
+    assert problem.features.shape == (1797, 320, 1, 1)
+    model = problem.make_model(seed=3)
+    assert torch.equal(model.conv_head.weight, problem.net._conv_head.weight)
+    assert sum(p.numel() for p in model.parameters()) == 424_970
+    assert torch.equal(model.fc.weight, problem.make_model(seed=3).fc.weight)
+    assert not torch.equal(model.fc.weight, problem.make_model(seed=4).fc.weight)
+
+    from sklearn.datasets import load_digits
+
+    net = problem.net
+    net._fc = model.fc
+    x = torch.tensor(load_digits().images[:16], dtype=torch.float32)[:, None] / 16.0
+    x = torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        logits = net.eval()(x)
+        batch = torch.arange(16)
+        expected = torch.nn.functional.cross_entropy(logits, problem.y[:16])
+        assert float(problem.loss(model, batch)) == pytest.approx(float(expected), rel=1e-5)

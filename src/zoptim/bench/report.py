@@ -133,7 +133,9 @@ def build_report(out_dir: Path) -> str:
         md += [f"## Hyper-parameter search: {path.stem[len('hparams-'):]}", "",
                f"Search budget {found['budget']} queries, seed 0, {len(found['trials'])} candidates. Chosen: "
                + ", ".join(f"{k}={v:.3g}" for k, v in found["chosen"].items())
-               + ". Used at the full budget: " + ", ".join(f"{k}={v:.3g}" for k, v in found.get("used_at_full_budget", {}).items()), ""]
+               + ". Used at the full budget: " + ", ".join(f"{k}={v:.3g}" for k, v in found.get("used_at_full_budget", {}).items())
+               + "".join(f". {m}'s own: " + ", ".join(f"{k}={v:.3g}" for k, v in own.items())
+                         for m, own in found.get("per_method", {}).items()), ""]
     if softmax:
         lstar_path = out_dir / "softmax_lstar.json"
         if lstar_path.exists():

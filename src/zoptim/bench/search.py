@@ -10,6 +10,10 @@
 * S2P (stationary rule, alpha = alpha_0 / sqrt(K d)): alpha_0 so that the per-step alpha spans
   GA's alpha_0 grid.
 * AS2P reuses GA's rho_0 and tunes eta_b over ``ETA_B_GRID`` (Sec. D.1, Table 4).
+* The methods beyond the paper get the search of the method they extend, with as many trials:
+  ZOSGD-momentum and HiZOO (dense and factored) their own alpha_0 x rho_0 grid, GA's
+  (HiZOO's Hessian smoothing stays at the paper's 1e-6); AS2P-momentum its own eta_b over
+  ``ETA_B_GRID``. Their values go to ``per_method`` (a method's overrides of the shared values).
 
 Each candidate is one harness run (seed 0, so searches are resumable like any run) at the
 search budget; the score is the mean full loss over the last 10 % of its evaluations (a diverged
@@ -25,6 +29,9 @@ from . import harness
 from .harness import RunSpec
 
 ETA_B_GRID = (1.0, 5.0, 50.0)  # reduced from the paper's {3, 5, 50} range, extended down to 1
+#: Methods searched on their own alpha_0 x rho_0 grid (GA's), and on their own eta_b (AS2P's).
+LR_EPS_SEARCHED = ("ZOSGD-momentum", "HiZOO", "HiZOO-factored")
+ETA_B_SEARCHED = ("AS2P-momentum",)
 
 
 def score(records: list[dict]) -> float:
@@ -48,6 +55,13 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
         return s
 
     chosen = dict(base)
+    per_method: dict[str, dict] = {}
+
+    def lr_eps(method: str, start: dict) -> dict:
+        best = min(((trial(method, {**start, "lr": lr, "eps": eps}), lr, eps)
+                    for lr in problem.lr_grid for eps in problem.eps_grid), key=lambda t: t[0])
+        return {"lr": best[1], "eps": best[2]}
+
     best = min(((trial("ZOSGD", {**base, "lr": lr, "eps": eps}), lr, eps)
                 for lr in problem.lr_grid for eps in problem.eps_grid), key=lambda t: t[0])
     chosen["lr"], chosen["eps"] = best[1], best[2]
@@ -64,4 +78,17 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
     if any(m.startswith("AS2P") for m in methods):
         best = min(((trial("AS2P", {**chosen, "eta_b": eta_b}), eta_b) for eta_b in ETA_B_GRID), key=lambda t: t[0])
         chosen["eta_b"] = best[1]
-    return {"problem": problem_name, "budget": budget, "chosen": chosen, "trials": trials}
+    for method in methods:
+        if method in LR_EPS_SEARCHED:
+            per_method[method] = lr_eps(method, chosen)
+        elif method in ETA_B_SEARCHED:
+            best = min(((trial(method, {**chosen, "eta_b": eta_b}), eta_b) for eta_b in ETA_B_GRID), key=lambda t: t[0])
+            per_method[method] = {"eta_b": best[1]}
+    return {"problem": problem_name, "budget": budget, "chosen": chosen, "per_method": per_method, "trials": trials}
+
+
+def hparams_for(method: str, found: dict) -> dict:
+    """The hyper-parameters ``method`` runs with, from a :func:`search` result (or its
+    ``used_at_full_budget`` form): the shared values with the method's own overrides."""
+    shared = found.get("used_at_full_budget", found["chosen"])
+    return {**shared, **found.get("per_method", {}).get(method, {})}

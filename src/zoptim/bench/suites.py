@@ -1,7 +1,8 @@
 """Named benchmark suites: which experiments (methods x problems x seeds x budget) each one runs.
 
-* ``quick``: ZOSGD, ZOSGD-rademacher, STP, S2P, AS2P on the digits MLP, 3 seeds, 6,000 queries,
-  problem-default hyper-parameters. What ``make demo`` runs; a few minutes on 2 cores.
+* ``quick``: ZOSGD, ZOSGD-rademacher, STP, S2P, AS2P fine-tuning the pre-trained EfficientNet-Lite0
+  on scikit-learn's digits (``digits-efficientnet``), 3 seeds, 1,500 queries, 30 evaluations a run,
+  problem-default hyper-parameters (found by the paper's search). What ``make demo`` runs.
 * ``paper``: the S2P paper's comparison (Tables 5, Figs. 1, 3b) on EfficientNet-Lite0 /
   Fashion-MNIST and on softmax regression, 2 seeds, 10,000 queries, 50 evaluations a run, with
   the Appendix D.1 search (reduced grids, seed 0, at a quarter of the budget) before the runs.
@@ -11,6 +12,11 @@
 * ``methods``: the methods beyond the paper (seed momentum for ZOSGD and AS2P, HiZOO dense and
   factored) beside GA and AS2P on four cheap problems, 3 seeds, 6,000 queries, every method with
   the problem's default hyper-parameters (GA's lr and eps; no search for any method).
+* ``methods-quick`` and ``methods-paper``: the same methods on the quick and paper suites'
+  pre-trained networks (digits and Fashion-MNIST EfficientNet-Lite0, 1,500 and 10,000 queries),
+  3 seeds, each method with the search of the method it extends (:mod:`zoptim.bench.search`),
+  seed 0, at a quarter of the budget (methods-paper) or the whole budget (methods-quick: on the
+  digits network the alpha_0 a quarter-budget search picks, 3e-3, diverges over the full budget).
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
@@ -58,6 +64,7 @@ class Experiment:
     hparams: dict = field(default_factory=dict)  # overrides of the problem defaults
     search: bool = False
     num_evals: int = 100
+    search_fraction: float = 0.25  # the search runs at this fraction of the budget (App. D.1: reduced)
 
 
 def _ablations(budget: int, seeds: int) -> list[Experiment]:
@@ -72,11 +79,15 @@ def _ablations(budget: int, seeds: int) -> list[Experiment]:
 
 
 SUITES = {
-    "quick": lambda budget, seeds: [Experiment("quick", ["digits-mlp"], FIVE, seeds or 3, budget or 6000)],
+    "quick": lambda budget, seeds: [Experiment("quick", ["digits-efficientnet"], FIVE, seeds or 3, budget or 1500, num_evals=30)],
     "paper": lambda budget, seeds: [Experiment("paper", ["fashion-efficientnet", "softmax"], FIVE, seeds or 2, budget or 10000,
                                                search=True, num_evals=50)],
     "ablations": lambda budget, seeds: _ablations(budget or 6000, seeds or 3),
     "methods": lambda budget, seeds: [Experiment("methods", NEW_PROBLEMS, NEW, seeds or 3, budget or 6000)],
+    "methods-quick": lambda budget, seeds: [Experiment("methods-quick", ["digits-efficientnet"], NEW, seeds or 3,
+                                                       budget or 1500, search=True, num_evals=30, search_fraction=1.0)],
+    "methods-paper": lambda budget, seeds: [Experiment("methods-paper", ["fashion-efficientnet"], NEW, seeds or 3,
+                                                       budget or 10000, search=True, num_evals=50)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
 }
@@ -140,8 +151,9 @@ def run_softmax_study(out_dir: Path, seeds: int = 2, budget: int | None = None, 
 
 
 def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None, budget=None, progress=None,
-              log=print, quick: bool = False) -> None:
-    """Run every experiment of ``suite`` (resumable: finished runs are skipped)."""
+              log=print, quick: bool = False, num_evals: int | None = None) -> None:
+    """Run every experiment of ``suite`` (resumable: finished runs are skipped); ``num_evals``
+    overrides the evaluations per run of its experiments."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
     if budget is not None and (not isinstance(budget, int) or budget <= 0):
@@ -162,15 +174,19 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
     if suite == "softmax":
         run_softmax_study(out_dir, seeds or 2, budget, progress)
         return
+    if num_evals is not None and num_evals < 1:
+        raise ValueError(f"num_evals must be >= 1; got {num_evals!r}")
     share = Share(out_dir)
     for exp in SUITES[suite](budget, seeds):
+        exp.num_evals = num_evals or exp.num_evals
         exp_methods = [get_method(m).name for m in methods] if methods else exp.methods
         for pname in problems or exp.problems:
             log(f"[{exp.name}] building problem {pname}")
             problem = get_problem(pname)
             hp = {**problem.default_hparams, **exp.hparams}
+            found = None
             if exp.search:
-                search_budget = max(100, exp.budget // 4)
+                search_budget = max(100, int(exp.budget * exp.search_fraction))
                 hparams_file = out_dir / f"hparams-{exp.name}-{pname}.json"
                 if share.rank == 0:
                     log(f"[{exp.name}] hyper-parameter search on {pname} at {search_budget} queries")
@@ -183,9 +199,10 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
                 else:
                     log(f"[{exp.name}] waiting for rank 0's hyper-parameter search on {pname}")
                     share.wait_for_file(hparams_file)
-                    hp = json.loads(hparams_file.read_text())["used_at_full_budget"]
+                    found = json.loads(hparams_file.read_text())
             for method in exp_methods:
+                method_hp = hp if found is None else search.hparams_for(method, found)
                 for seed in range(exp.seeds):
                     log(f"[{exp.name}] {pname} {method} seed {seed}")
-                    share.run(RunSpec(exp.name, pname, method, seed, exp.budget, hp, exp.num_evals), problem, progress)
+                    share.run(RunSpec(exp.name, pname, method, seed, exp.budget, method_hp, exp.num_evals), problem, progress)
     share.finish()

@@ -21,14 +21,17 @@ def _positive_int(name):
 
 def register(sub) -> None:
     p = sub.add_parser("bench", help="compare zeroth-order optimizers at equal query budgets",
-                       description="Run a benchmark suite (quick | paper | softmax | ablations | blackbox) or rebuild a report.")
-    p.add_argument("--suite", help="quick (the demo), paper, methods (HiZOO, seed momentum), softmax, ablations or blackbox (zoptim vs nevergrad, "
+                       description="Run a benchmark suite (quick | paper | methods | methods-quick | methods-paper | softmax | "
+                                   "ablations | blackbox) or rebuild a report.")
+    p.add_argument("--suite", help="quick (the demo), paper, methods (HiZOO, seed momentum) on cheap problems, methods-quick and methods-paper "
+                                   "(the same on the quick and paper suites' pre-trained networks, with search), softmax, ablations or blackbox (zoptim vs nevergrad, "
                                    "CMA-ES, scipy, torchzero on functions of a vector)")
     p.add_argument("--quick", action="store_true", help="blackbox suite only: a smoke run (3 small problems, 300 evaluations)")
     p.add_argument("--methods", nargs="+", help="override the suite's methods (see zoptim.bench.METHODS)")
     p.add_argument("--problems", nargs="+", help="override the suite's problems (see zoptim.problems.PROBLEMS)")
     p.add_argument("--seeds", type=_positive_int("seeds"), help="number of seeds (0..N-1)")
     p.add_argument("--budget", type=_positive_int("budget"), help="function queries per run")
+    p.add_argument("--evals", type=_positive_int("evals"), help="full-loss evaluations per run (default: the suite's)")
     p.add_argument("--out", type=Path, help="output folder (raw/*.jsonl, summary.md, *.png)")
     p.add_argument("--report", type=Path, metavar="DIR", help="rebuild summary.md and plots from DIR and exit")
     p.set_defaults(run=main)
@@ -56,7 +59,7 @@ def main(args) -> int:
         raise SystemExit("zoptim bench: give --suite and --out (or --report DIR)")
     try:
         run_suite(args.suite, args.out, methods=args.methods, problems=args.problems, seeds=args.seeds,
-                  budget=args.budget, log=lambda msg: print(msg, file=sys.stderr, flush=True), quick=args.quick)
+                  budget=args.budget, num_evals=args.evals, log=lambda msg: print(msg, file=sys.stderr, flush=True), quick=args.quick)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise SystemExit(f"zoptim bench: {err}") from None
     from ..distributed import launched_rank_and_world

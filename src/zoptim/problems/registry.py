@@ -23,6 +23,12 @@ def _fashion() -> Problem:
     return FashionEfficientNet()
 
 
+def _digits_efficientnet() -> Problem:
+    from .vision import DigitsEfficientNet
+
+    return DigitsEfficientNet()
+
+
 def _softmax() -> Problem:
     from .softmax import SoftmaxRegression
 
@@ -67,6 +73,7 @@ def _lm(model: str) -> Callable[[], Problem]:
 PROBLEMS: dict[str, Callable[[], Problem]] = {
     "digits-mlp": _digits,
     "fashion-efficientnet": _fashion,
+    "digits-efficientnet": _digits_efficientnet,
     "softmax": _softmax,
     "quadratic": _quadratic,
     "relaxed-smooth": _relaxed,
