@@ -62,9 +62,11 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
                     for lr in problem.lr_grid for eps in problem.eps_grid), key=lambda t: t[0])
         return {"lr": best[1], "eps": best[2]}
 
-    best = min(((trial("ZOSGD", {**base, "lr": lr, "eps": eps}), lr, eps)
-                for lr in problem.lr_grid for eps in problem.eps_grid), key=lambda t: t[0])
-    chosen["lr"], chosen["eps"] = best[1], best[2]
+    def eta_b(method: str, start: dict) -> dict:
+        best = min(((trial(method, {**start, "eta_b": e}), e) for e in ETA_B_GRID), key=lambda t: t[0])
+        return {"eta_b": best[1]}
+
+    chosen.update(lr_eps("ZOSGD", base))
     if any(m.startswith("STP") for m in methods):
         grid = problem.stp_grid or tuple(10 * lr for lr in problem.lr_grid)
         best = min(((trial("STP", {**chosen, "stp_lr": lr}), lr) for lr in grid), key=lambda t: t[0])
@@ -76,14 +78,12 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
                     for lr in problem.lr_grid), key=lambda t: t[0])
         chosen["s2p_lr"] = best[1]
     if any(m.startswith("AS2P") for m in methods):
-        best = min(((trial("AS2P", {**chosen, "eta_b": eta_b}), eta_b) for eta_b in ETA_B_GRID), key=lambda t: t[0])
-        chosen["eta_b"] = best[1]
+        chosen.update(eta_b("AS2P", chosen))
     for method in methods:
         if method in LR_EPS_SEARCHED:
             per_method[method] = lr_eps(method, chosen)
         elif method in ETA_B_SEARCHED:
-            best = min(((trial(method, {**chosen, "eta_b": eta_b}), eta_b) for eta_b in ETA_B_GRID), key=lambda t: t[0])
-            per_method[method] = {"eta_b": best[1]}
+            per_method[method] = eta_b(method, chosen)
     return {"problem": problem_name, "budget": budget, "chosen": chosen, "per_method": per_method, "trials": trials}
 
 

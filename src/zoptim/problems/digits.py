@@ -9,6 +9,15 @@ import torch
 from .base import Problem
 
 
+def load_sklearn_digits():
+    """scikit-learn's 1,797 8x8 digits (``images`` 0-16, ``data`` flattened, ``target``); no download."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as err:  # pragma: no cover - scikit-learn is in the bench extra
+        raise ImportError("the digits problems need scikit-learn: pip install 'zoptim[bench]'") from err
+    return load_digits()
+
+
 class DigitsMLP(Problem):
     r"""Cross-entropy of a 64-``hidden``-10 MLP (tanh) on the 1,797 8x8 digits of scikit-learn.
 
@@ -27,11 +36,7 @@ class DigitsMLP(Problem):
     eps_grid = (1e-2, 1e-3)
 
     def __init__(self, hidden: int = 32, batch_size: int = 64):
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as err:  # pragma: no cover - scikit-learn is in the bench extra
-            raise ImportError("the digits problem needs scikit-learn: pip install 'zoptim[bench]'") from err
-        data = load_digits()
+        data = load_sklearn_digits()
         self.X = torch.tensor(data.data, dtype=torch.float32) / 16.0
         self.y = torch.tensor(data.target, dtype=torch.long)
         self.hidden, self.batch_size = hidden, batch_size

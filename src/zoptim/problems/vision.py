@@ -194,9 +194,7 @@ class DigitsEfficientNet(EfficientNetFineTune):
     eps_grid = (1e-2, 1e-3)
 
     def __init__(self, image_size: int = 32, batch_size: int = 64, tune: str = "head"):
-        try:
-            from sklearn.datasets import load_digits
-        except ImportError as err:  # pragma: no cover - scikit-learn is in the bench extra
-            raise ImportError("the digits problem needs scikit-learn: pip install 'zoptim[bench]'") from err
-        data = load_digits()
+        from .digits import load_sklearn_digits
+
+        data = load_sklearn_digits()
         super().__init__(data.images / np.float32(16.0), data.target, "digits-efficientnet", image_size, batch_size, tune)
