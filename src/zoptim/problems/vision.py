@@ -181,7 +181,7 @@ class DigitsEfficientNet(EfficientNetFineTune):
     ImageNet CNN fine-tuned on a small image task) with no system package, at about 15 ms a step
     on 2 cores. At 32 px the frozen part ends at a 1x1 map; a logistic regression on those pooled
     features classifies held-out digits at 0.84 accuracy (0.92 at 64 px), so the features carry
-    the pre-training.
+    the pre-training (``benchmarks/digits_probe.py``).
     """
 
     # From the S2P paper's search (Appendix D.1, zoptim.bench.search) at 2,000 queries, seed 0: GA
