@@ -52,18 +52,49 @@ def direction(seed, step, index, shapes, distribution="normal", normalize=False)
     return s
 
 
-def zosgd(f, x, steps, lr, eps, k=1, wd=0.0, seed=0, distribution="normal", beta=0.0, m=1):
+def guard_scale(losses, tol, beta=0.9, slow=0.98, beta_v=0.99, factor=0.5, z=4.0, warmup=10, cooldown=10):
+    """The loss guard's lr multiplier after the step losses ``losses`` (zoptim.optim.guard), from
+    its formulas written as explicit sums: fast and slow bias-corrected EMAs
+    m_n = sum_j (1-b) b^(n-j) l_j / (1 - b^n); the fast one's noise
+    sigma_n^2 = [sum_{j>=2} (1-bv) bv^(n-j) (l_j - m_{j-1})^2 / (1 - bv^(n-1))] (1-b)/(1+b);
+    best = running min of the slow EMA from n = warmup; a cut (scale *= factor, best = fast EMA,
+    cooldown steps without a cut) when m_n > best + tol |best| + z sigma_n."""
+
+    def ema(b, n):
+        return sum((1 - b) * b ** (n - j) * losses[j - 1] for j in range(1, n + 1)) / (1 - b**n)
+
+    def sigma(n):
+        if n < 2:
+            return 0.0
+        v = sum((1 - beta_v) * beta_v ** (n - j) * (losses[j - 1] - ema(beta, j - 1)) ** 2 for j in range(2, n + 1))
+        return math.sqrt(v / (1 - beta_v ** (n - 1)) * (1 - beta) / (1 + beta))
+
+    scale, best, last_cut = 1.0, math.inf, -math.inf
+    for n in range(warmup, len(losses) + 1):
+        best = min(best, ema(slow, n))
+        fast = ema(beta, n)
+        if n - last_cut >= cooldown and fast > best + tol * abs(best) + z * sigma(n):
+            scale, best, last_cut = scale * factor, fast, n
+    return scale
+
+
+def zosgd(f, x, steps, lr, eps, k=1, wd=0.0, seed=0, distribution="normal", beta=0.0, m=1, guard=None):
     """GA / k-SPSA: x <- x - lr (v + wd x), with v = (1/k) sum_i g_i s_i, g_i = (f(x+eps s_i) - f(x-eps s_i)) / 2eps;
-    with momentum, v = sum_j beta^j v_{t-j} / sum_j beta^j over the last min(t+1, m) steps."""
-    xs, past = [x.clone()], []
+    with momentum, v = sum_j beta^j v_{t-j} / sum_j beta^j over the last min(t+1, m) steps; with a
+    loss guard of tol ``guard``, lr_t = lr * guard_scale(the mean of each earlier step's 2k values)."""
+    xs, past, losses = [x.clone()], [], []
     for t in range(steps):
-        g_hat = torch.zeros_like(x)
+        g_hat, values = torch.zeros_like(x), []
         for i in range(k):
             s = direction(seed, t, i, [x.numel()], distribution)
-            g_hat += (f(x + eps * s) - f(x - eps * s)) / (2 * eps) * s / k
+            plus, minus = f(x + eps * s), f(x - eps * s)
+            g_hat += (plus - minus) / (2 * eps) * s / k
+            values += [plus, minus]
         past = [g_hat] + past[: m - 1]
         w = [beta**j for j in range(len(past))]
-        x = x - lr * (sum(wj * v for wj, v in zip(w, past)) / sum(w) + wd * x)
+        lr_t = lr * (guard_scale(losses, guard) if guard else 1.0)
+        x = x - lr_t * (sum(wj * v for wj, v in zip(w, past)) / sum(w) + wd * x)
+        losses.append(sum(values) / len(values))
         xs.append(x.clone())
     return xs
 
@@ -126,13 +157,13 @@ def as2p(f, x, steps, eps, K, eta_a=5.0, eta_b=5.0, window=0.1, full=False, seed
     return xs
 
 
-def hizoo(f, x, steps, lr, eps, alpha, wd=0.0, seed=0, shape=None):
+def hizoo(f, x, steps, lr, eps, alpha, wd=0.0, seed=0, shape=None, guard=None):
     """HiZOO, Algorithm 1 of Zhao et al. (2025): H starts at 1;
     l = f(x), l+- = f(x +- eps u / sqrt(H)), H <- (1-a) H + a |l+ + l- - 2l| / (2 eps^2) H u^2,
     x <- x - lr ((l+ - l-) / (2 eps) u / sqrt(H) + wd x).
     ``shape`` (rows, cols): the factored variant, H ~ r c^T / sum(r) with EMAs of the row and
-    column sums of the estimate."""
-    d, xs = x.numel(), [x.clone()]
+    column sums of the estimate. ``guard``: the loss guard's tol, on the values f(x)."""
+    d, xs, losses = x.numel(), [x.clone()], []
     if shape is None:
         h = torch.ones(d, dtype=torch.float64)
     else:
@@ -151,6 +182,8 @@ def hizoo(f, x, steps, lr, eps, alpha, wd=0.0, seed=0, shape=None):
             e = estimate.reshape(rows, cols)
             r, c = (1 - alpha) * r + alpha * e.sum(1), (1 - alpha) * c + alpha * e.sum(0)
             h = (torch.outer(r, c) / r.sum()).reshape(-1)
-        x = x - lr * ((plus - minus) / (2 * eps) * u / h.sqrt() + wd * x)
+        lr_t = lr * (guard_scale(losses, guard) if guard else 1.0)
+        x = x - lr_t * ((plus - minus) / (2 * eps) * u / h.sqrt() + wd * x)
+        losses.append(here)
         xs.append(x.clone())
     return xs

@@ -156,7 +156,7 @@ def test_non_differentiable_objective_is_minus_accuracy_and_trains(tmp_path):
 
 
 @pytest.mark.parametrize("method,extra", [("as2p", {}), ("adamw", {}), ("hizoo", dict(hessian_smooth=0.1)),
-                                          ("zosgd", dict(momentum=0.9, momentum_window=3))])
+                                          ("zosgd", dict(momentum=0.9, momentum_window=3, guard=0.02))])
 def test_loop_resumed_from_checkpoint_matches_an_uninterrupted_run(tmp_path, method, extra):
     task = tiny_task()
 
@@ -216,6 +216,10 @@ def test_bad_input_names_the_argument():
         main(["finetune", "--method", "sgd", "--out", "x"])
     with pytest.raises(SystemExit, match="--task"):
         main(["finetune", "--task", "sst2", "--out", "x"])
+    with pytest.raises(SystemExit, match="--guard is an option of zosgd and hizoo; got --method as2p"):
+        main(["finetune", "--method", "as2p", "--guard", "0.02", "--out", "x"])
+    with pytest.raises(ValueError, match="guard is an option of zosgd and hizoo; got method 'stp'"):
+        make_optimizer("stp", [torch.nn.Parameter(torch.zeros(3))], steps=4, guard=0.02)
     with pytest.raises(ValueError, match="model must be one of"):
         load_model("no-such-model")
     with pytest.raises(ValueError, match="task must be one of"):

@@ -8,8 +8,8 @@ the optimizer, the others through ``torch.optim.lr_scheduler.CosineAnnealingLR``
 
 Hyper-parameter keys: ``lr`` (GA's alpha_0), ``eps`` (rho_0), ``stp_lr`` (STP's alpha_0),
 ``s2p_lr`` (alpha_0 of S2P's stationary rule, alpha = alpha_0 / sqrt(K d)), ``eta_b`` (AS2P),
-``hessian_smooth`` (HiZOO's alpha; default :data:`HIZOO_SMOOTH`). HiZOO and the momentum
-variants take GA's ``lr`` and ``eps``.
+``hessian_smooth`` (HiZOO's alpha; default :data:`HIZOO_SMOOTH`). HiZOO, the momentum
+variants and the guarded ZOSGD take GA's ``lr`` and ``eps``.
 AS2P's step size is tied to rho_k as in the paper (lr=None); its ablation without the automatic
 learning rate uses GA's ``lr``.
 """
@@ -41,7 +41,8 @@ class Method:
         if self.kind == "zosgd":
             opt = zoptim.ZOSGD(params, lr=hparams["lr"], eps=hparams["eps"], num_directions=o.get("num_directions", 1),
                                distribution=o.get("distribution", "normal"), seed=seed,
-                               momentum=o.get("momentum", 0.0), momentum_window=o.get("momentum_window", 8))
+                               momentum=o.get("momentum", 0.0), momentum_window=o.get("momentum_window", 8),
+                               guard=o.get("guard", 0.0))
         elif self.kind == "stp":
             opt = zoptim.STP(params, lr=hparams["stp_lr"], distribution=o.get("distribution", "normal"), seed=seed)
         elif self.kind == "s2p":
@@ -57,7 +58,7 @@ class Method:
         elif self.kind == "hizoo":
             opt = zoptim.HiZOO(params, lr=hparams["lr"], eps=hparams["eps"],
                                hessian_smooth=hparams.get("hessian_smooth", HIZOO_SMOOTH), factored=o.get("factored", False),
-                               seed=seed)
+                               guard=o.get("guard", 0.0), seed=seed)
         else:  # pragma: no cover - the table below is the only source of methods
             raise ValueError(f"unknown method kind {self.kind!r}")
         if opt.queries_per_step != self.queries_per_step:
@@ -93,6 +94,10 @@ def _table() -> dict[str, Method]:
         momentum=0.9, momentum_window=8)
     add("AS2P-momentum", "as2p", 2, ("eps", "eta_b"), "AS2P with memory-free seed momentum, beta 0.9 over 8 steps",
         momentum=0.9, momentum_window=8)
+    add("ZOSGD-guard", "zosgd", 2, ("lr", "eps"), "ZOSGD with the loss guard (tol 0.02): lr halves when the loss rises",
+        guard=GUARD_TOL)
+    add("ZOSGD-momentum-guard", "zosgd", 2, ("lr", "eps"), "ZOSGD-momentum with the loss guard (tol 0.02)",
+        momentum=0.9, momentum_window=8, guard=GUARD_TOL)
     add("HiZOO", "hizoo", 3, ("lr", "eps", "hessian_smooth"), "HiZOO (Zhao et al. 2025): diagonal-Hessian-preconditioned MeZO")
     add("HiZOO-factored", "hizoo", 3, ("lr", "eps", "hessian_smooth"), "HiZOO with the rank-one factored Hessian estimate",
         factored=True)
@@ -101,6 +106,8 @@ def _table() -> dict[str, Method]:
     return m
 
 
+#: The loss guard's tol in the benchmark's guarded methods (:class:`zoptim.optim.guard.LossGuard`).
+GUARD_TOL = 0.02
 #: HiZOO's alpha when a problem names none: the largest of the paper's grid {1e-6, 1e-7, 1e-8}.
 HIZOO_SMOOTH = 1e-6
 METHODS: dict[str, Method] = _table()

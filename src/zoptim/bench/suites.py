@@ -51,9 +51,10 @@ from .methods import get_method
 
 FIVE = ["ZOSGD", "ZOSGD-rademacher", "STP", "S2P", "AS2P"]
 #: The methods beyond the S2P paper (issue 12) beside its GA and AS2P.
-NEW = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "HiZOO-factored"]
+NEW = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard",
+       "ZOSGD-momentum-guard"]
 #: The new methods on the LM task (HiZOO-factored left out: at alpha 1e-6 it is the dense estimate).
-LM_METHODS = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO"]
+LM_METHODS = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "ZOSGD-guard", "ZOSGD-momentum-guard"]
 #: Cheap problems for the ``methods`` suite: the quick suite's MLP, softmax regression, a
 #: relaxed-smooth function and an ill-conditioned quadratic.
 NEW_PROBLEMS = ["digits-mlp", "softmax", "relaxed-smooth", "quadratic"]

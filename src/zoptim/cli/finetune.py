@@ -68,6 +68,9 @@ def register(sub) -> None:
     p.add_argument("--momentum", type=float, default=0.0,
                    help="zosgd / as2p: beta of the memory-free seed momentum (0: none)")
     p.add_argument("--momentum-window", type=int, default=8, help="steps in the seed momentum's window")
+    p.add_argument("--guard", type=float, default=0.0,
+                   help="zosgd / hizoo: tol of the loss guard, which halves lr when the smoothed loss rises (0: off; "
+                        "try 0.02)")
     p.add_argument("--hessian-smooth", type=float, default=1e-6, help="hizoo: alpha, the Hessian estimate's EMA rate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
@@ -117,6 +120,10 @@ def check_args(args) -> None:
         raise SystemExit("zoptim finetune: --objective accuracy is not differentiable; use a zeroth-order --method")
     if args.momentum and args.method not in ("zosgd", "as2p"):
         raise SystemExit(f"zoptim finetune: --momentum is an option of zosgd and as2p; got --method {args.method}")
+    if args.guard and args.method not in ("zosgd", "hizoo"):
+        raise SystemExit(f"zoptim finetune: --guard is an option of zosgd and hizoo; got --method {args.method}")
+    if not args.guard >= 0.0:
+        raise SystemExit(f"zoptim finetune: --guard must be >= 0; got {args.guard}")
     if not 0.0 <= args.momentum < 1.0:
         raise SystemExit(f"zoptim finetune: --momentum must be in [0, 1); got {args.momentum}")
     if args.test_examples is not None and args.test_examples < 1:
@@ -291,7 +298,7 @@ def _run(args, device, rank: int, world: int) -> int:
     optimizer = make_optimizer(
         args.method, clf.parameters(), args.steps, lora=args.lora, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
         seed=args.seed, exact_restore=not args.no_exact_restore, momentum=args.momentum,
-        momentum_window=args.momentum_window, hessian_smooth=args.hessian_smooth,
+        momentum_window=args.momentum_window, hessian_smooth=args.hessian_smooth, guard=args.guard,
     )
     run_dir = out / (args.run_name or args.method)
     loop = Loop(clf, task, optimizer, config, run_dir, progress=not args.no_progress)
@@ -314,6 +321,7 @@ def _run(args, device, rank: int, world: int) -> int:
         "device": str(device),
         "exact_restore": not args.no_exact_restore,
         "momentum": args.momentum,
+        "guard": args.guard,
         "hessian_smooth": args.hessian_smooth if args.method == "hizoo" else None,
         "steps": loop.step,
         "queries": loop.queries,

@@ -59,12 +59,13 @@ DEFAULT_EPS = (1e-3, 1e-2)
 
 def make_optimizer(
     method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True,
-    momentum: float = 0.0, momentum_window: int = 8, hessian_smooth: float = 1e-6,
+    momentum: float = 0.0, momentum_window: int = 8, hessian_smooth: float = 1e-6, guard: float = 0.0,
 ):
     """The optimizer for ``method`` with the defaults above (see the table's sources).
 
     ``momentum`` / ``momentum_window``: the memory-free seed momentum of ZOSGD and AS2P (a
-    ValueError for the other methods); ``hessian_smooth``: HiZOO's alpha.
+    ValueError for the other methods); ``hessian_smooth``: HiZOO's alpha; ``guard``: the loss
+    guard's tol (:class:`zoptim.optim.guard.LossGuard`) of ZOSGD and HiZOO (0: off).
 
     ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
     arithmetic undo); it is ignored by AdamW.
@@ -73,17 +74,19 @@ def make_optimizer(
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if momentum and method not in ("zosgd", "as2p"):
         raise ValueError(f"momentum is an option of zosgd and as2p; got method {method!r}")
+    if guard and method not in ("zosgd", "hizoo"):
+        raise ValueError(f"guard is an option of zosgd and hizoo; got method {method!r}")
     params = [p for p in params if p.requires_grad]
     lr = DEFAULT_LR[method][int(lora)] if lr is None else lr
     eps = DEFAULT_EPS[int(lora)] if eps is None else eps
     zo = dict(seed=seed, exact_restore=bool(exact_restore))
     if method == "zosgd":
-        return ZOSGD(params, lr=lr, eps=eps, momentum=momentum, momentum_window=momentum_window, **zo)
+        return ZOSGD(params, lr=lr, eps=eps, momentum=momentum, momentum_window=momentum_window, guard=guard, **zo)
     if method == "as2p":
         return AS2P(params, eps=eps, eta_b=eta_b, total_steps=steps, lr=lr, momentum=momentum,
                     momentum_window=momentum_window, **zo)
     if method == "hizoo":
-        return HiZOO(params, lr=lr, eps=eps, hessian_smooth=hessian_smooth, **zo)
+        return HiZOO(params, lr=lr, eps=eps, hessian_smooth=hessian_smooth, guard=guard, **zo)
     if method == "stp":
         return STP(params, lr=lr, **zo)
     if method == "s2p":

@@ -113,6 +113,9 @@ class ZerothOrderOptimizer(Optimizer):
     #: The memory-free seed momentum (:class:`zoptim.optim.momentum.SeedMomentum`) of methods that
     #: offer it (ZOSGD, AS2P), else None; its (key, coefficient) window is part of the state.
     momentum = None
+    #: The loss guard (:class:`zoptim.optim.guard.LossGuard`) of methods that offer it (ZOSGD,
+    #: HiZOO), else None: it scales their learning rate down when the smoothed loss rises.
+    guard = None
 
     def __init__(
         self,
@@ -260,6 +263,16 @@ class ZerothOrderOptimizer(Optimizer):
         self.momentum.push(steps)
         return self.momentum.terms()
 
+    def _lr_scale(self) -> float:
+        """The loss guard's multiplier of every group's lr (1 without a guard)."""
+        return 1.0 if self.guard is None else self.guard.scale
+
+    def _observe(self, loss: float) -> None:
+        """Show the loss guard, if any, this step's loss (after the update: it scales the next step)."""
+        if self.guard is not None:
+            self.guard.observe(loss)
+            self.last_stats["lr_scale"] = self.guard.scale
+
     # -- the step -----------------------------------------------------------------------------------
     def _queries(self) -> StepGenerator:
         """One step as a generator (subclasses implement it; it is the method's only step).
@@ -332,6 +345,7 @@ class ZerothOrderOptimizer(Optimizer):
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_run": self._nonfinite_run,
             **({"momentum": self.momentum.state()} if self.momentum is not None else {}),
+            **({"guard": self.guard.state()} if self.guard is not None else {}),
         }
 
     def _load_extra_state(self, extra: dict) -> None:
@@ -342,6 +356,8 @@ class ZerothOrderOptimizer(Optimizer):
         self._nonfinite_run = int(extra["nonfinite_run"])
         if self.momentum is not None:
             self.momentum.load(extra["momentum"])
+        if self.guard is not None:
+            self.guard.load(extra["guard"])
 
     def _check_compatible(self, extra: dict) -> None:
         """Refuse a state_dict from another class, another noise stream or another model."""
@@ -371,6 +387,12 @@ class ZerothOrderOptimizer(Optimizer):
                 f"state_dict was saved with momentum={saved['beta']}, momentum_window={saved['window']}; this "
                 f"optimizer has momentum={mine.beta}, momentum_window={mine.window}"
             )
+        saved_guard = extra.get("guard")
+        mine_guard = None if self.guard is None else self.guard.tol
+        if (None if saved_guard is None else float(saved_guard["tol"])) != mine_guard:
+            was = "without a guard" if saved_guard is None else f"with guard={saved_guard['tol']}"
+            have = "none" if mine_guard is None else f"guard={mine_guard}"
+            raise ValueError(f"state_dict was saved {was}; this optimizer has {have}")
 
     def state_dict(self) -> dict:
         sd = super().state_dict()

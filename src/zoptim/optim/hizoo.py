@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from .base import Query, StepGenerator, ZerothOrderOptimizer, check_positive
+from .guard import LossGuard
 
 
 class HiZOO(ZerothOrderOptimizer):
@@ -57,6 +58,8 @@ class HiZOO(ZerothOrderOptimizer):
             in {1e-6, 1e-7, 1e-8} for OPT / LLaMA; 0 is MeZO. Default 1e-6.
         weight_decay: lambda, per group. Default 0.
         factored: the rank-one factored estimate for matrices (see Memory). Default False.
+        guard: tol of the loss guard on f(x) (:class:`~zoptim.optim.guard.LossGuard`), as in
+            :class:`~zoptim.ZOSGD`. 0 (default) is off.
         seed, distribution, exact_restore, max_nonfinite: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer` (``normalize`` is not offered: the
             preconditioned direction is not normalized in the paper).
@@ -82,6 +85,7 @@ class HiZOO(ZerothOrderOptimizer):
         seed: int = 0,
         *,
         factored: bool = False,
+        guard: float = 0.0,
         distribution: str = "normal",
         exact_restore: bool = True,
         max_nonfinite: int = 10,
@@ -108,6 +112,7 @@ class HiZOO(ZerothOrderOptimizer):
                 "factored=True needs each matrix's whole rows and columns, which a rank holding a shard does not "
                 "see; use factored=False (the dense estimate is element-wise) with sharded parameters"
             )
+        self.guard = LossGuard(guard) if check_positive("guard", guard, allow_zero=True) else None
         self._init_hessian()
         self.engine.weights = self._inverse_sqrt
 
@@ -185,17 +190,19 @@ class HiZOO(ZerothOrderOptimizer):
         curvature = abs(f_plus + f_minus - 2.0 * f0) / (2.0 * mu * mu)
         self._update_hessian(key, curvature)
         gamma = (f_plus - f_minus) / (2.0 * mu)
-        lrs = self.per_param("lr")
+        scale = self._lr_scale()
+        lrs = [lr * scale for lr in self.per_param("lr")]
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
         self.engine.update([(key, [-lr * gamma for lr in lrs])], decay=decay if any(decay) else None)
         self.last_stats = {
             "loss": f0,
             "gamma": gamma,
             "curvature": curvature,
-            "step_size": abs(self.param_groups[0]["lr"] * gamma),
+            "step_size": abs(lrs[0] * gamma),
             "rho": mu,
-            "lr": self.param_groups[0]["lr"],
+            "lr": lrs[0],
         }
+        self._observe(f0)
         return f0
 
     # -- state ----------------------------------------------------------------------------------------
