@@ -134,3 +134,10 @@ def test_guard_errors_name_the_argument():
     guarded.step(lambda: 1.0)
     with pytest.raises(ValueError, match="saved with guard=0.02; this optimizer has guard=0.05"):
         zoptim.ZOSGD([torch.nn.Parameter(torch.ones(5))], guard=0.05).load_state_dict(guarded.state_dict())
+
+
+def test_a_guard_that_never_cuts_leaves_the_run_bit_identical_to_plain_zosgd():
+    plain, _ = run(zoptim.ZOSGD, dict(lr=0.02, eps=1e-2), 60)
+    guarded, opt = run(zoptim.ZOSGD, dict(lr=0.02, eps=1e-2, guard=0.05), 60)
+    assert opt.guard.cuts == 0
+    assert all(torch.equal(a, b) for a, b in zip(plain, guarded))

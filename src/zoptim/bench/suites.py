@@ -10,16 +10,18 @@
   sweep), Fig. 4 (normal / Rademacher / uniform directions), Fig. 7 (directions per update at an
   equal query budget), on the digits MLP.
 * ``methods``: the methods beyond the paper (seed momentum for ZOSGD and AS2P, HiZOO dense and
-  factored) beside GA and AS2P on four cheap problems, 3 seeds, 6,000 queries, every method with
+  factored, the loss guard on ZOSGD with and without momentum) beside GA and AS2P on four cheap problems, 3 seeds, 6,000 queries, every method with
   the problem's default hyper-parameters (GA's lr and eps; no search for any method).
 * ``methods-quick`` and ``methods-paper``: the same methods on the quick and paper suites'
   pre-trained networks (digits and Fashion-MNIST EfficientNet-Lite0, 1,500 and 10,000 queries),
   3 seeds, each method with the search of the method it extends (:mod:`zoptim.bench.search`),
   seed 0, at a quarter of the budget (methods-paper) or the whole budget (methods-quick: on the
   digits network the alpha_0 a quarter-budget search picks, 3e-3, diverges over the full budget).
-* ``methods-lm``: ZOSGD, AS2P, their seed momentum and HiZOO on the LM task (MiniLM with LoRA,
+* ``methods-lm``: ZOSGD, AS2P, their seed momentum, HiZOO and the guarded ZOSGD on the LM task (MiniLM with LoRA,
   rt-sentiment and TREC; :mod:`zoptim.problems.lm`), 3 seeds, 1,000 queries, 20 evaluations a
   run, every method with the problem's default (GA's) hyper-parameters and no search.
+* ``methods-lm-search``: ZOSGD against the guarded ZOSGD on MiniLM / TREC, each with its own
+  search of lr in {5e-3, 2e-3, 1e-3, 5e-4} (eps 1e-3) at the full budget, seed 0, then 3 seeds.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
@@ -96,6 +98,9 @@ SUITES = {
                                                        budget or 10000, search=True, num_evals=50)],
     "methods-lm": lambda budget, seeds: [Experiment("methods-lm", ["lm-minilm-rt", "lm-minilm-trec"], LM_METHODS, seeds or 3,
                                                     budget or 1000, num_evals=20)],
+    "methods-lm-search": lambda budget, seeds: [Experiment("methods-lm-search", ["lm-minilm-trec"], ["ZOSGD", "ZOSGD-guard"],
+                                                           seeds or 3, budget or 1000, search=True, num_evals=20,
+                                                           search_fraction=1.0)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
 }

@@ -17,6 +17,10 @@ from .base import Problem
 class LMProblem(Problem):
     """Prompt-based classification (see :mod:`zoptim.lm.prompts`) of ``task`` with ``model``."""
 
+    #: The search grid around GA's default lr 1e-3 for LoRA (``--suite methods-lm-search``).
+    lr_grid = (5e-3, 2e-3, 1e-3, 5e-4)
+    eps_grid = (1e-3,)
+
     def __init__(
         self,
         model: str = "smollm2",
