@@ -35,8 +35,9 @@ class LossGuard:
     rate (its spread is averaged over about 100 steps, so a few heavy-tailed minibatches do not
     make it small); the best level is taken on the slower average because the running minimum of a
     noisy average sits below its mean. With the defaults (z = 4, beta_s = 0.98), losses with 30 %
-    noise and no trend cut 1-3 times in 5,000 steps, and a run-away of 0.3 % a step under 6 %
-    noise is cut 46-59 steps after it begins (``tests/test_guard.py`` holds such cases).
+    noise and no trend cut 3 times in 5,000 steps (z = 3, beta_s = 0.95: 21-24), and a run-away
+    of 0.3 % a step under 6 % noise is cut 46-59 steps after it begins
+    (``python benchmarks/guard_noise.py``; ``tests/test_guard.py`` holds such cases).
 
     The optimizer moves with ``lr * scale``; ``param_groups`` and any torch LR scheduler driving
     them are untouched, so the guard composes with every schedule. This is the decreasing half
