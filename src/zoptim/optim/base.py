@@ -263,9 +263,16 @@ class ZerothOrderOptimizer(Optimizer):
         self.momentum.push(steps)
         return self.momentum.terms()
 
-    def _lr_scale(self) -> float:
-        """The loss guard's multiplier of every group's lr (1 without a guard)."""
-        return 1.0 if self.guard is None else self.guard.scale
+    def _set_guard(self, tol: float) -> None:
+        """Give the method a loss guard of ``tol`` (0: none); for the methods that offer one."""
+        from .guard import LossGuard
+
+        self.guard = LossGuard(tol) if check_positive("guard", tol, allow_zero=True) else None
+
+    def _guarded_lrs(self) -> list[float]:
+        """Each trainable tensor's lr times the loss guard's scale (the plain lr without a guard)."""
+        scale = 1.0 if self.guard is None else self.guard.scale
+        return [lr * scale for lr in self.per_param("lr")]
 
     def _observe(self, loss: float) -> None:
         """Show the loss guard, if any, this step's loss (after the update: it scales the next step)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from .base import Query, StepGenerator, ZerothOrderOptimizer, check_positive
-from .guard import LossGuard
 
 
 class HiZOO(ZerothOrderOptimizer):
@@ -112,7 +111,7 @@ class HiZOO(ZerothOrderOptimizer):
                 "factored=True needs each matrix's whole rows and columns, which a rank holding a shard does not "
                 "see; use factored=False (the dense estimate is element-wise) with sharded parameters"
             )
-        self.guard = LossGuard(guard) if check_positive("guard", guard, allow_zero=True) else None
+        self._set_guard(guard)
         self._init_hessian()
         self.engine.weights = self._inverse_sqrt
 
@@ -190,8 +189,7 @@ class HiZOO(ZerothOrderOptimizer):
         curvature = abs(f_plus + f_minus - 2.0 * f0) / (2.0 * mu * mu)
         self._update_hessian(key, curvature)
         gamma = (f_plus - f_minus) / (2.0 * mu)
-        scale = self._lr_scale()
-        lrs = [lr * scale for lr in self.per_param("lr")]
+        lrs = self._guarded_lrs()
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
         self.engine.update([(key, [-lr * gamma for lr in lrs])], decay=decay if any(decay) else None)
         self.last_stats = {

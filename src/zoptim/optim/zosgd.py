@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
-from .guard import LossGuard
 from .momentum import SeedMomentum
 
 
@@ -81,15 +80,14 @@ class ZOSGD(ZerothOrderOptimizer):
         )
         self.queries_per_step = 2 * self.num_directions
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
-        self.guard = LossGuard(guard) if check_positive("guard", guard, allow_zero=True) else None
+        self._set_guard(guard)
 
     supports_direction_sharding = True
 
     def _queries(self) -> StepGenerator:
         keys, gammas, plus, minus = yield from self._two_point_directions(self.eps)
         k, losses = len(keys), [v for pair in zip(plus, minus) for v in pair]
-        scale = self._lr_scale()
-        lrs = [lr * scale for lr in self.per_param("lr")]
+        lrs = self._guarded_lrs()
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
         steps = [(key, g / k) for key, g in zip(keys, gammas)]
         steps = self._momentum_terms(steps)
