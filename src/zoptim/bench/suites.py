@@ -20,8 +20,9 @@
 * ``methods-lm``: ZOSGD, AS2P, their seed momentum, HiZOO and the guarded ZOSGD on the LM task (MiniLM with LoRA,
   rt-sentiment and TREC; :mod:`zoptim.problems.lm`), 3 seeds, 1,000 queries, 20 evaluations a
   run, every method with the problem's default (GA's) hyper-parameters and no search.
-* ``methods-lm-search``: ZOSGD against the guarded ZOSGD on MiniLM / TREC, each with its own
-  search of lr in {5e-3, 2e-3, 1e-3, 5e-4} (eps 1e-3) at the full budget, seed 0, then 3 seeds.
+* ``methods-lm-search``: ZOSGD, AS2P, ZOSGD-momentum, HiZOO and the guarded ZOSGD on MiniLM / TREC,
+  each with its own search at the full budget, seed 0, then 3 seeds: lr in {5e-3, 2e-3, 1e-3,
+  5e-4} (eps 1e-3) for ZOSGD and the methods that extend it, eta_b in {1, 5, 50} for AS2P.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
@@ -57,6 +58,8 @@ NEW = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "HiZOO-facto
        "ZOSGD-momentum-guard"]
 #: The new methods on the LM task (HiZOO-factored left out: at alpha 1e-6 it is the dense estimate).
 LM_METHODS = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "ZOSGD-guard"]
+#: methods-lm-search: every LM method but AS2P-momentum (which ties AS2P on the LM task), each searched.
+LM_SEARCHED = ["ZOSGD", "AS2P", "ZOSGD-momentum", "HiZOO", "ZOSGD-guard"]
 #: Cheap problems for the ``methods`` suite: the quick suite's MLP, softmax regression, a
 #: relaxed-smooth function and an ill-conditioned quadratic.
 NEW_PROBLEMS = ["digits-mlp", "softmax", "relaxed-smooth", "quadratic"]
@@ -98,7 +101,7 @@ SUITES = {
                                                        budget or 10000, search=True, num_evals=50)],
     "methods-lm": lambda budget, seeds: [Experiment("methods-lm", ["lm-minilm-rt", "lm-minilm-trec"], LM_METHODS, seeds or 3,
                                                     budget or 1000, num_evals=20)],
-    "methods-lm-search": lambda budget, seeds: [Experiment("methods-lm-search", ["lm-minilm-trec"], ["ZOSGD", "ZOSGD-guard"],
+    "methods-lm-search": lambda budget, seeds: [Experiment("methods-lm-search", ["lm-minilm-trec"], LM_SEARCHED,
                                                            seeds or 3, budget or 1000, search=True, num_evals=20,
                                                            search_fraction=1.0)],
     "softmax": None,  # its own runner below
@@ -136,6 +139,16 @@ class Share:
 
     def wait_for_file(self, path: Path) -> None:
         while not path.exists():
+            time.sleep(self.poll)
+
+    def wait_for_search(self, path: Path, request: dict) -> dict:
+        """Rank 0's search result for ``request`` (its methods and budget). A file left by an earlier
+        search with other methods is stale: wait until rank 0 has rewritten it for this one."""
+        while True:
+            if path.exists():
+                found = json.loads(path.read_text())
+                if found.get("request") == request:
+                    return found
             time.sleep(self.poll)
 
     def finish(self) -> None:
@@ -201,9 +214,11 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
             if exp.search:
                 search_budget = max(100, int(exp.budget * exp.search_fraction))
                 hparams_file = out_dir / f"hparams-{exp.name}-{pname}.json"
+                request = {"methods": list(exp_methods), "budget": search_budget}
                 if share.rank == 0:
                     log(f"[{exp.name}] hyper-parameter search on {pname} at {search_budget} queries")
                     found = search.search(pname, problem, exp_methods, search_budget, out_dir, exp.name, progress)
+                    found["request"] = request
                     hp = dict(found["chosen"])
                     # S2P's alpha_0 is per sqrt(K): keep the per-step alpha found at the search budget
                     hp["s2p_lr"] = hp["s2p_lr"] * (exp.budget / search_budget) ** 0.5
@@ -211,8 +226,7 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
                     atomic_write_text(hparams_file, json.dumps(found, indent=1))
                 else:
                     log(f"[{exp.name}] waiting for rank 0's hyper-parameter search on {pname}")
-                    share.wait_for_file(hparams_file)
-                    found = json.loads(hparams_file.read_text())
+                    found = share.wait_for_search(hparams_file, request)
             for method in exp_methods:
                 method_hp = hp if found is None else search.hparams_for(method, found)
                 for seed in range(exp.seeds):
