@@ -177,9 +177,10 @@ def run_softmax_study(out_dir: Path, seeds: int = 2, budget: int | None = None, 
 
 
 def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None, budget=None, progress=None,
-              log=print, quick: bool = False, num_evals: int | None = None) -> None:
+              log=print, quick: bool = False, num_evals: int | None = None, hparams: dict | None = None) -> None:
     """Run every experiment of ``suite`` (resumable: finished runs are skipped); ``num_evals``
-    overrides the evaluations per run of its experiments."""
+    overrides the evaluations per run of its experiments, ``hparams`` the problems' default
+    hyper-parameters for every method (not with a suite that searches)."""
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; known suites: {', '.join(SUITES)}")
     if budget is not None and (not isinstance(budget, int) or budget <= 0):
@@ -202,14 +203,17 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
         return
     if num_evals is not None and num_evals < 1:
         raise ValueError(f"num_evals must be >= 1; got {num_evals!r}")
+    experiments = SUITES[suite](budget, seeds)
+    if hparams and any(exp.search for exp in experiments):
+        raise ValueError(f"suite {suite!r} searches its hyper-parameters; set them (--set) only for a suite without search")
     share = Share(out_dir)
-    for exp in SUITES[suite](budget, seeds):
+    for exp in experiments:
         exp.num_evals = num_evals or exp.num_evals
         exp_methods = [get_method(m).name for m in methods] if methods else exp.methods
         for pname in problems or exp.problems:
             log(f"[{exp.name}] building problem {pname}")
             problem = get_problem(pname)
-            hp = {**problem.default_hparams, **exp.hparams}
+            hp = {**problem.default_hparams, **exp.hparams, **(hparams or {})}
             found = None
             if exp.search:
                 search_budget = max(100, int(exp.budget * exp.search_fraction))

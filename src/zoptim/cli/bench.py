@@ -19,6 +19,23 @@ def _positive_int(name):
     return parse
 
 
+#: The hyper-parameter keys a benchmark method reads (see zoptim.bench.methods).
+HPARAM_KEYS = ("lr", "eps", "stp_lr", "s2p_lr", "eta_b", "hessian_smooth")
+
+
+def _override(text):
+    key, sep, value = text.partition("=")
+    if not sep or key not in HPARAM_KEYS:
+        raise SystemExit(f"zoptim bench: --set takes KEY=VALUE with KEY in {', '.join(HPARAM_KEYS)}; got {text!r}")
+    try:
+        number = float(value)
+    except ValueError:
+        raise SystemExit(f"zoptim bench: --set {key} must be a number; got {value!r}") from None
+    if not number > 0 or number == float("inf"):
+        raise SystemExit(f"zoptim bench: --set {key} must be a finite number > 0; got {value!r}")
+    return key, number
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="compare zeroth-order optimizers at equal query budgets",
                        description="Run a benchmark suite (quick | paper | methods | methods-quick | methods-paper | methods-lm | "
@@ -33,6 +50,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=_positive_int("seeds"), help="number of seeds (0..N-1)")
     p.add_argument("--budget", type=_positive_int("budget"), help="function queries per run")
     p.add_argument("--evals", type=_positive_int("evals"), help="full-loss evaluations per run (default: the suite's)")
+    p.add_argument("--set", dest="overrides", nargs="+", metavar="KEY=VALUE", type=_override,
+                   help="hyper-parameters for every method instead of the problem's defaults, e.g. --set lr=3e-4 "
+                        f"(keys: {', '.join(HPARAM_KEYS)}; not with a suite that searches)")
     p.add_argument("--out", type=Path, help="output folder (raw/*.jsonl, summary.md, *.png)")
     p.add_argument("--report", type=Path, metavar="DIR", help="rebuild summary.md and plots from DIR and exit")
     p.set_defaults(run=main)
@@ -60,7 +80,7 @@ def main(args) -> int:
         raise SystemExit("zoptim bench: give --suite and --out (or --report DIR)")
     try:
         run_suite(args.suite, args.out, methods=args.methods, problems=args.problems, seeds=args.seeds,
-                  budget=args.budget, num_evals=args.evals, log=lambda msg: print(msg, file=sys.stderr, flush=True), quick=args.quick)
+                  budget=args.budget, num_evals=args.evals, hparams=dict(args.overrides or []), log=lambda msg: print(msg, file=sys.stderr, flush=True), quick=args.quick)
     except (ValueError, FileNotFoundError, ImportError) as err:
         raise SystemExit(f"zoptim bench: {err}") from None
     from ..distributed import launched_rank_and_world
