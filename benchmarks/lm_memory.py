@@ -25,7 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-CONFIGS = ("inference", "zoptim-full", "zoptim-lora", "adamw-full", "adamw-lora")
+CONFIGS = ("inference", "zoptim-full", "zoptim-lora", "zoptim-momentum", "hizoo-full", "hizoo-factored", "adamw-full",
+           "adamw-lora")
 
 
 class PeakRSS:
@@ -64,7 +65,7 @@ def child(config: str, model_name: str, steps: int, batch: int, seq: int) -> dic
     from zoptim.lm.models import apply_lora, load_model
 
     model, tokenizer = load_model(model_name)
-    if config.endswith("lora"):
+    if config.endswith("lora"):  # every other zoptim / hizoo configuration tunes all parameters
         model = apply_lora(model)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(100, tokenizer.vocab_size, (batch, seq), generator=g)
@@ -81,8 +82,13 @@ def child(config: str, model_name: str, steps: int, batch: int, seq: int) -> dic
         def step():
             with torch.no_grad():
                 loss()
-    elif config.startswith("zoptim"):
-        opt = zoptim.ZOSGD(params, lr=1e-6, eps=1e-3)
+    elif config.startswith(("zoptim", "hizoo")):
+        if config == "zoptim-momentum":  # the memory-free seed momentum: m (key, coefficient) pairs, no tensor
+            opt = zoptim.ZOSGD(params, lr=1e-6, eps=1e-3, momentum=0.9, momentum_window=8)
+        elif config.startswith("hizoo"):  # a Hessian estimate: dense (a float32 copy) or factored (rows + cols)
+            opt = zoptim.HiZOO(params, lr=1e-6, eps=1e-3, factored=config == "hizoo-factored")
+        else:
+            opt = zoptim.ZOSGD(params, lr=1e-6, eps=1e-3)
 
         def step():
             opt.step(loss)

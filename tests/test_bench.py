@@ -156,6 +156,28 @@ def test_cli_rejects_bad_arguments(tmp_path):
         main(["bench", "--suite", "quick", "--evals", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="unknown method"):
         main(["bench", "--suite", "quick", "--methods", "Adam", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--set takes KEY=VALUE"):
+        main(["bench", "--suite", "quick", "--set", "momentum=0.9", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--set lr must be a number"):
+        main(["bench", "--suite", "quick", "--set", "lr=fast", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="finite number > 0"):
+        main(["bench", "--suite", "quick", "--set", "lr=-1", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="searches its hyper-parameters"):
+        main(["bench", "--suite", "methods-quick", "--set", "lr=1e-3", "--out", str(tmp_path)])
+
+
+def test_set_replaces_the_problems_default_hyper_parameters_for_every_method(tmp_path):
+    from zoptim.cli import main
+
+    args = ["bench", "--suite", "methods", "--problems", "quadratic", "--methods", "ZOSGD", "HiZOO", "--seeds", "1",
+            "--budget", "60", "--evals", "2", "--set", "lr=0.002", "eps=0.01", "--out", str(tmp_path)]
+    assert main(args) == 0
+    raws = sorted((tmp_path / "raw").glob("*.jsonl"))
+    assert len(raws) == 2
+    for path in raws:
+        header = json.loads(path.read_text().splitlines()[0])
+        assert header["hparams"]["lr"] == 0.002 and header["hparams"]["eps"] == 0.01
+        assert header["hparams"]["stp_lr"] == 1e-2  # keys not set keep the problem's default
 
 
 def test_under_torchrun_the_runs_are_shared_out_and_give_the_single_process_records(tmp_path, monkeypatch, capsys):
