@@ -232,6 +232,26 @@ def test_factored_hizoo_matches_its_formula_on_a_matrix():
         assert torch.allclose(a, b, atol=1e-6, rtol=0), f"iterate {k} differs"
 
 
+def test_factored_hizoo_is_the_same_when_chunks_split_rows_and_its_scratch_stays_chunk_sized():
+    """Chunks of 5 elements cut the 4-column rows in the middle: each chunk's row block is
+    assembled and summed on its own, and the iterates still follow the formula; the scratch
+    buffers hold at most a chunk plus two rows, never the matrix."""
+    x0 = torch.linspace(-1.0, 1.5, 12, dtype=torch.float64)
+    w = torch.nn.Parameter(x0.clone().reshape(3, 4))
+    opt = zoptim.HiZOO([w], lr=0.05, eps=1e-2, hessian_smooth=0.2, factored=True)
+    opt.engine.chunk_size = 5  # before the first move, so no journal refers to the default chunks
+    got = [w.detach().reshape(-1).clone()]
+    for _ in range(30):
+        opt.step(lambda: tiny_f(w.detach().reshape(-1)))
+        got.append(w.detach().reshape(-1).clone())
+    want = reference.hizoo(tiny_f, x0, 30, lr=0.05, eps=1e-2, alpha=0.2, shape=(3, 4))
+    for k, (a, b) in enumerate(zip(got, want)):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), f"iterate {k} differs"
+    r, c = opt.hessian[0]
+    assert torch.allclose(opt.diagonal_hessian()[0], torch.outer(r, c) / r.sum())
+    assert opt._scratch and all(buf.numel() <= opt.engine.chunk_size + 2 * 4 for buf in opt._scratch.values())
+
+
 def test_memory_free_momentum_holds_m_pairs_and_no_tensor():
     p = torch.nn.Parameter(torch.zeros(1000))
     opt = zoptim.ZOSGD([p], lr=1e-3, momentum=0.9, momentum_window=5)

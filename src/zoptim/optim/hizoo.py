@@ -112,6 +112,7 @@ class HiZOO(ZerothOrderOptimizer):
                 "see; use factored=False (the dense estimate is element-wise) with sharded parameters"
             )
         self._set_guard(guard)
+        self._scratch: dict[tuple, torch.Tensor] = {}
         self._init_hessian()
         self.engine.weights = self._inverse_sqrt
 
@@ -123,10 +124,12 @@ class HiZOO(ZerothOrderOptimizer):
     def _init_hessian(self) -> None:
         """H_0 = 1 (the paper's initialisation), in float32 on each parameter's device."""
         self.hessian: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = []
+        self._max_cols = 0
         for j, p in enumerate(self.engine.params):
             kw = dict(dtype=torch.float32, device=p.device)
             if self._is_factored(j):
                 rows, cols = p.shape[0], p.numel() // p.shape[0]
+                self._max_cols = max(self._max_cols, cols)
                 # row sums and column sums of an all-ones rows x cols matrix
                 self.hessian.append((torch.full((rows,), float(cols), **kw), torch.full((cols,), float(rows), **kw)))
             else:
@@ -137,20 +140,49 @@ class HiZOO(ZerothOrderOptimizer):
         h = self.hessian[j]
         if isinstance(h, torch.Tensor):
             return h[a:b]
-        r, c = h
-        idx = torch.arange(a, b, device=r.device)
-        cols = c.numel()
-        return r[idx // cols] * c[idx % cols] / r.sum()
+        r0, r1, offset, block = self._factored_block(j, a, b)
+        return block.view(-1)[offset : offset + (b - a)]
+
+    def _factored_block(self, j: int, a: int, b: int) -> tuple[int, int, int, torch.Tensor]:
+        """``(r0, r1, offset, block)``: the factored estimate r c^T / 1^T r on the rows r0:r1 of
+        matrix j that elements a:b fall in (a scratch buffer), a's offset in that block."""
+        r, c = self.hessian[j]
+        r0, r1, offset = self._row_span(j, a, b)
+        block = self._buffer("block", (r1 - r0) * c.numel(), r.device).view(r1 - r0, -1)
+        torch.outer(r[r0:r1], c, out=block).div_(r.sum())
+        return r0, r1, offset, block
+
+    def _buffer(self, name: str, n: int, device: torch.device) -> torch.Tensor:
+        """A reused float32 scratch buffer of at least n elements (valid until the next call with
+        this name): the step's passes then allocate nothing chunk-sized, which kept the heap from
+        fragmenting into about 1.5x the model's bytes on top of ZOSGD's (measured on SmolLM2)."""
+        buf = self._scratch.get((device, name))
+        if buf is None or buf.numel() < n:
+            buf = self._scratch[(device, name)] = torch.empty(max(n, self.engine.chunk_size + 2 * self._max_cols),
+                                                              dtype=torch.float32, device=device)
+        return buf[:n]
+
+    def _row_span(self, j: int, a: int, b: int) -> tuple[int, int, int]:
+        """The rows r0:r1 of matrix j (viewed rows x cols) that elements a:b fall in, and a's offset
+        in that block (the factored path works on such blocks: at most a chunk plus two rows)."""
+        cols = self.hessian[j][1].numel()
+        r0 = a // cols
+        return r0, (b - 1) // cols + 1, a - r0 * cols
 
     def _inverse_sqrt(self, j: int, a: int, b: int) -> torch.Tensor:
-        """The direction's multipliers Sigma^(1/2) = H^(-1/2) at elements a:b of tensor j."""
-        return self._chunk_hessian(j, a, b).rsqrt()
+        """The direction's multipliers Sigma^(1/2) = H^(-1/2) at elements a:b of tensor j.
+
+        Written into one reused buffer per device (the engine uses a chunk's multipliers before it
+        asks for the next chunk's), so the five passes of a step allocate nothing chunk-sized."""
+        h = self._chunk_hessian(j, a, b)
+        return torch.rsqrt(h, out=self._buffer("inverse_sqrt", h.numel(), h.device))
 
     def diagonal_hessian(self) -> list[torch.Tensor]:
         """The current estimate H, one float32 tensor per trainable tensor (materialised)."""
         out = []
-        for j, p in enumerate(self.engine.params):
-            out.append(self._chunk_hessian(j, 0, p.numel()).view(p.shape).clone())
+        for h, p in zip(self.hessian, self.engine.params):
+            full = h.clone() if isinstance(h, torch.Tensor) else torch.outer(h[0], h[1]) / h[0].sum()
+            out.append(full.view(p.shape))
         return out
 
     def _update_hessian(self, key: int, curvature: float) -> None:
@@ -162,14 +194,18 @@ class HiZOO(ZerothOrderOptimizer):
         sums = {j: (torch.zeros_like(h[0]), torch.zeros_like(h[1]))
                 for j, h in enumerate(self.hessian) if isinstance(h, tuple)}
         for j, a, b, u in self.engine.direction_chunks(key):
-            estimate = self._chunk_hessian(j, a, b) * u.square() * curvature
             h = self.hessian[j]
             if j in sums:
-                cols = h[1].numel()
-                idx = torch.arange(a, b, device=u.device)
-                sums[j][0].index_add_(0, idx // cols, estimate)
-                sums[j][1].index_add_(0, idx % cols, estimate)
+                # the estimate in place in its row block, the elements of those rows outside a:b zeroed
+                r0, r1, offset, block = self._factored_block(j, a, b)
+                flat = block.view(-1)
+                flat[offset : offset + (b - a)].mul_(u.square()).mul_(curvature)
+                flat[:offset].zero_()
+                flat[offset + (b - a) :].zero_()
+                sums[j][0][r0:r1] += block.sum(dim=1)
+                sums[j][1].add_(block.sum(dim=0))
             else:
+                estimate = self._chunk_hessian(j, a, b) * u.square() * curvature
                 h[a:b].mul_(1.0 - alpha).add_(estimate, alpha=alpha)
         for j, (row_sum, col_sum) in sums.items():
             self.hessian[j][0].mul_(1.0 - alpha).add_(row_sum, alpha=alpha)
