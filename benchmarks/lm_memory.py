@@ -25,8 +25,8 @@ import threading
 import time
 from pathlib import Path
 
-CONFIGS = ("inference", "zoptim-full", "zoptim-lora", "zoptim-momentum", "hizoo-full", "hizoo-factored", "adamw-full",
-           "adamw-lora")
+CONFIGS = ("inference", "zoptim-full", "zoptim-lora", "zoptim-momentum", "zoptim-momentum-inexact", "hizoo-full",
+           "hizoo-factored", "adamw-full", "adamw-lora")
 
 
 class PeakRSS:
@@ -83,8 +83,10 @@ def child(config: str, model_name: str, steps: int, batch: int, seq: int) -> dic
             with torch.no_grad():
                 loss()
     elif config.startswith(("zoptim", "hizoo")):
-        if config == "zoptim-momentum":  # the memory-free seed momentum: m (key, coefficient) pairs, no tensor
-            opt = zoptim.ZOSGD(params, lr=1e-6, eps=1e-3, momentum=0.9, momentum_window=8)
+        if config.startswith("zoptim-momentum"):  # the memory-free seed momentum: m (key, coefficient) pairs
+            # "-inexact": without the exact-restore journal (MeZO's arithmetic round trip)
+            opt = zoptim.ZOSGD(params, lr=1e-6, eps=1e-3, momentum=0.9, momentum_window=8,
+                               exact_restore=not config.endswith("inexact"))
         elif config.startswith("hizoo"):  # a Hessian estimate: dense (a float32 copy) or factored (rows + cols)
             opt = zoptim.HiZOO(params, lr=1e-6, eps=1e-3, factored=config == "hizoo-factored")
         else:
