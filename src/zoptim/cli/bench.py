@@ -42,7 +42,7 @@ def register(sub) -> None:
                                    "methods-lm-search | softmax | ablations | blackbox) or rebuild a report.")
     p.add_argument("--suite", help="quick (the demo), paper, methods (HiZOO, seed momentum, loss guard) on cheap problems, methods-quick and "
                                    "methods-paper (the same on the quick and paper suites' pre-trained networks, with search), methods-lm "
-                                   "(the LM task, defaults) and methods-lm-search (MiniLM / TREC, GA vs guarded GA, lr searched), softmax, ablations or blackbox (zoptim vs nevergrad, "
+                                   "(the LM task, defaults) and methods-lm-search (MiniLM / TREC, every LM method searched), softmax, ablations or blackbox (zoptim vs nevergrad, "
                                    "CMA-ES, scipy, torchzero on functions of a vector)")
     p.add_argument("--quick", action="store_true", help="blackbox suite only: a smoke run (3 small problems, 300 evaluations)")
     p.add_argument("--methods", nargs="+", help="override the suite's methods (see zoptim.bench.METHODS)")
