@@ -111,6 +111,8 @@ GUARD_TOL = 0.02
 #: HiZOO's alpha when a problem names none: the largest of the paper's grid {1e-6, 1e-7, 1e-8}.
 HIZOO_SMOOTH = 1e-6
 METHODS: dict[str, Method] = _table()
+#: Every hyper-parameter key some method reads (what ``zoptim bench --set KEY=VALUE`` accepts).
+HPARAM_KEYS: tuple[str, ...] = tuple(sorted({key for method in METHODS.values() for key in method.uses}))
 #: The paper's baseline for the training cost ratio (GA, i.e. MeZO).
 BASELINE = "ZOSGD"
 

@@ -19,11 +19,11 @@ def _positive_int(name):
     return parse
 
 
-#: The hyper-parameter keys a benchmark method reads (see zoptim.bench.methods).
-HPARAM_KEYS = ("lr", "eps", "stp_lr", "s2p_lr", "eta_b", "hessian_smooth")
-
-
 def _override(text):
+    import math
+
+    from ..bench.methods import HPARAM_KEYS  # imported here: it loads torch, which --help does not need
+
     key, sep, value = text.partition("=")
     if not sep or key not in HPARAM_KEYS:
         raise SystemExit(f"zoptim bench: --set takes KEY=VALUE with KEY in {', '.join(HPARAM_KEYS)}; got {text!r}")
@@ -31,7 +31,7 @@ def _override(text):
         number = float(value)
     except ValueError:
         raise SystemExit(f"zoptim bench: --set {key} must be a number; got {value!r}") from None
-    if not number > 0 or number == float("inf"):
+    if not (number > 0 and math.isfinite(number)):
         raise SystemExit(f"zoptim bench: --set {key} must be a finite number > 0; got {value!r}")
     return key, number
 
@@ -52,7 +52,7 @@ def register(sub) -> None:
     p.add_argument("--evals", type=_positive_int("evals"), help="full-loss evaluations per run (default: the suite's)")
     p.add_argument("--set", dest="overrides", nargs="+", metavar="KEY=VALUE", type=_override,
                    help="hyper-parameters for every method instead of the problem's defaults, e.g. --set lr=3e-4 "
-                        f"(keys: {', '.join(HPARAM_KEYS)}; not with a suite that searches)")
+                        "(any key a method reads, zoptim.bench.methods.HPARAM_KEYS; not with a suite that searches)")
     p.add_argument("--out", type=Path, help="output folder (raw/*.jsonl, summary.md, *.png)")
     p.add_argument("--report", type=Path, metavar="DIR", help="rebuild summary.md and plots from DIR and exit")
     p.set_defaults(run=main)
