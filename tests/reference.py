@@ -187,3 +187,36 @@ def hizoo(f, x, steps, lr, eps, alpha, wd=0.0, seed=0, shape=None, guard=None):
         losses.append(here)
         xs.append(x.clone())
     return xs
+
+
+def lowrank_direction(key: int, j: int, shape, rank: int, distribution: str = "normal") -> torch.Tensor:
+    """Tensor j of the forward-applied direction ``key`` (zoptim.forward's docstring), materialised.
+
+    A matrix (viewed ``shape[0] x rest``) is ``A B^T / sqrt(r)``, A (row-major) from elements
+    0 .. m r - 1 of the stream ``mix(key, j)`` and B from the next n r; any other tensor takes the
+    stream's first elements, as the in-place engine does.
+    """
+    stream = mix(key, j)
+    numel = math.prod(shape)
+    if len(shape) < 2 or rank is None:
+        values = [stream_value(stream_bits(stream, i), distribution) for i in range(numel)]
+        return torch.tensor(values, dtype=torch.float32).view(shape)
+    m, n = shape[0], numel // shape[0]
+    values = [stream_value(stream_bits(stream, i), distribution) for i in range(rank * (m + n))]
+    a = torch.tensor(values[: m * rank], dtype=torch.float64).view(m, rank)
+    b = torch.tensor(values[m * rank :], dtype=torch.float64).view(n, rank)
+    return (a @ b.T / math.sqrt(rank)).float().view(shape)
+
+
+def zosgd_materialised(loss_at, params, seed, steps, lr, eps, rank, distribution="normal"):
+    """ZOSGD (GA) written plainly: each query point ``x +- eps s`` is built as explicit tensors
+    (``loss_at(list_of_tensors)``), s from :func:`lowrank_direction`; returns the iterates."""
+    x = [p.detach().clone().double() for p in params]
+    for k in range(steps):
+        key = mix(seed, k, 0)
+        s = [lowrank_direction(key, j, tuple(p.shape), rank, distribution).double() for j, p in enumerate(x)]
+        f_plus = loss_at([(p + eps * d).float() for p, d in zip(x, s)])
+        f_minus = loss_at([(p - eps * d).float() for p, d in zip(x, s)])
+        g = (f_plus - f_minus) / (2 * eps)
+        x = [p - lr * g * d for p, d in zip(x, s)]
+    return [p.float() for p in x]

@@ -82,6 +82,7 @@ class SeededPerturbation:
         offsets: the global flat index of each tensor's first element (default 0): a process
             holding a shard of a parameter (:mod:`zoptim.shards`) draws the values of the whole
             parameter's direction at its own elements.
+        indices: the stream number of each tensor (default 0, 1, ...; see :meth:`tensor_key`).
 
     The offset currently applied is ``x + scale_j * s(key)`` for each tensor j, where x is the
     unperturbed value; :meth:`move` changes it, :meth:`restore` removes it.
@@ -97,8 +98,12 @@ class SeededPerturbation:
         chunk_size: int | None = None,
         rank: int = 0,
         offsets: Sequence[int] | None = None,
+        indices: Sequence[int] | None = None,
     ):
         self.params = list(params)
+        # The stream number of each tensor (default: its position): an engine over a subset of an
+        # optimizer's tensors draws their directions from the same streams as one over all of them.
+        self.indices = list(range(len(self.params))) if indices is None else [int(i) for i in indices]
         # Global index of each tensor's first element: 0, except for the local shard of a sharded
         # parameter, which draws the values of the *global* direction at its own elements.
         self.offsets = [0] * len(self.params) if offsets is None else [int(o) for o in offsets]
@@ -167,7 +172,7 @@ class SeededPerturbation:
 
     def tensor_key(self, key: int, j: int) -> int:
         """The stream of tensor ``j`` in the direction ``key``: element i is ``fill(..., mix(key, j))[i]``."""
-        return mix(key, j)
+        return mix(key, self.indices[j])
 
     def direction_chunks(self, key: int):
         """The direction ``key`` chunk by chunk: yields ``(j, a, b, s)``, s the float32 values of

@@ -109,7 +109,7 @@ class AS2P(ZerothOrderOptimizer):
             ``momentum_window`` clipped, auto-scaled steps ``sign(gamma_j) |alpha_j| s_j``
             (each s redrawn from its key), all scaled by today's lr_k. 0 (default) is Alg. 2.
         momentum_window: m, the number of past steps in that average. Default 8.
-        distribution, normalize, seed, exact_restore, max_nonfinite: see
+        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
     Example:
@@ -144,6 +144,8 @@ class AS2P(ZerothOrderOptimizer):
         normalize: bool = False,
         exact_restore: bool = True,
         max_nonfinite: int = 10,
+        module=None,
+        rank: int | None = None,
     ):
         self.eps = check_positive("eps", eps)
         self.eps_end = self.eps / 10.0 if eps_end is None else check_positive("eps_end", eps_end)
@@ -178,6 +180,8 @@ class AS2P(ZerothOrderOptimizer):
             normalize=normalize,
             exact_restore=exact_restore,
             max_nonfinite=max_nonfinite,
+            module=module,
+            rank=rank,
         )
         self.gammas = GammaWindow(self._window_capacity())
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None

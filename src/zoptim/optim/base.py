@@ -15,12 +15,14 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+import weakref
 from collections.abc import Callable, Generator, Iterable
 from typing import Any, NamedTuple
 
 import torch
 from torch.optim import Optimizer
 
+from ..forward import ForwardPerturbation
 from ..noise import NOISE_VERSION, check_distribution, mix
 from ..perturbation import SeededPerturbation
 from ..shards import local_part
@@ -96,6 +98,12 @@ class ZerothOrderOptimizer(Optimizer):
         exact_restore: keep the journal that makes every restore bit-exact (see
             :mod:`zoptim.perturbation`); ``False`` trades it for MeZO's arithmetic round trip.
         max_nonfinite: after this many consecutive steps with a NaN/inf loss, raise RuntimeError.
+        module: the model the closure runs. Given, each query's offset is applied inside the
+            forward of its layers (:mod:`zoptim.forward`) instead of being written into the
+            weights: queries never touch them, and only the update writes. None (default): the
+            in-place engine (:mod:`zoptim.perturbation`), for any tensors.
+        rank: r of the low-rank direction of each weight matrix, ``S = A B^T / sqrt(r)``
+            (needs ``module``); None (default) keeps full-rank directions.
 
     Attributes:
         num_queries: closure evaluations so far (the x-axis of every plot in the S2P paper).
@@ -127,8 +135,19 @@ class ZerothOrderOptimizer(Optimizer):
         normalize: bool = False,
         exact_restore: bool = True,
         max_nonfinite: int = 10,
+        module: torch.nn.Module | None = None,
+        rank: int | None = None,
     ):
         check_distribution(distribution)
+        if module is not None and not isinstance(module, torch.nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module (the model the closure runs) or None; got {type(module).__name__}")
+        self._rank = check_int("rank", rank, allow_none=True)
+        if self._rank is not None and module is None:
+            raise ValueError(
+                "rank=r needs module=<the model>: low-rank directions are applied inside the forward of the "
+                "model's layers; pass module=model (or rank=None for full-rank directions in place)"
+            )
+        self._module = module
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise ValueError(f"seed must be an integer; got {seed!r}")
         self.max_nonfinite = check_int("max_nonfinite", max_nonfinite)
@@ -168,6 +187,11 @@ class ZerothOrderOptimizer(Optimizer):
         if not trainable:
             raise ValueError("no trainable parameters: every parameter given has requires_grad=False")
         self.sharded = any(part.tensor.numel() != part.global_numel for part in trainable)
+        if self.sharded and self._module is not None:
+            raise ValueError(
+                "module= (forward-applied directions) is not supported with sharded (FSDP2) parameters; "
+                "use module=None with mode='sharded'"
+            )
         if self.sharded and self._normalize:
             raise ValueError(
                 "normalize=True needs the norm of the whole direction, which a rank holding a shard does not "
@@ -175,6 +199,21 @@ class ZerothOrderOptimizer(Optimizer):
             )
         self._group_of = group_of
         self._global_dim = sum(part.global_numel for part in trainable)
+        old = getattr(self, "engine", None)
+        if isinstance(old, ForwardPerturbation):
+            old.close()
+        if self._module is not None:
+            self.engine = ForwardPerturbation(
+                self._module,
+                [part.tensor for part in trainable],
+                distribution=self._distribution,
+                rank=self._rank,
+                normalize=self._normalize,
+                exact=self._exact,
+            )
+            # the hooks go when the optimizer does (they hold the engine, never the optimizer)
+            self._close_hooks = weakref.finalize(self, self.engine.close)
+            return
         self.engine = SeededPerturbation(
             [part.tensor for part in trainable],
             distribution=self._distribution,
@@ -187,6 +226,26 @@ class ZerothOrderOptimizer(Optimizer):
         super().add_param_group(param_group)
         if hasattr(self, "engine"):
             self._build_engine()
+
+    @property
+    def module(self) -> torch.nn.Module | None:
+        """The model whose forward applies the directions (``module=``), or None (in place)."""
+        return self._module
+
+    @property
+    def rank(self) -> int | None:
+        """r of the low-rank matrix directions, or None (full rank)."""
+        return self._rank
+
+    def close(self) -> None:
+        """Abandon a step in progress (parameters restored bit for bit) and, with ``module=``, remove
+        the forward hooks from the model. The optimizer cannot step afterwards."""
+        if self._run is not None:
+            self._run.abandon()
+        self.engine.restore()
+        if isinstance(self.engine, ForwardPerturbation):
+            self.engine.close()
+        self._closed = True
 
     @property
     def dim(self) -> int:
@@ -297,6 +356,8 @@ class ZerothOrderOptimizer(Optimizer):
 
         A step still in progress on this optimizer is abandoned first (see :meth:`StepRun.abandon`).
         """
+        if getattr(self, "_closed", False):
+            raise RuntimeError("this optimizer was closed (close()); build a new one to continue")
         if self._run is not None:
             self._run.abandon()
         self._run = StepRun(self)
@@ -351,6 +412,8 @@ class ZerothOrderOptimizer(Optimizer):
             "num_queries": self.num_queries,
             "nonfinite_steps": self.nonfinite_steps,
             "nonfinite_run": self._nonfinite_run,
+            "rank": self._rank,
+            "forward": self._module is not None,
             **({"momentum": self.momentum.state()} if self.momentum is not None else {}),
             **({"guard": self.guard.state()} if self.guard is not None else {}),
         }
@@ -384,6 +447,13 @@ class ZerothOrderOptimizer(Optimizer):
                 f"state_dict was saved for {dim} trainable scalars; this optimizer has {self.dim} "
                 "(another model, or other parameters frozen)"
             )
+        for field, mine_value in (("forward", self._module is not None), ("rank", self._rank)):
+            saved_value = extra.get(field, None if field == "rank" else False)
+            if saved_value != mine_value:
+                raise ValueError(
+                    f"state_dict was saved with {field}={saved_value!r}; this optimizer has {field}={mine_value!r} "
+                    "(the directions would differ, so the run could not resume as it was)"
+                )
         saved, mine = extra.get("momentum"), self.momentum
         if (saved is None) != (mine is None):
             have = "no momentum" if mine is None else f"momentum={mine.beta}"

@@ -59,6 +59,9 @@ class HiZOO(ZerothOrderOptimizer):
         factored: the rank-one factored estimate for matrices (see Memory). Default False.
         guard: tol of the loss guard on f(x) (:class:`~zoptim.optim.guard.LossGuard`), as in
             :class:`~zoptim.ZOSGD`. 0 (default) is off.
+        module, rank: not supported; passing a module raises ValueError (the preconditioner
+            multiplies each element of the direction, which a forward-applied low-rank
+            direction does not have).
         seed, distribution, exact_restore, max_nonfinite: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer` (``normalize`` is not offered: the
             preconditioned direction is not normalized in the paper).
@@ -88,7 +91,15 @@ class HiZOO(ZerothOrderOptimizer):
         distribution: str = "normal",
         exact_restore: bool = True,
         max_nonfinite: int = 10,
+        module=None,
+        rank: int | None = None,
     ):
+        if module is not None or rank is not None:
+            raise ValueError(
+                "HiZOO does not support module= or rank=: its preconditioner Sigma^(1/2) multiplies every element "
+                "of the direction, so the direction must be written into the weights element by element; use "
+                "module=None (ZOSGD, AS2P, S2P and STP take module= and rank=)"
+            )
         check_positive("lr", lr, allow_zero=True)
         self.eps = check_positive("eps", eps)
         alpha = check_positive("hessian_smooth", hessian_smooth, allow_zero=True)
@@ -105,6 +116,8 @@ class HiZOO(ZerothOrderOptimizer):
             normalize=False,
             exact_restore=exact_restore,
             max_nonfinite=max_nonfinite,
+            module=module,
+            rank=rank,
         )
         if self.factored and self.sharded:
             raise ValueError(

@@ -40,7 +40,7 @@ class S2P(ZerothOrderOptimizer):
         L0, L1: (L0, L1)-smoothness constants (Assumption 2) of the relaxed rules, per group.
         rho: smoothing parameter of the dynamic rules. Default 1e-3.
         A, B: constants of the relaxed rules (Lemma 3.3). Default 1.01 each.
-        distribution, normalize, seed, exact_restore, max_nonfinite: see
+        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`. The paper analyses Rademacher
             directions; normal and uniform also apply (Alg. 1 line 2).
 
@@ -66,6 +66,8 @@ class S2P(ZerothOrderOptimizer):
         normalize: bool = False,
         exact_restore: bool = True,
         max_nonfinite: int = 10,
+        module=None,
+        rank: int | None = None,
     ):
         if step_rule not in STEP_RULES:
             raise ValueError(f"step_rule must be one of {', '.join(map(repr, STEP_RULES))}; got {step_rule!r}")
@@ -95,6 +97,8 @@ class S2P(ZerothOrderOptimizer):
             normalize=normalize,
             exact_restore=exact_restore,
             max_nonfinite=max_nonfinite,
+            module=module,
+            rank=rank,
         )
         self.queries_per_step = 4 if step_rule.endswith("dynamic") else 2
 

@@ -17,7 +17,7 @@ class STP(ZerothOrderOptimizer):
     Args:
         params: iterable of parameters or param groups.
         lr: the step size alpha (per group; schedulers drive it). Default 1e-3.
-        distribution, normalize, seed, exact_restore, max_nonfinite: see
+        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
     References:
@@ -36,6 +36,8 @@ class STP(ZerothOrderOptimizer):
         normalize: bool = False,
         exact_restore: bool = True,
         max_nonfinite: int = 10,
+        module=None,
+        rank: int | None = None,
     ):
         check_positive("lr", lr, allow_zero=True)
         super().__init__(
@@ -46,6 +48,8 @@ class STP(ZerothOrderOptimizer):
             normalize=normalize,
             exact_restore=exact_restore,
             max_nonfinite=max_nonfinite,
+            module=module,
+            rank=rank,
         )
 
     def _queries(self) -> StepGenerator:

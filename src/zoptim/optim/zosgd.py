@@ -36,7 +36,7 @@ class ZOSGD(ZerothOrderOptimizer):
             ``lr * scale``, and the scale halves when the smoothed step loss rises above its best
             by ``tol`` (relative) plus four times its noise. 0 (default) is off; 0.02 is the
             benchmark's ``ZOSGD-guard``. It costs no query.
-        distribution, normalize, seed, exact_restore, max_nonfinite: see
+        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
     Example:
@@ -64,6 +64,8 @@ class ZOSGD(ZerothOrderOptimizer):
         normalize: bool = False,
         exact_restore: bool = True,
         max_nonfinite: int = 10,
+        module=None,
+        rank: int | None = None,
     ):
         check_positive("lr", lr, allow_zero=True)
         self.eps = check_positive("eps", eps)
@@ -77,6 +79,8 @@ class ZOSGD(ZerothOrderOptimizer):
             normalize=normalize,
             exact_restore=exact_restore,
             max_nonfinite=max_nonfinite,
+            module=module,
+            rank=rank,
         )
         self.queries_per_step = 2 * self.num_directions
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None

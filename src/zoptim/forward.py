@@ -1,0 +1,553 @@
+r"""Forward-applied directions: a query point exists only inside the forward computation.
+
+A zeroth-order query evaluates the loss at ``x + rho * s``. :class:`zoptim.perturbation.SeededPerturbation`
+writes that point into the weights and undoes it afterwards (three passes over every weight per
+step, plus the exact-restore journal). Where the model's layers are known, the point need not be
+written at all: a forward hook adds the direction's effect to the layer's output. For a linear
+layer ``y = x W^T + b`` at ``W + rho S``, ``b + rho s_b``:
+
+.. math:: y' = x W^T + b + \rho\, x S^T + \rho\, s_b .
+
+With a low-rank matrix direction (``rank=r``)
+
+.. math:: S = \frac{1}{\sqrt r} A B^T, \qquad A \in \mathbb R^{m \times r},\ B \in \mathbb R^{n \times r},
+
+entries of A and B independent with mean 0 and variance 1, the extra term is
+``rho/sqrt(r) * (x B) A^T``: two thin matrix products, ``r (m + n)`` random numbers instead of
+``m n``. Since :math:`E[\mathrm{vec}(S)\mathrm{vec}(S)^T] = I`, the two-point estimate
+``(f(x + rho S) - f(x - rho S)) / (2 rho) * S`` is, like the full-rank one, an unbiased estimate of
+the gradient of the Gaussian-smoothed loss in the sense the papers use (S2P paper Sec. 3; the
+softmax paper's Definition 2.21). Low-rank perturbations: LOZO (Chen et al., ICLR 2025), EGGROLL
+(Sarkar et al., 2025).
+
+Queries never touch these weights, so every restore is exact by construction, with no journal and
+no scratch copy; only the update writes them, one rank-r ``addmm_`` per matrix (all of a step's
+terms concatenated into one product), at the memory floor.
+
+What is applied where (``ForwardPerturbation.layout()`` lists it per tensor):
+
+* ``torch.nn.Linear``, transformers' ``Conv1D`` (``y = x W + b``), ``torch.nn.Embedding`` (rows of
+  A gathered with the ids), ``torch.nn.Conv2d`` (the B factors as r filters, then A mixes the r
+  channels; a grouped convolution materialises S, which is small there), and peft's LoRA layers
+  through their ``lora_A`` / ``lora_B`` Linear modules. A weight shared by two modules (a tied
+  embedding and LM head) has one direction, applied in both.
+* Biases of those layers: ``y + rho * s_b``, full rank, in the same hook.
+* Leaf modules with small parameters only (LayerNorm, RMSNorm, GroupNorm, ...): recomputed in
+  their hook with the perturbed parameters (``torch.func.functional_call``), one small extra pass.
+* Every other trainable tensor (a parameter a parent module uses directly, or a module of unknown
+  type with large parameters) moves in place through the seeded engine, journaled as before, so
+  any model works.
+* ``rank=None`` keeps full-rank directions: a covered matrix's direction is materialised into one
+  scratch buffer inside its layer's forward (no journal, one layer of scratch, but as costly as a
+  second matmul).
+
+Directions stay named by keys. Tensor j of the direction ``key`` draws from the counter-based
+stream ``mix(key, j)`` (:mod:`zoptim.noise`): a full-rank tensor takes its elements 0..n-1 (the
+same values the in-place engine writes), a low-rank matrix viewed as ``shape[0] x rest`` takes A
+(row-major) from elements ``0 .. m r - 1`` and B from the next ``n r``. Momentum replay, resume and
+direction-parallel training therefore work unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .noise import NoiseSource, check_distribution, counter_bits, mix, normal_table, values_from_bits
+from .perturbation import SeededPerturbation
+
+#: Leaf modules whose trainable parameters total at most this many elements are recomputed in
+#: their hook with perturbed parameters (normalisation layers); larger unknown ones move in place.
+MAX_RECOMPUTED_ELEMENTS = 1 << 16
+
+#: module -> weakref to the engine whose hooks it carries (a model is driven by one optimizer at a time)
+_OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _conv1d_type():
+    try:  # transformers' GPT-2 style layer (y = x W + b, W of shape in x out); optional dependency
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # noqa: BLE001 - transformers absent or broken: no such layers to cover
+        return None
+    return Conv1D
+
+
+def _in_multihead_attention(module: nn.Module) -> set[int]:
+    """ids of submodules of ``nn.MultiheadAttention``: it reads their weights without calling them."""
+    inside = set()
+    for m in module.modules():
+        if isinstance(m, nn.MultiheadAttention):
+            inside.update(id(c) for c in m.modules() if c is not m)
+    return inside
+
+
+class ForwardPerturbation:
+    """Applies seeded directions inside ``module``'s forward; only updates write the weights.
+
+    The same interface as :class:`zoptim.perturbation.SeededPerturbation` (``move``, ``update``,
+    ``restore``, ``is_perturbed``, ``params``), so every optimizer's step generator runs on either.
+
+    Args:
+        module: the model whose forward the closure calls.
+        params: the trainable tensors, in the optimizer's order (tensor j draws ``mix(key, j)``).
+        distribution: of the direction's entries (and of the factors A, B).
+        rank: r of the low-rank matrix directions, or None for full-rank ones.
+        normalize: scale each direction to norm sqrt(d) (S2P paper, Sec. 3.2).
+        exact: journal the in-place moves of uncovered tensors (covered ones need none).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        params: Sequence[torch.Tensor],
+        *,
+        distribution: str = "normal",
+        rank: int | None = 1,
+        normalize: bool = False,
+        exact: bool = True,
+    ):
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"module must be a torch.nn.Module (the model the closure runs); got {type(module).__name__}")
+        owner = _OWNERS.get(module)
+        if owner is not None and owner() is not None and not owner().closed:
+            raise ValueError(
+                f"module {type(module).__name__} already applies the directions of another zoptim optimizer; "
+                "one model cannot be driven by two at once (call close() on the other optimizer, or delete it)"
+            )
+        self.module = module
+        self.params = list(params)
+        self.distribution = check_distribution(distribution)
+        self.noise = NoiseSource(distribution)
+        self.rank = rank
+        self.normalize = bool(normalize)
+        self.exact = bool(exact)
+        self.dim = sum(p.numel() for p in self.params)
+        self.closed = False
+        self._key: int | None = None
+        self._scales: list[float] | None = None
+        self._recomputing = False
+        self._cache: dict[int, dict[int, object]] = {}
+        self._norm_cache: tuple[int, float] | None = None
+        self._handles: list = []
+        index = {id(p): j for j, p in enumerate(self.params)}
+        self.kind: dict[int, str] = {}  # j -> "lowrank" | "full" (hooked) ; absent: in place
+        hooked = self._register_hooks(index)
+        in_place = [j for j in range(len(self.params)) if j not in hooked]
+        self._in_place_index = in_place
+        self.in_place = SeededPerturbation(
+            [self.params[j] for j in in_place], distribution=distribution, exact=exact, indices=in_place
+        ) if in_place else None
+        # full-rank matrices under rank=None: updated by the fused kernels (a final move has no journal)
+        big_full = [j for j, k in self.kind.items() if k == "full" and self.params[j].numel() > MAX_RECOMPUTED_ELEMENTS]
+        self._big_full = big_full
+        self.writer = SeededPerturbation(
+            [self.params[j] for j in big_full], distribution=distribution, exact=False, indices=big_full
+        ) if big_full else None
+        self._small = [j for j, k in self.kind.items() if k == "full" and j not in set(big_full)]
+        self._lowrank = [j for j, k in self.kind.items() if k == "lowrank"]
+        self._layout_streams()
+        _OWNERS[module] = weakref.ref(self)
+
+    # -- which tensor is applied where ------------------------------------------------------------------
+    def _register_hooks(self, index: dict[int, int]) -> set[int]:
+        conv1d = _conv1d_type()
+        skip = _in_multihead_attention(self.module)
+        hooked: set[int] = set()
+        uses: dict[int, list[str]] = {}
+
+        def trainable(t):
+            return None if t is None else index.get(id(t))
+
+        for name, m in self.module.named_modules():
+            if id(m) in skip:
+                continue
+            w = trainable(getattr(m, "weight", None)) if isinstance(getattr(m, "weight", None), torch.Tensor) else None
+            b = trainable(getattr(m, "bias", None)) if isinstance(getattr(m, "bias", None), torch.Tensor) else None
+            hook = None
+            if isinstance(m, nn.Linear):
+                hook = self._linear_hook(w, b, transposed=False)
+            elif conv1d is not None and isinstance(m, conv1d):
+                hook = self._linear_hook(w, b, transposed=True)
+            elif isinstance(m, nn.Embedding):
+                hook, b = self._embedding_hook(w), None
+            elif isinstance(m, nn.Conv2d):
+                hook = self._conv2d_hook(w, b)
+            elif next(m.children(), None) is None:
+                direct = [(n, index[id(p)]) for n, p in m.named_parameters(recurse=False) if id(p) in index]
+                if direct and sum(self.params[j].numel() for _, j in direct) <= MAX_RECOMPUTED_ELEMENTS:
+                    for _, j in direct:
+                        self.kind[j] = "full"
+                        hooked.add(j)
+                        uses.setdefault(j, []).append(name)
+                    self._handles.append(m.register_forward_hook(self._recompute_hook(direct), with_kwargs=True))
+                continue
+            if hook is None or (w is None and b is None):
+                continue
+            for j, is_matrix in ((w, True), (b, False)):
+                if j is None:
+                    continue
+                matrix = is_matrix and self.params[j].dim() >= 2 and self.rank is not None
+                self.kind[j] = "lowrank" if matrix else "full"
+                hooked.add(j)
+                uses.setdefault(j, []).append(name)
+            self._handles.append(m.register_forward_hook(hook))
+        self.uses = uses
+        return hooked
+
+    def layout(self) -> dict[int, str]:
+        """How each trainable tensor's direction is applied: ``"lowrank"``, ``"full"`` (in a hook) or
+        ``"in place"``."""
+        return {j: self.kind.get(j, "in place") for j in range(len(self.params))}
+
+    # -- the direction's compact values ---------------------------------------------------------------------
+    def _matrix_shape(self, j: int) -> tuple[int, int]:
+        p = self.params[j]
+        return p.shape[0], p.numel() // p.shape[0]
+
+    def _layout_streams(self) -> None:
+        """One flat index space per device over the compact values of every hooked tensor but the
+        rank=None matrices: A and B of each low-rank matrix, all elements of each small tensor."""
+        self._segments: dict[torch.device, list[tuple[int, int, int]]] = {}
+        for j in self._lowrank + self._small:
+            p = self.params[j]
+            if j in self._lowrank:
+                m, n = self._matrix_shape(j)
+                length = self.rank * (m + n)
+            else:
+                length = p.numel()
+            self._segments.setdefault(p.device, []).append((j, length, 0))
+        self._streams = {}
+        for device, segs in self._segments.items():
+            lengths = [length for _, length, _ in segs]
+            idx = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
+            seg = np.repeat(np.arange(len(segs)), lengths)
+            if device.type != "cpu":
+                idx_t, seg_t = torch.from_numpy(idx).to(device), torch.from_numpy(seg).to(device)
+            else:
+                idx_t, seg_t = idx, seg
+            self._streams[device] = (idx_t, seg_t, np.cumsum([0] + lengths))
+
+    def _values(self, key: int) -> dict[int, object]:
+        """The compact direction ``key``: ``{j: (A, B)}`` for low-rank matrices, ``{j: z}`` for small
+        tensors, float32 on each tensor's device (cached for the last few keys)."""
+        got = self._cache.get(key)
+        if got is not None:
+            return got
+        out: dict[int, object] = {}
+        for device, segs in self._segments.items():
+            idx, seg, starts = self._streams[device]
+            words = [self.noise.words(mix(key, j)) for j, _, _ in segs]
+            k0 = np.array([w[0] for w in words], dtype=np.int64)
+            k1 = np.array([w[1] for w in words], dtype=np.int64)
+            if device.type == "cpu":
+                bits = torch.from_numpy(counter_bits(idx, k0[seg], k1[seg]))
+            else:
+                bits = counter_bits(idx, torch.from_numpy(k0).to(device)[seg], torch.from_numpy(k1).to(device)[seg])
+            flat = values_from_bits(bits, self.distribution, normal_table(device))
+            for i, (j, length, _) in enumerate(segs):
+                z = flat[starts[i] : starts[i] + length]
+                if j in self.kind and self.kind[j] == "lowrank":
+                    m, n = self._matrix_shape(j)
+                    out[j] = (z[: m * self.rank].view(m, self.rank), z[m * self.rank :].view(n, self.rank))
+                else:
+                    out[j] = z.view(self.params[j].shape)
+        if len(self._cache) >= 16:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[key] = out
+        return out
+
+    def _full(self, j: int, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The full-rank direction of tensor j (float32, materialised; rank=None matrices)."""
+        p = self.params[j]
+        buf = out if out is not None else torch.empty(p.shape, dtype=torch.float32, device=p.device)
+        return self.noise.fill(buf, mix(key, j))
+
+    def direction(self, key: int) -> list[torch.Tensor]:
+        """The direction ``key`` materialised, one float32 tensor per trainable tensor (for tests
+        and analysis: S = A B^T / sqrt(r) for low-rank matrices; before normalisation)."""
+        values = self._values(key)
+        out = []
+        for j, p in enumerate(self.params):
+            kind = self.kind.get(j)
+            if kind == "lowrank":
+                A, B = values[j]
+                out.append((A @ B.T).div_(math.sqrt(self.rank)).view(p.shape))
+            elif j in values:
+                out.append(values[j].clone())
+            else:
+                out.append(self._full(j, key))
+        return out
+
+    def direction_norm(self, key: int) -> float:
+        """||s(key)||_2 over all tensors, without materialising a low-rank matrix:
+        ||A B^T||_F^2 = sum((A^T A) * (B^T B))."""
+        if self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        total = 0.0
+        values = self._values(key)
+        for j in self._lowrank:
+            A, B = values[j]
+            total += float(((A.T @ A) * (B.T @ B)).sum()) / self.rank
+        for j in self._small:
+            total += float(values[j].square().sum())
+        for j in self._big_full:
+            total += float(self._full(j, key).square().sum())
+        if self.in_place is not None:
+            total += self.in_place.direction_norm(key) ** 2
+        norm = math.sqrt(total)
+        self._norm_cache = (key, norm)
+        return norm
+
+    def _factor(self, key: int) -> float:
+        if not self.normalize:
+            return 1.0
+        norm = self.direction_norm(key)
+        return math.sqrt(self.dim) / norm if norm > 0 else 0.0
+
+    # -- hooks: the query point inside the forward -------------------------------------------------------------
+    def _active(self, j: int | None):
+        """(values, scale) of tensor j at the current query, or None where nothing is applied."""
+        if j is None or self._key is None or self._recomputing:
+            return None
+        scale = self._scales[j]
+        if scale == 0.0:
+            return None
+        return scale
+
+    @staticmethod
+    def _add(out: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and out.requires_grad:
+            return out + term
+        return out.add_(term)
+
+    def _linear_hook(self, w: int | None, b: int | None, *, transposed: bool):
+        def hook(module, args, out):
+            sw, sb = self._active(w), self._active(b)
+            if sw is None and sb is None:
+                return None
+            x = args[0]
+            width = out.shape[-1]
+            flat = out.reshape(-1, width)
+            in_place = flat.data_ptr() == out.data_ptr() and not (torch.is_grad_enabled() and out.requires_grad)
+            term = None
+            if sw is not None:
+                x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)
+                if self.kind[w] == "lowrank":
+                    A, B = self._values(self._key)[w]
+                    # Linear: W (out x in) = A B^T, x S^T = (x B) A^T.  Conv1D: W (in x out), x S = (x A) B^T.
+                    left, right = (A, B) if transposed else (B, A)
+                    alpha = sw / math.sqrt(self.rank)
+                    xb = x2 @ left.to(out.dtype)
+                    if in_place:
+                        flat.addmm_(xb, right.to(out.dtype).T, alpha=alpha)
+                    else:
+                        term = (xb @ right.to(out.dtype).T) * alpha
+                else:
+                    S = self._full(w, self._key).to(out.dtype)
+                    prod = x2 @ (S if transposed else S.T)
+                    if in_place:
+                        flat.add_(prod, alpha=sw)
+                    else:
+                        term = prod * sw
+            if sb is not None:
+                zb = self._values(self._key)[b].to(out.dtype)
+                if in_place:
+                    flat.add_(zb, alpha=sb)
+                else:
+                    term = zb * sb if term is None else term + zb * sb
+            if in_place:
+                return out
+            return out + term.view(out.shape)
+
+        return hook
+
+    def _embedding_hook(self, w: int | None):
+        def hook(module, args, out):
+            sw = self._active(w)
+            if sw is None:
+                return None
+            ids = args[0].reshape(-1)
+            width = out.shape[-1]
+            if self.kind[w] == "lowrank":
+                A, B = self._values(self._key)[w]
+                term = (A[ids] @ B.T).mul_(sw / math.sqrt(self.rank))
+            else:  # full rank: only the looked-up rows of the direction are drawn
+                rows = ids.to(torch.int64)[:, None] * width + torch.arange(width, device=ids.device)
+                k0, k1 = self.noise.words(mix(self._key, w))
+                bits = counter_bits(rows, k0, k1)
+                term = values_from_bits(bits, self.distribution, normal_table(ids.device)).mul_(sw)
+            return self._add(out, term.to(out.dtype).view(out.shape))
+
+        return hook
+
+    def _conv2d_hook(self, w: int | None, b: int | None):
+        def hook(module, args, out):
+            sw, sb = self._active(w), self._active(b)
+            if sw is None and sb is None:
+                return None
+            x = args[0]
+            term = None
+            if sw is not None:
+                weight = module.weight
+                if self.kind[w] == "lowrank":
+                    A, B = self._values(self._key)[w]
+                    A, B = A.to(out.dtype), B.to(out.dtype)
+                    r = self.rank
+                    if module.groups == 1:
+                        # conv(x, A B^T) = A (conv(x, B^T as r filters)): r thin channels, then a 1x1 mix
+                        filters = B.T.reshape((r,) + tuple(weight.shape[1:]))
+                        t = module._conv_forward(x, filters, None)
+                        term = torch.einsum("or,nr...->no...", A, t)
+                    else:  # grouped (depthwise) kernels are small: materialise S
+                        term = module._conv_forward(x, (A @ B.T).view(weight.shape), None)
+                    term = term.mul_(sw / math.sqrt(r))
+                else:
+                    S = self._full(w, self._key).to(out.dtype)
+                    term = module._conv_forward(x, S, None).mul_(sw)
+            if sb is not None:
+                zb = self._values(self._key)[b].to(out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
+                term = zb * sb if term is None else term.add_(zb, alpha=sb)
+            return self._add(out, term)
+
+        return hook
+
+    def _recompute_hook(self, direct: list[tuple[str, int]]):
+        def hook(module, args, kwargs, out):
+            if self._key is None or self._recomputing or all(self._scales[j] == 0.0 for _, j in direct):
+                return None
+            values = self._values(self._key)
+            perturbed = {}
+            for name, j in direct:
+                p = self.params[j]
+                wide = p if p.dtype == torch.float64 else p.float()
+                # the in-place engine's arithmetic: fl(x + fl(s * z)), so both routes see one point
+                delta = values[j] * float(np.float32(self._scales[j]))
+                perturbed[name] = (wide + delta).to(p.dtype)
+            self._recomputing = True
+            try:
+                return torch.func.functional_call(module, perturbed, args, kwargs, strict=False)
+            finally:
+                self._recomputing = False
+
+        return hook
+
+    # -- the engine interface -----------------------------------------------------------------------------------
+    @property
+    def is_perturbed(self) -> bool:
+        return self._key is not None or (self.in_place is not None and self.in_place.is_perturbed)
+
+    @property
+    def weights(self):
+        return None
+
+    @weights.setter
+    def weights(self, fn) -> None:
+        if fn is not None:
+            raise ValueError(
+                "element-wise direction weights (HiZOO's preconditioner) need every element of the direction "
+                "written into the weights; forward-applied directions (module=...) do not support them"
+            )
+
+    def journal_elements(self) -> int:
+        return 0 if self.in_place is None else self.in_place.journal_elements()
+
+    def journal_bytes(self) -> int:
+        return 0 if self.in_place is None else self.in_place.journal_bytes()
+
+    def _as_scales(self, scales) -> list[float]:
+        if isinstance(scales, (int, float)):
+            return [float(scales)] * len(self.params)
+        scales = [float(s) for s in scales]
+        if len(scales) != len(self.params):
+            raise ValueError(f"scales must have one value per tensor ({len(self.params)}); got {len(scales)}")
+        return scales
+
+    def _sub(self, values: list[float], js: list[int]) -> list[float]:
+        return [values[j] for j in js]
+
+    def move(self, key: int | None, scales=0.0, *, decay=None, temporary: bool = True) -> None:
+        """Go to the query point ``x + scales * s(key)`` (``temporary``: only the hooks and the
+        uncovered tensors see it) or, with ``temporary=False``, make it the new iterate."""
+        if not temporary:
+            self.update([] if key is None else [(key, scales)], decay=decay)
+            return
+        new = self._as_scales(scales) if key is not None else [0.0] * len(self.params)
+        if key is not None:
+            f = self._factor(key)
+            new = [s * f for s in new]
+        if self.in_place is not None:
+            self.in_place.move(key, self._sub(new, self._in_place_index), decay=None, temporary=True)
+        if key is not None and any(s != 0.0 for s in new):
+            self._key, self._scales = key, new
+        else:
+            self._key, self._scales = None, None
+
+    def restore(self) -> None:
+        self._key, self._scales = None, None
+        if self.in_place is not None:
+            self.in_place.restore()
+
+    @torch.no_grad()
+    def update(self, terms, decay=None) -> None:
+        """``x <- x (1 - decay) + sum_i scales_i s(key_i)``: the only write to covered weights.
+
+        Low-rank matrices take one ``addmm_`` over all terms, ``W += [c_1 A_1 .. c_k A_k]
+        [B_1 .. B_k]^T / sqrt(r)``; small tensors one foreach pass per term; uncovered tensors
+        their fused in-place move (which also undoes their query offset)."""
+        self._key, self._scales = None, None
+        terms = [(key, self._as_scales(scales)) for key, scales in terms]
+        terms = [(key, [s * self._factor(key) for s in scales]) for key, scales in terms]
+        n = len(self.params)
+        decay = [0.0] * n if decay is None else [float(d) for d in decay]
+        if self.in_place is not None:
+            sub = self._in_place_index
+            self.in_place.update([(key, self._sub(s, sub)) for key, s in terms],
+                                 decay=self._sub(decay, sub) if any(decay) else None)
+        if self.writer is not None:
+            sub = self._big_full
+            self.writer.update([(key, self._sub(s, sub)) for key, s in terms],
+                               decay=self._sub(decay, sub) if any(decay) else None)
+        values = [self._values(key) for key, _ in terms]
+        for j in self._lowrank:
+            p = self.params[j]
+            if decay[j]:
+                p.mul_(float(np.float32(1.0 - decay[j])))
+            live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
+            if not live:
+                continue
+            left = torch.cat([A * float(np.float32(c)) for (A, _), c in live], dim=1)
+            right = torch.cat([B for (_, B), _ in live], dim=1)
+            m, cols = self._matrix_shape(j)
+            p.view(m, cols).addmm_(left.to(p.dtype), right.to(p.dtype).T, alpha=1.0 / math.sqrt(self.rank))
+        small = self._small
+        if small:
+            tensors = [self.params[j] for j in small]
+            keep = [float(np.float32(1.0 - decay[j])) for j in small]
+            if any(k != 1.0 for k in keep):
+                torch._foreach_mul_(tensors, keep)
+            for v, (_, s) in zip(values, terms):
+                live = [i for i, j in enumerate(small) if s[j] != 0.0]
+                if not live:
+                    continue
+                deltas = torch._foreach_mul([v[small[i]] for i in live], [float(np.float32(s[small[i]])) for i in live])
+                torch._foreach_add_([tensors[i] for i in live], deltas)
+
+    # -- life cycle -----------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Remove the hooks from the module (the optimizer's ``close()`` and its finalizer call this)."""
+        if self.closed:
+            return
+        self.restore()
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.closed = True
+        owner = _OWNERS.get(self.module)
+        if owner is not None and owner() is self:
+            del _OWNERS[self.module]
