@@ -12,10 +12,14 @@ configuration
   printed too).
 
 Configurations: zoptim ZOSGD and AS2P with normal and Rademacher directions (exact restore, the
-default, and ZOSGD normal with ``exact_restore=False``; ``-eager`` rows with ``ZOPTIM_COMPILE=0``), a MeZO-style reference step written from
+default, and ZOSGD normal with ``exact_restore=False``; ``-eager`` rows with ``ZOPTIM_COMPILE=0``;
+``-forward`` rows with forward-applied rank-1 directions, ``module=model, rank=1``), a MeZO-style reference step written from
 the paper (``mezo_reference.py``), torchzero's MeZO module if it is installed, and AdamW.
 
-    python benchmarks/step_cost.py [--models minilm smollm2] [--threads 1] [--reps 7]
+    python benchmarks/step_cost.py [--models minilm smollm2 efficientnet] [--threads 1] [--reps 7]
+
+``efficientnet`` is the quick suite's trainable part of EfficientNet-Lite0 (conv_head, bn1, a new
+fc; 425k weights) on its cached digits features, batch 64, as ``zoptim bench --suite quick`` runs it.
 """
 
 from __future__ import annotations
@@ -37,6 +41,10 @@ CONFIGS = [
     "zosgd-rademacher",
     "as2p-normal",
     "as2p-rademacher",
+    "zosgd-normal-forward",
+    "zosgd-rademacher-forward",
+    "as2p-normal-forward",
+    "as2p-rademacher-forward",
     "zosgd-normal-inexact",
     "zosgd-normal-eager",
     "as2p-rademacher-eager",
@@ -69,8 +77,15 @@ def _model_and_loss(name: str):
 
     from zoptim.lm.models import load_model
 
-    model, _ = load_model(name, torch.float32)
     gen = torch.Generator().manual_seed(0)
+    if name == "efficientnet":
+        from zoptim.problems.vision import DigitsEfficientNet
+
+        problem = DigitsEfficientNet()
+        model = problem.make_model(0)
+        batch = problem.sample_batch(gen)
+        return model, lambda: problem.loss(model, batch)
+    model, _ = load_model(name, torch.float32)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (BATCH, TOKENS), generator=gen)
     if name == "smollm2":
@@ -95,12 +110,13 @@ def _optimizer(config: str, model):
     import zoptim
 
     params = [p for p in model.parameters() if p.requires_grad]
+    forward = dict(module=model, rank=1) if config.endswith("-forward") else {}
     if config.startswith("zosgd"):
         dist = config.split("-")[1]
         return zoptim.ZOSGD(params, lr=1e-6, eps=1e-3, distribution=dist,
-                            exact_restore=not config.endswith("inexact"))
+                            exact_restore=not config.endswith("inexact"), **forward)
     if config.startswith("as2p"):
-        return zoptim.AS2P(params, eps=1e-3, distribution=config.split("-")[1], batch_mode="full")
+        return zoptim.AS2P(params, eps=1e-3, distribution=config.split("-")[1], batch_mode="full", **forward)
     if config == "mezo-reference":
         sys.path.insert(0, HERE)
         from mezo_reference import MeZOReference
@@ -217,7 +233,7 @@ def main() -> None:
     for threads in args.threads:
         label = f"torch's default ({torch.get_num_threads()})" if threads == 0 else str(threads)
         for name in args.models:
-            reps = args.reps or (9 if name == "minilm" else 4)
+            reps = args.reps or {"minilm": 9, "smollm2": 4}.get(name, 30)
             base = None
             print(f"\n## {name}, {label} intra-op thread(s)\n{'configuration':24s} {'2 fwd (s)':>9s} {'step (s)':>9s} "
                   f"{'time ratio':>10s} {'peak MiB':>9s} {'mem ratio':>9s} {'first (s)':>9s}", flush=True)

@@ -318,7 +318,7 @@ def test_ask_tell_over_a_forward_optimizer_matches_step():
     runs = []
     for driver in ("step", "asktell"):
         model, x = build("conv2d")
-        opt = zoptim.ZOSGD(model.parameters(), lr=0.05, eps=1e-2, seed=SEED, module=model, rank=1)
+        opt = zoptim.ZOSGD(model.parameters(), lr=0.005, eps=1e-2, seed=SEED, module=model, rank=1)
         if driver == "step":
             for _ in range(10):
                 opt.step(_loss(model, x))

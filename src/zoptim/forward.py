@@ -132,6 +132,7 @@ class ForwardPerturbation:
         self._key: int | None = None
         self._scales: list[float] | None = None
         self._recomputing = False
+        self._prep: dict[int, object] = {}
         self._cache: dict[int, dict[int, object]] = {}
         self._norm_cache: tuple[int, float] | None = None
         self._handles: list = []
@@ -326,42 +327,54 @@ class ForwardPerturbation:
             return out + term
         return out.add_(term)
 
+    def _prepared(self, module, build):
+        """What a hook needs at the current query, built once per query and module (the factors
+        scaled and cast, the bias folded in) so that the hook itself is one or two kernels."""
+        got = self._prep.get(id(module))
+        if got is None:
+            got = self._prep[id(module)] = build()
+        return got
+
     def _linear_hook(self, w: int | None, b: int | None, *, transposed: bool):
+        def build(dtype):
+            values, sw, sb = self._values(self._key), self._active(w), self._active(b)
+            left, right = None, []
+            if sw is not None and self.kind[w] == "lowrank":
+                A, B = values[w]
+                # Linear: W (out x in) = A B^T / sqrt(r), so x S^T = (x B) A^T / sqrt(r).
+                # Conv1D: W (in x out), x S = (x A) B^T / sqrt(r).
+                left, r_factor = (A, B) if transposed else (B, A)
+                right.append(r_factor.T * (sw / math.sqrt(self.rank)))
+            elif sw is not None:  # rank=None: the full direction, materialised for this query
+                S = self._full(w, self._key)
+                left = S if transposed else S.T
+            if sb is not None:
+                right.append((values[b] * sb)[None])  # the bias rides on a column of ones
+            return (None if left is None else left.to(dtype), torch.cat(right).to(dtype) if right else None,
+                    sw is not None and self.kind[w] != "lowrank", sw, sb is not None)
+
         def hook(module, args, out):
-            sw, sb = self._active(w), self._active(b)
-            if sw is None and sb is None:
+            if self._key is None or self._recomputing or (self._active(w) is None and self._active(b) is None):
                 return None
+            left, right, full, sw, has_bias = self._prepared(module, lambda: build(out.dtype))
             x = args[0]
             width = out.shape[-1]
-            flat = out.reshape(-1, width)
-            in_place = flat.data_ptr() == out.data_ptr() and not (torch.is_grad_enabled() and out.requires_grad)
-            term = None
-            if sw is not None:
-                x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)
-                if self.kind[w] == "lowrank":
-                    A, B = self._values(self._key)[w]
-                    # Linear: W (out x in) = A B^T, x S^T = (x B) A^T.  Conv1D: W (in x out), x S = (x A) B^T.
-                    left, right = (A, B) if transposed else (B, A)
-                    alpha = sw / math.sqrt(self.rank)
-                    xb = x2 @ left.to(out.dtype)
-                    if in_place:
-                        flat.addmm_(xb, right.to(out.dtype).T, alpha=alpha)
-                    else:
-                        term = (xb @ right.to(out.dtype).T) * alpha
-                else:
-                    S = self._full(w, self._key).to(out.dtype)
-                    prod = x2 @ (S if transposed else S.T)
-                    if in_place:
-                        flat.add_(prod, alpha=sw)
-                    else:
-                        term = prod * sw
-            if sb is not None:
-                zb = self._values(self._key)[b].to(out.dtype)
-                if in_place:
-                    flat.add_(zb, alpha=sb)
-                else:
-                    term = zb * sb if term is None else term + zb * sb
-            if in_place:
+            flat = out.view(-1, width) if out.is_contiguous() else None
+            x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)
+            if full:  # x S^T for the materialised full-rank direction, then the bias if any
+                term = (x2 @ left).mul_(sw)
+                if has_bias:
+                    term.add_(right[0])
+            else:
+                xb = x2 @ left if left is not None else x2.new_empty((x2.shape[0], 0))
+                if has_bias:
+                    xb = torch.cat((xb, xb.new_ones((xb.shape[0], 1))), dim=1)
+                if flat is not None and not (torch.is_grad_enabled() and out.requires_grad):
+                    flat.addmm_(xb, right)
+                    return out
+                term = xb @ right
+            if flat is not None and not (torch.is_grad_enabled() and out.requires_grad):
+                flat.add_(term)
                 return out
             return out + term.view(out.shape)
 
@@ -418,17 +431,24 @@ class ForwardPerturbation:
         return hook
 
     def _recompute_hook(self, direct: list[tuple[str, int]]):
-        def hook(module, args, kwargs, out):
-            if self._key is None or self._recomputing or all(self._scales[j] == 0.0 for _, j in direct):
-                return None
+        def build():
             values = self._values(self._key)
             perturbed = {}
             for name, j in direct:
                 p = self.params[j]
                 wide = p if p.dtype == torch.float64 else p.float()
-                # the in-place engine's arithmetic: fl(x + fl(s * z)), so both routes see one point
+                # the in-place engine's arithmetic, fl(x + fl(s * z)): both routes see one point
                 delta = values[j] * float(np.float32(self._scales[j]))
                 perturbed[name] = (wide + delta).to(p.dtype)
+            return perturbed
+
+        def hook(module, args, kwargs, out):
+            if self._key is None or self._recomputing or all(self._scales[j] == 0.0 for _, j in direct):
+                return None
+            perturbed = self._prepared(module, build)
+            if type(module) is nn.LayerNorm and not kwargs:  # the common case, without functional_call
+                return F.layer_norm(args[0], module.normalized_shape, perturbed.get("weight", module.weight),
+                                    perturbed.get("bias", module.bias), module.eps)
             self._recomputing = True
             try:
                 return torch.func.functional_call(module, perturbed, args, kwargs, strict=False)
@@ -485,6 +505,7 @@ class ForwardPerturbation:
             self.in_place.move(key, self._sub(new, self._in_place_index), decay=None, temporary=True)
         if key is not None and any(s != 0.0 for s in new):
             self._key, self._scales = key, new
+            self._prep = {}
         else:
             self._key, self._scales = None, None
 
@@ -521,10 +542,16 @@ class ForwardPerturbation:
             live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
             if not live:
                 continue
-            left = torch.cat([A * float(np.float32(c)) for (A, _), c in live], dim=1)
-            right = torch.cat([B for (_, B), _ in live], dim=1)
-            m, cols = self._matrix_shape(j)
-            p.view(m, cols).addmm_(left.to(p.dtype), right.to(p.dtype).T, alpha=1.0 / math.sqrt(self.rank))
+            if len(live) == 1:  # one direction: no concatenation, the scale rides on alpha
+                (left, right), c = live[0]
+                alpha = float(np.float32(c)) / math.sqrt(self.rank)
+            else:
+                left = torch.cat([A * float(np.float32(c)) for (A, _), c in live], dim=1)
+                right = torch.cat([B for (_, B), _ in live], dim=1)
+                alpha = 1.0 / math.sqrt(self.rank)
+            if left.dtype != p.dtype:
+                left, right = left.to(p.dtype), right.to(p.dtype)
+            p.view(p.shape[0], -1).addmm_(left, right.T, alpha=alpha)
         small = self._small
         if small:
             tensors = [self.params[j] for j in small]
