@@ -7,6 +7,8 @@ keys are fixed) when it holds.
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -136,3 +138,13 @@ def test_engine_moves_by_the_stream_and_restores_bit_for_bit(dtype, distribution
         bits = torch.int16 if t.element_size() == 2 else torch.int32
         assert torch.equal(t.view(bits), o.view(bits))
     assert engine.journal_bytes() == 0
+
+
+@pytest.mark.parametrize("distribution", ["normal", "rademacher", "uniform"])
+def test_numpy_values_equal_torch_values(distribution):
+    """The NumPy mapping of words to values (small directions on the CPU) gives the same float32s."""
+    from zoptim.noise import counter_bits, values_from_bits, values_from_bits_numpy
+
+    bits = counter_bits(np.arange(5000, dtype=np.int64), 123, 456)
+    want = values_from_bits(torch.from_numpy(bits), distribution)
+    assert torch.equal(values_from_bits_numpy(bits, distribution), want)

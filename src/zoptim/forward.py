@@ -59,7 +59,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .noise import NoiseSource, check_distribution, counter_bits, mix, normal_table, values_from_bits
+from .noise import (
+    NoiseSource,
+    check_distribution,
+    counter_bits,
+    mix,
+    normal_table,
+    values_from_bits,
+    values_from_bits_numpy,
+)
 from .perturbation import SeededPerturbation
 
 #: Leaf modules whose trainable parameters total at most this many elements are recomputed in
@@ -85,6 +93,22 @@ def _in_multihead_attention(module: nn.Module) -> set[int]:
         if isinstance(m, nn.MultiheadAttention):
             inside.update(id(c) for c in m.modules() if c is not m)
     return inside
+
+
+def _norm_forward(module: nn.Module, x: torch.Tensor, perturbed: dict):
+    """torch's normalisation layers at perturbed affine parameters, by their functional form (the
+    same computation as the module's forward), or None for any other module."""
+    w, b = perturbed.get("weight", getattr(module, "weight", None)), perturbed.get("bias", getattr(module, "bias", None))
+    kind = type(module)
+    if kind is nn.LayerNorm:
+        return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
+    if kind is nn.GroupNorm:
+        return F.group_norm(x, module.num_groups, w, b, module.eps)
+    if kind is nn.RMSNorm:
+        return F.rms_norm(x, module.normalized_shape, w, module.eps)
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and not module.training and module.track_running_stats:
+        return F.batch_norm(x, module.running_mean, module.running_var, w, b, False, 0.0, module.eps)
+    return None
 
 
 class ForwardPerturbation:
@@ -247,10 +271,10 @@ class ForwardPerturbation:
             k0 = np.array([w[0] for w in words], dtype=np.int64)
             k1 = np.array([w[1] for w in words], dtype=np.int64)
             if device.type == "cpu":
-                bits = torch.from_numpy(counter_bits(idx, k0[seg], k1[seg]))
+                flat = values_from_bits_numpy(counter_bits(idx, k0[seg], k1[seg]), self.distribution)
             else:
                 bits = counter_bits(idx, torch.from_numpy(k0).to(device)[seg], torch.from_numpy(k1).to(device)[seg])
-            flat = values_from_bits(bits, self.distribution, normal_table(device))
+                flat = values_from_bits(bits, self.distribution, normal_table(device))
             for i, (j, length, _) in enumerate(segs):
                 z = flat[starts[i] : starts[i] + length]
                 if j in self.kind and self.kind[j] == "lowrank":
@@ -400,32 +424,49 @@ class ForwardPerturbation:
         return hook
 
     def _conv2d_hook(self, w: int | None, b: int | None):
+        def build(module, dtype):
+            values, sw, sb = self._values(self._key), self._active(w), self._active(b)
+            weight = None
+            if sw is not None and self.kind[w] == "lowrank":
+                A, B = values[w]
+                weight = ((A * (sw / math.sqrt(self.rank))).to(dtype), B.to(dtype))
+                if module.groups != 1:  # grouped (depthwise) kernels are small: materialise S
+                    weight = (weight[0] @ weight[1].T).view(module.weight.shape)
+            elif sw is not None:
+                weight = (self._full(w, self._key) * sw).to(dtype)
+            bias = None if sb is None else (values[b] * sb).to(dtype)
+            return weight, bias
+
         def hook(module, args, out):
-            sw, sb = self._active(w), self._active(b)
-            if sw is None and sb is None:
+            if self._key is None or self._recomputing or (self._active(w) is None and self._active(b) is None):
                 return None
+            weight, bias = self._prepared(module, lambda: build(module, out.dtype))
             x = args[0]
+            n, channels = out.shape[:2]
             term = None
-            if sw is not None:
-                weight = module.weight
-                if self.kind[w] == "lowrank":
-                    A, B = self._values(self._key)[w]
-                    A, B = A.to(out.dtype), B.to(out.dtype)
-                    r = self.rank
-                    if module.groups == 1:
-                        # conv(x, A B^T) = A (conv(x, B^T as r filters)): r thin channels, then a 1x1 mix
-                        filters = B.T.reshape((r,) + tuple(weight.shape[1:]))
-                        t = module._conv_forward(x, filters, None)
-                        term = torch.einsum("or,nr...->no...", A, t)
-                    else:  # grouped (depthwise) kernels are small: materialise S
-                        term = module._conv_forward(x, (A @ B.T).view(weight.shape), None)
-                    term = term.mul_(sw / math.sqrt(r))
-                else:
-                    S = self._full(w, self._key).to(out.dtype)
-                    term = module._conv_forward(x, S, None).mul_(sw)
-            if sb is not None:
-                zb = self._values(self._key)[b].to(out.dtype).view(1, -1, *([1] * (out.dim() - 2)))
-                term = zb * sb if term is None else term.add_(zb, alpha=sb)
+            if isinstance(weight, tuple):
+                A, B = weight
+                pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
+                if pointwise and x.dim() == 4:
+                    # a 1x1 convolution is a linear map of the channels, (A B^T) x = A (B^T x): two plain
+                    # matrix products over the pixels (batched products of thin factors are slow)
+                    pixels = x.reshape(n, x.shape[1], -1).transpose(1, 2).reshape(-1, x.shape[1])
+                    t = pixels @ B
+                    if out[0, 0].numel() == 1 and out.is_contiguous() and not torch.is_grad_enabled():
+                        flat = out.view(n, channels)
+                        flat.addmm_(t, A.T)
+                        if bias is not None:
+                            flat.add_(bias)
+                        return out
+                    term = (t @ A.T).view(n, -1, channels).transpose(1, 2).reshape(out.shape)
+                else:  # conv(x, A B^T) = A conv(x, B^T as r filters): r thin channels, then a 1x1 mix
+                    t = module._conv_forward(x, B.T.reshape((B.shape[1],) + tuple(module.weight.shape[1:])), None)
+                    term = torch.matmul(A, t.flatten(2)).view(out.shape)
+            elif weight is not None:
+                term = module._conv_forward(x, weight, None)
+            if bias is not None:
+                zb = bias.view(1, -1, *([1] * (out.dim() - 2)))
+                term = zb.expand_as(out) if term is None else term.add_(zb)
             return self._add(out, term)
 
         return hook
@@ -446,9 +487,9 @@ class ForwardPerturbation:
             if self._key is None or self._recomputing or all(self._scales[j] == 0.0 for _, j in direct):
                 return None
             perturbed = self._prepared(module, build)
-            if type(module) is nn.LayerNorm and not kwargs:  # the common case, without functional_call
-                return F.layer_norm(args[0], module.normalized_shape, perturbed.get("weight", module.weight),
-                                    perturbed.get("bias", module.bias), module.eps)
+            fast = None if kwargs else _norm_forward(module, args[0], perturbed)
+            if fast is not None:  # torch's own normalisation layers, without functional_call's overhead
+                return fast
             self._recomputing = True
             try:
                 return torch.func.functional_call(module, perturbed, args, kwargs, strict=False)

@@ -158,6 +158,22 @@ def values_from_bits(bits: torch.Tensor, distribution: str, table: torch.Tensor 
     return (u * 2.0 - 1.0) * _SQRT3
 
 
+_NUMPY_TABLE: np.ndarray | None = None
+
+
+def values_from_bits_numpy(bits: np.ndarray, distribution: str) -> torch.Tensor:
+    """:func:`values_from_bits` for NumPy words on the CPU, with NumPy's lower per-call overhead
+    (small directions drawn every step); the same float32 values (tested)."""
+    global _NUMPY_TABLE
+    if distribution == "normal":
+        if _NUMPY_TABLE is None:
+            _NUMPY_TABLE = normal_table(torch.device("cpu")).numpy()
+        return torch.from_numpy(_NUMPY_TABLE[bits >> 16])
+    if distribution == "rademacher":
+        return torch.from_numpy((1 - 2 * (bits >> 31)).astype(np.float32))
+    return values_from_bits(torch.from_numpy(bits), distribution)
+
+
 class NoiseSource:
     """Writes the values of seeded directions into float32 tensors.
 
