@@ -1,6 +1,10 @@
 """On a CUDA machine: are the compiled (Triton) moves bit-identical to the eager ones, and what does
 a step cost against two forwards? Prints a report; used to decide ZOPTIM_COMPILE_CUDA's default.
 
+Forward-applied directions (``module=model, rank=1``) on the GPU: the query output equals a model
+whose weights were set to the point (CPU-built factors), queries leave the weights bit-identical,
+and the step's cost against two forwards.
+
     PYTHONPATH=src python benchmarks/cuda_check.py
 """
 
@@ -92,7 +96,55 @@ def main():
             med = r[len(r) // 2]
             print(f"compiled={route} {dist:10s} step/2fwd {med[0]:.2f} (2 fwd {med[1]*1e3:.1f} ms, step "
                   f"{med[2]*1e3:.1f} ms, first step {first:.1f} s)")
+    ok &= forward_check(dev, model, x)
     print("ALL BIT-IDENTICAL" if ok else "MISMATCH")
+
+
+def forward_check(dev, model, x) -> bool:
+    """Forward-applied rank-1 directions on ``dev``: no CPU-only op in the hooks, the query point is
+    x + eps*s (the same factors as on the CPU), the weights untouched, and the step cost."""
+    import copy
+
+    import zoptim
+
+    small = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 8)).to(dev)
+    ids = torch.randint(0, 50, (4, 7), device=dev)
+    before = [p.detach().clone() for p in small.parameters()]
+    cpu = copy.deepcopy(small).cpu()
+    opt = zoptim.ZOSGD(small.parameters(), lr=0.0, eps=0.05, seed=1, module=small, rank=1)
+    at = zoptim.AskTell(opt)
+    at.ask()
+    with torch.no_grad():
+        on_gpu = small(ids).cpu()
+    at.tell(float(on_gpu.square().mean()))
+    opt.close()
+    cpu_opt = zoptim.ZOSGD(cpu.parameters(), lr=0.0, eps=0.05, seed=1, module=cpu, rank=1)
+    at = zoptim.AskTell(cpu_opt)
+    at.ask()
+    with torch.no_grad():
+        on_cpu = cpu(ids.cpu())
+    close = torch.allclose(on_gpu, on_cpu, rtol=1e-4, atol=1e-5)
+    untouched = all(torch.equal(a, b) for a, b in zip(before, small.parameters()))
+    print(f"forward rank-1 on cuda == on cpu: {close}; weights untouched by queries: {untouched}")
+    for dist in ("normal", "rademacher"):
+        opt = zoptim.ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, distribution=dist, module=model, rank=1)
+        loss = lambda: model(x).square().mean()  # noqa: E731
+        opt.step(loss)
+        r = []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            a0 = time.perf_counter()
+            with torch.no_grad():
+                loss()
+                loss()
+            torch.cuda.synchronize()
+            b0 = time.perf_counter()
+            opt.step(loss)
+            torch.cuda.synchronize()
+            r.append((time.perf_counter() - b0) / (b0 - a0))
+        opt.close()
+        print(f"forward rank-1 {dist:10s} step/2fwd {sorted(r)[2]:.2f}")
+    return close and untouched
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from zoptim.distributed import replicas_in_sync, wrap
 
 WORLD = 2
 STEPS = 50
+METHODS = ["zosgd", "as2p", "zosgd-forward", "as2p-forward"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
@@ -40,9 +41,17 @@ def flat(model):
 
 
 def build(method, model, num_directions=1):
-    if method == "zosgd":
-        return zoptim.ZOSGD(model.parameters(), lr=2e-2, eps=1e-2, num_directions=num_directions, seed=7)
-    return zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=STEPS, num_directions=num_directions, seed=7)
+    """``method``: zosgd or as2p, with ``-forward`` for rank-1 directions applied in the forward."""
+    forward = dict(module=model, rank=1) if method.endswith("-forward") else {}
+    if method.startswith("zosgd"):
+        return zoptim.ZOSGD(model.parameters(), lr=2e-2, eps=1e-2, num_directions=num_directions, seed=7, **forward)
+    return zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=STEPS, num_directions=num_directions, seed=7,
+                       **forward)
+
+
+def close(opt):
+    """Remove a forward optimizer's hooks before the test builds another one over the same model."""
+    getattr(opt, "optimizer", opt).close()
 
 
 def batch_rows(k):
@@ -72,7 +81,7 @@ def worker(rank, init_file, out_file):
     torch.set_num_threads(1)
     mine = lambda k: batch_rows(k)[rank::WORLD]  # noqa: E731 - this rank's half of the batch
     results = {}
-    for method in ("zosgd", "as2p"):
+    for method in METHODS:
         model = make_model()
         opt = wrap(build(method, model), mode="batch")
         train(opt, model, mine)
@@ -103,7 +112,7 @@ def two_ranks(tmp_path_factory):
     return [torch.load(f"{out}.{r}") for r in range(WORLD)]
 
 
-@pytest.mark.parametrize("method", ["zosgd", "as2p"])
+@pytest.mark.parametrize("method", METHODS)
 def test_batch_mode_equals_one_process_on_the_whole_batch(two_ranks, method):
     (a, in_sync, sent), (b, *_) = two_ranks[0][f"batch-{method}"], two_ranks[1][f"batch-{method}"]
     assert in_sync and torch.equal(a, b)
@@ -114,17 +123,19 @@ def test_batch_mode_equals_one_process_on_the_whole_batch(two_ranks, method):
     assert sent == STEPS * 2 * 8  # one float64 per query
 
 
-@pytest.mark.parametrize("method", ["zosgd", "as2p"])
+@pytest.mark.parametrize("method", METHODS)
 def test_directions_mode_equals_k_directions_in_one_process(two_ranks, method):
     (a, in_sync, sent), (b, *_) = two_ranks[0][f"directions-{method}"], two_ranks[1][f"directions-{method}"]
     assert in_sync and torch.equal(a, b)
     model = make_model()
-    single = flat(train(build(method, model, num_directions=WORLD), model))
+    opt = build(method, model, num_directions=WORLD)
+    single = flat(train(opt, model))
+    close(opt)
     # bit for bit: each rank's exact undo of its own direction lands on the same point, and every
     # rank applies the directions' terms in the order one process does
     assert torch.equal(a, single)
     # and not the one-direction run: the second rank's direction was applied too
-    model = make_model()
+    model = make_model()  # a fresh model: no hooks of the run above
     assert not torch.allclose(a, flat(train(build(method, model), model)), atol=1e-4)
     assert sent == STEPS * 3 * 8  # (gamma, f+, f-) per direction, float64
 

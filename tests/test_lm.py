@@ -156,13 +156,15 @@ def test_non_differentiable_objective_is_minus_accuracy_and_trains(tmp_path):
 
 
 @pytest.mark.parametrize("method,extra", [("as2p", {}), ("adamw", {}), ("hizoo", dict(hessian_smooth=0.1)),
-                                          ("zosgd", dict(momentum=0.9, momentum_window=3, guard=0.02))])
+                                          ("zosgd", dict(momentum=0.9, momentum_window=3, guard=0.02)),
+                                          ("zosgd", dict(rank=1)), ("as2p", dict(rank=2))])
 def test_loop_resumed_from_checkpoint_matches_an_uninterrupted_run(tmp_path, method, extra):
     task = tiny_task()
 
     def loop(steps, out):
         clf = classifier("causal", lora=True)
-        opt = make_optimizer(method, clf.parameters(), steps=6, lora=True, lr=1e-2, **extra)
+        forward = dict(module=clf) if "rank" in extra else {}
+        opt = make_optimizer(method, clf.parameters(), steps=6, lora=True, lr=1e-2, **extra, **forward)
         return clf, Loop(clf, task, opt, LoopConfig(steps=steps, batch_size=4, eval_every=2, eval_examples=4),
                          out, progress=False)
 
@@ -180,14 +182,16 @@ def test_loop_resumed_from_checkpoint_matches_an_uninterrupted_run(tmp_path, met
 
 
 # -- transformers.Trainer --------------------------------------------------------------------------------
-def test_zo_trainer_runs_the_zeroth_order_step_inside_trainer(tmp_path):
+@pytest.mark.parametrize("forward", [False, True], ids=["in-place", "forward-rank1"])
+def test_zo_trainer_runs_the_zeroth_order_step_inside_trainer(tmp_path, forward):
     from transformers import TrainingArguments
 
     from zoptim.lm.trainer import ZOTrainer
 
     clf = classifier("causal", lora=True)
     task = tiny_task()
-    opt = zoptim.ZOSGD([p for p in clf.parameters() if p.requires_grad], lr=5e-2, eps=1e-2)
+    opt = zoptim.ZOSGD([p for p in clf.parameters() if p.requires_grad], lr=5e-2, eps=1e-2,
+                       **(dict(module=clf, rank=1) if forward else {}))
     before = params_bits(clf)
     with torch.no_grad():
         loss_before = float(clf.loss(task.train))

@@ -295,7 +295,8 @@ class AskTell:
         if run is None:
             self._pending = False
             raise RuntimeError("the step of the last ask() was abandoned (the optimizer started another step); ask() again")
-        loss = _scalar(value, "tell(value)")
+        # a per-example optimizer takes the vector of its examples' losses (checked by the step)
+        loss = value if getattr(self.optimizer, "per_example", False) else _scalar(value, "tell(value)")
         self._pending = False
         run.tell(loss)
 

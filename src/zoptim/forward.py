@@ -53,6 +53,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -95,6 +96,18 @@ def _in_multihead_attention(module: nn.Module) -> set[int]:
     return inside
 
 
+class RowKeys(NamedTuple):
+    """The directions of a per-example query: row i of the minibatch (dim 0 of every hooked layer's
+    input) sits at ``x + rho * s(key(i))``, ``key(i) = mix(seed, step, i)``: the key of direction
+    i of the step, as :meth:`ZerothOrderOptimizer.direction_key` names it."""
+
+    seed: int
+    step: int
+
+    def key(self, i: int) -> int:
+        return mix(self.seed, self.step, i)
+
+
 def _norm_forward(module: nn.Module, x: torch.Tensor, perturbed: dict):
     """torch's normalisation layers at perturbed affine parameters, by their functional form (the
     same computation as the module's forward), or None for any other module."""
@@ -124,6 +137,9 @@ class ForwardPerturbation:
         rank: r of the low-rank matrix directions, or None for full-rank ones.
         normalize: scale each direction to norm sqrt(d) (S2P paper, Sec. 3.2).
         exact: journal the in-place moves of uncovered tensors (covered ones need none).
+        per_example: allow per-example queries (:class:`RowKeys`); then every trainable tensor
+            must be covered by a hook, matrices must be low rank, and no module may mix the examples
+            of a batch (BatchNorm in training mode): each is a ValueError naming the module.
     """
 
     def __init__(
@@ -135,6 +151,7 @@ class ForwardPerturbation:
         rank: int | None = 1,
         normalize: bool = False,
         exact: bool = True,
+        per_example: bool = False,
     ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module (the model the closure runs); got {type(module).__name__}")
@@ -177,6 +194,11 @@ class ForwardPerturbation:
         self._small = [j for j, k in self.kind.items() if k == "full" and j not in set(big_full)]
         self._lowrank = [j for j, k in self.kind.items() if k == "lowrank"]
         self._layout_streams()
+        self.per_example = bool(per_example)
+        self.rows: int | None = None  # the batch size the hooks saw at the current per-example query
+        self._rows_cache: tuple | None = None
+        if self.per_example:
+            self._check_per_example()
         _OWNERS[module] = weakref.ref(self)
 
     # -- which tensor is applied where ------------------------------------------------------------------
@@ -258,10 +280,12 @@ class ForwardPerturbation:
                 idx_t, seg_t = idx, seg
             self._streams[device] = (idx_t, seg_t, np.cumsum([0] + lengths))
 
-    def _values(self, key: int) -> dict[int, object]:
+    def _values(self, key: int, cache: bool = True) -> dict[int, object]:
         """The compact direction ``key``: ``{j: (A, B)}`` for low-rank matrices, ``{j: z}`` for small
         tensors, float32 on each tensor's device (cached for the last few keys)."""
         got = self._cache.get(key)
+        if got is None and self._rows_cache is not None:
+            got = self._from_rows(key)
         if got is not None:
             return got
         out: dict[int, object] = {}
@@ -282,9 +306,10 @@ class ForwardPerturbation:
                     out[j] = (z[: m * self.rank].view(m, self.rank), z[m * self.rank :].view(n, self.rank))
                 else:
                     out[j] = z.view(self.params[j].shape)
-        if len(self._cache) >= 16:
-            self._cache.pop(next(iter(self._cache)))
-        self._cache[key] = out
+        if cache:
+            if len(self._cache) >= 16:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = out
         return out
 
     def _full(self, j: int, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,6 +360,64 @@ class ForwardPerturbation:
         norm = self.direction_norm(key)
         return math.sqrt(self.dim) / norm if norm > 0 else 0.0
 
+    # -- per-example queries -----------------------------------------------------------------------------------
+    def _check_per_example(self) -> None:
+        names = {j: ", ".join(u) for j, u in self.uses.items()}
+        if self.in_place is not None:
+            raise ValueError(
+                "per_example=True needs every trainable tensor applied in a hook; these move in place (no hook "
+                f"covers their module): {[j for j in self._in_place_index]} (tensor indices of the optimizer's parameters)"
+            )
+        if self.rank is None:
+            raise ValueError("per_example=True needs low-rank matrix directions (rank=r): a full-rank direction per "
+                             "example would materialise one weight-sized tensor per example")
+        for m in self.module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+                raise ValueError(
+                    f"per_example=True: {type(m).__name__} in training mode normalises over the batch, so one "
+                    "example's loss depends on the others' directions; call model.eval() (or freeze the statistics)"
+                )
+        self._names = names
+
+    def _row_count(self, n: int, module) -> int:
+        """Record the batch size a hook sees; every hooked layer must see the same (the examples on dim 0).
+        With one row the query is the plain one along key(0): the same arithmetic as a shared direction."""
+        if self.rows is None:
+            self.rows = n
+            if n == 1:
+                self._key = self._key.key(0)
+        elif n != self.rows:
+            raise ValueError(
+                f"per_example=True: {type(module).__name__} got an input with {n} rows on dim 0 where another layer "
+                f"got {self.rows}; every hooked layer must see the minibatch's examples on dim 0"
+            )
+        return n
+
+    def _row_values(self) -> dict[int, object]:
+        """The current per-example query's directions, stacked: ``{j: (A, B)}`` with A (n, m, r) and
+        B (n, cols, r), ``{j: z}`` with z (n, *shape); generated once per (step, n)."""
+        key, n = self._key, self.rows
+        if self._rows_cache is not None and self._rows_cache[0] == (key, n):
+            return self._rows_cache[1]
+        rows = [self._values(key.key(i), cache=False) for i in range(n)]
+        stacked = {}
+        for j, first in rows[0].items():
+            if isinstance(first, tuple):
+                stacked[j] = (torch.stack([r[j][0] for r in rows]), torch.stack([r[j][1] for r in rows]))
+            else:
+                stacked[j] = torch.stack([r[j] for r in rows])
+        self._rows_cache = ((key, n), stacked, {key.key(i): i for i in range(n)})
+        return stacked
+
+    def _from_rows(self, key: int):
+        """Direction ``key`` sliced out of the per-example stack, if it is one of its rows (the update)."""
+        if self._rows_cache is None:
+            return None
+        i = self._rows_cache[2].get(key)
+        if i is None:
+            return None
+        return {j: (v[0][i], v[1][i]) if isinstance(v, tuple) else v[i] for j, v in self._rows_cache[1].items()}
+
     # -- hooks: the query point inside the forward -------------------------------------------------------------
     def _active(self, j: int | None):
         """(values, scale) of tensor j at the current query, or None where nothing is applied."""
@@ -380,8 +463,10 @@ class ForwardPerturbation:
         def hook(module, args, out):
             if self._key is None or self._recomputing or (self._active(w) is None and self._active(b) is None):
                 return None
-            left, right, full, sw, has_bias = self._prepared(module, lambda: build(out.dtype))
             x = args[0]
+            if isinstance(self._key, RowKeys) and self._row_count(x.shape[0], module) > 1:
+                return self._linear_rows(module, x, out, w, b, transposed)
+            left, right, full, sw, has_bias = self._prepared(module, lambda: build(out.dtype))
             width = out.shape[-1]
             flat = out.view(-1, width) if out.is_contiguous() else None
             x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)
@@ -409,6 +494,8 @@ class ForwardPerturbation:
             sw = self._active(w)
             if sw is None:
                 return None
+            if isinstance(self._key, RowKeys) and self._row_count(args[0].shape[0], module) > 1:
+                return self._embedding_rows(args[0], out, w, sw)
             ids = args[0].reshape(-1)
             width = out.shape[-1]
             if self.kind[w] == "lowrank":
@@ -440,8 +527,10 @@ class ForwardPerturbation:
         def hook(module, args, out):
             if self._key is None or self._recomputing or (self._active(w) is None and self._active(b) is None):
                 return None
-            weight, bias = self._prepared(module, lambda: build(module, out.dtype))
             x = args[0]
+            if isinstance(self._key, RowKeys) and self._row_count(x.shape[0], module) > 1:
+                return self._conv2d_rows(module, x, out, w, b)
+            weight, bias = self._prepared(module, lambda: build(module, out.dtype))
             n, channels = out.shape[:2]
             term = None
             if isinstance(weight, tuple):
@@ -486,6 +575,8 @@ class ForwardPerturbation:
         def hook(module, args, kwargs, out):
             if self._key is None or self._recomputing or all(self._scales[j] == 0.0 for _, j in direct):
                 return None
+            if isinstance(self._key, RowKeys) and self._row_count(args[0].shape[0], module) > 1:
+                return self._recompute_rows(module, direct, args, kwargs)
             perturbed = self._prepared(module, build)
             fast = None if kwargs else _norm_forward(module, args[0], perturbed)
             if fast is not None:  # torch's own normalisation layers, without functional_call's overhead
@@ -497,6 +588,130 @@ class ForwardPerturbation:
                 self._recomputing = False
 
         return hook
+
+    # -- per-example hooks: row i of the batch at x + rho s(key(i)) ----------------------------------------------
+    def _row_scaled(self, j: int, dtype):
+        """Tensor j's stacked per-row direction times its scale: (A * s / sqrt(r), B) or z * s."""
+        v = self._row_values()[j]
+        s = self._scales[j]
+        if isinstance(v, tuple):
+            return (v[0] * (s / math.sqrt(self.rank))).to(dtype), v[1].to(dtype)
+        return (v * s).to(dtype)
+
+    def _linear_rows(self, module, x, out, w, b, transposed):
+        def build():
+            left, right = None, []
+            if self._active(w) is not None:
+                A, B = self._row_values()[w]  # (n, m, r), (n, cols, r)
+                c = self._scales[w] / math.sqrt(self.rank)
+                # Linear: x S^T = (x B) A^T;  Conv1D (W = in x out): x S = (x A) B^T
+                left, other = (A, B) if transposed else (B, A)
+                left = left.to(out.dtype)
+                right.append((other * c).transpose(1, 2).to(out.dtype))
+            if self._active(b) is not None:
+                right.append(self._row_scaled(b, out.dtype)[:, None, :])
+            return left, torch.cat(right, dim=1)
+
+        left, right = self._prepared(module, build)
+        n, width = x.shape[0], out.shape[-1]
+        x3 = x.reshape(n, -1, x.shape[-1]).to(out.dtype)
+        xb = torch.bmm(x3, left) if left is not None else x3.new_empty((n, x3.shape[1], 0))
+        if right.shape[1] > xb.shape[2]:  # the bias rides on a column of ones
+            xb = torch.cat((xb, xb.new_ones((n, xb.shape[1], 1))), dim=2)
+        if out.is_contiguous() and not (torch.is_grad_enabled() and out.requires_grad):
+            out.view(n, -1, width).baddbmm_(xb, right)
+            return out
+        return out + torch.bmm(xb, right).view(out.shape)
+
+    def _embedding_rows(self, ids, out, w, sw):
+        n = ids.shape[0]
+        A, B = self._row_values()[w]
+        flat_ids = ids.reshape(n, -1)
+        rows = A[torch.arange(n, device=ids.device)[:, None], flat_ids]  # (n, T, r)
+        term = torch.bmm(rows, B.transpose(1, 2)).mul_(sw / math.sqrt(self.rank))
+        return self._add(out, term.to(out.dtype).view(out.shape))
+
+    def _conv2d_rows(self, module, x, out, w, b):
+        n, channels = out.shape[:2]
+        term = None
+        if self._active(w) is not None:
+            if module.padding_mode != "zeros":
+                raise ValueError(f"per_example=True supports Conv2d with padding_mode='zeros'; got {module.padding_mode!r}")
+            A, B = self._row_scaled(w, out.dtype)  # (n, O, r), (n, C/g * kh * kw, r)
+            weight = module.weight
+            pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
+            if module.groups == 1 and pointwise:
+                t = torch.bmm(B.transpose(1, 2), x.reshape(n, x.shape[1], -1))  # (n, r, pixels)
+                term = torch.bmm(A, t).view(out.shape)
+            elif module.groups == 1:  # r thin filters per example as one grouped convolution, then A mixes
+                r = B.shape[2]
+                filters = B.transpose(1, 2).reshape((n * r,) + tuple(weight.shape[1:]))
+                t = F.conv2d(x.reshape(1, -1, *x.shape[2:]), filters, None, module.stride, module.padding,
+                             module.dilation, n)
+                term = torch.bmm(A, t.view(n, r, -1)).view(out.shape)
+            else:  # grouped kernels are small: each example's S materialised, one grouped convolution
+                S = torch.bmm(A, B.transpose(1, 2)).reshape((n * weight.shape[0],) + tuple(weight.shape[1:]))
+                t = F.conv2d(x.reshape(1, -1, *x.shape[2:]), S, None, module.stride, module.padding, module.dilation,
+                             n * module.groups)
+                term = t.view(out.shape)
+        if self._active(b) is not None:
+            zb = self._row_scaled(b, out.dtype).view(n, channels, *([1] * (out.dim() - 2)))
+            term = zb.expand_as(out) if term is None else term.add_(zb)
+        return self._add(out, term)
+
+    def _recompute_rows(self, module, direct, args, kwargs):
+        def build():
+            values = self._row_values()
+            out = {}
+            for name, j in direct:
+                p = self.params[j]
+                wide = p if p.dtype == torch.float64 else p.float()
+                out[name] = (wide + values[j] * float(np.float32(self._scales[j]))).to(p.dtype)  # (n, *shape)
+            return out
+
+        perturbed = self._prepared(module, build)
+        x = args[0]
+        n = x.shape[0]
+        kind = type(module)
+
+        def per_row(t, lead):  # (n, *shape) -> broadcastable against x: n, then ``lead`` ones
+            return t.view(n, *([1] * lead), *t.shape[1:])
+
+        w, b = perturbed.get("weight"), perturbed.get("bias")
+        if not kwargs and kind is nn.LayerNorm:
+            y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
+            lead = x.dim() - 1 - len(module.normalized_shape)
+        elif not kwargs and kind is nn.RMSNorm:
+            y = F.rms_norm(x, module.normalized_shape, None, module.eps)
+            lead = x.dim() - 1 - len(module.normalized_shape)
+        elif not kwargs and (kind is nn.GroupNorm or isinstance(module, nn.modules.batchnorm._BatchNorm)):
+            if kind is nn.GroupNorm:
+                y = F.group_norm(x, module.num_groups, None, None, module.eps)
+            else:
+                y = F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
+            # channels on dim 1: (n, C) -> (n, C, 1, ...)
+            w = None if w is None else w.view(n, -1, *([1] * (x.dim() - 2)))
+            b = None if b is None else b.view(n, -1, *([1] * (x.dim() - 2)))
+            lead = None
+        else:  # any other small module: its own forward, one example at a time, under vmap
+            def one(params, row):
+                return torch.func.functional_call(module, params, (row[None],), kwargs, strict=False)[0]
+
+            self._recomputing = True
+            try:
+                return torch.func.vmap(one)(perturbed, x)
+            finally:
+                self._recomputing = False
+        if lead is not None:
+            w = None if w is None else per_row(w, lead)
+            b = None if b is None else per_row(b, lead)
+        w = module.weight if w is None and getattr(module, "weight", None) is not None else w
+        b = module.bias if b is None and getattr(module, "bias", None) is not None else b
+        if w is not None:
+            y = y * w
+        if b is not None:
+            y = y + b
+        return y
 
     # -- the engine interface -----------------------------------------------------------------------------------
     @property
@@ -539,7 +754,11 @@ class ForwardPerturbation:
             self.update([] if key is None else [(key, scales)], decay=decay)
             return
         new = self._as_scales(scales) if key is not None else [0.0] * len(self.params)
-        if key is not None:
+        if isinstance(key, RowKeys):
+            if not self.per_example:
+                raise ValueError("per-example queries need an engine built with per_example=True")
+            self.rows = None
+        elif key is not None:
             f = self._factor(key)
             new = [s * f for s in new]
         if self.in_place is not None:

@@ -87,7 +87,7 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
     eval_every = max(1, round(total_steps / spec.num_evals))
     model = problem.make_model(spec.seed)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, scheduler = method.build(params, spec.hparams, total_steps, spec.seed)
+    opt, scheduler = method.build(params, spec.hparams, total_steps, spec.seed, module=model)
     batches = torch.Generator().manual_seed(1_000_003 * (spec.seed + 1))
 
     header = {"type": "run", **asdict(spec), "run_id": spec.run_id, "total_steps": total_steps,
@@ -159,6 +159,7 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
             if on_eval is not None:
                 on_eval(rec)
     bar.close()
+    opt.close()  # forward-applied directions: the hooks leave the model
     records.append({"type": "end", "steps": step, "queries": int(opt.num_queries), "wall": wall(), "diverged": diverged})
     write_jsonl(result_path, records)
     ckpt_path.unlink(missing_ok=True)

@@ -34,15 +34,21 @@ class Method:
     options: dict = field(default_factory=dict)
     description: str = ""
 
-    def build(self, params, hparams: dict, total_steps: int, seed: int):
-        """(optimizer, scheduler or None) for a run of ``total_steps`` steps."""
+    def build(self, params, hparams: dict, total_steps: int, seed: int, module=None):
+        """(optimizer, scheduler or None) for a run of ``total_steps`` steps. ``module``: the model,
+        for the methods whose directions are applied inside its forward (option ``rank``)."""
         params = list(params)
         o = self.options
+        forward = {}
+        if o.get("rank") is not None:
+            if module is None:
+                raise ValueError(f"{self.name} applies its directions in the model's forward: build it with module=model")
+            forward = dict(module=module, rank=o["rank"])
         if self.kind == "zosgd":
             opt = zoptim.ZOSGD(params, lr=hparams["lr"], eps=hparams["eps"], num_directions=o.get("num_directions", 1),
                                distribution=o.get("distribution", "normal"), seed=seed,
                                momentum=o.get("momentum", 0.0), momentum_window=o.get("momentum_window", 8),
-                               guard=o.get("guard", 0.0))
+                               guard=o.get("guard", 0.0), **forward)
         elif self.kind == "stp":
             opt = zoptim.STP(params, lr=hparams["stp_lr"], distribution=o.get("distribution", "normal"), seed=seed)
         elif self.kind == "s2p":
@@ -54,7 +60,7 @@ class Method:
                               batch_mode=o.get("batch_mode", "minibatch"), lr=None if auto_lr else hparams["lr"],
                               distribution=o.get("distribution", "normal"), seed=seed, auto_lr=auto_lr,
                               clipping=o.get("clipping", True), momentum=o.get("momentum", 0.0),
-                              momentum_window=o.get("momentum_window", 8))
+                              momentum_window=o.get("momentum_window", 8), **forward)
         elif self.kind == "hizoo":
             opt = zoptim.HiZOO(params, lr=hparams["lr"], eps=hparams["eps"],
                                hessian_smooth=hparams.get("hessian_smooth", HIZOO_SMOOTH), factored=o.get("factored", False),
@@ -101,6 +107,11 @@ def _table() -> dict[str, Method]:
     add("HiZOO", "hizoo", 3, ("lr", "eps", "hessian_smooth"), "HiZOO (Zhao et al. 2025): diagonal-Hessian-preconditioned MeZO")
     add("HiZOO-factored", "hizoo", 3, ("lr", "eps", "hessian_smooth"), "HiZOO with the rank-one factored Hessian estimate",
         factored=True)
+    for rank in (1, 4, 16):
+        suffix = "" if rank == 1 else f"-r{rank}"
+        add(f"ZOSGD-lowrank{suffix}", "zosgd", 2, ("lr", "eps"),
+            f"ZOSGD with rank-{rank} matrix directions applied in the forward (module=model, rank={rank})", rank=rank)
+    add("AS2P-lowrank", "as2p", 2, ("eps", "eta_b"), "AS2P with rank-1 matrix directions applied in the forward", rank=1)
     for eta_b in (1, 3, 5, 10, 50):
         add(f"AS2P-etab{eta_b}", "as2p", 2, ("eps",), f"AS2P with eta_b = {eta_b}", eta_b=float(eta_b))
     return m

@@ -13,7 +13,8 @@
 * The methods beyond the paper get the search of the method they extend, with as many trials:
   ZOSGD-momentum and HiZOO (dense and factored) their own alpha_0 x rho_0 grid, GA's
   (HiZOO's Hessian smoothing stays at the paper's 1e-6); AS2P-momentum its own eta_b over
-  ``ETA_B_GRID``. Their values go to ``per_method`` (a method's overrides of the shared values).
+  ``ETA_B_GRID``; the forward-applied low-rank rows (ZOSGD-lowrank*, AS2P-lowrank) likewise. Their
+  values go to ``per_method`` (a method's overrides of the shared values).
 
 Each candidate is one harness run (seed 0, so searches are resumable like any run) at the
 search budget; the score is the mean full loss over the last 10 % of its evaluations (a diverged
@@ -30,8 +31,9 @@ from .harness import RunSpec
 
 ETA_B_GRID = (1.0, 5.0, 50.0)  # reduced from the paper's {3, 5, 50} range, extended down to 1
 #: Methods searched on their own alpha_0 x rho_0 grid (GA's), and on their own eta_b (AS2P's).
-LR_EPS_SEARCHED = ("ZOSGD-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard", "ZOSGD-momentum-guard")
-ETA_B_SEARCHED = ("AS2P-momentum",)
+LR_EPS_SEARCHED = ("ZOSGD-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard", "ZOSGD-momentum-guard",
+                   "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "ZOSGD-lowrank-r16")
+ETA_B_SEARCHED = ("AS2P-momentum", "AS2P-lowrank")
 
 
 def score(records: list[dict]) -> float:

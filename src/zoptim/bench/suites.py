@@ -23,6 +23,11 @@
 * ``methods-lm-search``: ZOSGD, AS2P, ZOSGD-momentum, HiZOO and the guarded ZOSGD on MiniLM / TREC,
   each with its own search at the full budget, seed 0, then 3 seeds: lr in {5e-3, 2e-3, 1e-3,
   5e-4} (eps 1e-3) for ZOSGD and the methods that extend it, eta_b in {1, 5, 50} for AS2P.
+* ``lowrank-quick``, ``lowrank-paper`` and ``lowrank-lm``: forward-applied low-rank directions
+  (``module=model, rank=r``: ZOSGD-lowrank at r = 1 and 4, AS2P-lowrank at r = 1) beside GA and AS2P
+  on the quick and paper suites' networks (searched as methods-quick / methods-paper: each low-rank
+  row gets the search of the method it extends, with as many trials) and on MiniLM / TREC with LoRA
+  and with all parameters (``lm-minilm-trec-full``), 3 seeds, GA's defaults, no search.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
@@ -57,6 +62,9 @@ FIVE = ["ZOSGD", "ZOSGD-rademacher", "STP", "S2P", "AS2P"]
 NEW = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard",
        "ZOSGD-momentum-guard"]
 #: The new methods on the LM task (HiZOO-factored left out: at alpha 1e-6 it is the dense estimate).
+#: Forward-applied low-rank directions against the in-place full-rank ones (issue 24's check).
+LOWRANK = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "AS2P", "AS2P-lowrank"]
+LOWRANK_LM = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4"]
 LM_METHODS = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "ZOSGD-guard"]
 #: methods-lm-search: every LM method but AS2P-momentum (which ties AS2P on the LM task), each searched.
 LM_SEARCHED = ["ZOSGD", "AS2P", "ZOSGD-momentum", "HiZOO", "ZOSGD-guard"]
@@ -104,6 +112,16 @@ SUITES = {
     "methods-lm-search": lambda budget, seeds: [Experiment("methods-lm-search", ["lm-minilm-trec"], LM_SEARCHED,
                                                            seeds or 3, budget or 1000, search=True, num_evals=20,
                                                            search_fraction=1.0)],
+    "lowrank-quick": lambda budget, seeds: [Experiment("lowrank-quick", ["digits-efficientnet"], LOWRANK, seeds or 3,
+                                                       budget or 1500, search=True, num_evals=30, search_fraction=1.0)],
+    "lowrank-paper": lambda budget, seeds: [Experiment("lowrank-paper", ["fashion-efficientnet"], LOWRANK, seeds or 3,
+                                                       budget or 10000, search=True, num_evals=50)],
+    # No search on the LM task (each run takes minutes here): every method at GA's defaults, LoRA's lr
+    # 1e-3 and full-parameter lr 1e-5 (benchmarks/lm_minilm.sh's).
+    "lowrank-lm": lambda budget, seeds: [
+        Experiment("lowrank-lm", ["lm-minilm-trec"], LOWRANK_LM, seeds or 3, budget or 1000, num_evals=20),
+        Experiment("lowrank-lm", ["lm-minilm-trec-full"], LOWRANK_LM, seeds or 3, budget or 1000,
+                   hparams={"lr": 1e-5}, num_evals=20)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
 }

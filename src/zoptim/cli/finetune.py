@@ -72,6 +72,9 @@ def register(sub) -> None:
                    help="zosgd / hizoo: tol of the loss guard, which halves lr when the smoothed loss rises (0: off; "
                         "try 0.02)")
     p.add_argument("--hessian-smooth", type=float, default=1e-6, help="hizoo: alpha, the Hessian estimate's EMA rate")
+    p.add_argument("--rank", type=int, default=None,
+                   help="apply rank-R matrix directions inside the model's forward (module=model, rank=R): queries never "
+                        "write the weights, a step costs about its two forwards (default: full-rank directions in place)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
     p.add_argument("--no-progress", action="store_true")
@@ -126,6 +129,11 @@ def check_args(args) -> None:
         raise SystemExit(f"zoptim finetune: --guard must be >= 0; got {args.guard}")
     if not 0.0 <= args.momentum < 1.0:
         raise SystemExit(f"zoptim finetune: --momentum must be in [0, 1); got {args.momentum}")
+    if args.rank is not None and args.rank < 1:
+        raise SystemExit(f"zoptim finetune: --rank must be >= 1; got {args.rank}")
+    if args.rank is not None and args.method in ("hizoo", "adamw"):
+        raise SystemExit(f"zoptim finetune: --rank (forward-applied directions) is an option of the zeroth-order methods "
+                         f"but hizoo; got --method {args.method}")
     if args.test_examples is not None and args.test_examples < 1:
         raise SystemExit(f"zoptim finetune: --test-examples must be >= 1; got {args.test_examples}")
     for name in ("steps", "batch_size", "eval_every", "eval_examples", "max_length", "checkpoint_every", "nproc"):
@@ -299,6 +307,7 @@ def _run(args, device, rank: int, world: int) -> int:
         args.method, clf.parameters(), args.steps, lora=args.lora, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
         seed=args.seed, exact_restore=not args.no_exact_restore, momentum=args.momentum,
         momentum_window=args.momentum_window, hessian_smooth=args.hessian_smooth, guard=args.guard,
+        module=clf if args.rank is not None else None, rank=args.rank,
     )
     run_dir = out / (args.run_name or args.method)
     loop = Loop(clf, task, optimizer, config, run_dir, progress=not args.no_progress)
@@ -322,6 +331,7 @@ def _run(args, device, rank: int, world: int) -> int:
         "exact_restore": not args.no_exact_restore,
         "momentum": args.momentum,
         "guard": args.guard,
+        "rank": args.rank,
         "hessian_smooth": args.hessian_smooth if args.method == "hizoo" else None,
         "steps": loop.step,
         "queries": loop.queries,

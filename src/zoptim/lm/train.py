@@ -60,12 +60,16 @@ DEFAULT_EPS = (1e-3, 1e-2)
 def make_optimizer(
     method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True,
     momentum: float = 0.0, momentum_window: int = 8, hessian_smooth: float = 1e-6, guard: float = 0.0,
+    module=None, rank=None,
 ):
     """The optimizer for ``method`` with the defaults above (see the table's sources).
 
     ``momentum`` / ``momentum_window``: the memory-free seed momentum of ZOSGD and AS2P (a
     ValueError for the other methods); ``hessian_smooth``: HiZOO's alpha; ``guard``: the loss
     guard's tol (:class:`zoptim.optim.guard.LossGuard`) of ZOSGD and HiZOO (0: off).
+
+    ``module`` / ``rank``: apply rank-``rank`` matrix directions inside ``module``'s forward
+    (:mod:`zoptim.forward`; ZOSGD, AS2P, STP, S2P).
 
     ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
     arithmetic undo); it is ignored by AdamW.
@@ -80,6 +84,10 @@ def make_optimizer(
     lr = DEFAULT_LR[method][int(lora)] if lr is None else lr
     eps = DEFAULT_EPS[int(lora)] if eps is None else eps
     zo = dict(seed=seed, exact_restore=bool(exact_restore))
+    if rank is not None:
+        if method in ("hizoo", "adamw"):
+            raise ValueError(f"rank (forward-applied directions) is not an option of {method}")
+        zo.update(module=module, rank=rank)
     if method == "zosgd":
         return ZOSGD(params, lr=lr, eps=eps, momentum=momentum, momentum_window=momentum_window, guard=guard, **zo)
     if method == "as2p":

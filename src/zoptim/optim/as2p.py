@@ -109,7 +109,7 @@ class AS2P(ZerothOrderOptimizer):
             ``momentum_window`` clipped, auto-scaled steps ``sign(gamma_j) |alpha_j| s_j``
             (each s redrawn from its key), all scaled by today's lr_k. 0 (default) is Alg. 2.
         momentum_window: m, the number of past steps in that average. Default 8.
-        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank: see
+        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
     Example:
@@ -146,6 +146,7 @@ class AS2P(ZerothOrderOptimizer):
         max_nonfinite: int = 10,
         module=None,
         rank: int | None = None,
+        per_example: bool = False,
     ):
         self.eps = check_positive("eps", eps)
         self.eps_end = self.eps / 10.0 if eps_end is None else check_positive("eps_end", eps_end)
@@ -182,6 +183,7 @@ class AS2P(ZerothOrderOptimizer):
             max_nonfinite=max_nonfinite,
             module=module,
             rank=rank,
+            per_example=per_example,
         )
         self.gammas = GammaWindow(self._window_capacity())
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
@@ -227,6 +229,9 @@ class AS2P(ZerothOrderOptimizer):
         k = self.steps
         rho = self.rho(k)
         keys, gammas, plus, minus = yield from self._two_point_directions(rho)
+        if self.per_example and self.gammas.count == 0 and len(keys) > 1:
+            # B gammas a step: the window keeps the same fraction of the run as k directions would
+            self.gammas = GammaWindow(self._window_capacity() * len(keys))
         for gamma in gammas:  # every direction's gamma, in direction (rank) order, joins the window
             self.gammas.push(gamma)
         sigma = self.gammas.sigma(self.window_length(k))

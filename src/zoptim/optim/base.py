@@ -87,6 +87,19 @@ def loss_value(loss) -> float:
     )
 
 
+def loss_vector(loss) -> list[float]:
+    """A per-example closure's return value (``per_example=True``) as a list of floats."""
+    if isinstance(loss, torch.Tensor) and loss.dim() == 1 and loss.numel() >= 1:
+        return [float(v) for v in loss.detach().float().cpu().tolist()]
+    if isinstance(loss, (list, tuple)) and loss and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in loss):
+        return [float(v) for v in loss]
+    shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+    raise TypeError(
+        "per_example=True: the closure must return one loss per example, a 1-D tensor (e.g. "
+        f"cross_entropy(..., reduction='none')); got {shape}"
+    )
+
+
 class ZerothOrderOptimizer(Optimizer):
     """Base class of zoptim's optimizers (a ``torch.optim.Optimizer`` that never reads ``.grad``).
 
@@ -104,6 +117,11 @@ class ZerothOrderOptimizer(Optimizer):
             in-place engine (:mod:`zoptim.perturbation`), for any tensors.
         rank: r of the low-rank direction of each weight matrix, ``S = A B^T / sqrt(r)``
             (needs ``module``); None (default) keeps full-rank directions.
+        per_example: (ZOSGD, AS2P; needs ``module`` and ``rank``) each example of the minibatch
+            (dim 0 of every layer's input) is evaluated at its own point ``x + rho s_i``: the
+            closure returns one loss per example (a 1-D tensor, e.g. ``reduction="none"``), and a
+            two-point step measures B directional derivatives for the price of two forward passes
+            (see :meth:`_two_point_directions`).
 
     Attributes:
         num_queries: closure evaluations so far (the x-axis of every plot in the S2P paper).
@@ -137,8 +155,15 @@ class ZerothOrderOptimizer(Optimizer):
         max_nonfinite: int = 10,
         module: torch.nn.Module | None = None,
         rank: int | None = None,
+        per_example: bool = False,
     ):
         check_distribution(distribution)
+        self.per_example = bool(per_example)
+        if self.per_example and (module is None or rank is None):
+            raise ValueError(
+                "per_example=True needs module=<the model> and rank=r: each example's direction is applied inside "
+                "the forward of the model's layers, as a rank-r product"
+            )
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module (the model the closure runs) or None; got {type(module).__name__}")
         self._rank = check_int("rank", rank, allow_none=True)
@@ -210,6 +235,7 @@ class ZerothOrderOptimizer(Optimizer):
                 rank=self._rank,
                 normalize=self._normalize,
                 exact=self._exact,
+                per_example=self.per_example,
             )
             # the hooks go when the optimizer does (they hold the engine, never the optimizer)
             self._close_hooks = weakref.finalize(self, self.engine.close)
@@ -277,12 +303,17 @@ class ZerothOrderOptimizer(Optimizer):
             )
         if self.steps:
             raise ValueError("shard_directions must be called before the first step")
+        if self.per_example:
+            raise ValueError("per_example=True already gives each example its own direction; it does not combine "
+                             "with mode='directions' (use mode='batch')")
         self._direction_rank, self._direction_world, self._exchange = int(rank), int(world), exchange
 
     def _two_point_directions(self, rho: float):
         """Query ``x + rho s_i`` and ``x - rho s_i`` for this process's ``num_directions``
         directions (a sub-generator: ``keys, gammas, f_plus, f_minus = yield from ...``) and return
         every direction's key, gamma = (f+ - f-) / (2 rho) and the two values, all ranks' in rank order."""
+        if self.per_example:
+            return (yield from self._per_example_directions(rho))
         first = self._direction_rank * self.num_directions
         keys, gammas, plus, minus = [], [], [], []
         for i in range(self.num_directions):
@@ -295,6 +326,31 @@ class ZerothOrderOptimizer(Optimizer):
             minus.append(f_minus)
         keys, (gammas, plus, minus) = self._gather_directions(keys, [gammas, plus, minus])
         return keys, gammas, plus, minus
+
+    def _per_example_directions(self, rho: float):
+        r"""Per-example two-point queries: example i of the minibatch sits at ``x +- rho s_i`` within
+        the same two forward passes, so
+
+        .. math:: \delta_i = \frac{\ell_i(x + \rho s_i) - \ell_i(x - \rho s_i)}{2 \rho}, \qquad
+                  g = \frac1B \sum_{i=1}^B \delta_i s_i
+
+        is an unbiased estimate of the minibatch gradient (of the smoothed loss) built from B
+        directional derivatives: the per-example analogue of the Flipout estimator (Wen et al.,
+        ICLR 2018). Returns the B keys, deltas (the methods' gammas) and per-example values."""
+        from ..forward import RowKeys
+
+        rows = RowKeys(self.seed, self.steps)
+        plus = yield Query(rows, rho)
+        minus = yield Query(rows, -rho)
+        n = self.engine.rows
+        if len(plus) != len(minus) or (n is not None and len(plus) != n):
+            raise ValueError(
+                f"per_example=True: the closure returned {len(plus)} and {len(minus)} losses, but the batch the "
+                f"layers saw has {n} examples; return one loss per example (reduction='none')"
+            )
+        keys = [rows.key(i) for i in range(len(plus))]
+        gammas = [(p - m) / (2.0 * rho) for p, m in zip(plus, minus)]
+        return keys, gammas, list(plus), list(minus)
 
     def _gather_directions(self, keys: list[int], values: list[list[float]]):
         """All directions of this step: ``(keys, values)`` with every rank's, in rank order.
@@ -414,6 +470,7 @@ class ZerothOrderOptimizer(Optimizer):
             "nonfinite_run": self._nonfinite_run,
             "rank": self._rank,
             "forward": self._module is not None,
+            "per_example": self.per_example,
             **({"momentum": self.momentum.state()} if self.momentum is not None else {}),
             **({"guard": self.guard.state()} if self.guard is not None else {}),
         }
@@ -447,7 +504,8 @@ class ZerothOrderOptimizer(Optimizer):
                 f"state_dict was saved for {dim} trainable scalars; this optimizer has {self.dim} "
                 "(another model, or other parameters frozen)"
             )
-        for field, mine_value in (("forward", self._module is not None), ("rank", self._rank)):
+        for field, mine_value in (("forward", self._module is not None), ("rank", self._rank),
+                                  ("per_example", self.per_example)):
             saved_value = extra.get(field, None if field == "rank" else False)
             if saved_value != mine_value:
                 raise ValueError(
@@ -527,10 +585,11 @@ class StepRun:
         nothing; a NaN/inf one ends the step as skipped (update skipped, parameters restored)."""
         if self._gen is None:
             raise RuntimeError("this step is finished; start another with begin_step()")
-        value = loss_value(loss)
         opt = self.optimizer
+        value = loss_vector(loss) if opt.per_example else loss_value(loss)
         opt.num_queries += 1
-        if not math.isfinite(value):
+        if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+            value = next(v for v in (value if isinstance(value, list) else [value]) if not math.isfinite(v))
             self._finish()
             self.loss = value
             try:

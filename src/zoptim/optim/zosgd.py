@@ -36,7 +36,7 @@ class ZOSGD(ZerothOrderOptimizer):
             ``lr * scale``, and the scale halves when the smoothed step loss rises above its best
             by ``tol`` (relative) plus four times its noise. 0 (default) is off; 0.02 is the
             benchmark's ``ZOSGD-guard``. It costs no query.
-        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank: see
+        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
     Example:
@@ -66,6 +66,7 @@ class ZOSGD(ZerothOrderOptimizer):
         max_nonfinite: int = 10,
         module=None,
         rank: int | None = None,
+        per_example: bool = False,
     ):
         check_positive("lr", lr, allow_zero=True)
         self.eps = check_positive("eps", eps)
@@ -81,6 +82,7 @@ class ZOSGD(ZerothOrderOptimizer):
             max_nonfinite=max_nonfinite,
             module=module,
             rank=rank,
+            per_example=per_example,
         )
         self.queries_per_step = 2 * self.num_directions
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None

@@ -56,7 +56,7 @@ def _hyperbolic(kind: str) -> Callable[[], Problem]:
     return make
 
 
-def _lm(model: str, task: str = "rt-sentiment") -> Callable[[], Problem]:
+def _lm(model: str, task: str = "rt-sentiment", lora: bool = True) -> Callable[[], Problem]:
     def make() -> Problem:
         try:
             from .lm import make_lm_problem
@@ -65,7 +65,7 @@ def _lm(model: str, task: str = "rt-sentiment") -> Callable[[], Problem]:
                 f"the language-model problems need zoptim.problems.lm (the LM fine-tuning feature) and its assets "
                 f"(`make lm-assets`); importing it failed: {err}"
             ) from err
-        return make_lm_problem(model=model, task=task)
+        return make_lm_problem(model=model, task=task, lora=lora)
 
     return make
 
@@ -84,6 +84,7 @@ PROBLEMS: dict[str, Callable[[], Problem]] = {
     "lm-minilm-rt": _lm("minilm"),
     "lm-smollm2-trec": _lm("smollm2", "trec"),
     "lm-minilm-trec": _lm("minilm", "trec"),
+    "lm-minilm-trec-full": _lm("minilm", "trec", lora=False),
 }
 
 
