@@ -49,6 +49,18 @@ class Scaled(nn.Module):
         return self.inner(x) * self.gain.mean(0)
 
 
+class ScaleNorm(nn.Module):
+    """A normalisation layer of a type zoptim does not know: recomputed by its own forward."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+        self.shift = nn.Parameter(torch.zeros(width) + 0.1)
+
+    def forward(self, x):
+        return x / (x.norm(dim=-1, keepdim=True) + 1.0) * self.weight + torch.sin(self.shift)
+
+
 def conv_net(groups):
     return nn.Sequential(nn.Conv2d(4, 4, 3, padding=1, groups=groups), nn.GroupNorm(2, 4), nn.Tanh(),
                          nn.Conv2d(4, 3, 1), nn.Flatten(), nn.Linear(3 * 5 * 5, 2))
@@ -79,6 +91,9 @@ MODELS = {
     "transformers-conv1d": (conv1d_net, lambda: torch.randn(3, 2, 5)),
     "lora": (lora_net, lambda: torch.randn(4, 6)),
     "mixed-in-place": (lambda: nn.Sequential(Scaled(), nn.Tanh(), nn.Linear(4, 2)), lambda: torch.randn(3, 5)),
+    "unknown-norm": (lambda: nn.Sequential(nn.Linear(5, 6), ScaleNorm(6), nn.Linear(6, 2)), lambda: torch.randn(3, 2, 5)),
+    "conv2d-1-pixel": (lambda: nn.Sequential(nn.Conv2d(4, 6, 1), nn.Flatten(), nn.Linear(6, 2)),
+                       lambda: torch.randn(3, 4, 1, 1)),
 }
 
 

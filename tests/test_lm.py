@@ -157,7 +157,8 @@ def test_non_differentiable_objective_is_minus_accuracy_and_trains(tmp_path):
 
 @pytest.mark.parametrize("method,extra", [("as2p", {}), ("adamw", {}), ("hizoo", dict(hessian_smooth=0.1)),
                                           ("zosgd", dict(momentum=0.9, momentum_window=3, guard=0.02)),
-                                          ("zosgd", dict(rank=1)), ("as2p", dict(rank=2))])
+                                          ("zosgd", dict(rank=1)), ("as2p", dict(rank=2)),
+                                          ("zosgd", dict(rank=1, per_example=True))])
 def test_loop_resumed_from_checkpoint_matches_an_uninterrupted_run(tmp_path, method, extra):
     task = tiny_task()
 

@@ -175,6 +175,9 @@ class ForwardPerturbation:
         self._recomputing = False
         self._prep: dict[int, object] = {}
         self._cache: dict[int, dict[int, object]] = {}
+        # Directions kept: a step's own (its two queries and the update share it); an update of more
+        # terms (k directions, the seed momentum's window) grows it to hold them all.
+        self._cache_keys = 2
         self._norm_cache: tuple[int, float] | None = None
         self._handles: list = []
         index = {id(p): j for j, p in enumerate(self.params)}
@@ -307,7 +310,7 @@ class ForwardPerturbation:
                 else:
                     out[j] = z.view(self.params[j].shape)
         if cache:
-            if len(self._cache) >= 16:
+            if len(self._cache) >= self._cache_keys:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = out
         return out
@@ -782,6 +785,7 @@ class ForwardPerturbation:
         [B_1 .. B_k]^T / sqrt(r)``; small tensors one foreach pass per term; uncovered tensors
         their fused in-place move (which also undoes their query offset)."""
         self._key, self._scales = None, None
+        self._cache_keys = max(self._cache_keys, len(terms) + 1)
         terms = [(key, self._as_scales(scales)) for key, scales in terms]
         terms = [(key, [s * self._factor(key) for s in scales]) for key, scales in terms]
         n = len(self.params)

@@ -137,7 +137,7 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
         try:
             with warnings.catch_warnings():  # a skipped non-finite step is recorded, not printed per step
                 warnings.simplefilter("ignore", NonFiniteLossWarning)
-                opt.step(problem.closure(model, batch))
+                opt.step(problem.closure(model, batch, per_example=method.options.get("per_example", False)))
         except RuntimeError as err:  # too many consecutive non-finite losses: the run diverged
             if "non-finite" not in str(err).lower() and "nonfinite" not in str(err).lower():
                 raise

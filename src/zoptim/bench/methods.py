@@ -44,6 +44,8 @@ class Method:
             if module is None:
                 raise ValueError(f"{self.name} applies its directions in the model's forward: build it with module=model")
             forward = dict(module=module, rank=o["rank"])
+            if o.get("per_example"):
+                forward["per_example"] = True
         if self.kind == "zosgd":
             opt = zoptim.ZOSGD(params, lr=hparams["lr"], eps=hparams["eps"], num_directions=o.get("num_directions", 1),
                                distribution=o.get("distribution", "normal"), seed=seed,
@@ -112,6 +114,11 @@ def _table() -> dict[str, Method]:
         add(f"ZOSGD-lowrank{suffix}", "zosgd", 2, ("lr", "eps"),
             f"ZOSGD with rank-{rank} matrix directions applied in the forward (module=model, rank={rank})", rank=rank)
     add("AS2P-lowrank", "as2p", 2, ("eps", "eta_b"), "AS2P with rank-1 matrix directions applied in the forward", rank=1)
+    add("ZOSGD-perexample", "zosgd", 2, ("lr", "eps"),
+        "ZOSGD with one rank-1 direction per example of the minibatch (per_example=True): B deltas per step",
+        rank=1, per_example=True)
+    add("AS2P-perexample", "as2p", 2, ("eps", "eta_b"),
+        "AS2P with one rank-1 direction per example, each delta a gamma", rank=1, per_example=True)
     for eta_b in (1, 3, 5, 10, 50):
         add(f"AS2P-etab{eta_b}", "as2p", 2, ("eps",), f"AS2P with eta_b = {eta_b}", eta_b=float(eta_b))
     return m

@@ -28,6 +28,10 @@
   on the quick and paper suites' networks (searched as methods-quick / methods-paper: each low-rank
   row gets the search of the method it extends, with as many trials) and on MiniLM / TREC with LoRA
   and with all parameters (``lm-minilm-trec-full``), 3 seeds, GA's defaults, no search.
+* ``perexample-quick``, ``perexample-paper`` and ``perexample-lm``: one direction per example of the
+  minibatch (``per_example=True``, rank 1: ZOSGD-perexample, AS2P-perexample) beside GA, the shared
+  rank-1 direction and AS2P, at the same minibatch and query budget (a query is one forward pass
+  over the minibatch), searched as the lowrank suites; the LM one on SmolLM2 / TREC at lr 3e-4.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
@@ -65,6 +69,8 @@ NEW = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "HiZOO-facto
 #: Forward-applied low-rank directions against the in-place full-rank ones (issue 24's check).
 LOWRANK = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "AS2P", "AS2P-lowrank"]
 LOWRANK_LM = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4"]
+#: One direction per example (issue 23) beside GA, the shared low-rank direction and AS2P.
+PEREXAMPLE = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-perexample", "AS2P", "AS2P-perexample"]
 LM_METHODS = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "ZOSGD-guard"]
 #: methods-lm-search: every LM method but AS2P-momentum (which ties AS2P on the LM task), each searched.
 LM_SEARCHED = ["ZOSGD", "AS2P", "ZOSGD-momentum", "HiZOO", "ZOSGD-guard"]
@@ -122,6 +128,15 @@ SUITES = {
         Experiment("lowrank-lm", ["lm-minilm-trec"], LOWRANK_LM, seeds or 3, budget or 1000, num_evals=20),
         Experiment("lowrank-lm", ["lm-minilm-trec-full"], LOWRANK_LM, seeds or 3, budget or 1000,
                    hparams={"lr": 1e-5}, num_evals=20)],
+    "perexample-quick": lambda budget, seeds: [Experiment("perexample-quick", ["digits-efficientnet"], PEREXAMPLE,
+                                                          seeds or 3, budget or 1500, search=True, num_evals=30,
+                                                          search_fraction=1.0)],
+    "perexample-paper": lambda budget, seeds: [Experiment("perexample-paper", ["fashion-efficientnet"], PEREXAMPLE,
+                                                          seeds or 3, budget or 10000, search=True, num_evals=50)],
+    # SmolLM2 TREC (causal prompts; MiniLM's encoder formulation shares a forward pass between examples):
+    # GA's lr 3e-4 for every method, as methods-lm's SmolLM2 runs, no search.
+    "perexample-lm": lambda budget, seeds: [Experiment("perexample-lm", ["lm-smollm2-trec"], ["ZOSGD", "ZOSGD-perexample"],
+                                                       seeds or 3, budget or 500, hparams={"lr": 3e-4}, num_evals=20)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
 }

@@ -75,6 +75,9 @@ def register(sub) -> None:
     p.add_argument("--rank", type=int, default=None,
                    help="apply rank-R matrix directions inside the model's forward (module=model, rank=R): queries never "
                         "write the weights, a step costs about its two forwards (default: full-rank directions in place)")
+    p.add_argument("--per-example", action="store_true",
+                   help="zosgd / as2p with --rank, decoder models: each example of the minibatch gets its own "
+                        "direction (B directional derivatives per two forward passes)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
     p.add_argument("--no-progress", action="store_true")
@@ -131,6 +134,10 @@ def check_args(args) -> None:
         raise SystemExit(f"zoptim finetune: --momentum must be in [0, 1); got {args.momentum}")
     if args.rank is not None and args.rank < 1:
         raise SystemExit(f"zoptim finetune: --rank must be >= 1; got {args.rank}")
+    if args.per_example and (args.rank is None or args.method not in ("zosgd", "as2p")):
+        raise SystemExit("zoptim finetune: --per-example needs --rank R and --method zosgd or as2p")
+    if args.per_example and (args.nproc or 1) > 1:
+        raise SystemExit("zoptim finetune: --per-example runs in one process (no --nproc)")
     if args.rank is not None and args.method in ("hizoo", "adamw"):
         raise SystemExit(f"zoptim finetune: --rank (forward-applied directions) is an option of the zeroth-order methods "
                          f"but hizoo; got --method {args.method}")
@@ -307,7 +314,7 @@ def _run(args, device, rank: int, world: int) -> int:
         args.method, clf.parameters(), args.steps, lora=args.lora, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
         seed=args.seed, exact_restore=not args.no_exact_restore, momentum=args.momentum,
         momentum_window=args.momentum_window, hessian_smooth=args.hessian_smooth, guard=args.guard,
-        module=clf if args.rank is not None else None, rank=args.rank,
+        module=clf if args.rank is not None else None, rank=args.rank, per_example=args.per_example,
     )
     run_dir = out / (args.run_name or args.method)
     loop = Loop(clf, task, optimizer, config, run_dir, progress=not args.no_progress)
@@ -332,6 +339,7 @@ def _run(args, device, rank: int, world: int) -> int:
         "momentum": args.momentum,
         "guard": args.guard,
         "rank": args.rank,
+        "per_example": args.per_example,
         "hessian_smooth": args.hessian_smooth if args.method == "hizoo" else None,
         "steps": loop.step,
         "queries": loop.queries,

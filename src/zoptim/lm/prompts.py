@@ -237,6 +237,13 @@ class PromptClassifier(torch.nn.Module):
         """The prompt cross-entropy on ``examples`` (a 0-dim tensor)."""
         return self(**self.batch(examples))["loss"]
 
+    def losses(self, examples: list[Example]) -> torch.Tensor:
+        """The prompt cross-entropy of each example (a 1-D tensor; its mean is :meth:`loss`)."""
+        inputs = self.batch(examples)
+        labels = inputs.pop("labels")
+        logits = self(**inputs)["logits"]
+        return F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
+
     @torch.no_grad()
     def minus_accuracy(self, examples: list[Example]) -> float:
         """The non-differentiable objective: minus the argmax accuracy on ``examples``."""

@@ -60,7 +60,7 @@ DEFAULT_EPS = (1e-3, 1e-2)
 def make_optimizer(
     method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True,
     momentum: float = 0.0, momentum_window: int = 8, hessian_smooth: float = 1e-6, guard: float = 0.0,
-    module=None, rank=None,
+    module=None, rank=None, per_example: bool = False,
 ):
     """The optimizer for ``method`` with the defaults above (see the table's sources).
 
@@ -88,6 +88,10 @@ def make_optimizer(
         if method in ("hizoo", "adamw"):
             raise ValueError(f"rank (forward-applied directions) is not an option of {method}")
         zo.update(module=module, rank=rank)
+    if per_example:
+        if method not in ("zosgd", "as2p"):
+            raise ValueError(f"per_example is an option of zosgd and as2p; got method {method!r}")
+        zo["per_example"] = True
     if method == "zosgd":
         return ZOSGD(params, lr=lr, eps=eps, momentum=momentum, momentum_window=momentum_window, guard=guard, **zo)
     if method == "as2p":
@@ -223,9 +227,17 @@ class Loop:
         if is_zeroth_order(self.optimizer):
             if self.world > 1:
                 batch = batch[self.rank :: self.world]  # this rank's share; the wrapper averages over ranks
-            closure = (lambda: clf.minus_accuracy(batch)) if self.config.objective == "accuracy" else (
-                lambda: clf.loss(batch)
-            )
+            if getattr(self.optimizer, "per_example", False):
+                if self.config.objective == "accuracy":
+                    raise ValueError("per-example directions need a per-example loss; objective='accuracy' is one number")
+                if self.world > 1:
+                    raise ValueError("per-example directions run in one process (mode='batch' would average the "
+                                     "examples' losses across ranks)")
+                closure = lambda: clf.losses(batch)  # noqa: E731 - one loss per example
+            else:
+                closure = (lambda: clf.minus_accuracy(batch)) if self.config.objective == "accuracy" else (
+                    lambda: clf.loss(batch)
+                )
             return float(self.optimizer.step(closure))
         self.optimizer.zero_grad(set_to_none=True)
         loss = clf.loss(batch)

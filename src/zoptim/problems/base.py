@@ -47,8 +47,16 @@ class Problem:
         """The training loss on all the data (what curves and cost ratios are computed from)."""
         return float(self.loss(model, None))
 
-    def closure(self, model: torch.nn.Module, batch: Any):
-        """The zoptim closure for one step: the loss of ``model`` on the fixed ``batch``."""
+    def losses(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
+        """One loss per example of ``batch`` (a 1-D tensor whose mean is :meth:`loss`), for
+        per-example directions; problems whose loss is not a mean over examples do not have it."""
+        raise NotImplementedError(f"problem {self.name} has no per-example losses")
+
+    def closure(self, model: torch.nn.Module, batch: Any, per_example: bool = False):
+        """The zoptim closure for one step: the loss of ``model`` on the fixed ``batch`` (the vector of
+        per-example losses with ``per_example``)."""
+        if per_example:
+            return lambda: self.losses(model, batch)
         return lambda: self.loss(model, batch)
 
 

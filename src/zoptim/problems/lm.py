@@ -56,6 +56,14 @@ class LMProblem(Problem):
     def loss(self, model: PromptClassifier, batch) -> torch.Tensor:
         return model.loss(self.full_examples if batch is None else batch)
 
+    def losses(self, model: PromptClassifier, batch) -> torch.Tensor:
+        if model.kind != "causal":
+            raise NotImplementedError(
+                f"problem {self.name}: the encoder formulation scores every example against label sentences "
+                "embedded in a shared forward pass, so its examples cannot take separate directions"
+            )
+        return model.losses(self.full_examples if batch is None else batch)
+
 
 def make_lm_problem(model: str = "smollm2", task: str = "rt-sentiment", **kwargs) -> LMProblem:
     """The benchmark's LM problem: ``model`` in {"smollm2", "minilm", PATH}, ``task`` in

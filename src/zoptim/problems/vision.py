@@ -149,8 +149,11 @@ class EfficientNetFineTune(Problem):
         return torch.randperm(len(self.y), generator=generator)[: self.batch_size]
 
     def loss(self, model, batch=None) -> torch.Tensor:
+        return self.losses(model, batch).mean()
+
+    def losses(self, model, batch=None) -> torch.Tensor:
         h, y = (self.features, self.y) if batch is None else (self.features[batch], self.y[batch])
-        return torch.nn.functional.cross_entropy(model(h), y)
+        return torch.nn.functional.cross_entropy(model(h), y, reduction="none")
 
 
 class FashionEfficientNet(EfficientNetFineTune):
