@@ -38,6 +38,24 @@ def same(a, b):
     return torch.equal(a.view(bits), b.view(bits))
 
 
+def step_against_two_forwards(opt, loss, reps: int = 5):
+    """Median of (step / two forwards, two forwards s, step s) over ``reps`` interleaved repetitions."""
+    r = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        a0 = time.perf_counter()
+        with torch.no_grad():
+            loss()
+            loss()
+        torch.cuda.synchronize()
+        b0 = time.perf_counter()
+        opt.step(loss)
+        torch.cuda.synchronize()
+        c0 = time.perf_counter()
+        r.append(((c0 - b0) / (b0 - a0), b0 - a0, c0 - b0))
+    return sorted(r)[len(r) // 2]
+
+
 def main():
     dev = torch.device("cuda")
     print(torch.__version__, torch.cuda.get_device_name())
@@ -79,21 +97,7 @@ def main():
             opt.step(loss)
             torch.cuda.synchronize()
             first = time.perf_counter() - t0
-            r = []
-            for _ in range(5):
-                torch.cuda.synchronize()
-                a0 = time.perf_counter()
-                with torch.no_grad():
-                    loss()
-                    loss()
-                torch.cuda.synchronize()
-                b0 = time.perf_counter()
-                opt.step(loss)
-                torch.cuda.synchronize()
-                c0 = time.perf_counter()
-                r.append(((c0 - b0) / (b0 - a0), b0 - a0, c0 - b0))
-            r.sort()
-            med = r[len(r) // 2]
+            med = step_against_two_forwards(opt, loss)
             print(f"compiled={route} {dist:10s} step/2fwd {med[0]:.2f} (2 fwd {med[1]*1e3:.1f} ms, step "
                   f"{med[2]*1e3:.1f} ms, first step {first:.1f} s)")
     ok &= forward_check(dev, model, x)
@@ -130,20 +134,9 @@ def forward_check(dev, model, x) -> bool:
         opt = zoptim.ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, distribution=dist, module=model, rank=1)
         loss = lambda: model(x).square().mean()  # noqa: E731
         opt.step(loss)
-        r = []
-        for _ in range(5):
-            torch.cuda.synchronize()
-            a0 = time.perf_counter()
-            with torch.no_grad():
-                loss()
-                loss()
-            torch.cuda.synchronize()
-            b0 = time.perf_counter()
-            opt.step(loss)
-            torch.cuda.synchronize()
-            r.append((time.perf_counter() - b0) / (b0 - a0))
+        ratio = step_against_two_forwards(opt, loss)[0]
         opt.close()
-        print(f"forward rank-1 {dist:10s} step/2fwd {sorted(r)[2]:.2f}")
+        print(f"forward rank-1 {dist:10s} step/2fwd {ratio:.2f}")
     return close and untouched
 
 

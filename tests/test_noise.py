@@ -8,7 +8,6 @@ keys are fixed) when it holds.
 import math
 
 import numpy as np
-
 import pytest
 import torch
 

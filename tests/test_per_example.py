@@ -72,7 +72,7 @@ def test_one_example_equals_the_plain_method_bit_for_bit(cls, kw):
         model, x = build("linear+norms+tied-embedding")
         x = x[:1]
         opt = cls(model.parameters(), seed=SEED, module=model, rank=1, per_example=per_example, **kw)
-        loss = _per_example_loss(model, x) if per_example else (lambda m=model: m(x).square().mean())
+        loss = _per_example_loss(model, x) if per_example else (lambda m=model, x=x: m(x).square().mean())
         for _ in range(20):
             opt.step(loss)
         runs.append([p.detach().clone() for p in model.parameters()])

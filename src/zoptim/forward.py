@@ -69,7 +69,7 @@ from .noise import (
     values_from_bits,
     values_from_bits_numpy,
 )
-from .perturbation import SeededPerturbation
+from .perturbation import SeededPerturbation, normalization_factor, spread_scales
 
 #: Leaf modules whose trainable parameters total at most this many elements are recomputed in
 #: their hook with perturbed parameters (normalisation layers); larger unknown ones move in place.
@@ -358,10 +358,7 @@ class ForwardPerturbation:
         return norm
 
     def _factor(self, key: int) -> float:
-        if not self.normalize:
-            return 1.0
-        norm = self.direction_norm(key)
-        return math.sqrt(self.dim) / norm if norm > 0 else 0.0
+        return normalization_factor(self, key)
 
     # -- per-example queries -----------------------------------------------------------------------------------
     def _check_per_example(self) -> None:
@@ -740,12 +737,7 @@ class ForwardPerturbation:
         return 0 if self.in_place is None else self.in_place.journal_bytes()
 
     def _as_scales(self, scales) -> list[float]:
-        if isinstance(scales, (int, float)):
-            return [float(scales)] * len(self.params)
-        scales = [float(s) for s in scales]
-        if len(scales) != len(self.params):
-            raise ValueError(f"scales must have one value per tensor ({len(self.params)}); got {len(scales)}")
-        return scales
+        return spread_scales(scales, len(self.params))
 
     def _sub(self, values: list[float], js: list[int]) -> list[float]:
         return [values[j] for j in js]

@@ -64,6 +64,24 @@ Scales = Sequence[float]
 Weights = Callable[[int, int, int], torch.Tensor]
 
 
+def spread_scales(scales: float | Scales, n: int) -> list[float]:
+    """One scale per tensor: a number for all n tensors, or a sequence of n."""
+    if isinstance(scales, (int, float)):
+        return [float(scales)] * n
+    scales = [float(s) for s in scales]
+    if len(scales) != n:
+        raise ValueError(f"scales must have one value per tensor ({n}); got {len(scales)}")
+    return scales
+
+
+def normalization_factor(engine, key: int) -> float:
+    """sqrt(d) / ||s(key)|| when the engine normalises its directions (S2P paper, Sec. 3.2), else 1."""
+    if not engine.normalize:
+        return 1.0
+    norm = engine.direction_norm(key)
+    return math.sqrt(engine.dim) / norm if norm > 0 else 0.0
+
+
 class SeededPerturbation:
     """Moves a list of tensors along seeded random directions, in place.
 
@@ -193,19 +211,11 @@ class SeededPerturbation:
         return norm
 
     def _factor(self, key: int) -> float:
-        if not self.normalize:
-            return 1.0
-        norm = self.direction_norm(key)
-        return math.sqrt(self.dim) / norm if norm > 0 else 0.0
+        return normalization_factor(self, key)
 
     # -- moves --------------------------------------------------------------------------------
     def _as_scales(self, scales: float | Scales) -> list[float]:
-        if isinstance(scales, (int, float)):
-            return [float(scales)] * len(self.params)
-        scales = [float(s) for s in scales]
-        if len(scales) != len(self.params):
-            raise ValueError(f"scales must have one value per tensor ({len(self.params)}); got {len(scales)}")
-        return scales
+        return spread_scales(scales, len(self.params))
 
     def _words(self, key: int | None, j: int) -> tuple[int, int]:
         if key is None:
