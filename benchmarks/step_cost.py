@@ -213,7 +213,7 @@ def _available(config: str) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["minilm", "smollm2"])
+    ap.add_argument("--models", nargs="+", default=["minilm", "smollm2", "efficientnet"])
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
     ap.add_argument("--reps", type=int, default=0, help="repetitions (default 9 MiniLM, 4 SmolLM2)")
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1],

@@ -70,7 +70,9 @@ def test_k_spsa_second_moment_matches_lemma_2_24(distribution, normalize, extra,
     for directions of norm exactly sqrt(d). For i.i.d. Gaussian directions the exact constant is
     (d + k + 1) / k. The estimate is read off the optimizer's own update (lr = 1) on a linear f.
     """
-    d, trials = 8, 6000
+    # 3,000 trials at k = 4: 4 standard errors are then 6-9 % of the mean, against the 15-18 %
+    # between the two constants, and the other constant fails (checked for all three cases)
+    d, trials = 8, 6000 if k == 1 else 3000
     gen = torch.Generator().manual_seed(4)
     a = torch.randn(d, generator=gen, dtype=torch.float64)
     p = torch.nn.Parameter(torch.zeros(d, dtype=torch.float64))
