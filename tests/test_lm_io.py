@@ -342,3 +342,26 @@ def test_zo_trainer_gradient_accumulation_is_one_step_over_all_micro_batches(tmp
                                n for n, p in whole.named_parameters() if p.requires_grad)])
     for (n, p), (_, q) in zip(whole.named_parameters(), micro.named_parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("extra", [("--rank", "1"), ("--rank", "1", "--per-example")], ids=["rank1", "per-example"])
+def test_finetune_with_forward_directions_trains_records_them_and_exports(tmp_path, data_files, extra):
+    """`zoptim finetune --rank 1 [--per-example]`: directions in the forward, recorded in result.json,
+    the exported model carries the trained weights and no hook."""
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", *extra, run="fwd")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["rank"] == 1 and result["per_example"] == ("--per-example" in extra)
+    assert result["queries"] == 8 and result["weights_changed"]["fraction"] > 0
+    reference, _ = tuned_reference(model_dir, run_dir)
+    torch.testing.assert_close(logits(load_classifier(run_dir / "model")), logits(reference), rtol=0, atol=0)
+
+
+def test_finetune_refuses_forward_options_that_cannot_hold(tmp_path, data_files):
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    with pytest.raises(SystemExit, match="--per-example needs --rank"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--per-example")
+    with pytest.raises(SystemExit, match="--rank must be >= 1"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--rank", "0")
+    with pytest.raises(SystemExit, match="but hizoo"):
+        finetune(tmp_path, model_dir, data_files, "--method", "hizoo", "--rank", "1")

@@ -420,7 +420,7 @@ class ForwardPerturbation:
 
     # -- hooks: the query point inside the forward -------------------------------------------------------------
     def _active(self, j: int | None):
-        """(values, scale) of tensor j at the current query, or None where nothing is applied."""
+        """The scale of tensor j at the current query, or None where nothing is applied."""
         if j is None or self._key is None or self._recomputing:
             return None
         scale = self._scales[j]
