@@ -57,9 +57,14 @@ import numpy as np
 import torch
 
 from . import kernels
+from .atomic import recover
 from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, mix, normal_table
 
 Scales = Sequence[float]
+#: A chunk's state before any move: the unperturbed point of epoch 0, no offset, no journal entry.
+_BASE = (0, None, 0.0, None)
+#: The engine's key while a failed move has left chunks at different states (restore() finishes it).
+_MIXED = object()
 #: ``weights(j, a, b)``: float32 multipliers of elements a:b of tensor j (see SeededPerturbation.weights).
 Weights = Callable[[int, int, int], torch.Tensor]
 
@@ -138,7 +143,11 @@ class SeededPerturbation:
         self.dim = sum(p.numel() for p in self.params)
         self._key: int | None = None
         self._scales: list[float] | None = None
-        self._journal: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Each chunk's committed state: (epoch of its unperturbed point, key, scale, journal entry),
+        # the entry a chunk-local (int32 index, value) pair or None; absent means _BASE.
+        self._state: dict[tuple[int, int], tuple] = {}
+        self._epoch = 0
+        self._inflight: tuple | None = None
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._norm_cache: tuple[int, float] | None = None
         self._weights: Weights | None = None
@@ -169,12 +178,15 @@ class SeededPerturbation:
     def is_perturbed(self) -> bool:
         return self._key is not None
 
+    def _journal(self):
+        return [st[3] for st in self._state.values() if st[3] is not None]
+
     def journal_elements(self) -> int:
         """Number of elements currently held in the exact-restore journal."""
-        return sum(int(i.numel()) for i, _ in self._journal.values())
+        return sum(int(i.numel()) for i, _ in self._journal())
 
     def journal_bytes(self) -> int:
-        return sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v in self._journal.values())
+        return sum(i.numel() * i.element_size() + v.numel() * v.element_size() for i, v in self._journal())
 
     # -- noise --------------------------------------------------------------------------------
     def _buffer(self, device: torch.device, name: str, n: int, dtype=torch.float32) -> torch.Tensor:
@@ -237,70 +249,133 @@ class SeededPerturbation:
         the next move. A final move (``temporary=False``) is an optimizer update: its result is
         the new unperturbed point. A zero scale (or ``key=None``) applies nothing, so a zero
         update is a pure restore.
-        """
-        new_scales = self._as_scales(scales) if key is not None else [0.0] * len(self.params)
-        if key is not None:
-            f = self._factor(key)
-            new_scales = [s * f for s in new_scales]
-        old_key, old_scales = self._key, self._scales
-        old_journal, self._journal = self._journal, {}
-        record = temporary and self.exact
-        for j, p in enumerate(self.params):
-            s_old = old_scales[j] if old_key is not None else 0.0
-            s_new = new_scales[j]
-            d_j = 0.0 if decay is None else float(decay[j])
-            if s_old == 0.0 and s_new == 0.0 and d_j == 0.0:
-                continue
-            self._move_tensor(j, p, old_key, s_old, key, s_new, d_j, record, old_journal)
-        if temporary and key is not None and any(s != 0.0 for s in new_scales):
-            self._key, self._scales = key, new_scales
-        else:
-            self._key, self._scales = None, None
 
-    def _move_tensor(self, j, p, old_key, s_old, key, s_new, d_j, record, old_journal) -> None:
-        device, dtype = p.device, p.dtype
-        flat = p.detach().view(-1)
-        has_old, has_new = s_old != 0.0, s_new != 0.0
-        record = record and has_new
-        ok0, ok1 = self._words(old_key if has_old else None, j)
-        nk0, nk1 = self._words(key if has_new else None, j)
-        # float32 scalars: the kernels multiply float32 noise by them, as the journal check assumes
-        s_o, s_n, keep = (float(np.float32(v)) for v in (s_old, s_new, 1.0 - d_j))
-        table = normal_table(device)
-        flags = dict(distribution=self.distribution, has_old=has_old, has_new=has_new, record=record)
-        if has_old and has_new and key == old_key:
-            flags["same_key"] = True  # one noise evaluation serves the undo and the new offset
-        offset = self.offsets[j]
-        weights = self._weights
-        if weights is not None:
-            flags["weighted"] = True
-        for c, a, b in self._chunks(p):
-            n = b - a
-            sl = flat[a:b]
-            P = self._buffer(device, "P", n, dtype) if record else None
-            M = self._buffer(device, "M", n, torch.int32) if record else None
-            W = None if weights is None else weights(j, a, b)
-            count = kernels.run(
-                kernels.fused_move, (sl, offset + a, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M, W), device, **flags
-            )
-            fix = old_journal.get((j, c)) if has_old else None
-            if fix is not None:
-                # Journaled elements: their arithmetic undo was wrong; redo the move from their saved values.
-                delta = kernels.run(
-                    kernels.gathered_move,
-                    (sl, P, M, fix[0], fix[1], offset + a, nk0, nk1, s_n, keep, table, W),
-                    device,
-                    size=fix[0].numel(),
-                    distribution=self.distribution,
-                    has_new=has_new,
-                    record=record,
-                    weighted=W is not None,
+        Atomic: if anything raises inside the move (``KeyboardInterrupt`` included), a temporary
+        move goes back to the unperturbed point, bit for bit, and an update is completed, before
+        the exception propagates (see :mod:`zoptim.atomic`).
+        """
+        if not temporary:
+            self.update([] if key is None else [(key, scales)], decay=decay)
+            return
+        if decay is not None and any(float(d) != 0.0 for d in decay):
+            raise ValueError("weight decay belongs to an update (temporary=False), not to a query's move")
+        target, new_scales = self._target(key, scales)
+        try:
+            self._transition(target, new_scales, None, None)
+        except BaseException as err:
+            self._key, self._scales = _MIXED, None  # until the recovery succeeds: restore() still has work
+            recover(lambda: self._transition(None, None, None, None), err, "going back to the unperturbed point")
+            self._key = None
+            raise
+        self._key, self._scales = (target, new_scales) if target is not None else (None, None)
+
+    def _target(self, key, scales) -> tuple[int | None, list[float] | None]:
+        if key is None:
+            return None, None
+        new_scales = self._as_scales(scales)
+        f = self._factor(key)
+        new_scales = [s * f for s in new_scales]
+        if all(s == 0.0 for s in new_scales):
+            return None, None
+        return key, new_scales
+
+    def _transition(self, key: int | None, scales: list[float] | None, decay: Scales | None, epoch: int | None) -> None:
+        """Move every chunk from its own committed state to ``key, scales`` (a query point) or, with
+        ``epoch``, to the update ``x * (1 - decay) + scales * s(key)`` numbered ``epoch``.
+
+        Chunks already there are skipped, so a transition interrupted part way is finished by
+        calling it again. Each chunk is a transaction: backed up, moved, then committed with one
+        assignment to ``self._state``; an exception before the commit leaves the backup to
+        :meth:`_undo_inflight`.
+        """
+        self._undo_inflight()
+        record_all = epoch is None and self.exact
+        words: dict[tuple[int, int], tuple[int, int]] = {}
+
+        def words_of(k, j):
+            w = words.get((k, j))
+            if w is None:
+                w = words[(k, j)] = self._words(k, j)
+            return w
+
+        table = None
+        for j, p in enumerate(self.params):
+            s_new = 0.0 if key is None else scales[j]
+            t_key = key if s_new != 0.0 else None
+            d_j = 0.0 if decay is None else float(decay[j])
+            s_n, keep = float(np.float32(s_new)), float(np.float32(1.0 - d_j))
+            flat = p.detach().view(-1)
+            device, dtype = p.device, p.dtype
+            weights = self._weights
+            for c, a, b in self._chunks(p):
+                st = self._state.get((j, c), _BASE)
+                base_epoch, o_key, s_old, fix = st
+                if epoch is None:
+                    if o_key == t_key and s_old == s_new:
+                        continue
+                elif base_epoch >= epoch:
+                    continue
+                # a query's point is an offset from its chunk's base; an update's result is a new base
+                done = (base_epoch, t_key, s_new, None) if epoch is None else (epoch, None, 0.0, None)
+                has_old, has_new = o_key is not None, t_key is not None
+                if not has_old and not has_new and d_j == 0.0:
+                    self._state[(j, c)] = done
+                    continue
+                if table is None:
+                    table = normal_table(device)
+                record = record_all and has_new
+                n = b - a
+                sl = flat[a:b]
+                backup = self._buffer(device, "B", n, dtype)
+                backup.copy_(sl)
+                self._inflight = (j, c, a, b, done)
+                ok0, ok1 = words_of(o_key, j) if has_old else (0, 0)
+                nk0, nk1 = words_of(t_key, j) if has_new else (0, 0)
+                # float32 scalars: the kernels multiply float32 noise by them, as the journal check assumes
+                s_o = float(np.float32(s_old))
+                flags = dict(distribution=self.distribution, has_old=has_old, has_new=has_new, record=record)
+                if has_old and has_new and o_key == t_key:
+                    flags["same_key"] = True  # one noise evaluation serves the undo and the new offset
+                W = None
+                if weights is not None:
+                    flags["weighted"] = True
+                    W = weights(j, a, b)
+                P = self._buffer(device, "P", n, dtype) if record else None
+                M = self._buffer(device, "M", n, torch.int32) if record else None
+                offset = self.offsets[j] + a
+                count = kernels.run(
+                    kernels.fused_move, (sl, offset, ok0, ok1, s_o, nk0, nk1, s_n, keep, table, P, M, W), device, **flags
                 )
-                if record:
-                    count = count + delta
-            if record and int(count) > 0:
-                idx = M.nonzero().view(-1)
-                self._journal[(j, c)] = (idx.to(torch.int32), P[idx])
+                if has_old and fix is not None:
+                    # Journaled elements: their arithmetic undo was wrong; redo the move from their saved values.
+                    delta = kernels.run(
+                        kernels.gathered_move,
+                        (sl, P, M, fix[0], fix[1], offset, nk0, nk1, s_n, keep, table, W),
+                        device,
+                        size=fix[0].numel(),
+                        distribution=self.distribution,
+                        has_new=has_new,
+                        record=record,
+                        weighted=W is not None,
+                    )
+                    if record:
+                        count = count + delta
+                if record and int(count) > 0:
+                    idx = M.nonzero().view(-1)
+                    done = (base_epoch, t_key, s_new, (idx.to(torch.int32), P[idx]))
+                    self._inflight = (j, c, a, b, done)
+                self._state[(j, c)] = done  # the commit
+
+    def _undo_inflight(self) -> None:
+        """Put back the chunk whose move was interrupted before its commit (from its backup)."""
+        inflight = self._inflight
+        if inflight is None:
+            return
+        j, c, a, b, done = inflight
+        if self._state.get((j, c)) is not done:
+            p = self.params[j]
+            p.detach().view(-1)[a:b].copy_(self._buffer(p.device, "B", b - a, p.dtype))
+        self._inflight = None
 
     def restore(self) -> None:
         """Undo the current offset (bit for bit when ``exact``)."""
@@ -314,11 +389,25 @@ class SeededPerturbation:
         evaluation when its key is the current offset's, as in a one-direction step); each further
         term costs one more pass. Because the undo is exact, the result does not depend on which
         offset was applied before: every process of a direction-parallel run, each at its own
-        direction, lands on the same bits.
+        direction, lands on the same bits. An exception inside the update (``KeyboardInterrupt``
+        included) first lets it complete, then propagates.
         """
-        terms = list(terms)
-        if not terms:
-            self.move(None, decay=decay, temporary=False)
-            return
-        for i, (key, scales) in enumerate(terms):
-            self.move(key, scales, decay=decay if i == 0 else None, temporary=False)
+        moves = []
+        for key, scales in list(terms) or [(None, 0.0)]:
+            target, new_scales = self._target(key, scales)
+            moves.append((target, new_scales))
+        first = self._epoch + 1
+        self._epoch += len(moves)
+
+        def run():
+            for i, (target, new_scales) in enumerate(moves):
+                self._transition(target, new_scales, decay if i == 0 else None, first + i)
+
+        try:
+            run()
+        except BaseException as err:
+            self._key, self._scales = _MIXED, None  # until the recovery succeeds: restore() still has work
+            recover(run, err, "completing the update")
+            self._key = None
+            raise
+        self._key, self._scales = None, None
