@@ -52,7 +52,8 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -60,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .atomic import RecoveryError, deferred_signals, recover
 from .noise import (
     NoiseSource,
     check_distribution,
@@ -122,6 +124,35 @@ def _norm_forward(module: nn.Module, x: torch.Tensor, perturbed: dict):
     if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and not module.training and module.track_running_stats:
         return F.batch_norm(x, module.running_mean, module.running_var, w, b, False, 0.0, module.eps)
     return None
+
+
+def _write_all(ops: list[Callable[[], object]], completes_itself: int) -> None:
+    """Run the write operations ``ops`` in order, as one atomic update.
+
+    Signal handlers are deferred meanwhile, so a Ctrl-C lands after the last write. The first
+    ``completes_itself`` operations are engine updates that finish their own writes before an
+    exception leaves them; any other operation is one tensor write, which raises before writing.
+    After a failure the remaining operations are run (with retries, :func:`zoptim.atomic.recover`)
+    and the exception re-raised."""
+    done = 0
+    with deferred_signals():
+        try:
+            for op in ops:
+                op()
+                done += 1
+        except RecoveryError:
+            raise  # an engine could not complete its own update: nothing more can be done here
+        except BaseException as err:
+            # an engine completes its update before an exception leaves it; a tensor write raises before writing
+            state = {"next": done + 1 if done < completes_itself else done}
+
+            def rest():
+                while state["next"] < len(ops):
+                    ops[state["next"]]()
+                    state["next"] += 1
+
+            recover(rest, err, "completing the update")
+            raise
 
 
 class ForwardPerturbation:
@@ -775,26 +806,32 @@ class ForwardPerturbation:
 
         Low-rank matrices take one ``addmm_`` over all terms, ``W += [c_1 A_1 .. c_k A_k]
         [B_1 .. B_k]^T / sqrt(r)``; small tensors one foreach pass per term; uncovered tensors
-        their fused in-place move (which also undoes their query offset)."""
+        their fused in-place move (which also undoes their query offset).
+
+        Atomic: everything the update writes is prepared first, then written as a list of
+        operations with signal handlers deferred (:func:`zoptim.atomic.deferred_signals`); an
+        operation that raises is retried and the rest completed before the exception propagates,
+        so a failure never leaves some tensors updated and others not."""
         self._key, self._scales = None, None
         self._cache_keys = max(self._cache_keys, len(terms) + 1)
         terms = [(key, self._as_scales(scales)) for key, scales in terms]
         terms = [(key, [s * self._factor(key) for s in scales]) for key, scales in terms]
         n = len(self.params)
         decay = [0.0] * n if decay is None else [float(d) for d in decay]
+        ops: list[Callable[[], object]] = []  # each one write; the engines' updates complete themselves
         if self.in_place is not None:
             sub = self._in_place_index
-            self.in_place.update([(key, self._sub(s, sub)) for key, s in terms],
-                                 decay=self._sub(decay, sub) if any(decay) else None)
+            ops.append(partial(self.in_place.update, [(key, self._sub(s, sub)) for key, s in terms],
+                               decay=self._sub(decay, sub) if any(decay) else None))
         if self.writer is not None:
             sub = self._big_full
-            self.writer.update([(key, self._sub(s, sub)) for key, s in terms],
-                               decay=self._sub(decay, sub) if any(decay) else None)
+            ops.append(partial(self.writer.update, [(key, self._sub(s, sub)) for key, s in terms],
+                               decay=self._sub(decay, sub) if any(decay) else None))
         values = [self._values(key) for key, _ in terms]
         for j in self._lowrank:
             p = self.params[j]
             if decay[j]:
-                p.mul_(float(np.float32(1.0 - decay[j])))
+                ops.append(partial(p.mul_, float(np.float32(1.0 - decay[j]))))
             live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
             if not live:
                 continue
@@ -807,19 +844,20 @@ class ForwardPerturbation:
                 alpha = 1.0 / math.sqrt(self.rank)
             if left.dtype != p.dtype:
                 left, right = left.to(p.dtype), right.to(p.dtype)
-            p.view(p.shape[0], -1).addmm_(left, right.T, alpha=alpha)
+            ops.append(partial(p.view(p.shape[0], -1).addmm_, left, right.T, alpha=alpha))
         small = self._small
         if small:
             tensors = [self.params[j] for j in small]
             keep = [float(np.float32(1.0 - decay[j])) for j in small]
             if any(k != 1.0 for k in keep):
-                torch._foreach_mul_(tensors, keep)
+                ops.append(partial(torch._foreach_mul_, tensors, keep))
             for v, (_, s) in zip(values, terms):
                 live = [i for i, j in enumerate(small) if s[j] != 0.0]
                 if not live:
                     continue
                 deltas = torch._foreach_mul([v[small[i]] for i in live], [float(np.float32(s[small[i]])) for i in live])
-                torch._foreach_add_([tensors[i] for i in live], deltas)
+                ops.append(partial(torch._foreach_add_, [tensors[i] for i in live], deltas))
+        _write_all(ops, completes_itself=int(self.in_place is not None) + int(self.writer is not None))
 
     # -- life cycle -----------------------------------------------------------------------------------------
     def close(self) -> None:

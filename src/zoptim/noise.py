@@ -61,8 +61,8 @@ DISTRIBUTIONS = ("normal", "rademacher", "uniform")
 #: version raises, because its directions would differ (a resumed run would silently diverge).
 NOISE_VERSION = 2
 
-#: Elements per chunk of a move: bounds the engine's scratch memory (``CHUNK_SIZE * (itemsize + 4)``
-#: bytes, 8 MiB in float32) and sets the number of kernel calls. Not part of the stream.
+#: Elements per chunk of a move: bounds the engine's scratch memory (``CHUNK_SIZE * (2 * itemsize + 4)``
+#: bytes, 12 MiB in float32) and sets the number of kernel calls. Not part of the stream.
 CHUNK_SIZE = 1 << 20
 #: Chunk of the eager route, whose integer temporaries cost 8 bytes an element.
 EAGER_CHUNK_SIZE = 1 << 16

@@ -42,10 +42,21 @@ are then fixed up from their saved values (:func:`zoptim.kernels.gathered_move`,
 at their indices). A two-point step is three passes (``0 -> +rho``, ``+rho -> -rho``,
 ``-rho -> update``), against MeZO's four noise regenerations.
 
-Scratch memory: besides the journal, per device one chunk of the parameter dtype (the
-unperturbed values of the chunk under a recorded move) and one int32 chunk (the marks), that is
-``CHUNK_SIZE * (itemsize + 4)`` bytes (8 MiB in float32 at the default 2**20), never a copy of a
-whole tensor. Chunking does not change the values.
+Atomic moves. Each chunk's move is a small transaction: the chunk is copied to a scratch backup,
+moved, and its new state (the offset it holds, its journal entry, or the update it has received)
+committed with one assignment. Whatever raises in between (an error in a kernel, a
+``KeyboardInterrupt`` from Ctrl-C, an exception from code hooked into a kernel call) finds every
+chunk either committed or restorable from the backup, so the engine recovers before the exception
+propagates: an interrupted query move goes back to the unperturbed point bit for bit, an
+interrupted update is completed (an update cannot be undone exactly; see :mod:`zoptim.atomic`,
+which also keeps signal handlers from interrupting the recovery). ``is_perturbed`` is then False
+and the next step starts from a consistent point. ``tests/test_atomic.py`` injects a failure at
+every kernel call of a step.
+
+Scratch memory: besides the journal, per device two chunks of the parameter dtype (the backup,
+and the unperturbed values of the chunk under a recorded move) and one int32 chunk (the marks),
+that is ``CHUNK_SIZE * (2 * itemsize + 4)`` bytes (12 MiB in float32 at the default 2**20), never
+a copy of a whole tensor. Chunking does not change the values.
 """
 
 from __future__ import annotations
