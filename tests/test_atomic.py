@@ -101,7 +101,7 @@ def test_a_failure_at_any_kernel_call_leaves_the_start_point_or_the_completed_up
         ps, opt = build(name)
         count = [0]
 
-        def failing(*a, **kw):
+        def failing(*a, k=k, when=when, exc=exc, count=count, **kw):
             count[0] += 1
             if count[0] - 1 == k and when == "before":
                 raise exc(f"injected before call {k}")
