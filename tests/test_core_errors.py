@@ -132,3 +132,66 @@ def test_a_state_dict_with_other_momentum_or_hessian_settings_is_rejected():
     dense.step(lambda: float(w.detach().sum()))
     with pytest.raises(ValueError, match="saved with factored=False; this HiZOO has factored=True"):
         zoptim.HiZOO([torch.nn.Parameter(torch.ones(3, 4))], factored=True).load_state_dict(dense.state_dict())
+
+
+# -- hyper-parameters set after construction, and updates too large for the dtype (issue 20) ---------
+GUARDED = {
+    "ZOSGD": lambda ps: zoptim.ZOSGD(ps, lr=1e-2, eps=1e-2, weight_decay=0.1),
+    "AS2P": lambda ps: zoptim.AS2P(ps, lr=1e-2, auto_lr=False, total_steps=20, eps=1e-2),
+    "HiZOO": lambda ps: zoptim.HiZOO(ps, lr=1e-2, eps=1e-2, weight_decay=0.1),
+    "STP": lambda ps: zoptim.STP(ps, lr=1e-2),
+}
+
+
+def quadratic():
+    p = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 300))
+    return p, (lambda: float((p - 0.5).square().sum()))
+
+
+@pytest.mark.parametrize("name", list(GUARDED))
+@pytest.mark.parametrize("field,value", [("lr", float("nan")), ("lr", float("inf")), ("lr", -1.0),
+                                         ("weight_decay", float("nan")), ("weight_decay", -0.5)])
+def test_a_bad_lr_or_weight_decay_set_after_construction_raises_before_any_write(name, field, value):
+    p, closure = quadratic()
+    opt = GUARDED[name]([p])
+    opt.step(closure)
+    if field not in opt.param_groups[0]:
+        pytest.skip(f"{name} has no {field}")
+    before = p.detach().clone()
+    opt.param_groups[0][field] = value
+    with pytest.raises(ValueError, match=rf"param_groups\[0\]\['{field}'\] must be a finite number >= 0; got {value!r}"):
+        opt.step(closure)
+    assert torch.equal(p.detach(), before)
+
+
+def test_a_scheduler_that_produces_a_nan_lr_is_caught_at_the_next_step():
+    p, closure = quadratic()
+    opt = zoptim.ZOSGD([p], lr=1e-2, eps=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if step < 2 else float("nan"))
+    for _ in range(2):
+        opt.step(closure)
+        sched.step()
+    with pytest.raises(ValueError, match=r"\['lr'\] must be a finite number >= 0; got nan"):
+        opt.step(closure)
+    assert torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("name,magnitude", [("ZOSGD", 1e38), ("AS2P", 1e300), ("HiZOO", 1e300), ("ZOSGD", 1e300)])
+def test_huge_finite_losses_skip_the_update_instead_of_writing_inf(name, magnitude):
+    """Alternating losses of +-magnitude: the update would overflow the weights' dtype, so it is
+    skipped and counted like a non-finite loss, and the weights stay finite and where they were."""
+    p, _ = quadratic()
+    opt = GUARDED[name]([p])
+    calls = [0]
+
+    def closure():
+        calls[0] += 1
+        return magnitude if calls[0] % 2 else -magnitude
+
+    before = p.detach().clone()
+    with pytest.warns(zoptim.NonFiniteLossWarning, match="update skipped"):
+        for _ in range(3):
+            opt.step(closure)
+    assert torch.isfinite(p).all()
+    assert torch.equal(p.detach(), before)
+    assert opt.nonfinite_steps == 3 and not opt.engine.is_perturbed

@@ -66,6 +66,7 @@ from .noise import (
     NoiseSource,
     check_distribution,
     counter_bits,
+    max_abs_value,
     mix,
     normal_table,
     values_from_bits,
@@ -760,6 +761,12 @@ class ForwardPerturbation:
                 "element-wise direction weights (HiZOO's preconditioner) need every element of the direction "
                 "written into the weights; forward-applied directions (module=...) do not support them"
             )
+
+    def direction_bound(self) -> float:
+        """The largest |s_i| of a direction before its normalisation: an entry of ``A B^T / sqrt(r)``
+        is at most ``sqrt(r) * m^2`` for factors bounded by m."""
+        m = max_abs_value(self.distribution)
+        return m if self.rank is None else m * max(1.0, math.sqrt(self.rank) * m)
 
     def journal_elements(self) -> int:
         return 0 if self.in_place is None else self.in_place.journal_elements()

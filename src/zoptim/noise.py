@@ -114,6 +114,16 @@ def _normal_table() -> torch.Tensor:
     return q / q.square().mean().sqrt()
 
 
+def max_abs_value(distribution: str) -> float:
+    """The largest |s_i| a direction of ``distribution`` can hold (what bounds an update's write)."""
+    check_distribution(distribution)
+    if distribution == "rademacher":
+        return 1.0
+    if distribution == "uniform":
+        return math.sqrt(3.0)
+    return float(_normal_table().abs().max())
+
+
 _TABLES: dict[torch.device, torch.Tensor] = {}
 
 

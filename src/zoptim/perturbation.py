@@ -69,7 +69,7 @@ import torch
 
 from . import kernels
 from .atomic import recover
-from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, mix, normal_table
+from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, max_abs_value, mix, normal_table
 
 Scales = Sequence[float]
 #: A chunk's state before any move: the unperturbed point of epoch 0, no offset, no journal entry.
@@ -188,6 +188,10 @@ class SeededPerturbation:
     @property
     def is_perturbed(self) -> bool:
         return self._key is not None
+
+    def direction_bound(self) -> float:
+        """The largest |s_i| of a direction before its normalisation and element-wise weights."""
+        return max_abs_value(self.distribution)
 
     def _journal(self):
         return [st[3] for st in self._state.values() if st[3] is not None]

@@ -253,7 +253,7 @@ class AS2P(ZerothOrderOptimizer):
             steps.append((key, direction * ratio / len(keys)))
             ratios.append(ratio)
         steps = self._momentum_terms(steps)
-        self.engine.update([(key, [c * lr_of_group[gi] for gi in self._group_of]) for key, c in steps])
+        self._update([(key, [c * lr_of_group[gi] for gi in self._group_of]) for key, c in steps])
         loss = sum(0.5 * (fp + fm) for fp, fm in zip(plus, minus)) / len(keys)
         self.last_stats = {
             "loss": loss,

@@ -2,11 +2,11 @@
 
 Subclasses implement :meth:`ZerothOrderOptimizer._queries`, one step written as a generator: it
 yields :class:`Query` points (``x + scales * s(key)``), receives each point's loss by ``send``,
-and ends with one ``self.engine.update(...)``. That generator is the only implementation of a
+and ends with one ``self._update(...)`` (the engine's update, checked). That generator is the only implementation of a
 method's step, and it never calls the loss itself, so two drivers share it (:class:`StepRun`):
 ``step(closure)`` answers each query with the closure, :class:`zoptim.AskTell` with ``tell()``.
-Everything else, moving the parameters to each query point, the checks on the loss, the exact
-restore on a non-finite loss, an exception or an abandoned step, the query counter and the state
+Everything else, moving the parameters to each query point, the checks on the loss, the
+learning rates and the update, the exact restore on a non-finite loss or update, an exception or an abandoned step, the query counter and the state
 that makes a resumed run bit-identical, lives here.
 """
 
@@ -32,6 +32,15 @@ Closure = Callable[[], Any]
 
 class NonFiniteLossWarning(RuntimeWarning):
     """A step saw a NaN or infinite loss; its update was skipped and the parameters restored."""
+
+
+class SkippedUpdate(Exception):
+    """Raised inside a step whose update would write a non-finite value: the driver skips the
+    update and restores the parameters, as for a non-finite loss (internal; never reaches users)."""
+
+    def __init__(self, value: float, what: str):
+        super().__init__(what)
+        self.value, self.what = value, what
 
 
 class Query(NamedTuple):
@@ -395,13 +404,68 @@ class ZerothOrderOptimizer(Optimizer):
             self.guard.observe(loss)
             self.last_stats["lr_scale"] = self.guard.scale
 
+    #: Group hyper-parameters checked at the start of every step (wherever they were set).
+    _checked_group_keys = ("lr", "weight_decay")
+
+    def _check_groups(self) -> None:
+        """Refuse a non-finite or negative lr or weight decay before any weight is written.
+
+        The constructor checks its arguments, but ``param_groups`` can be edited and schedulers
+        write into them, so every step checks again."""
+        for gi, group in enumerate(self.param_groups):
+            for name in self._checked_group_keys:
+                if group.get(name) is None:  # absent, or chosen by the method's rule (AS2P's automatic lr)
+                    continue
+                value = group[name]
+                if isinstance(value, torch.Tensor) and value.numel() == 1:
+                    value = float(value)
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+                if not ok:
+                    raise ValueError(
+                        f"param_groups[{gi}]['{name}'] must be a finite number >= 0; got {group[name]!r} (checked at "
+                        "every step, wherever it was set: the constructor, param_groups or a scheduler)"
+                    )
+
+    def _multiplier_bound(self) -> float:
+        """The largest element-wise multiplier of a direction (HiZOO's preconditioner; 1 otherwise)."""
+        return 1.0
+
+    def _update(self, terms: list[tuple[int, float | list[float]]], decay: list[float] | None = None) -> None:
+        """Write the step's update ``x <- x (1 - decay) + sum_i c_i s(key_i)`` (``engine.update``),
+        unless it could write a non-finite value.
+
+        A coefficient that is not finite, or whose sum over the terms times the largest entry a
+        direction can hold reaches half the largest value of the parameters' dtype, skips the
+        update: the driver restores the parameters, counts the step as non-finite and warns, as for
+        a non-finite loss (:class:`SkippedUpdate`). The check is on the coefficients, before
+        anything is written."""
+        bound = self.engine.direction_bound() * self._multiplier_bound()
+        limit = getattr(self, "_dtype_limit", None)
+        if limit is None:
+            limit = self._dtype_limit = min(torch.finfo(p.dtype).max for p in self.engine.params) / 2
+        total = 0.0
+        for key, scales in terms:
+            m = max(abs(c) for c in (scales if isinstance(scales, (list, tuple)) else [scales]))
+            if not math.isfinite(m):
+                raise SkippedUpdate(m, f"non-finite update coefficient ({m})")
+            if m and self._normalize:
+                m *= self.engine._factor(key)
+            total += m
+        if decay is not None and not all(math.isfinite(d) for d in decay):
+            raise SkippedUpdate(math.inf, "non-finite weight decay factor")
+        if not total * bound < limit:
+            raise SkippedUpdate(
+                total, f"update of magnitude up to {total * bound:.3g}, beyond what the parameters' dtype holds"
+            )
+        self.engine.update(terms, decay=decay)
+
     # -- the step -----------------------------------------------------------------------------------
     def _queries(self) -> StepGenerator:
         """One step as a generator (subclasses implement it; it is the method's only step).
 
         Yield a :class:`Query` for each function evaluation, e.g. ``f_plus = yield Query(key, eps)``;
         the driver moves the parameters there, evaluates the loss and sends it back (a finite
-        float). After the last query, call ``self.engine.update(...)``, set ``last_stats`` and
+        float). After the last query, call ``self._update(...)``, set ``last_stats`` and
         return the step's loss. Do not change optimizer state before the last value is received:
         a step can be abandoned at any yield (non-finite loss, exception, closed AskTell).
         """
@@ -414,6 +478,7 @@ class ZerothOrderOptimizer(Optimizer):
         """
         if getattr(self, "_closed", False):
             raise RuntimeError("this optimizer was closed (close()); build a new one to continue")
+        self._check_groups()
         if self._run is not None:
             self._run.abandon()
         self._run = StepRun(self)
@@ -441,18 +506,19 @@ class ZerothOrderOptimizer(Optimizer):
             raise
         return run.loss
 
-    def _on_nonfinite(self, value: float, stacklevel: int = 4) -> None:
+    def _on_nonfinite(self, value: float, stacklevel: int = 4, what: str | None = None) -> None:
+        what = what or f"non-finite loss ({value})"
         self.nonfinite_steps += 1
         self._nonfinite_run += 1
         self.last_stats = {"loss": value, "skipped": 1.0}
         if self._nonfinite_run >= self.max_nonfinite:
             raise RuntimeError(
-                f"the loss was non-finite ({value}) in {self._nonfinite_run} consecutive steps "
+                f"{what}: the step was skipped in {self._nonfinite_run} consecutive steps "
                 f"(max_nonfinite={self.max_nonfinite}); parameters were restored to their last finite "
                 "point each time. Lower the learning rate or eps, or check the data and the closure."
             )
         warnings.warn(
-            f"non-finite loss ({value}) at step {self.steps}: update skipped, parameters restored exactly",
+            f"{what} at step {self.steps}: update skipped, parameters restored exactly",
             NonFiniteLossWarning,
             stacklevel=stacklevel,
         )
@@ -607,6 +673,14 @@ class StepRun:
             opt.steps += 1
             if opt._run is self:
                 opt._run = None
+        except SkippedUpdate as skipped:
+            self._finish()
+            means = [sum(v) / len(v) if isinstance(v, list) else v for v in self.values]
+            self.loss = sum(means) / len(means)  # the mean loss of the step's queries, all finite
+            try:
+                opt._on_nonfinite(skipped.value, what=skipped.what)
+            finally:
+                opt.steps += 1
         except BaseException:
             self.abandon()
             raise

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from .base import Query, StepGenerator, ZerothOrderOptimizer, check_positive
+from .base import Query, SkippedUpdate, StepGenerator, ZerothOrderOptimizer, check_positive
 
 
 class HiZOO(ZerothOrderOptimizer):
@@ -224,6 +226,24 @@ class HiZOO(ZerothOrderOptimizer):
             self.hessian[j][0].mul_(1.0 - alpha).add_(row_sum, alpha=alpha)
             self.hessian[j][1].mul_(1.0 - alpha).add_(col_sum, alpha=alpha)
 
+    def _hessian_range(self) -> tuple[float, float]:
+        """The smallest and largest entries of the estimate H (of its outer product, if factored)."""
+        lows, highs = [], []
+        for h in self.hessian:
+            if isinstance(h, torch.Tensor):
+                lows.append(float(h.min()))
+                highs.append(float(h.max()))
+            else:
+                total = float(h[0].sum())
+                lows.append(float(h[0].min()) * float(h[1].min()) / total)
+                highs.append(float(h[0].max()) * float(h[1].max()) / total)
+        return min(lows), max(highs)
+
+    def _multiplier_bound(self) -> float:
+        """The largest multiplier H^(-1/2) of the direction: one over the root of H's smallest entry."""
+        low = self._hessian_range()[0]
+        return 1.0 / math.sqrt(low) if low > 0 else math.inf
+
     def memory_bytes(self) -> int:
         """Bytes of optimizer state the estimate holds."""
         return sum(t.numel() * 4 for h in self.hessian for t in (h if isinstance(h, tuple) else (h,)))
@@ -236,11 +256,15 @@ class HiZOO(ZerothOrderOptimizer):
         f_minus = yield Query(key, -mu)
         self.engine.restore()  # undo with H_t before H changes (the multipliers of the offset)
         curvature = abs(f_plus + f_minus - 2.0 * f0) / (2.0 * mu * mu)
+        # finite losses so large that the estimate would overflow H's float32 (and stall the run)
+        growth = self.hessian_smooth * curvature * self.engine.direction_bound() ** 2 * self._hessian_range()[1]
+        if not growth < torch.finfo(torch.float32).max / 2:
+            raise SkippedUpdate(curvature, f"curvature estimate {curvature:.3g} would overflow the Hessian estimate")
         self._update_hessian(key, curvature)
         gamma = (f_plus - f_minus) / (2.0 * mu)
         lrs = self._guarded_lrs()
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
-        self.engine.update([(key, [-lr * gamma for lr in lrs])], decay=decay if any(decay) else None)
+        self._update([(key, [-lr * gamma for lr in lrs])], decay=decay if any(decay) else None)
         self.last_stats = {
             "loss": f0,
             "gamma": gamma,

@@ -125,7 +125,7 @@ class S2P(ZerothOrderOptimizer):
         f_plus = yield Query(key, alphas)
         f_minus = yield Query(key, [-a for a in alphas])
         sign = 1.0 if f_plus <= f_minus else -1.0
-        self.engine.update([(key, [sign * a for a in alphas])])
+        self._update([(key, [sign * a for a in alphas])])
         self.last_stats = {
             "loss": 0.5 * (f_plus + f_minus),
             "loss_after": min(f_plus, f_minus),

@@ -61,7 +61,7 @@ class STP(ZerothOrderOptimizer):
         sign = 0.0
         if min(f_plus, f_minus) < f_here:
             sign = 1.0 if f_plus <= f_minus else -1.0
-        self.engine.update([(key, [sign * a for a in alphas])])
+        self._update([(key, [sign * a for a in alphas])])
         self.last_stats = {
             "loss": f_here,
             "loss_after": min(f_here, f_plus, f_minus),

@@ -98,7 +98,7 @@ class ZOSGD(ZerothOrderOptimizer):
         steps = [(key, g / k) for key, g in zip(keys, gammas)]
         steps = self._momentum_terms(steps)
         terms = [(key, [-lr * c for lr in lrs]) for key, c in steps]
-        self.engine.update(terms, decay=decay if any(decay) else None)
+        self._update(terms, decay=decay if any(decay) else None)
         loss = sum(losses) / len(losses)
         self.last_stats = {
             "loss": loss,
