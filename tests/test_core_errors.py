@@ -195,3 +195,70 @@ def test_huge_finite_losses_skip_the_update_instead_of_writing_inf(name, magnitu
     assert torch.isfinite(p).all()
     assert torch.equal(p.detach(), before)
     assert opt.nonfinite_steps == 3 and not opt.engine.is_perturbed
+
+
+# -- parameters the optimizer cannot own (issue 20) ------------------------------------------------
+def test_parameters_that_share_storage_are_refused_naming_both():
+    w = torch.nn.Parameter(torch.randn(100))
+    v = torch.nn.Parameter(w.data[:50])
+    with pytest.raises(ValueError, match=r"group 0 index 0 \(shape \(100,\)\).*group 0 index 1 \(shape \(50,\)\) share storage"):
+        zoptim.ZOSGD([w, v], lr=0.0)
+    u = torch.nn.Parameter(w.data[40:60])  # overlapping, neither contains the start of the other
+    with pytest.raises(ValueError, match="share storage"):
+        zoptim.AS2P([u, v], total_steps=5)
+    tail = torch.nn.Parameter(w.data[50:])  # adjacent views of one buffer do not overlap: fine
+    zoptim.ZOSGD([v, tail], lr=0.0)
+
+
+def test_aliases_are_named_by_their_module_names():
+    model = torch.nn.Linear(4, 4)
+    model.view = torch.nn.Parameter(model.weight.data[0])
+    with pytest.raises(ValueError, match=r"parameter 'weight' .* and parameter 'view' .* share storage"):
+        zoptim.ZOSGD(model.parameters(), module=model, rank=1)
+
+
+def test_tied_weights_as_one_parameter_stay_fine():
+    emb = torch.nn.Embedding(10, 4)
+    head = torch.nn.Linear(4, 10, bias=False)
+    head.weight = emb.weight  # as transformers ties an embedding and its LM head
+    model = torch.nn.ModuleDict({"emb": emb, "head": head})
+    ids = torch.tensor([1, 2, 3])
+    opt = zoptim.ZOSGD(model.parameters(), lr=1e-2, eps=1e-3)
+    before = emb.weight.detach().clone()
+    opt.step(lambda: float(head(emb(ids)).logsumexp(-1).mean()))
+    assert not torch.equal(emb.weight, before) and head.weight is emb.weight
+
+
+def test_parameters_that_are_not_materialised_are_refused_at_construction():
+    with pytest.raises(ValueError, match=r"group 0 index 0 \(shape \(3, 4\)\) is not materialised \(on the meta device"):
+        zoptim.ZOSGD(torch.nn.Linear(4, 3, device="meta").parameters())
+    with pytest.raises(ValueError, match="lazy module's uninitialised parameter"):
+        zoptim.HiZOO(torch.nn.LazyLinear(3).parameters())
+
+
+def test_add_param_group_during_a_pending_ask_is_refused_and_close_still_restores():
+    p = torch.nn.Parameter(torch.randn(50))
+    opt = zoptim.ZOSGD([p], lr=1e-2, eps=1e-1)
+    at = zoptim.AskTell(opt)
+    start = p.detach().clone()
+    at.ask()
+    assert not torch.equal(p.detach(), start)
+    with pytest.raises(RuntimeError, match=r"add_param_group during a step in progress .* tell\(\) the pending values or close\(\)"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(3))]})
+    at.close()
+    assert torch.equal(p.detach(), start) and len(opt.param_groups) == 1
+
+
+def test_hizoo_add_param_group_keeps_the_estimate_and_steps():
+    a, b = torch.nn.Parameter(torch.randn(20)), torch.nn.Parameter(torch.randn(4, 5))
+    loss = lambda: float(a.square().sum() + b.square().sum())  # noqa: E731
+    opt = zoptim.HiZOO([a], lr=1e-2, eps=1e-2, hessian_smooth=0.1)
+    for _ in range(3):
+        opt.step(loss)
+    estimate = opt.diagonal_hessian()[0].clone()
+    opt.add_param_group({"params": [b], "lr": 1e-3})
+    assert torch.equal(opt.diagonal_hessian()[0], estimate)
+    assert torch.equal(opt.diagonal_hessian()[1], torch.ones(4, 5))
+    before = b.detach().clone()
+    opt.step(loss)
+    assert not torch.equal(b.detach(), before)

@@ -199,7 +199,8 @@ class ZerothOrderOptimizer(Optimizer):
 
     # -- parameters -----------------------------------------------------------------------------
     def _build_engine(self) -> None:
-        trainable, group_of, seen = [], [], {}
+        self._names = self._dtype_limit = None  # caches of the parameters' names and dtypes
+        trainable, group_of, seen, where = [], [], {}, []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if id(p) in seen:
@@ -209,6 +210,12 @@ class ZerothOrderOptimizer(Optimizer):
                         "be perturbed twice per query; give each parameter once"
                     )
                 seen[id(p)] = (gi, pi)
+                if isinstance(p, torch.nn.parameter.UninitializedParameter) or p.is_meta:
+                    raise ValueError(
+                        f"{self._param_name(gi, pi, p)} is not materialised (on the meta device, or a lazy module's "
+                        "uninitialised parameter): move the model to a real device, or run one forward pass of "
+                        "a lazy module, before building the optimizer"
+                    )
                 if not p.is_floating_point():
                     raise ValueError(f"parameters must be floating point; got one of dtype {p.dtype}")
                 if not p.requires_grad:
@@ -218,6 +225,8 @@ class ZerothOrderOptimizer(Optimizer):
                     raise ValueError("parameters must be contiguous tensors (call .contiguous() on the module's weights)")
                 trainable.append(part)
                 group_of.append(gi)
+                where.append((gi, pi, p))
+        self._refuse_aliases(trainable, where)
         if not trainable:
             raise ValueError("no trainable parameters: every parameter given has requires_grad=False")
         self.sharded = any(part.tensor.numel() != part.global_numel for part in trainable)
@@ -257,7 +266,50 @@ class ZerothOrderOptimizer(Optimizer):
             offsets=[part.offset for part in trainable],
         )
 
+    def _param_name(self, gi: int, pi: int, p: torch.Tensor) -> str:
+        """How an error names a parameter: its name in ``module`` if known, and its place and shape."""
+        names = self._names
+        if names is None:
+            names = self._names = {} if self._module is None else {id(q): n for n, q in self._module.named_parameters()}
+        name = names.get(id(p))
+        shape = "unknown" if isinstance(p, torch.nn.parameter.UninitializedParameter) else tuple(p.shape)
+        return f"parameter {name!r} (group {gi} index {pi}, shape {shape})" if name else \
+            f"parameter group {gi} index {pi} (shape {shape})"
+
+    def _refuse_aliases(self, trainable: list, where: list) -> None:
+        """Refuse two trainable tensors whose storage overlaps (views of one another): each query
+        and update would move the shared elements twice. One Parameter used twice (tied weights)
+        is listed once by ``model.parameters()`` and is fine."""
+        spans = []
+        for part, (gi, pi, p) in zip(trainable, where):
+            t = part.tensor
+            if t.numel() == 0:
+                continue
+            size = t.element_size()
+            start = t.untyped_storage().data_ptr() + t.storage_offset() * size
+            spans.append((t.device, start, start + t.numel() * size, gi, pi, p))
+        spans.sort(key=lambda s: (str(s[0]), s[1]))
+        reach = None  # the span reaching furthest so far on this device
+        for b in spans:
+            a = reach
+            if reach is None or reach[0] != b[0] or b[2] > reach[2]:
+                reach = b
+            if a is not None and a[0] == b[0] and b[1] < a[2]:
+                raise ValueError(
+                    f"{self._param_name(*a[3:])} and {self._param_name(*b[3:])} share storage (one is a view of "
+                    "the other): every move would apply to the shared elements twice. Give the optimizer each "
+                    "storage once (tied weights as one Parameter are fine)"
+                )
+
     def add_param_group(self, param_group: dict) -> None:
+        """Add a group (``torch.optim.Optimizer``'s contract); its tensors join the engine after the
+        existing ones. Refused while a step is in progress (an AskTell ``ask()`` not yet told):
+        its parameters are at a query point."""
+        if self._run is not None and not self._run.done:
+            raise RuntimeError(
+                "add_param_group during a step in progress (an AskTell ask() not yet told): the parameters are at "
+                "a query point; tell() the pending values or close() first"
+            )
         super().add_param_group(param_group)
         if hasattr(self, "engine"):
             self._build_engine()
@@ -440,7 +492,7 @@ class ZerothOrderOptimizer(Optimizer):
         a non-finite loss (:class:`SkippedUpdate`). The check is on the coefficients, before
         anything is written."""
         bound = self.engine.direction_bound() * self._multiplier_bound()
-        limit = getattr(self, "_dtype_limit", None)
+        limit = self._dtype_limit
         if limit is None:
             limit = self._dtype_limit = min(torch.finfo(p.dtype).max for p in self.engine.params) / 2
         total = 0.0

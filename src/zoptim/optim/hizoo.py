@@ -131,6 +131,16 @@ class HiZOO(ZerothOrderOptimizer):
         self._init_hessian()
         self.engine.weights = self._inverse_sqrt
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a group: its tensors start from H_0 = 1, the others keep their estimates."""
+        super().add_param_group(param_group)
+        old = getattr(self, "hessian", None)
+        if old is None:
+            return  # the constructor's own groups: __init__ builds the estimate
+        self._init_hessian()
+        self.hessian[: len(old)] = old  # the existing tensors come first in the rebuilt engine
+        self.engine.weights = self._inverse_sqrt
+
     # -- the estimate -----------------------------------------------------------------------------
     def _is_factored(self, j: int) -> bool:
         p = self.engine.params[j]
