@@ -130,7 +130,7 @@ def test_a_state_dict_with_other_momentum_or_hessian_settings_is_rejected():
     w = torch.nn.Parameter(torch.ones(3, 4))
     dense = zoptim.HiZOO([w])
     dense.step(lambda: float(w.detach().sum()))
-    with pytest.raises(ValueError, match="saved with factored=False; this HiZOO has factored=True"):
+    with pytest.raises(ValueError, match="saved with factored=False; this optimizer has factored=True"):
         zoptim.HiZOO([torch.nn.Parameter(torch.ones(3, 4))], factored=True).load_state_dict(dense.state_dict())
 
 
@@ -262,3 +262,60 @@ def test_hizoo_add_param_group_keeps_the_estimate_and_steps():
     before = b.detach().clone()
     opt.step(loss)
     assert not torch.equal(b.detach(), before)
+
+
+# -- strict state loading (issue 20) ------------------------------------------------------------------
+def _state_of(make, steps=3):
+    ps = [torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(4))]
+    opt = make(ps)
+    for _ in range(steps):
+        opt.step(lambda: float(sum(p.square().sum() for p in ps)))
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("saved,loading,field", [
+    (lambda ps: zoptim.ZOSGD(ps), lambda ps: zoptim.ZOSGD(ps, distribution="rademacher"),
+     r"distribution='normal'; this optimizer has distribution='rademacher'"),
+    (lambda ps: zoptim.ZOSGD(ps), lambda ps: zoptim.ZOSGD(ps, num_directions=4),
+     r"num_directions=1; this optimizer has num_directions=4"),
+    (lambda ps: zoptim.ZOSGD(ps, eps=1e-3), lambda ps: zoptim.ZOSGD(ps, eps=1e-2),
+     r"eps=0.001; this optimizer has eps=0.01"),
+    (lambda ps: zoptim.AS2P(ps, total_steps=10), lambda ps: zoptim.AS2P(ps, total_steps=1000),
+     r"total_steps=10; this optimizer has total_steps=1000"),
+    (lambda ps: zoptim.AS2P(ps, total_steps=10), lambda ps: zoptim.AS2P(ps, total_steps=10, window=0.5),
+     r"window=0.1; this optimizer has window=0.5"),
+    (lambda ps: zoptim.HiZOO(ps), lambda ps: zoptim.HiZOO(ps, hessian_smooth=1e-3),
+     r"hessian_smooth=1e-06; this optimizer has hessian_smooth=0.001"),
+    (lambda ps: zoptim.S2P(ps, step_rule="stationary", lr=1.0, total_steps=10),
+     lambda ps: zoptim.S2P(ps, step_rule="stationary", lr=1.0, total_steps=20),
+     r"total_steps=10; this optimizer has total_steps=20"),
+])
+def test_a_state_dict_saved_with_other_settings_is_refused_naming_the_field(saved, loading, field):
+    state = _state_of(saved)
+    ps = [torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(4))]
+    opt = loading(ps)
+    with pytest.raises(ValueError, match=r"state_dict was saved with " + field):
+        opt.load_state_dict(state)
+    assert opt.steps == 0 and opt.num_queries == 0
+
+
+def test_a_state_dict_of_groups_with_other_shapes_is_refused():
+    state = _state_of(lambda ps: zoptim.AS2P(ps, total_steps=10))
+    opt = zoptim.AS2P([torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))], total_steps=10)
+    with pytest.raises(ValueError, match=r"group_shapes=\[\[\[2, 3\], \[4\]\]\]; this optimizer has group_shapes=\[\[\[3, 2\], \[4\]\]\]"):
+        opt.load_state_dict(state)
+
+
+def test_a_load_that_fails_part_way_leaves_the_optimizer_as_it_was():
+    state = _state_of(lambda ps: zoptim.HiZOO(ps, lr=1e-2), steps=5)
+    state["param_groups"][0]["lr"] = 0.5
+    state["zoptim"]["hessian"][1] = {"dense": torch.ones(7)}  # crafted: another shape than the tensor's
+    ps = [torch.nn.Parameter(torch.randn(2, 3)), torch.nn.Parameter(torch.randn(4))]
+    opt = zoptim.HiZOO(ps, lr=1e-2)
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match="Hessian estimate has other shapes"):
+        opt.load_state_dict(state)
+    after = opt.state_dict()
+    assert (opt.steps, opt.num_queries, opt.param_groups[0]["lr"]) == (0, 0, 1e-2)
+    assert all(torch.equal(a, b) for a, b in zip(opt.diagonal_hessian(), [torch.ones(2, 3), torch.ones(4)]))
+    assert after["zoptim"]["settings"] == before["zoptim"]["settings"]

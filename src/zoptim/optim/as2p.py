@@ -188,6 +188,9 @@ class AS2P(ZerothOrderOptimizer):
         self.gammas = GammaWindow(self._window_capacity())
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
 
+    _settings = ("eps", "eps_end", "eta_a", "eta_b", "window", "total_steps", "batch_mode", "auto_lr",
+                 "clipping", "max_window", "num_directions")
+
     def _window_capacity(self) -> int:
         if self.total_steps is None:
             return self.max_window

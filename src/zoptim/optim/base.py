@@ -576,8 +576,25 @@ class ZerothOrderOptimizer(Optimizer):
         )
 
     # -- state ------------------------------------------------------------------------------------
+    #: Attributes set by a subclass's constructor that shape a run (its directions, schedules and
+    #: windows): recorded by ``state_dict`` and compared by ``load_state_dict``.
+    _settings: tuple[str, ...] = ()
+
+    def _run_settings(self) -> dict:
+        """Every constructor setting that shapes the run, as plain values (see :meth:`load_state_dict`)."""
+        settings = {
+            "distribution": self._distribution,
+            "normalize": self._normalize,
+            "exact_restore": self._exact,
+            "group_shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
+        }
+        for name in self._settings:
+            settings[name] = getattr(self, name)
+        return settings
+
     def _extra_state(self) -> dict:
         return {
+            "settings": self._run_settings(),
             "class": type(self).__name__,
             "noise_version": NOISE_VERSION,
             "dim": self.dim,
@@ -640,6 +657,12 @@ class ZerothOrderOptimizer(Optimizer):
                 f"state_dict was saved with momentum={saved['beta']}, momentum_window={saved['window']}; this "
                 f"optimizer has momentum={mine.beta}, momentum_window={mine.window}"
             )
+        saved_settings, mine_settings = extra.get("settings"), self._run_settings()
+        if saved_settings is not None:  # (state_dicts of zoptim before 0.5 do not record them)
+            for field in sorted(set(saved_settings) | set(mine_settings)):
+                was, have = saved_settings.get(field), mine_settings.get(field)
+                if was != have:
+                    raise ValueError(f"state_dict was saved with {field}={was!r}; this optimizer has {field}={have!r}")
         saved_guard = extra.get("guard")
         mine_guard = None if self.guard is None else self.guard.tol
         if (None if saved_guard is None else float(saved_guard["tol"])) != mine_guard:
@@ -653,13 +676,26 @@ class ZerothOrderOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state saved by ``state_dict()`` of an optimizer built with the same settings.
+
+        Every recorded setting (the distribution, the directions, eps, schedules and windows, where
+        directions are applied, the groups' shapes, ...) is compared first; a difference raises
+        ``ValueError`` naming the field and both values. Loading is all or nothing: if anything
+        fails part way, the optimizer is put back as it was before the exception propagates."""
         state_dict = dict(state_dict)
         extra = state_dict.pop("zoptim", None)
         if extra is None:
             raise ValueError("state_dict has no 'zoptim' entry: it was not saved by a zoptim optimizer")
         self._check_compatible(extra)
-        super().load_state_dict(state_dict)
-        self._load_extra_state(extra)
+        before = self.state_dict()
+        try:
+            super().load_state_dict(state_dict)
+            self._load_extra_state(extra)
+        except BaseException:
+            before_extra = before.pop("zoptim")
+            super().load_state_dict(before)
+            self._load_extra_state(before_extra)
+            raise
 
 
 class StepRun:

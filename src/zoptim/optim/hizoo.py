@@ -131,6 +131,8 @@ class HiZOO(ZerothOrderOptimizer):
         self._init_hessian()
         self.engine.weights = self._inverse_sqrt
 
+    _settings = ("eps", "hessian_smooth", "factored")
+
     def add_param_group(self, param_group: dict) -> None:
         """Add a group: its tensors start from H_0 = 1, the others keep their estimates."""
         super().add_param_group(param_group)
@@ -293,15 +295,7 @@ class HiZOO(ZerothOrderOptimizer):
             {"row": h[0].clone(), "col": h[1].clone()} if isinstance(h, tuple) else {"dense": h.clone()}
             for h in self.hessian
         ]
-        extra["factored"] = self.factored
         return extra
-
-    def _check_compatible(self, extra: dict) -> None:
-        super()._check_compatible(extra)
-        if bool(extra.get("factored", False)) != self.factored:
-            raise ValueError(
-                f"state_dict was saved with factored={extra.get('factored')}; this HiZOO has factored={self.factored}"
-            )
 
     def _load_extra_state(self, extra: dict) -> None:
         super()._load_extra_state(extra)

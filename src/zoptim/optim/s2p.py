@@ -102,6 +102,8 @@ class S2P(ZerothOrderOptimizer):
         )
         self.queries_per_step = 4 if step_rule.endswith("dynamic") else 2
 
+    _settings = ("step_rule", "total_steps")
+
     def step_size(self, group: dict, gamma: float | None) -> float:
         """alpha_k for one param group (Alg. 1, Options 1-4)."""
         d, K = self.dim, self.total_steps

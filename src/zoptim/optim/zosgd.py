@@ -88,6 +88,8 @@ class ZOSGD(ZerothOrderOptimizer):
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
         self._set_guard(guard)
 
+    _settings = ("eps", "num_directions")
+
     supports_direction_sharding = True
 
     def _queries(self) -> StepGenerator:
