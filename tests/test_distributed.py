@@ -11,6 +11,9 @@ the parent process runs the single-process equivalent and compares:
 
 from __future__ import annotations
 
+import warnings
+from datetime import timedelta
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -76,8 +79,36 @@ def shard(model):
     return fully_shard(model, mesh=mesh)
 
 
+def faulty_run(opt, model, rank, mode):
+    """10 steps in which rank 1's loss is NaN at step 3 and its closure raises at step 6 (after its forward)."""
+    x, y = make_data()
+    errors = []
+    for k in range(10):
+        rows = batch_rows(k) if mode == "directions" else batch_rows(k)[rank::WORLD]
+
+        def closure(r=rows, k=k):
+            # after the forward: in sharded mode the forward itself all-gathers the shards
+            loss = torch.nn.functional.mse_loss(model(x[r]), y[r])
+            if rank == 1 and k == 3:
+                return loss * float("nan")
+            if rank == 1 and k == 6:
+                raise RuntimeError("boom on rank 1")
+            return loss
+
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", zoptim.NonFiniteLossWarning)
+                opt.step(closure)
+        except RuntimeError as err:
+            errors.append((k, str(err)))
+    params = torch.cat([(p.full_tensor() if mode == "sharded" else p.detach()).reshape(-1) for p in model.parameters()])
+    return params, opt.nonfinite_steps, errors, opt.steps
+
+
 def worker(rank, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    # a short timeout: a rank left waiting in a collective fails the test in a minute, not 30
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
     torch.set_num_threads(1)
     mine = lambda k: batch_rows(k)[rank::WORLD]  # noqa: E731 - this rank's half of the batch
     results = {}
@@ -99,6 +130,10 @@ def worker(rank, init_file, out_file):
     held_after = [type(p).__name__ for p in model.parameters()]
     full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
     results["sharded-zosgd"] = (full, local, held_after, opt.stats.bytes_sent)
+    for mode in ("batch", "directions", "sharded"):
+        model = shard(make_model()) if mode == "sharded" else make_model()
+        opt = wrap(build("zosgd", model), mode=mode, module=model if mode == "sharded" else None)
+        results[f"faults-{mode}"] = faulty_run(opt, model, rank, mode)
     torch.save(results, f"{out_file}.{rank}")
     dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
@@ -120,7 +155,7 @@ def test_batch_mode_equals_one_process_on_the_whole_batch(two_ranks, method):
     single = flat(train(build(method, model), model))
     assert torch.allclose(a, single, atol=1e-5)
     assert not torch.allclose(single, flat(make_model()), atol=1e-3)  # the run did move
-    assert sent == STEPS * 2 * 8  # one float64 per query
+    assert sent == STEPS * 2 * 16  # the loss and a failure flag, float64, per query
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -137,7 +172,7 @@ def test_directions_mode_equals_k_directions_in_one_process(two_ranks, method):
     # and not the one-direction run: the second rank's direction was applied too
     model = make_model()  # a fresh model: no hooks of the run above
     assert not torch.allclose(a, flat(train(build(method, model), model)), atol=1e-4)
-    assert sent == STEPS * 3 * 8  # (gamma, f+, f-) per direction, float64
+    assert sent == STEPS * 4 * 8  # (gamma, f+, f-) per direction and the rank's status, float64
 
 
 def test_sharded_mode_equals_one_unsharded_process_and_never_holds_the_whole_model(two_ranks):
@@ -149,7 +184,20 @@ def test_sharded_mode_equals_one_unsharded_process_and_never_holds_the_whole_mod
     total = single.numel()
     assert local0 + local1 == total and max(local0, local1) < total  # each rank moved only its shard
     assert held == ["DTensor"] * 4  # after the run the module holds its shards, not gathered tensors
-    assert sent == STEPS * 2 * 8
+    assert sent == STEPS * 2 * 16
+
+
+@pytest.mark.parametrize("mode", ["batch", "directions", "sharded"])
+def test_a_nan_or_an_exception_on_one_rank_makes_every_rank_skip_or_abandon_the_same_step(two_ranks, mode):
+    """Rank 1's loss is NaN at step 3 and its closure raises at step 6: both ranks skip step 3 and
+    abandon step 6 together (rank 0 with a RuntimeError naming the cause), nobody waits for the
+    process group's timeout, and the replicas stay bit-identical through the 10 steps."""
+    (a, skipped0, errors0, steps0), (b, skipped1, errors1, steps1) = (two_ranks[r][f"faults-{mode}"] for r in range(WORLD))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, flat(make_model()))  # the other steps trained
+    assert skipped0 == skipped1 == 1 and steps0 == steps1 == 10
+    assert [k for k, _ in errors1] == [6] and "boom on rank 1" in errors1[0][1]
+    assert [k for k, _ in errors0] == [6] and "raised" in errors0[0][1] and "abandons the step too" in errors0[0][1]
 
 
 def test_without_a_process_group_the_wrapper_says_what_to_do():

@@ -9,13 +9,16 @@ paper):
 
 ``"batch"`` (data parallel)
     Every rank draws the same direction and evaluates it on its own share of the minibatch; the
-    closure's value is the mean over ranks, one ``all_reduce`` of one float64 per query. Every rank
+    closure's value is the mean over ranks, one ``all_reduce`` of two float64 per query (the loss
+    and a flag saying whether the closure raised on some rank). Every rank
     then applies the same update and the replicas stay bit-identical; with equal shares the run
     equals one process on the whole minibatch (up to the rounding of the mean).
 ``"directions"`` (direction parallel)
     Every rank evaluates its own direction(s) on the same minibatch (rank r the global direction
     indices ``r*k .. r*k+k-1``); after its queries each rank all-gathers its
-    ``(gamma, f(x+eps s), f(x-eps s))`` triples, 24 bytes a direction, and every rank applies all
+    ``(gamma, f(x+eps s), f(x-eps s))`` triples, 24 bytes a direction plus 8 for the rank's
+    status (a non-finite loss or an exception there makes every rank skip or abandon the step
+    together), and every rank applies all
     directions' updates in rank order. The run is the single-process step with
     ``num_directions = k * world``, bit for bit (k-SPSA for ZOSGD; the ranks bit-identical too). For AS2P every rank's gamma joins the gamma window, in rank order, before sigma
     is taken, so sigma is the spread of all ranks' recent gammas (the window holds
@@ -29,6 +32,13 @@ paper):
     wrapper reshards the FSDP modules (``FSDPModule.reshard()``): FSDP2 keeps the root's parameters
     gathered after a forward (for the backward that never comes), which would both hold the full
     parameter set and let the next query see stale values.
+
+Failures are collective in every mode: a non-finite loss on one rank makes every rank skip the
+step, and an exception in one rank's closure (``KeyboardInterrupt`` included) makes every rank
+abandon it (the others raise ``RuntimeError``), parameters restored and replicas bit-identical;
+nobody waits for the process group's timeout. In ``"sharded"`` mode the forward pass itself
+all-gathers the shards, so a closure that raises *before* its forward leaves the other ranks in
+FSDP's collective; raise after it (or validate the batch before the step).
 
 Usage, on every rank (same seed everywhere)::
 
@@ -133,17 +143,35 @@ def data_parallel(
 
     Every rank must call the wrapped closure the same number of times, in the same order, which
     the optimizers do when they are built with the same seed and hyper-parameters.
+
+    Failures are collective: a NaN or inf on one rank makes the mean non-finite on every rank (all
+    skip the step), and a rank whose closure raises (``KeyboardInterrupt`` included) still takes
+    part in the reduction, with a flag, before re-raising; every other rank then raises
+    ``RuntimeError`` at the same query, so no rank is left waiting in a collective.
     """
     _require_initialized()
     if device is None:
         device = _reduce_device(group)
 
     def reduced():
-        value = torch.tensor([loss_value(closure())], dtype=torch.float64, device=device)
+        error = None
+        try:
+            mine = loss_value(closure())
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+            mine, error = 0.0, err
+        value = torch.tensor([mine, 0.0 if error is None else 1.0], dtype=torch.float64, device=device)
         if stats is not None:
             stats.add(value)
         dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
-        return float(value.item()) / dist.get_world_size(group)
+        if error is not None:
+            raise error
+        failed = int(value[1].item())
+        if failed:
+            raise RuntimeError(
+                f"{failed} other rank(s) raised in the closure at this query; this rank abandons the step too "
+                "(parameters restored), so the replicas stay identical"
+            )
+        return float(value[0].item()) / dist.get_world_size(group)
 
     return reduced
 

@@ -43,6 +43,10 @@ class SkippedUpdate(Exception):
         self.value, self.what = value, what
 
 
+#: A rank's status in a direction-parallel step's exchange (see ZerothOrderOptimizer._exchange_once).
+_OK, _NONFINITE, _RAISED = 0.0, 1.0, 2.0
+
+
 class Query(NamedTuple):
     """A point to evaluate: ``x + scales * s(key)``; ``key=None`` is the unperturbed iterate x.
 
@@ -145,6 +149,7 @@ class ZerothOrderOptimizer(Optimizer):
     #: ``_exchange`` all-gathers each rank's list of floats (see :meth:`shard_directions`).
     _direction_rank, _direction_world = 0, 1
     _exchange: Callable[[list[float]], list[list[float]]] | None = None
+    _exchanged = False  # whether this step's exchange has happened
     #: The memory-free seed momentum (:class:`zoptim.optim.momentum.SeedMomentum`) of methods that
     #: offer it (ZOSGD, AS2P), else None; its (key, coefficient) window is part of the state.
     momentum = None
@@ -425,11 +430,36 @@ class ZerothOrderOptimizer(Optimizer):
         if self._direction_world == 1:
             return keys, values
         k = len(keys)
-        rows = self._exchange([v for column in values for v in column])
+        rows = self._exchange_once([v for column in values for v in column], _OK)
         gathered = [[v for row in rows for v in row[q * k : (q + 1) * k]] for q in range(len(values))]
         if not self.engine.exact:
             self.engine.restore()
         return [self.direction_key(i) for i in range(k * len(rows))], gathered
+
+    def _exchange_once(self, values: list[float], status: float) -> list[list[float]]:
+        """The step's one all-gather (direction parallelism), with this rank's status appended.
+
+        Every rank takes part exactly once per step, whatever happens on it: a rank whose loss
+        was non-finite, or whose closure raised, sends its status instead of its values (from
+        :meth:`StepRun.tell` / :meth:`StepRun.abandon`), so the collectives of different steps
+        never pair up across ranks. Seeing another rank's status, every rank skips the step (a
+        non-finite loss, :class:`SkippedUpdate`) or abandons it (an exception: ``RuntimeError``),
+        so the replicas stay bit-identical and no rank waits for a timeout."""
+        self._exchanged = True
+        width = 3 * getattr(self, "num_directions", 1)
+        row = list(values) if status == _OK else [math.nan] * width
+        rows = self._exchange(row + [status])
+        statuses = [row[-1] for row in rows]
+        failed = [r for r, st in enumerate(statuses) if st == _RAISED]
+        if failed and status != _RAISED:
+            raise RuntimeError(
+                f"rank(s) {failed} raised during step {self.steps} of a direction-parallel run; this rank abandons "
+                "the step too (parameters restored), so the replicas stay identical"
+            )
+        bad = [r for r, row in enumerate(rows) if row[-1] == _NONFINITE or not all(math.isfinite(v) for v in row[:-1])]
+        if bad and status == _OK:
+            raise SkippedUpdate(math.nan, f"non-finite loss on rank(s) {bad}")
+        return [row[:-1] for row in rows]
 
     def _momentum_terms(self, steps: list[tuple[int, float]]) -> list[tuple[int, float]]:
         """This step's ``(key, coefficient)`` directions, or, with momentum, the window's average
@@ -533,6 +563,7 @@ class ZerothOrderOptimizer(Optimizer):
         self._check_groups()
         if self._run is not None:
             self._run.abandon()
+        self._exchanged = False
         self._run = StepRun(self)
         return self._run
 
@@ -744,6 +775,7 @@ class StepRun:
         opt.num_queries += 1
         if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
             value = next(v for v in (value if isinstance(value, list) else [value]) if not math.isfinite(v))
+            self._tell_other_ranks(_NONFINITE)
             self._finish()
             self.loss = value
             try:
@@ -773,6 +805,12 @@ class StepRun:
             self.abandon()
             raise
 
+    def _tell_other_ranks(self, status: float) -> None:
+        """In a direction-parallel run, take part in the step's exchange with this rank's failure."""
+        opt = self.optimizer
+        if opt._exchange is not None and not opt._exchanged:
+            opt._exchange_once([], status)
+
     def _finish(self) -> None:
         gen, self._gen, self.pending = self._gen, None, None
         if gen is not None:
@@ -787,6 +825,9 @@ class StepRun:
         in the closure, the evaluations stay counted. No-op on a finished step."""
         if self._gen is None:
             return
-        with torch.no_grad():
-            self._finish()
-        self.optimizer.steps += 1
+        try:
+            self._tell_other_ranks(_RAISED)
+        finally:
+            with torch.no_grad():
+                self._finish()
+            self.optimizer.steps += 1
