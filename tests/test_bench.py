@@ -205,3 +205,16 @@ def test_under_torchrun_the_runs_are_shared_out_and_give_the_single_process_reco
 
     assert records("shared") == records("single") and len(records("single")) == 3
     assert (tmp_path / "shared" / "summary.md").exists()
+
+
+def test_problems_pick_from_each_experiments_own_problems(tmp_path, monkeypatch):
+    """A suite whose experiments set other hyper-parameters per problem: --problems runs each
+    problem only in the experiment that lists it (lowrank-lm's LoRA and full-parameter halves)."""
+    from zoptim.bench import suites
+
+    monkeypatch.setitem(suites.SUITES, "two", lambda budget, seeds: [
+        suites.Experiment("two", ["quadratic"], ["ZOSGD"], 1, 60, num_evals=2),
+        suites.Experiment("two", ["digits-mlp"], ["ZOSGD"], 1, 60, hparams={"lr": 1e-4}, num_evals=2)])
+    suites.run_suite("two", tmp_path, problems=["digits-mlp"], progress=False, log=lambda msg: None)
+    headers = [json.loads(p.read_text().splitlines()[0]) for p in (tmp_path / "raw").glob("*.jsonl")]
+    assert [(h["problem"], h["hparams"]["lr"]) for h in headers] == [("digits-mlp", 1e-4)]

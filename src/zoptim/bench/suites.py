@@ -243,7 +243,12 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
     for exp in experiments:
         exp.num_evals = num_evals or exp.num_evals
         exp_methods = [get_method(m).name for m in methods] if methods else exp.methods
-        for pname in problems or exp.problems:
+        # --problems picks from each experiment's own problems (a suite whose experiments differ in
+        # hyper-parameters per problem must not run one experiment's settings on another's problem);
+        # problems outside the suite run in every experiment
+        mine = [p for p in problems or [] if p in exp.problems]
+        outside = [p for p in problems or [] if not any(p in e.problems for e in experiments)]
+        for pname in (mine + outside if problems else exp.problems):
             log(f"[{exp.name}] building problem {pname}")
             problem = get_problem(pname)
             hp = {**problem.default_hparams, **exp.hparams, **(hparams or {})}
