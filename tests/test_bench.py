@@ -1,8 +1,10 @@
 """The benchmark harness: the training cost ratio (S2P paper, App. D.2), resumable runs, the CLI."""
 
 import json
+import os
 
 import pytest
+import torch
 
 from zoptim.bench import cost_ratio, harness
 from zoptim.bench.harness import RunSpec
@@ -218,3 +220,56 @@ def test_problems_pick_from_each_experiments_own_problems(tmp_path, monkeypatch)
     suites.run_suite("two", tmp_path, problems=["digits-mlp"], progress=False, log=lambda msg: None)
     headers = [json.loads(p.read_text().splitlines()[0]) for p in (tmp_path / "raw").glob("*.jsonl")]
     assert [(h["problem"], h["hparams"]["lr"]) for h in headers] == [("digits-mlp", 1e-4)]
+
+
+def test_cli_user_errors_are_one_line_before_any_work(tmp_path):
+    from zoptim.cli import main
+
+    afile = tmp_path / "results.txt"
+    afile.write_text("not a folder")
+    with pytest.raises(SystemExit, match=r"^zoptim bench: --out .*results\.txt is a file; give a folder"):
+        main(["bench", "--suite", "quick", "--problems", "digits-mlp", "--out", str(afile)])
+    with pytest.raises(SystemExit, match=r"^zoptim bench: --report .*nowhere: no such folder"):
+        main(["bench", "--report", str(tmp_path / "nowhere")])
+
+
+@pytest.mark.parametrize("content,why", [(b"\x00garbage" * 10, "is truncated or corrupted"),
+                                         ("crafted", "holds objects other than tensors")])
+def test_a_corrupt_or_crafted_bench_checkpoint_is_one_line_naming_the_file(tmp_path, content, why):
+    from zoptim.cli import main
+
+    args = ["bench", "--suite", "quick", "--problems", "digits-mlp", "--methods", "ZOSGD", "--seeds", "1",
+            "--budget", "60", "--evals", "2", "--out", str(tmp_path)]
+    ckpt = tmp_path / "checkpoints" / "quick__digits-mlp__ZOSGD__seed0__x.pt"
+    ckpt.parent.mkdir(parents=True)
+    if content == "crafted":
+        class Payload:
+            def __reduce__(self):
+                return (os.system, ("echo pickled code ran",))
+
+        torch.save({"model": Payload()}, ckpt)
+    else:
+        ckpt.write_bytes(content)
+    with pytest.raises(SystemExit, match=rf"^zoptim bench: checkpoint .*{ckpt.name} {why}"):
+        main(args)
+    assert not (tmp_path / "raw").exists()  # refused before any run
+
+
+def _write_many(args):
+    from zoptim.bench.io import atomic_write_text
+
+    path, tag = args
+    for i in range(200):
+        atomic_write_text(path, f"{tag} {i}\n" * 50)
+    return tag
+
+
+def test_two_processes_writing_one_path_never_clash(tmp_path):
+    import multiprocessing
+
+    path = tmp_path / "summary.md"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        assert sorted(pool.map(_write_many, [(path, "a"), (path, "b")])) == ["a", "b"]
+    lines = path.read_text().splitlines()
+    assert len(lines) == 50 and len(set(lines)) == 1  # one whole file, from one of the writers
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]  # no temporary file left

@@ -4,6 +4,7 @@ checkpoints, gradient accumulation in ZOTrainer. Tiny randomly initialised model
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -187,6 +188,8 @@ def test_bad_data_files_get_errors_naming_the_file_and_what_was_expected(tmp_pat
         main(["finetune", "--train", str(good), "--test", str(tmp_path / "nope.jsonl"), "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match="--merge .*needs --lora"):
         main(["finetune", "--train", str(good), "--merge", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match=r"--out .*good\.jsonl is a file; give a folder"):
+        main(["finetune", "--train", str(good), "--out", str(good)])
 
 
 def test_texts_longer_than_max_length_are_truncated_and_counted(tmp_path, data_files, capsys):
@@ -250,6 +253,14 @@ def test_checkpoints_are_written_atomically_and_read_without_pickled_code(tmp_pa
     torch.save({"evil": Payload()}, tmp_path / "evil.pt")
     with pytest.raises(CheckpointError, match=r"evil\.pt holds objects other than tensors"):
         safe_load(tmp_path / "evil.pt")
+
+    class Blocked:  # a module torch blocks outright: its message reads "unsupported GLOBAL"
+        def __reduce__(self):
+            return (os.system, ("echo pickled code ran",))
+
+    torch.save({"evil": Blocked()}, tmp_path / "blocked.pt")
+    with pytest.raises(CheckpointError, match=r"blocked\.pt holds objects other than tensors.*GLOBAL posix\.system"):
+        safe_load(tmp_path / "blocked.pt")
     data = path.read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"cut\.pt is truncated or corrupted"):

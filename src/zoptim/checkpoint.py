@@ -57,8 +57,9 @@ def safe_load(path, map_location="cpu", required_keys=()):
         raise
     except pickle.UnpicklingError as err:
         text = str(err)
-        detail = next((line.strip() for line in text.splitlines() if "Unsupported" in line), "")
-        if "Unsupported global" in text or "GLOBAL" in detail:
+        # torch words it "Unsupported global" or "unsupported GLOBAL" (2.13) depending on the version
+        detail = next((line.strip() for line in text.splitlines() if "unsupported" in line.lower()), "")
+        if "unsupported global" in text.lower():
             raise CheckpointError(
                 f"checkpoint {path} holds objects other than tensors and plain Python values, which zoptim "
                 f"does not load (they could run code); {hint}. Detail: {detail}"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
-
-import torch
 
 
 def _clean(value):
@@ -17,14 +16,21 @@ def _clean(value):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` all or nothing: a temporary file with a unique name in the same
+    folder, renamed over ``path``, so processes writing one path at once never clash (the last
+    rename wins, and every reader sees one whole file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
@@ -35,11 +41,3 @@ def write_jsonl(path: Path, records: list[dict]) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     with open(path) as fh:
         return [json.loads(line) for line in fh if line.strip()]
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)

@@ -7,6 +7,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
+
+
+def check_out_dir(command: str, flag: str, path) -> None:
+    """Refuse, in one line and before any work, an output folder that is an existing file."""
+    if path is not None and Path(path).exists() and not Path(path).is_dir():
+        raise SystemExit(f"zoptim {command}: {flag} {path} is a file; give a folder (it is created if missing)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -70,6 +70,12 @@ def main(args) -> int:
     # Small models: one intra-op thread is ~10x faster than oversubscribed cores on a shared machine.
     torch.set_num_threads(int(os.environ.get("ZOPTIM_BENCH_THREADS", "1")))
 
+    from ..checkpoint import CheckpointError
+    from . import check_out_dir
+
+    check_out_dir("bench", "--out", args.out)
+    if args.report is not None and not args.report.is_dir():
+        raise SystemExit(f"zoptim bench: --report {args.report}: no such folder (give the --out folder of a run)")
     if args.report is not None:
         if (args.report / "blackbox.json").exists():
             from ..bench.blackbox import build_report as build_blackbox_report
@@ -81,9 +87,13 @@ def main(args) -> int:
     if args.suite is None or args.out is None:
         raise SystemExit("zoptim bench: give --suite and --out (or --report DIR)")
     try:
+        from ..checkpoint import safe_load
+
+        for ckpt in sorted((args.out / "checkpoints").glob("*.pt")):  # unreadable ones refused before any run
+            safe_load(ckpt)
         run_suite(args.suite, args.out, methods=args.methods, problems=args.problems, seeds=args.seeds,
                   budget=args.budget, num_evals=args.evals, hparams=dict(args.overrides or []), log=lambda msg: print(msg, file=sys.stderr, flush=True), quick=args.quick)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, FileNotFoundError, ImportError, CheckpointError) as err:
         raise SystemExit(f"zoptim bench: {err}") from None
     from ..distributed import launched_rank_and_world
 

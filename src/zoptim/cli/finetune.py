@@ -108,6 +108,9 @@ def check_args(args) -> None:
             path = getattr(args, flag)
             if path is not None and not Path(path).is_file():
                 raise SystemExit(f"zoptim finetune: --{flag} {path}: no such file")
+    from . import check_out_dir
+
+    check_out_dir("finetune", "--out", args.out)
     if args.template is not None and "{text}" not in args.template:
         raise SystemExit(f"zoptim finetune: --template must contain {{text}}; got {args.template!r}")
     if args.device.split(":")[0] not in DEVICES:
