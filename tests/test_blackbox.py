@@ -237,6 +237,24 @@ def test_non_finite_values_are_skipped_then_reported():
             zoptim.minimize(lambda x: np.inf, np.zeros(2), options={"maxfev": 100})
 
 
+def test_a_non_finite_final_point_is_not_a_success():
+    """ftarget is reached (status 0), then f is NaN at the final iterate: the result says so."""
+    reached = []
+
+    def f(x):
+        if reached:
+            return np.nan
+        value = float(np.sum((x - 1.0) ** 2))
+        if value <= 7.5:
+            reached.append(True)
+        return value
+
+    res = zoptim.minimize(f, np.zeros(8), method="zosgd", options={"maxfev": 2001, "ftarget": 7.5, "lr": 0.05, "eps": 1e-2})
+    assert not res.success and res.status == 4
+    assert res.message.startswith("The final point is not finite") and "ftarget" in res.message
+    assert np.isnan(res.fun) and res.fun_best <= 7.5
+
+
 @pytest.mark.parametrize("kwargs,exc,match", [
     (dict(method="nelder-mead"), ValueError, "method must be one of 'zosgd', 'stp', 's2p', 'as2p'"),
     (dict(options={"maxfev": 0}), ValueError, r"options\['maxfev'\] must be a positive integer"),

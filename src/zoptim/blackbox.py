@@ -407,6 +407,7 @@ _MESSAGES = {
     1: "Maximum number of function evaluations has been exceeded.",
     2: "Maximum number of iterations has been exceeded.",
     3: "Time limit (options['timeout']) reached.",
+    4: "The final point is not finite: x has NaN/inf entries or f(x) is NaN/inf (see x_best, fun_best).",
     99: "`callback` stopped the run.",
 }
 
@@ -461,7 +462,8 @@ def minimize(
     Returns:
         ``scipy.optimize.OptimizeResult`` (a compatible dict when scipy is missing) with ``x`` (the
         final iterate), ``fun`` (f(x), one evaluation), ``nfev``, ``nit``, ``success``,
-        ``status`` (0 converged or ftarget reached, 1 maxfev, 2 maxiter, 3 timeout, 99 callback),
+        ``status`` (0 converged or ftarget reached, 1 maxfev, 2 maxiter, 3 timeout, 4 the final
+        point or its value is not finite, whatever stopped the run; 99 callback),
         ``message``, ``x_best``/``fun_best`` (the best point evaluated, perturbed query points
         included) and ``loss_history`` (every value of fun, in order). Note that, as in scipy,
         using up the budget is ``success=False``.
@@ -577,10 +579,15 @@ def minimize(
         at.close()  # a run stopped mid-step goes back to its last iterate
 
     x_final = at.recommend()
-    fun_final = evaluate(x_final.copy())
-    history.append(fun_final)
+    if np.all(np.isfinite(x_final)):
+        fun_final = evaluate(x_final.copy())
+        history.append(fun_final)
+    else:
+        fun_final = math.nan  # not evaluated: fun is not asked at a point with NaN/inf entries
     if fun_final < best:
         best, x_best = fun_final, x_final.copy()
+    if not math.isfinite(fun_final):
+        status, message = 4, _MESSAGES[4] + (f" (before: {message})" if message else "")
     return OptimizeResult(
         x=x_final,
         fun=fun_final,
