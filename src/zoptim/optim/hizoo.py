@@ -243,17 +243,19 @@ class HiZOO(ZerothOrderOptimizer):
         lows, highs = [], []
         for h in self.hessian:
             if isinstance(h, torch.Tensor):
-                lows.append(float(h.min()))
-                highs.append(float(h.max()))
+                lo, hi = torch.aminmax(h)
+                lows.append(float(lo))
+                highs.append(float(hi))
             else:
-                total = float(h[0].sum())
-                lows.append(float(h[0].min()) * float(h[1].min()) / total)
-                highs.append(float(h[0].max()) * float(h[1].max()) / total)
+                (r_lo, r_hi), (c_lo, c_hi), total = torch.aminmax(h[0]), torch.aminmax(h[1]), float(h[0].sum())
+                lows.append(float(r_lo) * float(c_lo) / total)
+                highs.append(float(r_hi) * float(c_hi) / total)
         return min(lows), max(highs)
 
     def _multiplier_bound(self) -> float:
-        """The largest multiplier H^(-1/2) of the direction: one over the root of H's smallest entry."""
-        low = self._hessian_range()[0]
+        """The largest multiplier H^(-1/2) of this step's direction: one over the root of a lower
+        bound on H's smallest entry (taken before the estimate's update, see :meth:`_queries`)."""
+        low = self._smallest_entry
         return 1.0 / math.sqrt(low) if low > 0 else math.inf
 
     def memory_bytes(self) -> int:
@@ -269,9 +271,12 @@ class HiZOO(ZerothOrderOptimizer):
         self.engine.restore()  # undo with H_t before H changes (the multipliers of the offset)
         curvature = abs(f_plus + f_minus - 2.0 * f0) / (2.0 * mu * mu)
         # finite losses so large that the estimate would overflow H's float32 (and stall the run)
-        growth = self.hessian_smooth * curvature * self.engine.direction_bound() ** 2 * self._hessian_range()[1]
+        low, high = self._hessian_range()
+        growth = self.hessian_smooth * curvature * self.engine.direction_bound() ** 2 * high
         if not growth < torch.finfo(torch.float32).max / 2:
             raise SkippedUpdate(curvature, f"curvature estimate {curvature:.3g} would overflow the Hessian estimate")
+        # the update adds a non-negative term, so H's smallest entry stays >= (1 - alpha) * low (dense; about so factored)
+        self._smallest_entry = (1.0 - self.hessian_smooth) * low
         self._update_hessian(key, curvature)
         gamma = (f_plus - f_minus) / (2.0 * mu)
         lrs = self._guarded_lrs()
