@@ -273,3 +273,25 @@ def test_two_processes_writing_one_path_never_clash(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 50 and len(set(lines)) == 1  # one whole file, from one of the writers
     assert [p.name for p in tmp_path.iterdir()] == ["summary.md"]  # no temporary file left
+
+
+def test_version_python_m_and_ctrl_c_are_what_a_command_line_user_expects(tmp_path, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    import zoptim
+    from zoptim.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == f"zoptim {zoptim.__version__}"
+    ran = subprocess.run([sys.executable, "-m", "zoptim", "--version"], capture_output=True, text=True)
+    assert ran.returncode == 0 and ran.stdout.strip() == f"zoptim {zoptim.__version__}"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("zoptim.bench.run_suite", interrupted)
+    assert main(["bench", "--suite", "quick", "--out", str(tmp_path)]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["zoptim bench: interrupted; run the same command again to resume from the last checkpoint"]

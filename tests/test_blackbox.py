@@ -131,13 +131,14 @@ def test_tol_stops_when_the_best_value_stalls():
     assert res.status == 0 and res.success and res.nit == 21 and "tol" in res.message
 
 
-@pytest.mark.parametrize("style", ["true", "stopiteration", "intermediate_result"])
+@pytest.mark.parametrize("style", ["true", "numpy-true", "one", "stopiteration", "intermediate_result"])
 def test_a_callback_can_stop_the_run(style):
     seen = []
+    truth = {"numpy-true": np.bool_, "one": int}.get(style, bool)
 
     def cb_true(xk):
         seen.append(xk)
-        return len(seen) >= 3
+        return truth(len(seen) >= 3)
 
     def cb_stop(xk):
         seen.append(xk)
@@ -149,7 +150,7 @@ def test_a_callback_can_stop_the_run(style):
         assert intermediate_result.nit == len(seen) and np.isfinite(intermediate_result.fun)
         return len(seen) >= 3
 
-    cb = {"true": cb_true, "stopiteration": cb_stop, "intermediate_result": cb_result}[style]
+    cb = {"stopiteration": cb_stop, "intermediate_result": cb_result}.get(style, cb_true)
     res = zoptim.minimize(sphere, np.zeros(5), callback=cb, options={"maxfev": 1000})
     assert res.nit == 3 and res.status == 99 and not res.success
     assert np.array_equal(seen[-1], res.x)

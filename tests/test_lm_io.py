@@ -190,6 +190,11 @@ def test_bad_data_files_get_errors_naming_the_file_and_what_was_expected(tmp_pat
         main(["finetune", "--train", str(good), "--merge", "--out", str(tmp_path / "o")])
     with pytest.raises(SystemExit, match=r"--out .*good\.jsonl is a file; give a folder"):
         main(["finetune", "--train", str(good), "--out", str(good)])
+    # numbers are checked before the model loads (nothing is written); method names are case-insensitive
+    for flag, value in (("--lr", "-1"), ("--lr", "nan"), ("--eps", "0"), ("--eta-b", "-3")):
+        with pytest.raises(SystemExit, match=rf"^zoptim finetune: {flag} must be a finite number > 0; got"):
+            main(["finetune", "--train", str(good), "--method", "ZOSGD", flag, value, "--out", str(tmp_path / "n")])
+    assert not (tmp_path / "n").exists()
 
 
 def test_texts_longer_than_max_length_are_truncated_and_counted(tmp_path, data_files, capsys):

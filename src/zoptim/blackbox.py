@@ -448,7 +448,7 @@ def minimize(
             ``tol * max(1, |best|)`` over the last ``options["patience"]`` steps (default 100).
         callback: called after every step, as ``callback(xk)`` or, if its parameter is named
             ``intermediate_result``, with an OptimizeResult (``x``, ``fun`` = the step's loss,
-            ``nit``, ``nfev``, ``x_best``, ``fun_best``). Returning True or raising
+            ``nit``, ``nfev``, ``x_best``, ``fun_best``). Returning a true value (True, 1, numpy.bool_(True)) or raising
             ``StopIteration`` stops the run (status 99).
         options: run options ``maxfev`` (evaluations in all, default 10,000, the final
             evaluation at x included; a step is only started if it fits), ``maxiter`` (steps),
@@ -567,7 +567,7 @@ def minimize(
                         stop = callback(xk)
                 except StopIteration:
                     stop = True
-                if stop is True:
+                if stop:  # any truthy value stops, as in scipy (True, numpy.bool_(True), 1)
                     status = 99
                     break
             if tol is not None and nit > patience:

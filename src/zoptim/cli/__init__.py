@@ -17,7 +17,10 @@ def check_out_dir(command: str, flag: str, path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="zoptim", description="Train and fine-tune with forward passes only.")
+    parser.add_argument("--version", action="version", version=f"zoptim {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     from . import bench, finetune
 
@@ -25,7 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     finetune.register(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for a subcommand that relaunches itself
-    return int(args.run(args) or 0)
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        # one line, not a traceback: runs checkpoint as they go, and the same command resumes them
+        print(f"zoptim {args.command}: interrupted; run the same command again to resume from the last checkpoint",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ def check_args(args) -> None:
     from ..lm.models import DTYPES, KNOWN_MODELS
     from ..lm.train import METHODS, OBJECTIVES
 
+    args.method = args.method.lower()  # as bench --methods: names are case-insensitive
     if args.method not in METHODS:
         raise SystemExit(f"zoptim finetune: --method must be one of {', '.join(METHODS)}; got {args.method!r}")
     from ..lm.models import DEVICES
@@ -144,6 +145,12 @@ def check_args(args) -> None:
     if args.rank is not None and args.method in ("hizoo", "adamw"):
         raise SystemExit(f"zoptim finetune: --rank (forward-applied directions) is an option of the zeroth-order methods "
                          f"but hizoo; got --method {args.method}")
+    import math
+
+    for name, value, strict in (("lr", args.lr, True), ("eps", args.eps, True), ("eta-b", args.eta_b, True),
+                                ("hessian-smooth", args.hessian_smooth, False)):
+        if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
+            raise SystemExit(f"zoptim finetune: --{name} must be a finite number {'> 0' if strict else '>= 0'}; got {value}")
     if args.test_examples is not None and args.test_examples < 1:
         raise SystemExit(f"zoptim finetune: --test-examples must be >= 1; got {args.test_examples}")
     for name in ("steps", "batch_size", "eval_every", "eval_examples", "max_length", "checkpoint_every", "nproc"):

@@ -1,0 +1,7 @@
+"""``python -m zoptim``: the ``zoptim`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
