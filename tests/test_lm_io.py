@@ -297,11 +297,12 @@ def test_a_corrupted_finetune_checkpoint_stops_the_run_with_the_file_named_and_k
     ckpt = run_dir / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
     with pytest.raises(SystemExit, match=r"checkpoint .*checkpoint\.pt is truncated or corrupted"):
-        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--steps", "6", run="ck")
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="ck")
     assert (run_dir / "log.jsonl").read_text() == log_before
-    # a checkpoint of other trainable parameters (here: full vs LoRA) is refused by name too
+    # a checkpoint of other trainable parameters (here: full vs LoRA) is refused by name too (in a run
+    # folder without the configuration that would refuse the --lora change first: an older zoptim's)
     ok = tmp_path / "ok"
-    finetune(ok, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="ck")
+    (finetune(ok, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="ck") / "config.json").unlink()
     with pytest.raises(SystemExit, match="written for other trainable parameters"):
         finetune(ok, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--lora", "--steps", "6", run="ck")
 
@@ -381,3 +382,40 @@ def test_finetune_refuses_forward_options_that_cannot_hold(tmp_path, data_files)
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--rank", "0")
     with pytest.raises(SystemExit, match="but hizoo"):
         finetune(tmp_path, model_dir, data_files, "--method", "hizoo", "--rank", "1")
+
+
+# -- run folders are never reused silently (issue 21) -------------------------------------------------
+def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(tmp_path, data_files, capsys):
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model")
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["lr"] == 5e-2 and set(config["data_sha256"]) == {"train", "validation", "test"}
+    capsys.readouterr()
+    # the same command again: the finished run is resumed, and says so
+    finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model")
+    assert "resuming from step 4" in capsys.readouterr().out
+    # another lr: one line naming the field, nothing trained or rewritten
+    before = (run_dir / "result.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"run holds a run with other settings \(lr: 0\.05 -> 0\.01\); pass --resume"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--lr", "1e-2")
+    assert (run_dir / "result.json").read_bytes() == before
+    # --resume: the run's own settings win
+    finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--lr", "1e-2", "--resume")
+    assert "ignoring this command's --lr 0.01" in capsys.readouterr().out
+    assert json.loads((run_dir / "result.json").read_text())["lr"] == 5e-2
+    # --overwrite: a new run with the new settings
+    finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--lr", "1e-2", "--overwrite")
+    assert json.loads((run_dir / "result.json").read_text())["lr"] == 1e-2
+    # other data in the same comparison folder: refused before any work
+    data_files["train"].write_text(data_files["train"].read_text() + data_files["train"].read_text())
+    with pytest.raises(SystemExit, match=r"holds a comparison with another data_sha256"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="other")
+
+
+def test_an_out_folder_of_the_users_own_files_is_never_written(tmp_path, data_files):
+    mine = tmp_path / "out"
+    mine.mkdir()
+    (mine / "report.md").write_text("my notes")
+    with pytest.raises(SystemExit, match=r"--out .*out holds files that are not zoptim runs"):
+        finetune(tmp_path, save_tiny("causal", tmp_path / "tiny"), data_files, "--method", "zosgd")
+    assert (mine / "report.md").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["report.md"]

@@ -82,7 +82,89 @@ def register(sub) -> None:
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True, help="output directory shared by the runs of one comparison")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in OUT/RUN as it was configured (its recorded settings win over this command's)")
+    again.add_argument("--overwrite", action="store_true", help="delete the run in OUT/RUN and start it again")
     p.set_defaults(run=run)
+
+
+#: The arguments that define a run (recorded in OUT/RUN/config.json with the data files' SHA-256):
+#: a folder holding a run with other values is never reused silently.
+RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "label_field", "labels", "template",
+              "method", "steps", "lora", "no_exact_restore", "dtype", "batch_size", "max_length", "eval_every",
+              "checkpoint_every", "eval_examples", "objective", "lr", "eps", "eta_b", "momentum", "momentum_window",
+              "guard", "hessian_smooth", "rank", "per_example", "seed")
+
+
+def atomic_write_text(path, text: str) -> None:
+    from ..bench.io import atomic_write_text as write  # imported when used: zoptim.bench loads the whole harness
+
+    write(path, text)
+
+
+def run_config(args) -> dict:
+    """What defines this run: the run fields and the content of the data files."""
+    import hashlib
+
+    config = {name: getattr(args, name) for name in RUN_FIELDS}
+    config["data_sha256"] = {flag: hashlib.sha256(Path(getattr(args, flag)).read_bytes()).hexdigest()
+                             for flag in ("train", "validation", "test") if getattr(args, flag) is not None}
+    return config
+
+
+def settle_run_folder(args, run_dir: Path, say=print) -> None:
+    """Check ``run_dir`` against this command before any heavy work, in one line if it differs.
+
+    A folder with no recorded run is started (its configuration written); one holding this very
+    configuration is resumed; one holding another is refused, naming the differing fields, unless
+    ``--resume`` (the recorded settings are used, if the data files are unchanged) or
+    ``--overwrite`` (the folder is deleted first)."""
+    import shutil
+
+    out = run_dir.parent
+    mine = run_config(args)
+    zero_path = out / "zero_shot.json"
+    if zero_path.exists():  # the comparison's zero-shot row: its runs share the model and the data
+        zero = json.loads(zero_path.read_text())
+        shared = {"model": args.model, "dtype": args.dtype, "data_sha256": mine["data_sha256"]}
+        differ = [k for k, v in shared.items() if k in zero and zero[k] != v]
+        if differ:
+            raise SystemExit(f"zoptim finetune: {out} holds a comparison with another {', '.join(differ)} (see "
+                             f"{zero_path}); give another --out")
+    elif out.exists() and any(out.iterdir()) and not any(out.glob("*/config.json")):
+        raise SystemExit(f"zoptim finetune: --out {out} holds files that are not zoptim runs; give another folder "
+                         "(nothing there is overwritten)")
+    config_path = run_dir / "config.json"
+    if args.overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+        say(f"--overwrite: deleted the previous run in {run_dir}")
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        differ = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        if differ and args.resume and saved.get("data_sha256") == mine["data_sha256"]:
+            changed = [k for k in differ if k != "data_sha256"]
+            say(f"--resume: continuing the run in {run_dir} as it was configured (ignoring this command's "
+                + ", ".join(f"--{k.replace('_', '-')} {mine.get(k)!r}" for k in changed) + ")")
+            for k in changed:
+                setattr(args, k, saved[k])
+        elif differ:
+            shown = ", ".join(
+                "data files' content" if k == "data_sha256" else f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}"
+                for k in differ)
+            hint = ("the data files changed, so it cannot continue; pass --overwrite to start over, or another "
+                    "--run-name" if "data_sha256" in differ else
+                    "pass --resume to continue that run as it was configured, --overwrite to start over, or another "
+                    "--run-name")
+            raise SystemExit(f"zoptim finetune: {run_dir} holds a run with other settings ({shown}); {hint}")
+    elif (run_dir / "checkpoint.pt").exists() or (run_dir / "log.jsonl").exists():
+        say(f"note: {run_dir} holds a run without a recorded configuration (an older zoptim's); its settings "
+            "cannot be checked against this command's")
+    elif run_dir.exists() and any(run_dir.iterdir()):
+        raise SystemExit(f"zoptim finetune: {run_dir} exists and holds files that are not a zoptim run; give another "
+                         "--out or --run-name (nothing there is overwritten)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(config_path, json.dumps(run_config(args), indent=1))
 
 
 def check_args(args) -> None:
@@ -231,6 +313,8 @@ def launch(args) -> int:
         if a in ("--nproc", "--max-restarts"):
             skip = True
             continue
+        if a == "--overwrite":  # done once, here: a restarted worker must not delete the run's checkpoints
+            continue
         if a.startswith(("--nproc=", "--max-restarts=")):
             continue
         argv.append(a)
@@ -243,8 +327,11 @@ def launch(args) -> int:
 def run(args) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_args(args)
-    from ..distributed import launched_world_size
+    from ..distributed import launched_rank_and_world, launched_world_size
 
+    args.run_name = args.run_name or args.method
+    if launched_rank_and_world()[0] == 0:  # under torchrun, rank 0 (or the launching process) settles the folder
+        settle_run_folder(args, Path(args.out) / args.run_name)
     if args.nproc is not None and args.nproc > 1 and launched_world_size() <= 1:
         return launch(args)
     from ..lm.models import resolve_device
@@ -308,8 +395,9 @@ def _run(args, device, rank: int, world: int) -> int:
             "test_examples": len(test),
             "test_accuracy": clf.accuracy(test),
             "val_accuracy": clf.accuracy(task.val[: args.eval_examples]),
+            "data_sha256": run_config(args)["data_sha256"],
         }
-        zero_path.write_text(json.dumps(zero, indent=2))
+        atomic_write_text(zero_path, json.dumps(zero, indent=2))
 
     config = LoopConfig(
         steps=args.steps,
@@ -326,7 +414,7 @@ def _run(args, device, rank: int, world: int) -> int:
         momentum_window=args.momentum_window, hessian_smooth=args.hessian_smooth, guard=args.guard,
         module=clf if args.rank is not None else None, rank=args.rank, per_example=args.per_example,
     )
-    run_dir = out / (args.run_name or args.method)
+    run_dir = out / args.run_name
     loop = Loop(clf, task, optimizer, config, run_dir, progress=not args.no_progress)
     start = time.perf_counter()
     from ..checkpoint import CheckpointError
@@ -373,7 +461,7 @@ def _run(args, device, rank: int, world: int) -> int:
         where = save_model(clf, run_dir / "model", merge=args.merge, extra={"task": task.name, "method": args.method})
         result["model_dir"] = str(where)
         print(f"tuned model saved in {where}", flush=True)
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2))
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     write_report(out)
     print((out / "report.md").read_text())
     return 0

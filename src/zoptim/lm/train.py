@@ -208,6 +208,8 @@ class Loop:
             kept = [r for r in read_log(self.log_path) if r["step"] <= self.step]
             write_lines(self.log_path, kept)
         self.resumed_from = self.step
+        if self.rank == 0:
+            print(f"resuming from step {self.step} ({self.ckpt_path})", flush=True)
         return True
 
     # -- training --------------------------------------------------------------------------------------
