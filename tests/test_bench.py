@@ -295,3 +295,21 @@ def test_version_python_m_and_ctrl_c_are_what_a_command_line_user_expects(tmp_pa
     assert main(["bench", "--suite", "quick", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["zoptim bench: interrupted; run the same command again to resume from the last checkpoint"]
+
+
+def test_a_reused_out_keeps_runs_of_other_budgets_and_settings_apart(tmp_path):
+    from zoptim.cli import main
+
+    def bench(*extra):
+        assert main(["bench", "--suite", "methods", "--problems", "quadratic", "--seeds", "1", "--evals", "3",
+                     "--out", str(tmp_path), *extra]) == 0
+
+    bench("--methods", "ZOSGD", "--budget", "60")
+    bench("--methods", "ZOSGD", "AS2P", "--budget", "120")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## methods: quadratic (60 queries)" in summary and "## methods: quadratic (120 queries)" in summary
+    section_120 = summary.split("## methods: quadratic (120 queries)")[1]
+    assert "| ZOSGD | 120 |" in section_120 and "| AS2P | 120 |" in section_120 and "| 60 |" not in section_120
+    bench("--methods", "ZOSGD", "--budget", "120", "--set", "lr=0.002")  # the same run, other settings
+    summary = (tmp_path / "summary.md").read_text()
+    assert "ZOSGD (older settings " in summary and "older ones are marked" in summary

@@ -8,16 +8,30 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import cost_ratio, plots
-from .harness import curve, load_runs
-from .io import atomic_write_text
+from .harness import curve
+from .io import atomic_write_text, read_jsonl
 from .methods import BASELINE
 
 
-def _group(runs):
-    groups = defaultdict(lambda: defaultdict(dict))  # (experiment, problem) -> method -> seed -> records
-    for recs in runs:
+def _group(out_dir: Path):
+    """(experiment, problem, budget) -> method -> seed -> records, from ``out_dir/raw``.
+
+    Runs of other budgets get tables of their own. Two runs of one method and seed with other
+    settings (a reused ``--out``) are kept apart: the newest file keeps the method's name (so the
+    cost ratios use the fresh baseline), an older one is shown as ``METHOD (older settings
+    DIGEST)``, and the summary says so."""
+    found = defaultdict(list)  # (key, method, seed) -> [(mtime, run_id, records)]
+    for path in sorted((Path(out_dir) / "raw").glob("*.jsonl")):
+        recs = read_jsonl(path)
         h = recs[0]
-        groups[(h["experiment"], h["problem"])][h["method"]][h["seed"]] = recs
+        found[((h["experiment"], h["problem"], h["budget"]), h["method"], h["seed"])].append(
+            (path.stat().st_mtime, h["run_id"], recs))
+    groups = defaultdict(lambda: defaultdict(dict))
+    for (key, method, seed), versions in found.items():
+        versions.sort(key=lambda v: v[0], reverse=True)
+        for i, (_, run_id, recs) in enumerate(versions):
+            name = method if i == 0 else f"{method} (older settings {run_id.rsplit('__', 1)[-1]})"
+            groups[key][name][seed] = recs
     return groups
 
 
@@ -102,18 +116,25 @@ def build_report(out_dir: Path) -> str:
     out_dir = Path(out_dir)
     if not (out_dir / "raw").is_dir():
         raise FileNotFoundError(f"no results under {out_dir}/raw: run `zoptim bench --suite ... --out {out_dir}` first")
-    groups = _group(load_runs(out_dir))
+    groups = _group(out_dir)
     intro = ("Loss = full-data training loss; x-axis = function queries. Training cost ratio (S2P paper, App. D.2): "
              "queries to first reach ZOSGD's (GA/MeZO) smoothed loss at 100/80/60/40/20 % of its budget, divided by "
              "ZOSGD's total queries; smoothing = EMA (beta 0.6) then running minimum; mean ± std over seeds; "
              "n/r = not reached, (r/n) = reached by r of n seeds.")
     md = ["# zoptim benchmark summary", "", intro, ""]
-    softmax = {p: m for (e, p), m in groups.items() if e == "softmax-scaling"}
-    for (exp, pname), methods in sorted(groups.items()):
+    softmax = {p: m for (e, p, _), m in groups.items() if e == "softmax-scaling"}
+    budgets = defaultdict(set)
+    for e, p, b in groups:
+        budgets[(e, p)].add(b)
+    for (exp, pname, budget), methods in sorted(groups.items()):
         if exp.startswith("search-") or exp == "softmax-scaling":
             continue
-        slug = f"{exp}-{pname}"
-        md += [f"## {exp}: {pname}", ""]
+        several = len(budgets[(exp, pname)]) > 1
+        slug = f"{exp}-{pname}" + (f"-{budget}q" if several else "")
+        md += [f"## {exp}: {pname}" + (f" ({budget} queries)" if several else ""), ""]
+        if any(" (older settings " in m for m in methods):
+            md += ["This folder holds runs of one method with other settings (a reused `--out`): the newest run "
+                   "keeps the method's name, older ones are marked and are not the baseline.", ""]
         table = cost_ratio_table(methods)
         if table is not None:
             md += ["Training cost ratio (format of Tables 5/6):", "", cost_ratio.markdown_table({pname: table}), ""]
