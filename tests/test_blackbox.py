@@ -234,7 +234,7 @@ def test_non_finite_values_are_skipped_then_reported():
     assert np.isnan(res.loss_history[0]) and res.fun_best == 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", zoptim.NonFiniteLossWarning)
-        with pytest.raises(RuntimeError, match="non-finite .* 10 consecutive steps"):
+        with pytest.raises(zoptim.DivergedError, match="non-finite .* 10 consecutive steps"):
             zoptim.minimize(lambda x: np.inf, np.zeros(2), options={"maxfev": 100})
 
 

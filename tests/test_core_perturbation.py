@@ -223,7 +223,7 @@ def test_consecutive_non_finite_losses_raise_after_the_limit():
         warnings.simplefilter("ignore", zoptim.NonFiniteLossWarning)
         opt.step(lambda: next(calls))
         opt.step(lambda: next(calls))
-        with pytest.raises(RuntimeError, match="non-finite.*3 consecutive"):
+        with pytest.raises(zoptim.DivergedError, match="non-finite.*3 consecutive"):
             opt.step(lambda: next(calls))
     assert torch.equal(p.detach(), torch.ones(10))
 

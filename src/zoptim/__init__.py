@@ -2,7 +2,7 @@
 
 from . import distributed
 from .blackbox import AskTell, OptimizeResult, minimize
-from .optim import AS2P, S2P, STP, ZOSGD, HiZOO, NonFiniteLossWarning, ZerothOrderOptimizer
+from .optim import AS2P, S2P, STP, ZOSGD, DivergedError, HiZOO, NonFiniteLossWarning, ZerothOrderOptimizer
 from .perturbation import SeededPerturbation
 
 __version__ = "0.1.0"
@@ -18,6 +18,7 @@ __all__ = [
     "STP",
     "ZOSGD",
     "NonFiniteLossWarning",
+    "DivergedError",
     "SeededPerturbation",
     "ZerothOrderOptimizer",
 ]

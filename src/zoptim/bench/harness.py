@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import atomic_save, safe_load
-from ..optim import NonFiniteLossWarning
+from ..optim import DivergedError, NonFiniteLossWarning
 from ..problems.base import Problem
 from .io import read_jsonl, write_jsonl
 from .methods import get_method
@@ -138,9 +138,7 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
             with warnings.catch_warnings():  # a skipped non-finite step is recorded, not printed per step
                 warnings.simplefilter("ignore", NonFiniteLossWarning)
                 opt.step(problem.closure(model, batch, per_example=method.options.get("per_example", False)))
-        except RuntimeError as err:  # too many consecutive non-finite losses: the run diverged
-            if "non-finite" not in str(err).lower() and "nonfinite" not in str(err).lower():
-                raise
+        except DivergedError:  # too many consecutive non-finite steps
             diverged = True
         if scheduler is not None:
             scheduler.step()

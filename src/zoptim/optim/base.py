@@ -34,6 +34,11 @@ class NonFiniteLossWarning(RuntimeWarning):
     """A step saw a NaN or infinite loss; its update was skipped and the parameters restored."""
 
 
+class DivergedError(RuntimeError):
+    """``max_nonfinite`` consecutive steps were skipped (non-finite losses or updates): the run has
+    diverged. The parameters are at the last finite iterate."""
+
+
 class SkippedUpdate(Exception):
     """Raised inside a step whose update would write a non-finite value: the driver skips the
     update and restores the parameters, as for a non-finite loss (internal; never reaches users)."""
@@ -595,7 +600,7 @@ class ZerothOrderOptimizer(Optimizer):
         self._nonfinite_run += 1
         self.last_stats = {"loss": value, "skipped": 1.0}
         if self._nonfinite_run >= self.max_nonfinite:
-            raise RuntimeError(
+            raise DivergedError(
                 f"{what}: the step was skipped in {self._nonfinite_run} consecutive steps "
                 f"(max_nonfinite={self.max_nonfinite}); parameters were restored to their last finite "
                 "point each time. Lower the learning rate or eps, or check the data and the closure."
