@@ -285,6 +285,10 @@ def test_version_python_m_and_ctrl_c_are_what_a_command_line_user_expects(tmp_pa
     with pytest.raises(SystemExit) as done:
         main(["--version"])
     assert done.value.code == 0 and capsys.readouterr().out.strip() == f"zoptim {zoptim.__version__}"
+    for command, shown in (("finetune", "(default: 200)"), ("bench", "(default: ")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert shown in " ".join(capsys.readouterr().out.split())  # --help shows the defaults
     ran = subprocess.run([sys.executable, "-m", "zoptim", "--version"], capture_output=True, text=True)
     assert ran.returncode == 0 and ran.stdout.strip() == f"zoptim {zoptim.__version__}"
 

@@ -115,6 +115,8 @@ def test_lora_adapter_round_trip_with_peft_from_pretrained_and_merge(tmp_path, d
 
     model_dir = save_tiny("causal", tmp_path / "tiny")
     run_dir = finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--lora", run="lora")
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (result["lr"], result["eps"], result["lr_rule"]) == (5e-2, 1e-2, "fixed")  # the values the run used
     saved = run_dir / "model"
     assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
     reference, _ = tuned_reference(model_dir, run_dir, lora=True)
@@ -194,6 +196,9 @@ def test_bad_data_files_get_errors_naming_the_file_and_what_was_expected(tmp_pat
     for flag, value in (("--lr", "-1"), ("--lr", "nan"), ("--eps", "0"), ("--eta-b", "-3")):
         with pytest.raises(SystemExit, match=rf"^zoptim finetune: {flag} must be a finite number > 0; got"):
             main(["finetune", "--train", str(good), "--method", "ZOSGD", flag, value, "--out", str(tmp_path / "n")])
+    assert not (tmp_path / "n").exists()
+    with pytest.raises(SystemExit, match=r"--batch-size 1000 is larger than the \d+ training examples"):
+        main(["finetune", "--train", str(good), "--batch-size", "1000", "--out", str(tmp_path / "n")])
     assert not (tmp_path / "n").exists()
 
 

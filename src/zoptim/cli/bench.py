@@ -37,7 +37,10 @@ def _override(text):
 
 
 def register(sub) -> None:
+    from . import HelpFormatter
+
     p = sub.add_parser("bench", help="compare zeroth-order optimizers at equal query budgets",
+                       formatter_class=HelpFormatter,
                        description="Run a benchmark suite (quick | paper | methods | methods-quick | methods-paper | methods-lm | "
                                    "methods-lm-search | lowrank-quick | lowrank-paper | lowrank-lm | perexample-quick | perexample-paper | perexample-lm | softmax | ablations | blackbox) or rebuild a report.")
     p.add_argument("--suite", help="quick (the demo), paper, methods (HiZOO, seed momentum, loss guard) on cheap problems, methods-quick and "

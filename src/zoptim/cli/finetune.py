@@ -31,8 +31,10 @@ from pathlib import Path
 def register(sub) -> None:
     from ..lm.data import TASKS
     from ..lm.train import METHODS, OBJECTIVES
+    from . import HelpFormatter
 
-    p = sub.add_parser("finetune", help="fine-tune a language model with forward passes only")
+    p = sub.add_parser("finetune", help="fine-tune a language model with forward passes only",
+                       formatter_class=HelpFormatter)
     p.add_argument("--model", default="smollm2", help="smollm2, minilm or a local Hugging Face model directory")
     p.add_argument("--task", default=None, help=f"one of {', '.join(TASKS)} (default rt-sentiment; not with --train)")
     p.add_argument("--train", default=None, metavar="FILE", help="own training data: .jsonl, .csv or .tsv")
@@ -45,16 +47,16 @@ def register(sub) -> None:
                    help="decoder prompt with {text}; \\n is a newline (own data default: '{text}\\nLabel:'); label words = ' <label>'")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda[:N] or mps")
     p.add_argument("--method", default="as2p", help=f"one of {', '.join(METHODS)}")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps (a zeroth-order step is 2 forward passes)")
     p.add_argument("--lora", action="store_true", help="tune LoRA adapters only (peft), base weights frozen")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged model instead of the adapter")
     p.add_argument("--no-save-model", action="store_true", help="do not write OUT/RUN/model/")
     p.add_argument("--no-exact-restore", action="store_true",
                    help="drop the exact-restore journal (MeZO's arithmetic undo; a control for bf16)")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step")
     p.add_argument("--max-length", type=int, default=64, help="longest prompt in tokens")
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations")
     p.add_argument("--checkpoint-every", type=int, default=None, help="steps between checkpoints (default: --eval-every)")
     p.add_argument("--nproc", type=int, default=None,
                    help="run N data-parallel processes under torchrun (each its share of every minibatch)")
@@ -78,9 +80,9 @@ def register(sub) -> None:
     p.add_argument("--per-example", action="store_true",
                    help="zosgd / as2p with --rank, decoder models: each example of the minibatch gets its own "
                         "direction (B directional derivatives per two forward passes)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the directions, the data order and the split")
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", required=True, help="output directory shared by the runs of one comparison")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -329,6 +331,10 @@ def run(args) -> int:
     check_args(args)
     from ..distributed import launched_rank_and_world, launched_world_size
 
+    task, _ = load_data(args)  # data errors are one line before anything is written (and read again in _run)
+    if args.batch_size > len(task.train):
+        raise SystemExit(f"zoptim finetune: --batch-size {args.batch_size} is larger than the {len(task.train)} training "
+                         "examples; give a smaller --batch-size")
     args.run_name = args.run_name or args.method
     if launched_rank_and_world()[0] == 0:  # under torchrun, rank 0 (or the launching process) settles the folder
         settle_run_folder(args, Path(args.out) / args.run_name)
@@ -442,8 +448,12 @@ def _run(args, device, rank: int, world: int) -> int:
         "steps": loop.step,
         "queries": loop.queries,
         "batch_size": args.batch_size,
-        "lr": optimizer.param_groups[0]["lr"] if args.method != "as2p" else args.lr,
-        "eps": args.eps,
+        # the values the run used: AS2P's automatic lr varies by step (its last one is recorded)
+        "lr": optimizer.param_groups[0]["lr"] if optimizer.param_groups[0].get("lr") is not None
+        else optimizer.last_stats.get("lr"),
+        "lr_rule": "automatic (AS2P, S2P paper Alg. 2): the last step's" if args.method == "as2p" and args.lr is None
+        else "fixed",
+        "eps": getattr(optimizer, "eps", args.eps),
         "seed": args.seed,
         "objective": args.objective,
         "val_accuracy": log[-1]["val_accuracy"],
