@@ -424,3 +424,11 @@ def test_an_out_folder_of_the_users_own_files_is_never_written(tmp_path, data_fi
     with pytest.raises(SystemExit, match=r"--out .*out holds files that are not zoptim runs"):
         finetune(tmp_path, save_tiny("causal", tmp_path / "tiny"), data_files, "--method", "zosgd")
     assert (mine / "report.md").read_text() == "my notes" and sorted(p.name for p in mine.iterdir()) == ["report.md"]
+
+
+def test_an_adapter_trained_from_a_relative_base_path_records_it_absolutely(tmp_path, data_files, monkeypatch):
+    save_tiny("causal", tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    run_dir = finetune(tmp_path, "tiny", data_files, "--method", "zosgd", "--lora", "--steps", "2", run="rel")
+    config = json.loads((run_dir / "model" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str((tmp_path / "tiny").resolve())

@@ -122,7 +122,8 @@ def resolve(name_or_path: str) -> tuple[Path, str]:
             f"model must be one of {sorted(KNOWN_MODELS)} or a local directory with a Hugging Face model; "
             f"got {name_or_path!r}"
         )
-    return path, model_kind(str(path))
+    # absolute: a LoRA adapter records its base by this path, and must load from any directory
+    return path.resolve(), model_kind(str(path))
 
 
 def load_model(name_or_path: str, dtype=torch.float32):
