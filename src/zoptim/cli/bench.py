@@ -37,7 +37,7 @@ def _override(text):
 
 
 def register(sub) -> None:
-    from . import HelpFormatter
+    from .common import HelpFormatter
 
     p = sub.add_parser("bench", help="compare zeroth-order optimizers at equal query budgets",
                        formatter_class=HelpFormatter,
@@ -74,7 +74,7 @@ def main(args) -> int:
     torch.set_num_threads(int(os.environ.get("ZOPTIM_BENCH_THREADS", "1")))
 
     from ..checkpoint import CheckpointError
-    from . import check_out_dir
+    from .common import check_out_dir
 
     check_out_dir("bench", "--out", args.out)
     if args.report is not None and not args.report.is_dir():

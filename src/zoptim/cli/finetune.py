@@ -31,7 +31,7 @@ from pathlib import Path
 def register(sub) -> None:
     from ..lm.data import TASKS
     from ..lm.train import METHODS, OBJECTIVES
-    from . import HelpFormatter
+    from .common import HelpFormatter
 
     p = sub.add_parser("finetune", help="fine-tune a language model with forward passes only",
                        formatter_class=HelpFormatter)
@@ -193,7 +193,7 @@ def check_args(args) -> None:
             path = getattr(args, flag)
             if path is not None and not Path(path).is_file():
                 raise SystemExit(f"zoptim finetune: --{flag} {path}: no such file")
-    from . import check_out_dir
+    from .common import check_out_dir
 
     check_out_dir("finetune", "--out", args.out)
     if args.template is not None and "{text}" not in args.template:

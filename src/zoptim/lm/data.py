@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .models import package_dir
+from .assets import package_dir
 
 TASKS = ("rt-sentiment", "trec")
 TREC_CLASSES = ("ABBR", "DESC", "ENTY", "HUM", "LOC", "NUM")

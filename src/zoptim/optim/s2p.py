@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import math
 
-from .base import Query, StepGenerator, ZerothOrderOptimizer, check_int, check_positive
+from .base import Query, StepGenerator, ZerothOrderOptimizer
+from .checks import check_int, check_positive
 
 STEP_RULES = ("stationary", "dynamic", "relaxed_stationary", "relaxed_dynamic")
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import Query, StepGenerator, ZerothOrderOptimizer, check_positive
+from .base import Query, StepGenerator, ZerothOrderOptimizer
+from .checks import check_positive
 
 
 class STP(ZerothOrderOptimizer):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import StepGenerator, ZerothOrderOptimizer, check_int, check_positive
+from .base import StepGenerator, ZerothOrderOptimizer
+from .checks import check_int, check_positive
 from .momentum import SeedMomentum
 
 
