@@ -241,7 +241,7 @@ def test_cost_ratio_counts_queries_to_reach_the_base_methods_smoothed_loss():
     # targets 3, 5, 7, 9; the faster run (10, 8, 6, 4, 2, ...) first reaches them at 10, 8, 6, 4 queries
     assert cost_ratios(base, twice_as_fast, window=1) == [0.625, 0.5, 0.375, 0.25]
     assert cost_ratios(base, never, window=1) == [None] * 4
-    json.dumps(cost_ratios(base, base))
+    assert json.loads(json.dumps(cost_ratios(base, base, window=1))) == [1.0, 0.75, 0.5, 0.25]  # plain JSON
 
 
 def test_cost_ratio_ignores_the_noisy_start_before_a_full_smoothing_window():
