@@ -232,10 +232,17 @@ def test_non_finite_values_are_skipped_then_reported():
     with pytest.warns(zoptim.NonFiniteLossWarning, match="update skipped"):
         res = zoptim.minimize(lambda x: next(calls), np.zeros(2), options={"maxfev": 21})
     assert np.isnan(res.loss_history[0]) and res.fun_best == 1.0
-    with warnings.catch_warnings():
+    with warnings.catch_warnings():  # ten skipped steps in a row: a result that says the run diverged
         warnings.simplefilter("ignore", zoptim.NonFiniteLossWarning)
-        with pytest.raises(zoptim.DivergedError, match="non-finite .* 10 consecutive steps"):
-            zoptim.minimize(lambda x: np.inf, np.zeros(2), options={"maxfev": 100})
+        res = zoptim.minimize(lambda x: np.inf, np.zeros(2), options={"maxfev": 100})
+    assert res.status == 5 and not res.success and res.message.startswith("The run diverged")
+    assert "10 consecutive steps" in res.message and np.array_equal(res.x, np.zeros(2))
+
+
+@pytest.mark.parametrize("method", ["zosgd", "as2p", "stp", "s2p", "hizoo"])
+def test_every_method_runs_with_its_defaults_on_a_plain_vector(method):
+    res = zoptim.minimize(sphere, np.zeros(6), method=method, options={"maxfev": 401})
+    assert res.status == 1 and res.nfev <= 401 and res.fun < sphere(np.zeros(6))
 
 
 def test_a_non_finite_final_point_is_not_a_success():

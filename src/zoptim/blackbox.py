@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from . import optim
-from .optim.base import StepRun, ZerothOrderOptimizer, loss_value
+from .optim.base import DivergedError, StepRun, ZerothOrderOptimizer, loss_value
 
 
 class _DictResult(dict):
@@ -408,6 +408,8 @@ _MESSAGES = {
     2: "Maximum number of iterations has been exceeded.",
     3: "Time limit (options['timeout']) reached.",
     4: "The final point is not finite: x has NaN/inf entries or f(x) is NaN/inf (see x_best, fun_best).",
+    5: "The run diverged: too many steps in a row were skipped (non-finite values or updates); x is the last "
+       "finite iterate.",
     99: "`callback` stopped the run.",
 }
 
@@ -463,7 +465,8 @@ def minimize(
         ``scipy.optimize.OptimizeResult`` (a compatible dict when scipy is missing) with ``x`` (the
         final iterate), ``fun`` (f(x), one evaluation), ``nfev``, ``nit``, ``success``,
         ``status`` (0 converged or ftarget reached, 1 maxfev, 2 maxiter, 3 timeout, 4 the final
-        point or its value is not finite, whatever stopped the run; 99 callback),
+        point or its value is not finite, whatever stopped the run, 5 diverged: ``max_nonfinite``
+        skipped steps in a row; 99 callback),
         ``message``, ``x_best``/``fun_best`` (the best point evaluated, perturbed query points
         included) and ``loss_history`` (every value of fun, in order). Note that, as in scipy,
         using up the budget is ``success=False``.
@@ -540,7 +543,11 @@ def minimize(
             bar.update(1)
             if value < best:
                 best, x_best = value, point
-            at.tell(value)
+            try:
+                at.tell(value)
+            except DivergedError as err:  # max_nonfinite steps in a row were skipped: stop, with the last finite iterate
+                status, message = 5, f"{_MESSAGES[5]} ({err})"
+                break
             if ftarget is not None and value <= ftarget:
                 status, message = 0, f"A value <= ftarget ({ftarget}) was reached (x_best)."
                 break
@@ -610,4 +617,6 @@ def _defaults_for_budget(name: str, hp: dict, steps: int) -> dict:
         hp.setdefault("total_steps", steps)
     if name == "s2p" and not str(hp.get("step_rule", "stationary")).endswith("dynamic"):
         hp.setdefault("total_steps", steps)
+    if name == "s2p" and hp.get("step_rule", "stationary") == "stationary":
+        hp.setdefault("lr", 1.0)  # alpha_0: alpha_k = 1 / sqrt(K d), the bench problems' default (s2p_lr)
     return hp
