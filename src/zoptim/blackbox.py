@@ -465,7 +465,7 @@ def minimize(
         ``scipy.optimize.OptimizeResult`` (a compatible dict when scipy is missing) with ``x`` (the
         final iterate), ``fun`` (f(x), one evaluation), ``nfev``, ``nit``, ``success``,
         ``status`` (0 converged or ftarget reached, 1 maxfev, 2 maxiter, 3 timeout, 4 the final
-        point or its value is not finite, whatever stopped the run, 5 diverged: ``max_nonfinite``
+        point or its value is not finite after a stop that would be a success, 5 diverged: ``max_nonfinite``
         skipped steps in a row; 99 callback),
         ``message``, ``x_best``/``fun_best`` (the best point evaluated, perturbed query points
         included) and ``loss_history`` (every value of fun, in order). Note that, as in scipy,
@@ -593,8 +593,11 @@ def minimize(
         fun_final = math.nan  # not evaluated: fun is not asked at a point with NaN/inf entries
     if fun_final < best:
         best, x_best = fun_final, x_final.copy()
-    if not math.isfinite(fun_final):
-        status, message = 4, _MESSAGES[4] + (f" (before: {message})" if message else "")
+    if not math.isfinite(fun_final):  # never a success; a run that already failed keeps its status
+        if status == 0:
+            status, message = 4, _MESSAGES[4] + (f" (before: {message})" if message else "")
+        else:
+            message = (message or _MESSAGES[status]) + " " + _MESSAGES[4]
     return OptimizeResult(
         x=x_final,
         fun=fun_final,
