@@ -159,6 +159,9 @@ class SeededPerturbation:
         self._state: dict[tuple[int, int], tuple] = {}
         self._epoch = 0
         self._inflight: tuple | None = None
+        # the chunk backups that make a move atomic; benchmarks/atomic_cost.py turns them off to
+        # measure what they cost (without them an exception mid-move can leave a mixed point)
+        self._atomic = True
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._norm_cache: tuple[int, float] | None = None
         self._weights: Weights | None = None
@@ -341,9 +344,9 @@ class SeededPerturbation:
                 record = record_all and has_new
                 n = b - a
                 sl = flat[a:b]
-                backup = self._buffer(device, "B", n, dtype)
-                backup.copy_(sl)
-                self._inflight = (j, c, a, b, done)
+                if self._atomic:
+                    self._buffer(device, "B", n, dtype).copy_(sl)
+                    self._inflight = (j, c, a, b, done)
                 ok0, ok1 = words_of(o_key, j) if has_old else (0, 0)
                 nk0, nk1 = words_of(t_key, j) if has_new else (0, 0)
                 # float32 scalars: the kernels multiply float32 noise by them, as the journal check assumes
@@ -378,7 +381,8 @@ class SeededPerturbation:
                 if record and int(count) > 0:
                     idx = M.nonzero().view(-1)
                     done = (base_epoch, t_key, s_new, (idx.to(torch.int32), P[idx]))
-                    self._inflight = (j, c, a, b, done)
+                    if self._atomic:
+                        self._inflight = (j, c, a, b, done)
                 self._state[(j, c)] = done  # the commit
 
     def _undo_inflight(self) -> None:
