@@ -50,6 +50,7 @@ of each fill), so the engine never uses it.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -114,6 +115,7 @@ def _normal_table() -> torch.Tensor:
     return q / q.square().mean().sqrt()
 
 
+@functools.cache
 def max_abs_value(distribution: str) -> float:
     """The largest |s_i| a direction of ``distribution`` can hold (what bounds an update's write)."""
     check_distribution(distribution)
