@@ -16,31 +16,40 @@ import os
 import pickle
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_save", "safe_load"]
+__all__ = ["CheckpointError", "atomic_save", "atomic_write", "safe_load"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, corrupted, or not a zoptim checkpoint)."""
 
 
-def atomic_save(obj, path) -> None:
-    """``torch.save(obj, path)``, all or nothing: a temporary file renamed into place."""
+def atomic_write(path, write: Callable[[IO], None], mode: str = "wb") -> None:
+    """Write ``path`` all or nothing: ``write(file)`` fills a temporary file with a unique name in
+    the same folder, which is flushed to disk and renamed over ``path``. Processes writing one path
+    at once never clash (the last rename wins; every reader sees one whole file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_save(obj, path) -> None:
+    """``torch.save(obj, path)``, all or nothing (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def safe_load(path, map_location="cpu", required_keys=()):

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
+
+from ..checkpoint import atomic_write
 
 
 def _clean(value):
@@ -16,21 +16,8 @@ def _clean(value):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` all or nothing: a temporary file with a unique name in the same
-    folder, renamed over ``path``, so processes writing one path at once never clash (the last
-    rename wins, and every reader sees one whole file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` all or nothing (:func:`zoptim.checkpoint.atomic_write`)."""
+    atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:
