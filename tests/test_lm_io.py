@@ -432,3 +432,19 @@ def test_an_adapter_trained_from_a_relative_base_path_records_it_absolutely(tmp_
     run_dir = finetune(tmp_path, "tiny", data_files, "--method", "zosgd", "--lora", "--steps", "2", run="rel")
     config = json.loads((run_dir / "model" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == str((tmp_path / "tiny").resolve())
+
+
+def test_a_failed_start_leaves_no_folder_and_does_not_block_the_corrected_command(tmp_path, data_files):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # a folder, but no model in it: fails when the model loads
+    with pytest.raises(BaseException):  # noqa: B017 - whatever transformers raises for it
+        finetune(tmp_path, broken, data_files, "--method", "zosgd", "--lr", "1e-2")
+    assert not (tmp_path / "out").exists()
+    # a configuration left by a start that never trained does not block other settings
+    run_dir = tmp_path / "out" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps({"lr": 0.5}))
+    finetune(tmp_path, save_tiny("causal", tmp_path / "tiny"), data_files, "--method", "zosgd", "--steps", "2",
+             "--no-save-model")
+    assert json.loads((run_dir / "config.json").read_text())["lr"] == 5e-2

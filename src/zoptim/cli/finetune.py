@@ -115,6 +115,21 @@ def run_config(args) -> dict:
     return config
 
 
+def started(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that has trained (a log or a checkpoint), not just its configuration."""
+    return (run_dir / "checkpoint.pt").exists() or (run_dir / "log.jsonl").exists()
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """After a failed start: remove the run folder if it holds nothing but its configuration, and
+    ``--out`` with it if that leaves it empty."""
+    if run_dir.is_dir() and not started(run_dir) and {p.name for p in run_dir.iterdir()} <= {"config.json"}:
+        (run_dir / "config.json").unlink(missing_ok=True)
+        run_dir.rmdir()
+        if not any(run_dir.parent.iterdir()):
+            run_dir.parent.rmdir()
+
+
 def settle_run_folder(args, run_dir: Path, say=print) -> None:
     """Check ``run_dir`` against this command before any heavy work, in one line if it differs.
 
@@ -144,7 +159,9 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
     if config_path.exists():
         saved = json.loads(config_path.read_text())
         differ = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
-        if differ and args.resume and saved.get("data_sha256") == mine["data_sha256"]:
+        if differ and not started(run_dir):
+            say(f"note: {run_dir} held the configuration of a run that never trained; starting it with these settings")
+        elif differ and args.resume and saved.get("data_sha256") == mine["data_sha256"]:
             changed = [k for k in differ if k != "data_sha256"]
             say(f"--resume: continuing the run in {run_dir} as it was configured (ignoring this command's "
                 + ", ".join(f"--{k.replace('_', '-')} {mine.get(k)!r}" for k in changed) + ")")
@@ -159,7 +176,7 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
                     "pass --resume to continue that run as it was configured, --overwrite to start over, or another "
                     "--run-name")
             raise SystemExit(f"zoptim finetune: {run_dir} holds a run with other settings ({shown}); {hint}")
-    elif (run_dir / "checkpoint.pt").exists() or (run_dir / "log.jsonl").exists():
+    elif started(run_dir):
         say(f"note: {run_dir} holds a run without a recorded configuration (an older zoptim's); its settings "
             "cannot be checked against this command's")
     elif run_dir.exists() and any(run_dir.iterdir()):
@@ -349,7 +366,12 @@ def run(args) -> int:
     from ..distributed import init_from_env
 
     rank, world = init_from_env(device)
-    code = _run(args, device, rank, world)
+    try:
+        code = _run(args, device, rank, world)
+    except BaseException:
+        if rank == 0:
+            remove_unstarted(Path(args.out) / args.run_name)
+        raise
     if world > 1:
         import torch.distributed as dist
 
