@@ -399,6 +399,10 @@ def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(
     # the same command again: the finished run is resumed, and says so
     finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model")
     assert "resuming from step 4" in capsys.readouterr().out
+    # the default method is the one the README recommends for language models
+    assert config["method"] == "zosgd" and json.loads(
+        (finetune(tmp_path, model_dir, data_files, "--no-save-model", run="default") / "config.json").read_text()
+    )["method"] == "zosgd"
     # another lr: one line naming the field, nothing trained or rewritten
     before = (run_dir / "result.json").read_bytes()
     with pytest.raises(SystemExit, match=r"run holds a run with other settings \(lr: 0\.05 -> 0\.01\); pass --resume"):

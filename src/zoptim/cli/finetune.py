@@ -46,7 +46,8 @@ def register(sub) -> None:
     p.add_argument("--template", default=None,
                    help="decoder prompt with {text}; \\n is a newline (own data default: '{text}\\nLabel:'); label words = ' <label>'")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda[:N] or mps")
-    p.add_argument("--method", default="as2p", help=f"one of {', '.join(METHODS)}")
+    p.add_argument("--method", default="zosgd",
+                   help=f"one of {', '.join(METHODS)} (zosgd, MeZO's method, is what the README's LM tables recommend)")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (a zeroth-order step is 2 forward passes)")
     p.add_argument("--lora", action="store_true", help="tune LoRA adapters only (peft), base weights frozen")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged model instead of the adapter")
