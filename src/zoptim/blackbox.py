@@ -469,7 +469,9 @@ def minimize(
         skipped steps in a row; 99 callback),
         ``message``, ``x_best``/``fun_best`` (the best point evaluated, perturbed query points
         included) and ``loss_history`` (every value of fun, in order). Note that, as in scipy,
-        using up the budget is ``success=False``.
+        using up the budget is ``success=False``. With a noisy ``fun``, ``fun_best`` is the
+        minimum of noisy samples, so it is biased low (a lucky draw); ``fun`` (one evaluation at
+        the final iterate) is not, and ``x_best`` should be re-evaluated before it is trusted.
 
     Example:
         >>> res = zoptim.minimize(lambda x: float(((x - 1) ** 2).sum()), np.zeros(10),
