@@ -478,3 +478,21 @@ def test_state_round_trip_across_a_real_process_restart(tmp_path):
     """)
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     assert np.array_equal(np.load(tmp_path / "x.npy"), full.recommend())
+
+
+def test_ask_tell_takes_bounds_as_minimize_does():
+    box = [(-0.5, 0.5)] * 4
+    at = zoptim.AskTell("zosgd", np.zeros(4), bounds=box, lr=0.2, eps=0.3, seed=1)
+    for _ in range(200):
+        point = at.ask()
+        assert np.all(np.abs(point) <= 0.5)  # every point asked is in the box
+        at.tell(sphere(point))
+        if not at.in_step:
+            assert np.all(np.abs(at.recommend()) <= 0.5)  # and so is every iterate
+    assert np.all(at.recommend() > 0.3)  # on its way to the sphere's minimum (at 1) projected onto the box
+    again = zoptim.AskTell.from_state_dict(at.state_dict())
+    assert np.array_equal(again.recommend(), at.recommend()) and again._box is not None
+    with pytest.raises(TypeError, match="bounds apply to the vector form"):
+        zoptim.AskTell(zoptim.ZOSGD([torch.nn.Parameter(torch.zeros(2))]), bounds=box[:2])
+    with pytest.warns(UserWarning, match="x0 is not within the bounds"):
+        zoptim.AskTell("as2p", np.full(4, 2.0), bounds=box)

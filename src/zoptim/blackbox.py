@@ -232,10 +232,13 @@ class AskTell:
     ``total_steps``.
     """
 
-    def __init__(self, optimizer, x0=None, /, **hyperparameters):
+    def __init__(self, optimizer, x0=None, /, *, bounds=None, **hyperparameters):
+        self._box = None
         if isinstance(optimizer, ZerothOrderOptimizer):
             if x0 is not None or hyperparameters:
                 raise TypeError("AskTell(optimizer) takes no x0 or hyper-parameters: they belong to the optimizer")
+            if bounds is not None:
+                raise TypeError("bounds apply to the vector form, AskTell(method, x0, bounds=...)")
             self.method = type(optimizer).__name__.lower()
             self.hyperparameters: dict = {}
             self._vector: torch.Tensor | None = None
@@ -244,6 +247,10 @@ class AskTell:
             if x0 is None:
                 raise TypeError(f"AskTell({optimizer!r}, x0, **hyperparameters) needs x0, the starting point")
             x = _as_vector(x0)
+            self._box = _check_bounds(bounds, x.size)
+            if self._box is not None and ((x < self._box[0]) | (x > self._box[1])).any():
+                warnings.warn("x0 is not within the bounds; it was clipped to the box", UserWarning, stacklevel=2)
+                x = np.clip(x, *self._box)
             self.method, _ = _method_class(optimizer)
             self.hyperparameters = dict(hyperparameters)
             self._vector = torch.nn.Parameter(torch.from_numpy(x))
@@ -280,7 +287,10 @@ class AskTell:
             run = self._slot.run = self.optimizer.begin_step()
         run.move()
         self._pending = True
-        return self._point()
+        point = self._point()
+        if self._box is not None:  # bounds by projection: the loss is asked at the clipped point
+            np.clip(point, *self._box, out=point)
+        return point
 
     def tell(self, value) -> None:
         """Report the loss of the point from the last ``ask()`` (a real scalar).
@@ -299,6 +309,10 @@ class AskTell:
         loss = value if getattr(self.optimizer, "per_example", False) else _scalar(value, "tell(value)")
         self._pending = False
         run.tell(loss)
+        if self._box is not None and self._active() is None:  # a step ended: its iterate is clipped to the box
+            with torch.no_grad():
+                lo, hi = (torch.from_numpy(b) for b in self._box)
+                torch.clamp(self._vector, lo, hi, out=self._vector.data)
 
     @property
     def in_step(self) -> bool:
@@ -361,6 +375,7 @@ class AskTell:
         else:
             sd["x"] = torch.from_numpy(point)
             sd["hyperparameters"] = dict(self.hyperparameters)
+            sd["bounds"] = None if self._box is None else [torch.from_numpy(b.copy()) for b in self._box]
         return sd
 
     @torch.no_grad()
@@ -397,7 +412,9 @@ class AskTell:
         """Rebuild a NumPy-vector AskTell from its :meth:`state_dict` (e.g. after a restart)."""
         if not isinstance(state_dict, dict) or "x" not in state_dict:
             raise ValueError("from_state_dict needs the state_dict of a NumPy-vector AskTell (AskTell(method, x0, ...))")
-        at = cls(state_dict["method"], state_dict["x"].numpy(), **state_dict["hyperparameters"])
+        box = state_dict.get("bounds")
+        bounds = None if box is None else list(zip(box[0].numpy(), box[1].numpy()))
+        at = cls(state_dict["method"], state_dict["x"].numpy(), bounds=bounds, **state_dict["hyperparameters"])
         at.load_state_dict(state_dict)
         return at
 
@@ -500,19 +517,19 @@ def minimize(
     progress = bool(run_opts.get("progress", run_opts.get("disp", False)))
 
     x = _as_vector(x0)
-    box = _check_bounds(bounds, x.size)
-    if box is not None and ((x < box[0]) | (x > box[1])).any():
-        warnings.warn("x0 is not within the bounds; it was clipped to the box", UserWarning, stacklevel=2)
-        x = np.clip(x, *box)
+    _check_bounds(bounds, x.size)  # bad bounds fail before anything runs (AskTell applies them)
     qps = queries_per_step(name, hp)
     if maxfev < qps + 1:
         raise ValueError(f"options['maxfev'] = {maxfev} is below one step of {name!r} ({qps} evaluations) plus the final one")
     steps = (maxfev - 1) // qps
     if maxiter is not None:
         steps = min(steps, maxiter)
-    at = AskTell(name, x, **_defaults_for_budget(name, hp, steps))
-    x_tensor = at._vector
-    box_t = None if box is None else tuple(torch.from_numpy(b) for b in box)
+    with warnings.catch_warnings():  # said at the user's call below, not inside AskTell
+        warnings.simplefilter("ignore", UserWarning)
+        at = AskTell(name, x, bounds=bounds, **_defaults_for_budget(name, hp, steps))
+    if at._box is not None and ((x < at._box[0]) | (x > at._box[1])).any():
+        warnings.warn("x0 is not within the bounds; it was clipped to the box", UserWarning, stacklevel=2)
+    x = at._vector.detach().numpy().copy()
 
     def evaluate(point: np.ndarray) -> float:
         return _scalar(fun(point, *args), "fun(x)")
@@ -537,9 +554,7 @@ def minimize(
                 if maxiter is not None and nit >= maxiter:
                     status = 2
                     break
-            point = at.ask()
-            if box is not None:
-                np.clip(point, box[0], box[1], out=point)
+            point = at.ask()  # clipped to the bounds, if any
             value = evaluate(point)
             history.append(value)
             bar.update(1)
@@ -559,9 +574,6 @@ def minimize(
             if at.in_step:
                 continue
             nit += 1
-            if box_t is not None:
-                with torch.no_grad():
-                    torch.clamp(x_tensor, box_t[0], box_t[1], out=x_tensor.data)
             best_at_step.append(best)
             if progress:
                 bar.set_postfix(best=f"{best:.4g}", refresh=False)
