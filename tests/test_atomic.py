@@ -225,3 +225,33 @@ def test_deferred_signals_hold_a_ctrl_c_until_the_section_ends():
         assert signal.getsignal(signal.SIGUSR1) is handler
     finally:
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_a_ctrl_c_during_the_recovery_waits_until_the_parameters_are_back(monkeypatch):
+    """A query move fails at its second kernel call; while the recovery runs, a signal
+    whose handler raises KeyboardInterrupt arrives. It is delivered after the recovery: the
+    parameters are at the start point and the engine says it is not perturbed."""
+    ps, opt = build("ZOSGD")
+    start = snapshot(ps)
+    real, count = kernels.run, [0]
+
+    def failing(*a, **kw):
+        count[0] += 1
+        if count[0] == 2:
+            raise Injected("the move fails")
+        if count[0] == 3:  # the first call of the recovery
+            signal.raise_signal(signal.SIGUSR1)
+        return real(*a, **kw)
+
+    def ctrl_c(signum, frame):
+        raise KeyboardInterrupt("arrived during the recovery")
+
+    previous = signal.signal(signal.SIGUSR1, ctrl_c)
+    monkeypatch.setattr(kernels, "run", failing)
+    try:
+        with pytest.raises(KeyboardInterrupt, match="arrived during the recovery"):
+            opt.engine.move(12345, 0.1)  # the engine alone: no optimizer cleans up after it
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+        monkeypatch.setattr(kernels, "run", real)
+    assert same(ps, start) and not opt.engine.is_perturbed and count[0] >= 3  # the recovery ran

@@ -282,8 +282,12 @@ class SeededPerturbation:
             self._transition(target, new_scales, None, None)
         except BaseException as err:
             self._key, self._scales = _MIXED, None  # until the recovery succeeds: restore() still has work
-            recover(lambda: self._transition(None, None, None, None), err, "going back to the unperturbed point")
-            self._key = None
+
+            def back():
+                self._transition(None, None, None, None)
+                self._key = None  # set inside the recovery: a deferred Ctrl-C replays after it
+
+            recover(back, err, "going back to the unperturbed point")
             raise
         self._key, self._scales = (target, new_scales) if target is not None else (None, None)
 
@@ -421,12 +425,11 @@ class SeededPerturbation:
         def run():
             for i, (target, new_scales) in enumerate(moves):
                 self._transition(target, new_scales, decay if i == 0 else None, first + i)
+            self._key, self._scales = None, None  # inside: a deferred Ctrl-C replays after the recovery
 
         try:
             run()
         except BaseException as err:
             self._key, self._scales = _MIXED, None  # until the recovery succeeds: restore() still has work
             recover(run, err, "completing the update")
-            self._key = None
             raise
-        self._key, self._scales = None, None
