@@ -22,7 +22,7 @@ from typing import IO
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_save", "atomic_write", "safe_load"]
+__all__ = ["CheckpointError", "atomic_save", "atomic_write", "atomic_write_text", "safe_load"]
 
 
 class CheckpointError(RuntimeError):
@@ -45,6 +45,11 @@ def atomic_write(path, write: Callable[[IO], None], mode: str = "wb") -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` all or nothing (:func:`atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 def atomic_save(obj, path) -> None:

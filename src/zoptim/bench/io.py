@@ -6,18 +6,13 @@ import json
 import math
 from pathlib import Path
 
-from ..checkpoint import atomic_write
+from ..checkpoint import atomic_write_text
 
 
 def _clean(value):
     if isinstance(value, float) and not math.isfinite(value):
         return None  # JSON has no NaN/inf; readers treat None as "no finite value"
     return value
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` all or nothing (:func:`zoptim.checkpoint.atomic_write`)."""
-    atomic_write(path, lambda fh: fh.write(text), mode="w")
 
 
 def write_jsonl(path: Path, records: list[dict]) -> None:

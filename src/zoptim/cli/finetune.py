@@ -27,6 +27,8 @@ import os
 import time
 from pathlib import Path
 
+from ..checkpoint import atomic_write_text
+
 
 def register(sub) -> None:
     from ..lm.data import TASKS
@@ -98,12 +100,6 @@ RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "lab
               "method", "steps", "lora", "no_exact_restore", "dtype", "batch_size", "max_length", "eval_every",
               "checkpoint_every", "eval_examples", "objective", "lr", "eps", "eta_b", "momentum", "momentum_window",
               "guard", "hessian_smooth", "rank", "per_example", "seed")
-
-
-def atomic_write_text(path, text: str) -> None:
-    from ..bench.io import atomic_write_text as write  # imported when used: zoptim.bench loads the whole harness
-
-    write(path, text)
 
 
 def run_config(args) -> dict:
@@ -247,12 +243,14 @@ def check_args(args) -> None:
     if args.rank is not None and args.method in ("hizoo", "adamw"):
         raise SystemExit(f"zoptim finetune: --rank (forward-applied directions) is an option of the zeroth-order methods "
                          f"but hizoo; got --method {args.method}")
-    import math
+    from ..optim.checks import check_positive
 
     for name, value, strict in (("lr", args.lr, True), ("eps", args.eps, True), ("eta-b", args.eta_b, True),
                                 ("hessian-smooth", args.hessian_smooth, False)):
-        if value is not None and not (math.isfinite(value) and (value > 0 if strict else value >= 0)):
-            raise SystemExit(f"zoptim finetune: --{name} must be a finite number {'> 0' if strict else '>= 0'}; got {value}")
+        try:
+            check_positive(f"--{name}", value, allow_none=True, allow_zero=not strict)
+        except ValueError as err:
+            raise SystemExit(f"zoptim finetune: {err}") from None
     if args.test_examples is not None and args.test_examples < 1:
         raise SystemExit(f"zoptim finetune: --test-examples must be >= 1; got {args.test_examples}")
     for name in ("steps", "batch_size", "eval_every", "eval_examples", "max_length", "checkpoint_every", "nproc"):

@@ -488,12 +488,11 @@ class ZerothOrderOptimizer(Optimizer):
                 value = group[name]
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     value = float(value)
-                ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-                if not ok:
-                    raise ValueError(
-                        f"param_groups[{gi}]['{name}'] must be a finite number >= 0; got {group[name]!r} (checked at "
-                        "every step, wherever it was set: the constructor, param_groups or a scheduler)"
-                    )
+                try:
+                    check_positive(f"param_groups[{gi}]['{name}']", value, allow_zero=True)
+                except ValueError as err:
+                    raise ValueError(f"{err} (checked at every step, wherever it was set: the constructor, "
+                                     "param_groups or a scheduler)") from None
 
     def _multiplier_bound(self) -> float:
         """The largest element-wise multiplier of a direction (HiZOO's preconditioner; 1 otherwise)."""
