@@ -517,19 +517,14 @@ def minimize(
     progress = bool(run_opts.get("progress", run_opts.get("disp", False)))
 
     x = _as_vector(x0)
-    _check_bounds(bounds, x.size)  # bad bounds fail before anything runs (AskTell applies them)
     qps = queries_per_step(name, hp)
     if maxfev < qps + 1:
         raise ValueError(f"options['maxfev'] = {maxfev} is below one step of {name!r} ({qps} evaluations) plus the final one")
     steps = (maxfev - 1) // qps
     if maxiter is not None:
         steps = min(steps, maxiter)
-    with warnings.catch_warnings():  # said at the user's call below, not inside AskTell
-        warnings.simplefilter("ignore", UserWarning)
-        at = AskTell(name, x, bounds=bounds, **_defaults_for_budget(name, hp, steps))
-    if at._box is not None and ((x < at._box[0]) | (x > at._box[1])).any():
-        warnings.warn("x0 is not within the bounds; it was clipped to the box", UserWarning, stacklevel=2)
-    x = at._vector.detach().numpy().copy()
+    at = AskTell(name, x, bounds=bounds, **_defaults_for_budget(name, hp, steps))  # checks and applies the bounds
+    x = at._vector.detach().numpy().copy()  # x0, clipped to the bounds
 
     def evaluate(point: np.ndarray) -> float:
         return _scalar(fun(point, *args), "fun(x)")
