@@ -30,8 +30,8 @@ def bits(t):
     return t.detach().clone().view(torch.int64 if t.dtype == torch.float64 else torch.int32)
 
 
-# Each method with hyper-parameters as minimize passes them to the optimizer (AS2P: full batch,
-# total_steps = the steps the budget allows; S2P stationary likewise).
+# Each method with hyper-parameters as minimize passes them to the optimizer (AS2P: the cosine
+# schedules, total_steps = the steps the budget allows; S2P stationary likewise).
 CASES = [
     ("as2p", dict(eps=0.05, seed=3)),
     ("zosgd", dict(lr=0.02, eps=1e-3, num_directions=2, seed=3)),
@@ -45,7 +45,7 @@ def torch_run(method, hp, x0, steps, f=sphere):
     x = torch.nn.Parameter(torch.tensor(x0, dtype=torch.float64))
     hp = dict(hp)
     if method == "as2p":
-        hp.setdefault("batch_mode", "full")
+        hp.setdefault("batch_mode", "minibatch")
         hp.setdefault("total_steps", steps)
     if method == "s2p" and "L" not in hp:
         hp.setdefault("total_steps", steps)
@@ -72,6 +72,8 @@ def test_minimize_reproduces_the_torch_optimizers_iterates(method, hp):
 def test_ask_tell_on_a_vector_reproduces_the_torch_optimizers_iterates(method, hp):
     x0 = np.linspace(-1, 1, 12)
     hp = {**hp, "total_steps": 25} if method == "as2p" or "lr" in hp and method == "s2p" else hp
+    if method == "as2p":
+        hp["batch_mode"] = "full"  # AskTell's default for a vector (it does not know the budget)
     x, opt = torch_run(method, hp, x0, 25, rosen)
     at = zoptim.AskTell(method, x0, **hp)
     for _ in range(25 * opt.queries_per_step):
@@ -99,13 +101,13 @@ def test_ask_tell_over_tensors_gives_the_iterates_of_step(cls, kw):
 def test_minimize_returns_scipys_result_and_makes_progress():
     from scipy.optimize import OptimizeResult
 
-    res = zoptim.minimize(sphere, np.zeros(20), options={"maxfev": 1500, "eps": 0.05})
+    res = zoptim.minimize(sphere, np.zeros(20), options={"maxfev": 1500})  # every default
     assert isinstance(res, OptimizeResult)
     assert set(res) >= {"x", "fun", "nit", "nfev", "success", "status", "message", "x_best", "fun_best", "loss_history"}
     assert res.x.shape == (20,) and res.x.dtype == np.float64
     assert res.status == 1 and not res.success and "function evaluations" in res.message  # scipy's convention
     assert res.nfev == len(res.loss_history) <= 1500
-    assert res.fun < sphere(np.zeros(20)) / 10
+    assert res.fun < sphere(np.zeros(20)) / 1000
 
 
 def test_args_are_passed_to_fun():
