@@ -60,7 +60,10 @@ METHODS: dict[str, type[ZerothOrderOptimizer]] = {
 }
 
 #: Options of :func:`minimize` that control the run (every other option is a method hyper-parameter).
-RUN_OPTIONS = ("maxfev", "maxiter", "ftarget", "timeout", "patience", "progress", "disp")
+RUN_OPTIONS = ("maxfev", "maxiter", "ftarget", "timeout", "patience", "divergence", "progress", "disp")
+
+#: Steps in a row whose every value is far above the first one that make minimize stop (status 5).
+DIVERGED_STEPS = 10
 
 _STATE_FORMAT = "zoptim.AskTell/1"
 
@@ -261,7 +264,9 @@ class AskTell:
                 f"({', '.join(map(repr, METHODS))}); got {type(optimizer).__name__}"
             )
         self._slot = _Slot()
-        self._pending = False
+        self._asked: list[int] = []  # step indices of the points asked and not yet told
+        self._rows: list[int] = []  # those of the last ask(), in its order
+        self._batch = False  # the last ask was ask(n)
         self._finalizer = weakref.finalize(self, _abandon, self._slot)
 
     # -- the loop ---------------------------------------------------------------------------------------
@@ -277,38 +282,81 @@ class AskTell:
             return self.optimizer.engine.params
         return self._vector.detach().numpy().copy()
 
-    def ask(self):
-        """Move to the next point to evaluate and return it (the perturbed tensors, or a NumPy copy)."""
-        if self._pending and self._active() is not None:
-            raise RuntimeError("ask() called twice without tell(): report the last point's loss first")
-        self._pending = False
+    def ask(self, n: int | None = None):
+        """Move to the next point to evaluate and return it (the perturbed tensors, or a NumPy copy).
+
+        ``ask(n)`` (vector form) returns up to ``n`` points at once, as the rows of a 2-D array:
+        the step's next queries that do not depend on values not yet told (both points of each
+        of k directions, STP's and HiZOO's three points). Fewer than ``n`` when the method needs
+        those values first; evaluate them in parallel and ``tell`` their values in any order.
+        """
+        if n is not None:
+            if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 1:
+                raise ValueError(f"ask(n): n must be a positive integer; got {n!r}")
+            if self._vector is None:
+                raise TypeError("ask(n) needs the vector form, AskTell(method, x0): the optimizer form's point "
+                                "is the model itself, perturbed in place, so it holds one point at a time")
+        if self._asked and self._active() is not None:
+            raise RuntimeError("ask() called again before tell(): report the values of the points already asked first")
+        self._asked = []
         run = self._active()
         if run is None:
             run = self._slot.run = self.optimizer.begin_step()
-        run.move()
-        self._pending = True
-        point = self._point()
-        if self._box is not None:  # bounds by projection: the loss is asked at the clipped point
-            np.clip(point, *self._box, out=point)
-        return point
+        rows, points = run.untold[: 1 if n is None else int(n)], []
+        for i in rows:
+            run.move(i)
+            point = self._point()
+            if self._box is not None:  # bounds by projection: the loss is asked at the clipped point
+                np.clip(point, *self._box, out=point)
+            points.append(point)
+        self._rows, self._asked, self._batch = rows, list(rows), n is not None
+        return np.stack(points) if n is not None else points[0]
 
-    def tell(self, value) -> None:
+    def tell(self, value, index: int | None = None) -> None:
         """Report the loss of the point from the last ``ask()`` (a real scalar).
+
+        After ``ask(n)``: ``tell(values)`` with one value per row, in the rows' order, or
+        ``tell(value, index=j)`` for row j alone, in any order; the step goes on once every row
+        is told.
 
         A value that is not a real scalar raises TypeError and changes nothing (tell again). A NaN
         or infinite value skips the step's update and restores the parameters exactly, with a
-        :class:`zoptim.NonFiniteLossWarning`; ``max_nonfinite`` such steps in a row raise RuntimeError.
+        :class:`zoptim.NonFiniteLossWarning` (rows of that step not yet told are dropped: ask
+        again); ``max_nonfinite`` such steps in a row raise :class:`zoptim.DivergedError`.
         """
-        if not self._pending:
+        if not self._asked:
             raise RuntimeError("tell() without a pending ask(): call ask() first")
         run = self._active()
         if run is None:
-            self._pending = False
+            self._asked = []
             raise RuntimeError("the step of the last ask() was abandoned (the optimizer started another step); ask() again")
-        # a per-example optimizer takes the vector of its examples' losses (checked by the step)
-        loss = value if getattr(self.optimizer, "per_example", False) else _scalar(value, "tell(value)")
-        self._pending = False
-        run.tell(loss)
+        if not self._batch:
+            if index is not None:
+                raise TypeError("tell(value, index=...) applies to the rows of ask(n); after ask(), tell(value)")
+            # a per-example optimizer takes the vector of its examples' losses (checked by the step)
+            pairs = [(self._asked[0], value if getattr(self.optimizer, "per_example", False)
+                      else _scalar(value, "tell(value)"))]
+        elif index is None:
+            if isinstance(value, (str, bytes)) or np.ndim(value) != 1:
+                raise TypeError(f"after ask(n), tell(values) takes one value per row ({len(self._rows)}), or "
+                                f"tell(value, index=j) one row; got {type(value).__name__}")
+            values = [_scalar(v, f"tell(values)[{j}]") for j, v in enumerate(value)]
+            if len(values) != len(self._rows) or len(self._asked) != len(self._rows):
+                raise ValueError(f"tell(values) needs the values of the {len(self._asked)} rows of ask(n) not yet told; "
+                                 f"got {len(values)}" + (" (tell the rest with index=)" if len(self._asked) != len(self._rows) else ""))
+            pairs = list(zip(self._rows, values))
+        else:
+            if not isinstance(index, numbers.Integral) or isinstance(index, bool) or not 0 <= index < len(self._rows):
+                raise ValueError(f"index must be a row of the last ask(n), 0 to {len(self._rows) - 1}; got {index!r}")
+            if self._rows[index] not in self._asked:
+                raise ValueError(f"row {index} of the last ask(n) was already told")
+            pairs = [(self._rows[index], _scalar(value, "tell(value)"))]
+        for i, v in pairs:
+            self._asked.remove(i)
+            run.tell(v, i)
+            if self._active() is None:  # the step ended (its update, or a non-finite value)
+                self._asked = []
+                break
         if self._box is not None and self._active() is None:  # a step ended: its iterate is clipped to the box
             with torch.no_grad():
                 lo, hi = (torch.from_numpy(b) for b in self._box)
@@ -336,8 +384,8 @@ class AskTell:
         if engine.is_perturbed:
             engine.restore()
             point = self._copy()
-            if run is not None and self._pending:
-                run.move()  # back to the asked point (bit-exact with exact_restore)
+            if run is not None and self._asked and not self._batch:
+                run.move(self._asked[0])  # back to the asked point (bit-exact with exact_restore)
             return point
         return self._copy()
 
@@ -349,7 +397,7 @@ class AskTell:
     def close(self) -> None:
         """Abandon an unfinished step: the parameters go back bit for bit to the last iterate."""
         _abandon(self._slot)
-        self._pending = False
+        self._asked = []
 
     def __enter__(self):
         return self
@@ -369,6 +417,7 @@ class AskTell:
             "method": self.method,
             "optimizer": self.optimizer.state_dict(),
             "told": list(run.values) if run is not None else [],
+            "told_at": [i for i, _ in run.told] if run is not None else [],
         }
         if self._vector is None:
             sd["params"] = point
@@ -399,13 +448,14 @@ class AskTell:
         self.optimizer.load_state_dict(state_dict["optimizer"])
         for s, p in zip(saved, engine.params):
             p.detach().copy_(s)
-        told = [float(v) for v in state_dict["told"]]
+        told = [v if isinstance(v, list) else float(v) for v in state_dict["told"]]
+        at = state_dict.get("told_at") or [None] * len(told)  # None: in order (states saved before issue 21)
         self.optimizer.num_queries -= len(told)  # counted again by the replay
         if told:
             run = self._slot.run = self.optimizer.begin_step()
-            for v in told:  # the same moves as the interrupted run, without evaluating anything
-                run.move()
-                run.tell(v)
+            for i, v in zip(at, told):  # the same moves as the interrupted run, without evaluating anything
+                run.move(i)
+                run.tell(v, i)
 
     @classmethod
     def from_state_dict(cls, state_dict: dict) -> AskTell:
@@ -427,6 +477,8 @@ _MESSAGES = {
     4: "The final point is not finite: x has NaN/inf entries or f(x) is NaN/inf (see x_best, fun_best).",
     5: "The run diverged: too many steps in a row were skipped (non-finite values or updates); x is the last "
        "finite iterate.",
+    6: "The run diverged: every value of {steps} steps in a row exceeded f(x0) + {factor:g} * (|f(x0)| + 1) = "
+       "{limit:.4g}; x is the last iterate (lower lr or eps; x_best is the best point seen).",
     99: "`callback` stopped the run.",
 }
 
@@ -472,7 +524,9 @@ def minimize(
         options: run options ``maxfev`` (evaluations in all, default 10,000, the final
             evaluation at x included; a step is only started if it fits), ``maxiter`` (steps),
             ``ftarget`` (stop, success, as soon as a value <= ftarget is seen), ``timeout``
-            (seconds), ``patience`` (steps, for ``tol``), ``progress`` (or ``disp``: a tqdm
+            (seconds), ``patience`` (steps, for ``tol``), ``divergence`` (default 1,000: stop,
+            status 5, once every value of 10 steps in a row exceeds
+            ``f(x0) + divergence * (|f(x0)| + 1)``; None: never), ``progress`` (or ``disp``: a tqdm
             progress bar on stderr), and the method's hyper-parameters (``seed``, ``eps``,
             ``lr``, ``eta_b``, ...; see the optimizer classes). ``total_steps`` defaults to the
             steps the budget allows (AS2P, S2P's stationary rules). AS2P, the default method,
@@ -487,7 +541,7 @@ def minimize(
         final iterate), ``fun`` (f(x), one evaluation), ``nfev``, ``nit``, ``success``,
         ``status`` (0 converged or ftarget reached, 1 maxfev, 2 maxiter, 3 timeout, 4 the final
         point or its value is not finite after a stop that would be a success, 5 diverged: ``max_nonfinite``
-        skipped steps in a row; 99 callback),
+        skipped steps in a row, or values far above f(x0), see ``divergence``; 99 callback),
         ``message``, ``x_best``/``fun_best`` (the best point evaluated, perturbed query points
         included) and ``loss_history`` (every value of fun, in order). Note that, as in scipy,
         using up the budget is ``success=False``. With a noisy ``fun``, ``fun_best`` is the
@@ -519,6 +573,7 @@ def minimize(
     if ftarget is not None and (not isinstance(ftarget, numbers.Real) or isinstance(ftarget, bool) or math.isnan(ftarget)):
         raise ValueError(f"options['ftarget'] must be a real number; got {ftarget!r}")
     progress = bool(run_opts.get("progress", run_opts.get("disp", False)))
+    divergence = _positive("divergence", run_opts.get("divergence", 1e3))
 
     x = _as_vector(x0)
     qps = queries_per_step(name, hp)
@@ -536,6 +591,7 @@ def minimize(
     history: list[float] = []
     best, x_best = math.inf, x.copy()
     best_at_step: list[float] = []
+    far_steps, step_min = 0, math.inf
     status = None
     message = ""
     nit = 0
@@ -553,9 +609,12 @@ def minimize(
                 if maxiter is not None and nit >= maxiter:
                     status = 2
                     break
+            if not at.in_step:
+                step_min = math.inf
             point = at.ask()  # clipped to the bounds, if any
             value = evaluate(point)
             history.append(value)
+            step_min = min(step_min, value)
             bar.update(1)
             if value < best:
                 best, x_best = value, point
@@ -574,6 +633,13 @@ def minimize(
                 continue
             nit += 1
             best_at_step.append(best)
+            if divergence is not None:  # the iterate runs away although every value stays finite
+                limit = history[0] + divergence * (abs(history[0]) + 1.0)
+                far_steps = far_steps + 1 if step_min > limit else 0
+                if far_steps >= DIVERGED_STEPS:
+                    status = 5
+                    message = _MESSAGES[6].format(steps=DIVERGED_STEPS, factor=divergence, limit=limit)
+                    break
             if progress:
                 bar.set_postfix(best=f"{best:.4g}", refresh=False)
             if callback is not None:

@@ -63,8 +63,9 @@ class Query(NamedTuple):
     scales: float | list[float] = 0.0
 
 
-#: One step of a method: yields the points to evaluate, is sent their losses, returns the step's loss.
-StepGenerator = Generator[Query, float, float]
+#: One step of a method: yields the points to evaluate, one Query (sent its loss) or a list of
+#: independent ones (sent their losses as a list), and returns the step's loss.
+StepGenerator = Generator[Any, Any, float]
 
 
 def loss_value(loss) -> float:
@@ -368,15 +369,10 @@ class ZerothOrderOptimizer(Optimizer):
         if self.per_example:
             return (yield from self._per_example_directions(rho))
         first = self._direction_rank * self.num_directions
-        keys, gammas, plus, minus = [], [], [], []
-        for i in range(self.num_directions):
-            key = self.direction_key(first + i)
-            f_plus = yield Query(key, rho)
-            f_minus = yield Query(key, -rho)
-            keys.append(key)
-            gammas.append((f_plus - f_minus) / (2.0 * rho))
-            plus.append(f_plus)
-            minus.append(f_minus)
+        keys = [self.direction_key(first + i) for i in range(self.num_directions)]
+        values = yield [q for key in keys for q in (Query(key, rho), Query(key, -rho))]  # one round
+        plus, minus = values[0::2], values[1::2]
+        gammas = [(f_plus - f_minus) / (2.0 * rho) for f_plus, f_minus in zip(plus, minus)]
         keys, (gammas, plus, minus) = self._gather_directions(keys, [gammas, plus, minus])
         return keys, gammas, plus, minus
 
@@ -533,7 +529,9 @@ class ZerothOrderOptimizer(Optimizer):
 
         Yield a :class:`Query` for each function evaluation, e.g. ``f_plus = yield Query(key, eps)``;
         the driver moves the parameters there, evaluates the loss and sends it back (a finite
-        float). After the last query, call ``self._update(...)``, set ``last_stats`` and
+        float). Queries whose points do not depend on one another's values are best yielded as
+        one round, ``f_plus, f_minus = yield [Query(key, eps), Query(key, -eps)]``: a driver may
+        then evaluate them in any order or at once (:meth:`zoptim.AskTell.ask` with ``n``). After the last query, call ``self._update(...)``, set ``last_stats`` and
         return the step's loss. Do not change optimizer state before the last value is received:
         a step can be abandoned at any yield (non-finite loss, exception, closed AskTell).
         """
@@ -722,28 +720,66 @@ class StepRun:
     :meth:`ZerothOrderOptimizer.step` feeds it the closure's values, :class:`zoptim.AskTell` the
     values its caller tells. Both therefore produce the same iterates, bit for bit.
 
+    A method's generator may yield a *round*, a list of queries whose points do not depend on one
+    another's values (the two points of each of k directions, STP's three points); it is sent
+    their values as a list, in the round's order, once all are told. Within a round the values
+    may be told in any order (``move(i)``, ``tell(value, i)``, ``i`` counting the step's queries
+    from 0), which is what lets :meth:`zoptim.AskTell.ask` hand out several points at once.
+
     Attributes:
-        pending: the :class:`Query` to evaluate next (None once the step is done).
-        values: the finite losses told so far in this step (what a mid-step checkpoint saves).
+        pending: the next :class:`Query` not yet told, in order (None once the step is done).
+        values: the finite losses told so far in this step, in the order told.
+        told: ``(index, value)`` of each of them (what a mid-step checkpoint saves).
         loss: the step's loss once done (the non-finite value for a skipped step).
     """
 
     def __init__(self, optimizer: ZerothOrderOptimizer):
         self.optimizer = optimizer
-        self.values: list[float] = []
+        self.values: list = []
+        self.told: list[tuple[int, Any]] = []
         self.loss: float | None = None
+        self._first = 0  # step index of the round's first query
         self._gen: StepGenerator | None = optimizer._queries()
-        self.pending: Query | None = next(self._gen)
+        self._start_round(next(self._gen))
+
+    def _start_round(self, yielded) -> None:
+        self._batch = not isinstance(yielded, Query)  # a Query is itself a tuple: test it first
+        self._round: list[Query] = list(yielded) if self._batch else [yielded]
+        self._round_values: list = [None] * len(self._round)
 
     @property
     def done(self) -> bool:
         return self._gen is None
 
-    def move(self) -> None:
-        """Move the parameters (in place) to the pending query point."""
+    @property
+    def pending(self) -> Query | None:
+        untold = self.untold
+        return None if not untold else self._round[untold[0] - self._first]
+
+    @property
+    def untold(self) -> list[int]:
+        """Step indices of the current round's queries not yet told (empty once the step is done)."""
+        if self._gen is None:
+            return []
+        return [self._first + j for j, v in enumerate(self._round_values) if v is None]
+
+    def _slot(self, index: int | None) -> int:
+        untold = self.untold
         if self._gen is None:
             raise RuntimeError("this step is finished; start another with begin_step()")
-        key, scales = self.pending
+        if index is None:
+            return untold[0] - self._first
+        if index not in untold:
+            raise ValueError(
+                f"query {index} is not pending: the step's queries that can be evaluated now are {untold}"
+                + (" (the next ones depend on their values)" if untold else "")
+            )
+        return index - self._first
+
+    def move(self, index: int | None = None) -> None:
+        """Move the parameters (in place) to the pending query point (``index``: that query of the
+        current round; default the first not yet told)."""
+        key, scales = self._round[self._slot(index)]
         engine = self.optimizer.engine
         with torch.no_grad():
             if key is None:
@@ -751,11 +787,11 @@ class StepRun:
             else:
                 engine.move(key, scales)
 
-    def tell(self, loss) -> None:
-        """The loss at the pending point. A value that is not a scalar raises TypeError and changes
-        nothing; a NaN/inf one ends the step as skipped (update skipped, parameters restored)."""
-        if self._gen is None:
-            raise RuntimeError("this step is finished; start another with begin_step()")
+    def tell(self, loss, index: int | None = None) -> None:
+        """The loss at a pending point (``index`` as in :meth:`move`). A value that is not a
+        scalar raises TypeError and changes nothing; a NaN/inf one ends the step as skipped
+        (update skipped, parameters restored)."""
+        slot = self._slot(index)
         opt = self.optimizer
         value = loss_vector(loss) if opt.per_example else loss_value(loss)
         opt.num_queries += 1
@@ -770,11 +806,16 @@ class StepRun:
                 opt.steps += 1
             return
         self.values.append(value)
+        self.told.append((self._first + slot, value))
+        self._round_values[slot] = value
+        if any(v is None for v in self._round_values):
+            return
+        sent = list(self._round_values) if self._batch else self._round_values[0]
         try:
             with torch.no_grad():
-                self.pending = self._gen.send(value)
+                yielded = self._gen.send(sent)
         except StopIteration as stop:
-            self._gen, self.pending, self.loss = None, None, float(stop.value)
+            self._gen, self.loss = None, float(stop.value)
             opt._nonfinite_run = 0
             opt.steps += 1
             if opt._run is self:
@@ -790,6 +831,9 @@ class StepRun:
         except BaseException:
             self.abandon()
             raise
+        else:
+            self._first += len(self._round)
+            self._start_round(yielded)
 
     def _tell_other_ranks(self, status: float) -> None:
         """In a direction-parallel run, take part in the step's exchange with this rank's failure."""
@@ -798,7 +842,7 @@ class StepRun:
             opt._exchange_once([], status)
 
     def _finish(self) -> None:
-        gen, self._gen, self.pending = self._gen, None, None
+        gen, self._gen = self._gen, None
         if gen is not None:
             gen.close()
         self.optimizer.engine.restore()

@@ -266,9 +266,7 @@ class HiZOO(ZerothOrderOptimizer):
     # -- the step -----------------------------------------------------------------------------------
     def _queries(self) -> StepGenerator:
         key, mu = self.direction_key(0), self.eps
-        f0 = yield Query(None)
-        f_plus = yield Query(key, mu)
-        f_minus = yield Query(key, -mu)
+        f0, f_plus, f_minus = yield [Query(None), Query(key, mu), Query(key, -mu)]
         self.engine.restore()  # undo with H_t before H changes (the multipliers of the offset)
         curvature = abs(f_plus + f_minus - 2.0 * f0) / (2.0 * mu * mu)
         # finite losses so large that the estimate would overflow H's float32 (and stall the run)

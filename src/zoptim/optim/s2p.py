@@ -120,13 +120,11 @@ class S2P(ZerothOrderOptimizer):
         key = self.direction_key()
         gamma = None
         if self.step_rule.endswith("dynamic"):
-            f_rho_plus = yield Query(key, self.rho)
-            f_rho_minus = yield Query(key, -self.rho)
+            f_rho_plus, f_rho_minus = yield [Query(key, self.rho), Query(key, -self.rho)]
             gamma = (f_rho_plus - f_rho_minus) / (2.0 * self.rho)
         alpha_of_group = [self.step_size(g, gamma) for g in self.param_groups]
         alphas = [alpha_of_group[g] for g in self._group_of]
-        f_plus = yield Query(key, alphas)
-        f_minus = yield Query(key, [-a for a in alphas])
+        f_plus, f_minus = yield [Query(key, alphas), Query(key, [-a for a in alphas])]
         sign = 1.0 if f_plus <= f_minus else -1.0
         self._update([(key, [sign * a for a in alphas])])
         self.last_stats = {

@@ -56,9 +56,7 @@ class STP(ZerothOrderOptimizer):
     def _queries(self) -> StepGenerator:
         key = self.direction_key()
         alphas = self.per_param("lr")
-        f_here = yield Query(None)
-        f_plus = yield Query(key, alphas)
-        f_minus = yield Query(key, [-a for a in alphas])
+        f_here, f_plus, f_minus = yield [Query(None), Query(key, alphas), Query(key, [-a for a in alphas])]
         sign = 0.0
         if min(f_plus, f_minus) < f_here:
             sign = 1.0 if f_plus <= f_minus else -1.0
