@@ -189,6 +189,7 @@ def test_a_timer_raised_ctrl_c_during_steps_of_a_3m_weight_model_never_leaves_a_
             for p, s in zip(ps, start):
                 p.data.copy_(s)
             opt.load_state_dict(state)
+            steps, queries = opt.steps, opt.num_queries
             try:
                 signal.setitimer(signal.ITIMER_REAL, rng.uniform(0.002, 0.25))
                 opt.step(closure)
@@ -198,6 +199,10 @@ def test_a_timer_raised_ctrl_c_during_steps_of_a_3m_weight_model_never_leaves_a_
                 interrupted += 1
             assert not opt.engine.is_perturbed
             assert same(ps, start) or same(ps, after), "an interrupted step left the weights at a mixed point"
+            if same(ps, start) and not same(ps, after):  # a Ctrl-C before the update: as if the step never began
+                assert (opt.steps, opt.num_queries) == (steps, queries)
+            else:  # the update was written: it counts
+                assert opt.steps == steps + 1
             for p, s in zip(ps, after):  # go on from the completed step
                 p.data.copy_(s)
             opt.load_state_dict(state_after)

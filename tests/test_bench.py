@@ -298,7 +298,7 @@ def test_version_python_m_and_ctrl_c_are_what_a_command_line_user_expects(tmp_pa
     monkeypatch.setattr("zoptim.bench.run_suite", interrupted)
     assert main(["bench", "--suite", "quick", "--out", str(tmp_path)]) == 130
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["zoptim bench: interrupted; run the same command again to resume from the last checkpoint"]
+    assert err == ["zoptim bench: interrupted; run the same command again to resume"]
 
 
 def test_a_reused_out_keeps_runs_of_other_budgets_and_settings_apart(tmp_path):

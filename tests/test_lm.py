@@ -182,6 +182,40 @@ def test_loop_resumed_from_checkpoint_matches_an_uninterrupted_run(tmp_path, met
     assert drop_time(read_log(tmp_path / "a" / "log.jsonl")) == drop_time(read_log(tmp_path / "b" / "log.jsonl"))
 
 
+@pytest.mark.parametrize("method,at_query", [("zosgd", 9), ("as2p", 6), ("hizoo", 11), ("adamw", 3)])
+def test_ctrl_c_saves_a_checkpoint_that_resumes_the_uninterrupted_run(tmp_path, method, at_query):
+    task = tiny_task()
+
+    def loop(out):
+        clf = classifier("causal", lora=True)
+        opt = make_optimizer(method, clf.parameters(), steps=6, lora=True, lr=1e-2)
+        return clf, Loop(clf, task, opt, LoopConfig(steps=6, batch_size=4, eval_every=2, eval_examples=4,
+                                                    checkpoint_every=100), out, progress=False)
+
+    clf_a, whole = loop(tmp_path / "a")
+    whole.run()
+    clf_b, first = loop(tmp_path / "b")
+    calls, loss = [0], clf_b.loss
+
+    def interrupted_loss(batch):  # Ctrl-C arrives during a forward pass, mid-step
+        calls[0] += 1
+        if calls[0] == at_query:
+            raise KeyboardInterrupt
+        return loss(batch)
+
+    clf_b.loss = interrupted_loss
+    with pytest.raises(KeyboardInterrupt, match=r"checkpoint saved at step \d"):
+        first.run()
+    assert (tmp_path / "b" / "checkpoint.pt").exists() and 0 < first.step < 6  # no periodic checkpoint was due
+    clf_c, rest = loop(tmp_path / "b")
+    rest.run()
+    assert rest.resumed_from == first.step and rest.queries == whole.queries
+    for (n, p), (_, q) in zip(clf_a.named_parameters(), clf_c.named_parameters()):
+        assert torch.equal(p, q), n
+    drop_time = lambda log: [{k: v for k, v in r.items() if k != "time"} for r in log]  # noqa: E731
+    assert drop_time(read_log(tmp_path / "a" / "log.jsonl")) == drop_time(read_log(tmp_path / "b" / "log.jsonl"))
+
+
 # -- transformers.Trainer --------------------------------------------------------------------------------
 @pytest.mark.parametrize("forward", [False, True], ids=["in-place", "forward-rank1"])
 def test_zo_trainer_runs_the_zeroth_order_step_inside_trainer(tmp_path, forward):

@@ -452,3 +452,29 @@ def test_a_failed_start_leaves_no_folder_and_does_not_block_the_corrected_comman
     finetune(tmp_path, save_tiny("causal", tmp_path / "tiny"), data_files, "--method", "zosgd", "--steps", "2",
              "--no-save-model")
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 5e-2
+
+
+def test_ctrl_c_in_finetune_is_one_line_and_the_same_command_resumes_from_the_interruption(
+        tmp_path, data_files, monkeypatch, capsys):
+    from zoptim.lm.train import Loop
+
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    step, calls = Loop.train_step, [0]
+
+    def interrupted(self):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Loop, "train_step", interrupted)
+    capsys.readouterr()  # what saving the tiny model printed
+    args = ["finetune", "--model", str(model_dir), "--train", str(data_files["train"]), "--text-field", "review",
+            "--label-field", "sentiment", "--steps", "4", "--batch-size", "4", "--eval-every", "4",
+            "--eval-examples", "4", "--max-length", "16", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(args) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "interrupted (checkpoint saved at step 2" in err[0] and "run the same command again" in err[0]
+    assert main(args) == 0
+    assert "resuming from step 2" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out" / "zosgd" / "result.json").read_text())["resumed_from_step"] == 2

@@ -23,10 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for a subcommand that relaunches itself
     try:
         return int(args.run(args) or 0)
-    except KeyboardInterrupt:
-        # one line, not a traceback: runs checkpoint as they go, and the same command resumes them
-        print(f"zoptim {args.command}: interrupted; run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        # one line, not a traceback: runs checkpoint as they go (and when interrupted), and the same command resumes them
+        where = f" ({interrupt})" if str(interrupt) else ""
+        print(f"zoptim {args.command}: interrupted{where}; run the same command again to resume", file=sys.stderr)
         return 130
 
 

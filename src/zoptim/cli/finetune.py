@@ -85,7 +85,7 @@ def register(sub) -> None:
                         "direction (B directional derivatives per two forward passes)")
     p.add_argument("--seed", type=int, default=0, help="seed of the directions, the data order and the split")
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' included)")
     p.add_argument("--out", required=True, help="output directory shared by the runs of one comparison")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
@@ -388,6 +388,10 @@ def _run(args, device, rank: int, world: int) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     task, prompt = load_data(args)
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     test = task.test[: args.test_examples] if args.test_examples else task.test
     try:
         model, tokenizer = load_model(args.model, dtype=args.dtype)

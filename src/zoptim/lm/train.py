@@ -30,6 +30,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -251,6 +252,26 @@ class Loop:
     def validate(self) -> float:
         return self.classifier.accuracy(self.task.val[: self.config.eval_examples])
 
+    def _optimizer_steps(self) -> int | None:
+        return getattr(self.optimizer, "steps", None) if is_zeroth_order(self.optimizer) else None
+
+    def _save_interrupted(self, generator_state, optimizer_steps) -> NoReturn:
+        """Ctrl-C: checkpoint the run as it stands, so the same command resumes it (single process;
+        a multi-process run resumes from its last periodic checkpoint). Interrupted inside a step,
+        a zeroth-order optimizer puts the parameters and its counters back as before the step
+        (``StepRun.abandon(counted=False)``), and the batch draw is rewound, so the resumed run
+        is the uninterrupted one, bit for bit; a step whose update was already written counts."""
+        if self.world > 1:
+            raise KeyboardInterrupt("the last periodic checkpoint is the one to resume from")
+        if generator_state is not None:
+            if optimizer_steps is not None and self._optimizer_steps() != optimizer_steps:
+                self.step += 1  # the update was written before the interrupt arrived: the step is done
+                self.log({"step": self.step, "queries": self.queries, "loss": float("nan"), "interrupted": True})
+            else:
+                self.generator.set_state(generator_state)
+        self.save()
+        raise KeyboardInterrupt(f"checkpoint saved at step {self.step} ({self.ckpt_path})")
+
     def run(self) -> list[dict]:
         """Train to ``config.steps`` (from the checkpoint if one exists); return the log."""
         from tqdm.auto import tqdm
@@ -262,15 +283,23 @@ class Loop:
                    desc="finetune")
         start = time.perf_counter()
         while self.step < self.config.steps:
-            loss = self.train_step()
+            before = self.generator.get_state(), self._optimizer_steps()
+            try:
+                loss = self.train_step()
+            except KeyboardInterrupt:
+                self._save_interrupted(*before)  # raises KeyboardInterrupt saying where the checkpoint is
             self.step += 1
             record = {"step": self.step, "queries": self.queries, "loss": loss, "time": time.perf_counter() - start}
             if math.isfinite(loss):
                 bar.set_postfix(loss=f"{loss:.4f}")
             last = self.step == self.config.steps
-            if (self.step % self.config.eval_every == 0 or last) and self.rank == 0:
-                record["val_accuracy"] = self.validate()
-                bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
+            try:
+                if (self.step % self.config.eval_every == 0 or last) and self.rank == 0:
+                    record["val_accuracy"] = self.validate()
+                    bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
+            except KeyboardInterrupt:  # the step is done: keep it, without its validation
+                self.log(record)
+                self._save_interrupted(None, None)
             self.log(record)
             if self.step % self.config.checkpoint_every == 0 or last:
                 self.save()

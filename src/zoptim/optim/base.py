@@ -521,6 +521,8 @@ class ZerothOrderOptimizer(Optimizer):
             raise SkippedUpdate(
                 total, f"update of magnitude up to {total * bound:.3g}, beyond what the parameters' dtype holds"
             )
+        if self._run is not None:
+            self._run.update_started = True  # from here on the update is applied (completed on failure)
         self.engine.update(terms, decay=decay)
 
     # -- the step -----------------------------------------------------------------------------------
@@ -568,6 +570,9 @@ class ZerothOrderOptimizer(Optimizer):
             while not run.done:
                 run.move()
                 run.tell(closure())
+        except KeyboardInterrupt:
+            run.abandon(counted=False)  # Ctrl-C: as if the step had not started (a checkpoint then resumes exactly)
+            raise
         except BaseException:
             run.abandon()
             raise
@@ -735,6 +740,8 @@ class StepRun:
 
     def __init__(self, optimizer: ZerothOrderOptimizer):
         self.optimizer = optimizer
+        self.update_started = False  # set by _update: the step's update is (being) written
+        self._queries_at_start = optimizer.num_queries
         self.values: list = []
         self.told: list[tuple[int, Any]] = []
         self.loss: float | None = None
@@ -849,15 +856,26 @@ class StepRun:
         if self.optimizer._run is self:
             self.optimizer._run = None
 
-    def abandon(self) -> None:
+    def abandon(self, counted: bool = True) -> None:
         """End the step without its update: the parameters go back bit for bit to the iterate the
         step started from (with ``exact_restore``), the step counter advances as after an exception
-        in the closure, the evaluations stay counted. No-op on a finished step."""
+        in the closure, the evaluations stay counted. No-op on a finished step.
+
+        ``counted=False`` (what ``step`` does on a ``KeyboardInterrupt``, in a single process)
+        leaves the optimizer as it was before the step, counters included, so the step is redone
+        with the same direction and a checkpoint taken now resumes as if there had been no
+        interruption. It is ignored once the update has started (the update is then completed
+        and counts) and in a direction-parallel run (every rank must count the step alike)."""
         if self._gen is None:
             return
+        opt = self.optimizer
+        uncounted = not counted and not self.update_started and opt._exchange is None
         try:
             self._tell_other_ranks(_RAISED)
         finally:
             with torch.no_grad():
                 self._finish()
-            self.optimizer.steps += 1
+            if uncounted:
+                opt.num_queries = self._queries_at_start
+            else:
+                opt.steps += 1
