@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -147,6 +149,39 @@ def test_encoder_path_from_csv_with_labels_taken_from_the_data(tmp_path):
     clf = load_classifier(out / "zosgd" / "model")
     assert clf.kind == "encoder" and clf.prompt.classes == ("0", "1")
     assert clf.classify("good movie")[0] in ("0", "1")
+
+
+def test_an_encoder_is_exported_with_its_head_and_transformers_alone_classifies_with_it(tmp_path, data_files):
+    model_dir = save_tiny("encoder", tmp_path / "bert")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd")
+    saved = run_dir / "model"
+    clf = load_classifier(saved)
+    texts = ["good movie", "the plot was dull", "a very great film"]
+    mine = logits(clf, texts)
+    reference, _ = tuned_reference(model_dir, run_dir, kind="encoder")
+    torch.testing.assert_close(mine, logits(reference, texts), rtol=0, atol=0)  # zoptim's own reload
+    # a fresh process, another working directory, no zoptim import: transformers' Auto class only
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    script = f"""
+import json, sys, torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+model = AutoModelForSequenceClassification.from_pretrained({str(saved)!r}, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained({str(saved)!r})
+inputs = tok({texts!r}, padding=True, return_tensors="pt")
+with torch.no_grad():
+    out = model(**inputs, labels=torch.tensor([1, 0, 1]))
+print(json.dumps({{"logits": out.logits.tolist(), "loss": float(out.loss), "labels": model.config.id2label,
+                  "zoptim": any(m.startswith("zoptim") for m in sys.modules)}}))
+"""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    ran = subprocess.run([sys.executable, "-c", script], cwd=elsewhere, capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    got = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert not got["zoptim"] and got["labels"] == {"0": "negative", "1": "positive"}
+    torch.testing.assert_close(torch.tensor(got["logits"]), mine, rtol=1e-5, atol=1e-5)
+    assert got["loss"] == pytest.approx(float(torch.nn.functional.cross_entropy(mine, torch.tensor([1, 0, 1]))), rel=1e-5)
 
 
 # -- bad data -------------------------------------------------------------------------------------------

@@ -187,7 +187,10 @@ def save_model(classifier, directory, merge: bool = False, extra: dict | None = 
     """Save a tuned :class:`~zoptim.lm.prompts.PromptClassifier` in Hugging Face's formats.
 
     * a plain model: ``save_pretrained`` (safetensors, ``config.json``), loadable with
-      ``AutoModelForCausalLM`` / ``AutoModel.from_pretrained(directory)``;
+      ``AutoModelForCausalLM.from_pretrained(directory)``; a BERT-family encoder (MiniLM) is saved
+      with the head it was trained with, as a sequence classifier that
+      ``AutoModelForSequenceClassification.from_pretrained(directory, trust_remote_code=True)``
+      loads with transformers alone (:mod:`zoptim.lm.hf_classifier`, copied into the directory);
     * a LoRA (peft) model: the adapter only (``adapter_model.safetensors``,
       ``adapter_config.json``), loadable with ``peft.PeftModel.from_pretrained(base, directory)``;
       with ``merge=True`` the adapters are merged into the base weights first
@@ -208,13 +211,18 @@ def save_model(classifier, directory, merge: bool = False, extra: dict | None = 
         model = classifier.model = model.merge_and_unload()
         is_peft = False
     tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    head = not is_peft and classifier.kind == "encoder" and getattr(model.config, "model_type", None) == "bert"
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        if head:  # the encoder and its cosine head, as a sequence classifier transformers loads alone
+            _sequence_classifier(classifier).save_pretrained(tmp, safe_serialization=True)
+        else:
+            model.save_pretrained(tmp, safe_serialization=True)
         classifier.tokenizer.save_pretrained(tmp)
         prompt = classifier.prompt
         meta = {
             "kind": classifier.kind,
             "format": "peft-adapter" if is_peft else "model",
+            **({"head": "cosine"} if head else {}),
             "template": prompt.template,
             "label_words": list(prompt.label_words),
             "label_sentences": list(prompt.label_sentences),
@@ -234,6 +242,30 @@ def save_model(classifier, directory, merge: bool = False, extra: dict | None = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return directory
+
+
+@torch.no_grad()
+def _sequence_classifier(classifier):
+    """The tuned encoder with its head: a :class:`~zoptim.lm.hf_classifier.CosineSimilarityClassifier`
+    whose class embeddings are the label sentences' embeddings under the tuned weights."""
+    from .hf_classifier import CosineSimilarityClassifier
+    from .prompts import ENCODER_TEMPERATURE
+
+    model, prompt = classifier.model, classifier.prompt
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    names = list(prompt.classes) or [str(i) for i in range(len(prompt.label_sentences))]
+    config.num_labels = len(names)
+    config.id2label, config.label2id = dict(enumerate(names)), {n: i for i, n in enumerate(names)}
+    config.cosine_temperature = ENCODER_TEMPERATURE
+    config.architectures = [CosineSimilarityClassifier.__name__]
+    hf = CosineSimilarityClassifier(config).to(dtype=next(model.parameters()).dtype)
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith("pooler.")}  # unused by the head
+    hf.bert.load_state_dict(weights)
+    labels = classifier.encode(list(prompt.label_sentences))
+    device = next(model.parameters()).device
+    hf.label_embeddings.copy_(classifier.embed(labels["input_ids"].to(device), labels["attention_mask"].to(device)))
+    CosineSimilarityClassifier.register_for_auto_class("AutoModelForSequenceClassification")
+    return hf.eval()
 
 
 def load_classifier(directory, base=None, device="cpu", dtype=None):
@@ -267,6 +299,10 @@ def load_classifier(directory, base=None, device="cpu", dtype=None):
         if isinstance(base, str):
             base = cls.from_pretrained(resolve(base)[0], **kwargs)
         model = PeftModel.from_pretrained(base, directory)
+    elif meta.get("head") == "cosine":  # exported with its head: the encoder is its .bert
+        from .hf_classifier import CosineSimilarityClassifier
+
+        model = CosineSimilarityClassifier.from_pretrained(directory, **kwargs).bert
     else:
         model = cls.from_pretrained(directory, **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
