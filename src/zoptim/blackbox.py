@@ -215,7 +215,9 @@ class AskTell:
     ``ask()`` moves to the next point the method wants evaluated and returns it: the optimizer's
     trainable tensors, perturbed in place (evaluate your model as it is), or a NumPy copy of the
     vector. ``tell(loss)`` reports its value; after a step's last ``tell`` the update is applied.
-    ``recommend()`` returns the current iterate (never a perturbed point). The steps are the
+    ``recommend()`` returns the current iterate (never a perturbed point). ``ask(n)`` (vector
+    form) hands out up to n points at once, the step's queries that do not depend on values not
+    yet told; ``tell(values)`` or ``tell(value, index=j)`` takes their values in any order. The steps are the
     methods' own: ``AskTell(method, x0, seed=s, **hp)`` and ``method([x], seed=s, **hp).step(f)``
     visit the same points and reach the same iterates, bit for bit.
 
