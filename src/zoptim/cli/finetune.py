@@ -49,7 +49,7 @@ def register(sub) -> None:
                    help="decoder prompt with {text}; \\n is a newline (own data default: '{text}\\nLabel:'); label words = ' <label>'")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda[:N] or mps")
     p.add_argument("--method", default="zosgd",
-                   help=f"one of {', '.join(METHODS)} (zosgd, MeZO's method, is what the LM measurements recommend: README, "Which method")")
+                   help=f"one of {', '.join(METHODS)} (zosgd, MeZO's method, is what the LM measurements recommend: README, 'Which method')")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (a zeroth-order step is 2 forward passes)")
     p.add_argument("--lora", action="store_true", help="tune LoRA adapters only (peft), base weights frozen")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged model instead of the adapter")
