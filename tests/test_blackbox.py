@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import zoptim
+from zoptim.optim import registry
 
 
 def sphere(x):
@@ -46,10 +47,10 @@ def torch_run(method, hp, x0, steps, f=sphere):
     hp = dict(hp)
     if method == "as2p":
         hp.setdefault("batch_mode", "minibatch")
-        hp.setdefault("total_steps", steps)
+        hp.setdefault("total_steps", max(steps, 1))
     if method == "s2p" and "L" not in hp:
-        hp.setdefault("total_steps", steps)
-    opt = zoptim.blackbox.METHODS[method]([x], **hp)
+        hp.setdefault("total_steps", max(steps, 1))
+    opt = registry.build(method, [x], **hp)
     for _ in range(steps):
         opt.step(lambda: f(x.detach().numpy()))
     return x.detach().numpy(), opt
@@ -59,7 +60,7 @@ def torch_run(method, hp, x0, steps, f=sphere):
 @pytest.mark.parametrize("method,hp", CASES)
 def test_minimize_reproduces_the_torch_optimizers_iterates(method, hp):
     x0 = np.linspace(-1, 1, 12)
-    qps = zoptim.blackbox.queries_per_step(method, hp)
+    qps = torch_run(method, hp, x0, 0, rosen)[1].queries_per_step  # asked of the built optimizer
     # two of these settings run away on Rosenbrock: the iterates are compared however far they go
     res = zoptim.minimize(rosen, x0, method=method, options={"maxfev": 60 * qps + 1, "divergence": None, **hp})
     x, opt = torch_run(method, hp, x0, res.nit, rosen)
@@ -267,7 +268,7 @@ def test_a_non_finite_final_point_is_not_a_success():
 
 
 @pytest.mark.parametrize("kwargs,exc,match", [
-    (dict(method="nelder-mead"), ValueError, "method must be one of 'zosgd', 'stp', 's2p', 'as2p'"),
+    (dict(method="nelder-mead"), ValueError, "method must be one of 'zosgd', 'as2p', 'stp', 's2p', 'hizoo'"),
     (dict(options={"maxfev": 0}), ValueError, r"options\['maxfev'\] must be a positive integer"),
     (dict(options={"maxfev": 2}), ValueError, r"options\['maxfev'\] = 2 is below one step"),
     (dict(options={"maxiter": 1.5}), ValueError, r"options\['maxiter'\] must be a positive integer"),

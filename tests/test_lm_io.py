@@ -420,8 +420,10 @@ def test_finetune_refuses_forward_options_that_cannot_hold(tmp_path, data_files)
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--per-example")
     with pytest.raises(SystemExit, match="--rank must be >= 1"):
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--rank", "0")
-    with pytest.raises(SystemExit, match="but hizoo"):
+    with pytest.raises(SystemExit, match="--rank is an option of zosgd, as2p, stp and s2p; got --method hizoo"):
         finetune(tmp_path, model_dir, data_files, "--method", "hizoo", "--rank", "1")
+    with pytest.raises(SystemExit, match="--per-example is an option of zosgd and as2p; got --method stp"):
+        finetune(tmp_path, model_dir, data_files, "--method", "stp", "--rank", "1", "--per-example")
 
 
 # -- run folders are never reused silently (issue 21) -------------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from . import optim
+from .optim import registry
 from .optim.base import DivergedError, StepRun, ZerothOrderOptimizer, loss_value
 
 
@@ -51,14 +51,6 @@ def OptimizeResult(*args, **kwargs):  # noqa: N802 - named as the type it builds
     return result_type(*args, **kwargs)
 
 
-METHODS: dict[str, type[ZerothOrderOptimizer]] = {
-    "zosgd": optim.ZOSGD,
-    "stp": optim.STP,
-    "s2p": optim.S2P,
-    "as2p": optim.AS2P,
-    "hizoo": optim.HiZOO,
-}
-
 #: Options of :func:`minimize` that control the run (every other option is a method hyper-parameter).
 RUN_OPTIONS = ("maxfev", "maxiter", "ftarget", "timeout", "patience", "divergence", "progress", "disp")
 
@@ -69,22 +61,6 @@ _STATE_FORMAT = "zoptim.AskTell/1"
 
 
 # -- argument checks -----------------------------------------------------------------------------
-def _method_class(method) -> tuple[str, type[ZerothOrderOptimizer]]:
-    if not isinstance(method, str) or method.lower() not in METHODS:
-        raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
-    return method.lower(), METHODS[method.lower()]
-
-
-def _check_hyperparameters(name: str, cls, hyperparameters: dict) -> None:
-    known = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "params")]
-    for key in hyperparameters:
-        if key not in known:
-            raise ValueError(
-                f"unknown option {key!r} for method {name!r}; its hyper-parameters are {', '.join(known)}"
-                + (f", and minimize's run options are {', '.join(RUN_OPTIONS)}" if key not in RUN_OPTIONS else "")
-            )
-
-
 def _as_vector(x0, name: str = "x0") -> np.ndarray:
     """x0 as a fresh 1-D float64 array, or a TypeError/ValueError naming what is wrong with it."""
     if isinstance(x0, torch.Tensor):
@@ -165,29 +141,13 @@ def _positive(name, value, integer=False):
     return int(value) if integer else float(value)
 
 
-def queries_per_step(method: str, hyperparameters: dict) -> int:
-    """Function evaluations one step of ``method`` spends with these hyper-parameters."""
-    name, _ = _method_class(method)
-    if name == "stp":
-        return 3
-    if name == "s2p":
-        return 4 if str(hyperparameters.get("step_rule", "stationary")).endswith("dynamic") else 2
-    if name == "hizoo":
-        return 3
-    if name in ("zosgd", "as2p"):
-        return 2 * int(hyperparameters.get("num_directions", 1))
-    return 2
-
-
 def _build(method: str, x: torch.Tensor, hyperparameters: dict) -> ZerothOrderOptimizer:
     """The optimizer over the single tensor ``x``. A function of a vector is deterministic, so AS2P
     defaults to ``batch_mode="full"`` (the paper's full-batch mode: constant rho, lr_k = rho)."""
-    name, cls = _method_class(method)
-    _check_hyperparameters(name, cls, hyperparameters)
     hp = dict(hyperparameters)
-    if name == "as2p":
+    if registry.get(method).name == "as2p":
         hp.setdefault("batch_mode", "full")
-    return cls([x], **hp)
+    return registry.build(method, [x], **hp)
 
 
 # -- ask / tell ----------------------------------------------------------------------------------------
@@ -256,14 +216,14 @@ class AskTell:
             if self._box is not None and ((x < self._box[0]) | (x > self._box[1])).any():
                 warnings.warn("x0 is not within the bounds; it was clipped to the box", UserWarning, stacklevel=2)
                 x = np.clip(x, *self._box)
-            self.method, _ = _method_class(optimizer)
+            self.method = registry.get(optimizer).name
             self.hyperparameters = dict(hyperparameters)
             self._vector = torch.nn.Parameter(torch.from_numpy(x))
             self.optimizer = _build(self.method, self._vector, self.hyperparameters)
         else:
             raise TypeError(
                 "AskTell takes a zoptim optimizer, or a method name and x0 "
-                f"({', '.join(map(repr, METHODS))}); got {type(optimizer).__name__}"
+                f"({', '.join(map(repr, registry.names()))}); got {type(optimizer).__name__}"
             )
         self._slot = _Slot()
         self._asked: list[int] = []  # step indices of the points asked and not yet told
@@ -564,8 +524,7 @@ def minimize(
         raise TypeError(f"options must be a dict; got {type(options).__name__}")
     hp = dict(options or {})
     run_opts = {k: hp.pop(k) for k in RUN_OPTIONS if k in hp}
-    name, cls = _method_class(method)
-    _check_hyperparameters(name, cls, hp)
+    name = registry.check(method, hp, extra_names=RUN_OPTIONS).name
     maxfev = _positive("maxfev", run_opts.get("maxfev", 10_000), integer=True)
     maxiter = _positive("maxiter", run_opts.get("maxiter"), integer=True)
     timeout = _positive("timeout", run_opts.get("timeout"))
@@ -578,7 +537,8 @@ def minimize(
     divergence = _positive("divergence", run_opts.get("divergence", 1e3))
 
     x = _as_vector(x0)
-    qps = queries_per_step(name, hp)
+    probe = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))  # a step's queries, asked of the method itself
+    qps = _build(name, probe, _defaults_for_budget(name, hp, 1, x)).queries_per_step
     if maxfev < qps + 1:
         raise ValueError(f"options['maxfev'] = {maxfev} is below one step of {name!r} ({qps} evaluations) plus the final one")
     steps = (maxfev - 1) // qps

@@ -7,9 +7,9 @@ Modules: :mod:`.methods` (named optimizer recipes), :mod:`.harness` (one resumab
 
 from .cost_ratio import FRACTIONS, cost_ratios, markdown_table, smooth
 from .harness import RunSpec, run
-from .methods import METHODS, get_method
+from .methods import RECIPES, get_method
 from .report import build_report
 from .suites import SUITES, run_suite
 
-__all__ = ["FRACTIONS", "METHODS", "SUITES", "RunSpec", "build_report", "cost_ratios", "get_method", "markdown_table",
+__all__ = ["FRACTIONS", "RECIPES", "SUITES", "RunSpec", "build_report", "cost_ratios", "get_method", "markdown_table",
            "run", "run_suite", "smooth"]

@@ -89,7 +89,7 @@ class Peer:
     max_dim_reason: str = ""
 
 
-METHODS = [
+PEERS = [
     Peer("zoptim AS2P", "zoptim", "zoptim"),
     Peer("zoptim ZOSGD", "zoptim", "zoptim"),
     Peer("zoptim STP", "zoptim", "zoptim"),
@@ -105,10 +105,10 @@ METHODS = [
 
 
 def get_peer(name: str) -> Peer:
-    for m in METHODS:
+    for m in PEERS:
         if m.name.lower() == name.lower():
             return m
-    raise ValueError(f"unknown black-box method {name!r}; known: {', '.join(m.name for m in METHODS)}")
+    raise ValueError(f"unknown black-box method {name!r}; known: {', '.join(m.name for m in PEERS)}")
 
 
 def _run_zoptim(kind: str, problem: BlackBoxProblem, rec: Recorder, seed: int) -> dict:
@@ -272,7 +272,7 @@ def run_blackbox_suite(out_dir: Path, methods=None, problems=None, seeds=None, b
     out_dir = Path(out_dir)
     raw = out_dir / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    chosen = [get_peer(m) for m in methods] if methods else METHODS
+    chosen = [get_peer(m) for m in methods] if methods else PEERS
     names = list(problems or (QUICK_PROBLEMS if quick else BUDGETS))
     for name in names:
         if name not in BLACKBOX_PROBLEMS:
@@ -327,7 +327,7 @@ def summarize(records: list[dict]) -> dict[str, list[dict]]:
     by_problem: dict[str, dict[str, list[dict]]] = {}
     for r in records:
         by_problem.setdefault(r["problem"], {}).setdefault(r["method"], []).append(r)
-    order = {m.name: i for i, m in enumerate(METHODS)}
+    order = {m.name: i for i, m in enumerate(PEERS)}
     table = {}
     for prob, methods in by_problem.items():
         rows = []
@@ -426,7 +426,7 @@ def _plot(problem: str, records: list[dict], out_dir: Path) -> Path | None:
     by_method: dict[str, list[dict]] = {}
     for r in records:
         by_method.setdefault(r["method"], []).append(r)
-    order = {m.name: i for i, m in enumerate(METHODS)}
+    order = {m.name: i for i, m in enumerate(PEERS)}
     for name in sorted(by_method, key=lambda n: order.get(n, 99)):
         runs = [r for r in by_method[name] if r["curve_evals"]]
         if not runs:

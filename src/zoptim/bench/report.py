@@ -10,7 +10,7 @@ from pathlib import Path
 from . import cost_ratio, plots
 from .harness import curve
 from .io import atomic_write_text, read_jsonl
-from .methods import BASELINE
+from .methods import BASELINE, get_method
 
 
 def _group(out_dir: Path):
@@ -66,8 +66,6 @@ def _final_losses(methods: dict) -> str:
 
 
 def _uses(method: str) -> tuple:
-    from .methods import get_method
-
     try:
         return get_method(method).uses
     except ValueError:
@@ -80,15 +78,15 @@ def softmax_section(methods_by_problem: dict, out_dir: Path, lstar: dict) -> lis
     for pname, methods in sorted(methods_by_problem.items(), key=lambda kv: int(kv[0].split("-d")[-1])):
         d = int(pname.split("-d")[-1])
         ls = lstar.get(pname)
-        for m, runs in sorted(methods.items(), key=lambda kv: int(kv[0].split("-k")[-1])):
-            k = int(m.split("-k")[-1])
+        for m, runs in sorted(methods.items(), key=lambda kv: get_method(kv[0]).options.get("num_directions", 1)):
+            k, per_step = get_method(m).options.get("num_directions", 1), get_method(m).queries_per_step
             steps, queries = [], []
             for recs in runs.values():
                 q, l = curve(recs)
                 target = ls + 1e-3 * (l[0] - ls)
                 hit = cost_ratio.queries_to_reach(q, l, target, beta=0.0)
                 queries.append(hit)
-                steps.append(None if hit is None else hit // (2 * k))
+                steps.append(None if hit is None else hit // per_step)
             ok = [s for s in steps if s is not None]
             rows.append({"d": d, "k": k, "steps": sum(ok) / len(ok) if len(ok) == len(steps) else None,
                          "queries": (sum(q for q in queries if q is not None) / len(ok)) if len(ok) == len(steps) else None,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import harness
 from .harness import RunSpec
+from .methods import get_method
 
 ETA_B_GRID = (1.0, 5.0, 50.0)  # reduced from the paper's {3, 5, 50} range, extended down to 1
 #: Methods searched on their own alpha_0 x rho_0 grid (GA's), and on their own eta_b (AS2P's).
@@ -69,17 +70,18 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
         return {"eta_b": best[1]}
 
     chosen.update(lr_eps("ZOSGD", base))
-    if any(m.startswith("STP") for m in methods):
+    kinds = {get_method(m).kind for m in methods}
+    if "stp" in kinds:
         grid = problem.stp_grid or tuple(10 * lr for lr in problem.lr_grid)
         best = min(((trial("STP", {**chosen, "stp_lr": lr}), lr) for lr in grid), key=lambda t: t[0])
         chosen["stp_lr"] = best[1]
-    if any(m.startswith("S2P") for m in methods):
+    if "s2p" in kinds:
         dim = sum(p.numel() for p in problem.make_model(0).parameters() if p.requires_grad)
         steps = budget // 2
         best = min(((trial("S2P", {**chosen, "s2p_lr": lr * math.sqrt(steps * dim)}), lr * math.sqrt(steps * dim))
                     for lr in problem.lr_grid), key=lambda t: t[0])
         chosen["s2p_lr"] = best[1]
-    if any(m.startswith("AS2P") for m in methods):
+    if "as2p" in kinds:
         chosen.update(eta_b("AS2P", chosen))
     for method in methods:
         if method in LR_EPS_SEARCHED:

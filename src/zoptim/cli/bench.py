@@ -50,7 +50,7 @@ def register(sub) -> None:
                                    "perexample-lm (one direction per example), softmax, ablations or blackbox (zoptim vs nevergrad, "
                                    "CMA-ES, scipy, torchzero on functions of a vector)")
     p.add_argument("--quick", action="store_true", help="blackbox suite only: a smoke run (3 small problems, 300 evaluations)")
-    p.add_argument("--methods", nargs="+", help="override the suite's methods (see zoptim.bench.METHODS)")
+    p.add_argument("--methods", nargs="+", help="override the suite's methods (see zoptim.bench.RECIPES)")
     p.add_argument("--problems", nargs="+", help="override the suite's problems (see zoptim.problems.PROBLEMS)")
     p.add_argument("--seeds", type=_positive_int("seeds"), help="number of seeds (0..N-1)")
     p.add_argument("--budget", type=_positive_int("budget"), help="function queries per run")

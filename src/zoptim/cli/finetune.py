@@ -32,7 +32,7 @@ from ..checkpoint import atomic_write_text
 
 def register(sub) -> None:
     from ..lm.data import TASKS
-    from ..lm.train import METHODS, OBJECTIVES
+    from ..lm.train import FINETUNE_METHODS, OBJECTIVES
     from .common import HelpFormatter
 
     p = sub.add_parser("finetune", help="fine-tune a language model with forward passes only",
@@ -49,7 +49,7 @@ def register(sub) -> None:
                    help="decoder prompt with {text}; \\n is a newline (own data default: '{text}\\nLabel:'); label words = ' <label>'")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda[:N] or mps")
     p.add_argument("--method", default="zosgd",
-                   help=f"one of {', '.join(METHODS)} (zosgd, MeZO's method, is what the LM measurements recommend: README, 'Which method')")
+                   help=f"one of {', '.join(FINETUNE_METHODS)} (zosgd, MeZO's method, is what the LM measurements recommend: README, 'Which method')")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (a zeroth-order step is 2 forward passes)")
     p.add_argument("--lora", action="store_true", help="tune LoRA adapters only (peft), base weights frozen")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged model instead of the adapter")
@@ -186,11 +186,11 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
 def check_args(args) -> None:
     from ..lm.data import TASKS
     from ..lm.models import DTYPES, KNOWN_MODELS
-    from ..lm.train import METHODS, OBJECTIVES
+    from ..lm.train import FINETUNE_METHODS, OBJECTIVES
 
     args.method = args.method.lower()  # as bench --methods: names are case-insensitive
-    if args.method not in METHODS:
-        raise SystemExit(f"zoptim finetune: --method must be one of {', '.join(METHODS)}; got {args.method!r}")
+    if args.method not in FINETUNE_METHODS:
+        raise SystemExit(f"zoptim finetune: --method must be one of {', '.join(FINETUNE_METHODS)}; got {args.method!r}")
     from ..lm.models import DEVICES
 
     if args.train is not None and args.task is not None:
@@ -226,23 +226,25 @@ def check_args(args) -> None:
         raise SystemExit(f"zoptim finetune: --objective must be one of {', '.join(OBJECTIVES)}; got {args.objective!r}")
     if args.objective == "accuracy" and args.method == "adamw":
         raise SystemExit("zoptim finetune: --objective accuracy is not differentiable; use a zeroth-order --method")
-    if args.momentum and args.method not in ("zosgd", "as2p"):
-        raise SystemExit(f"zoptim finetune: --momentum is an option of zosgd and as2p; got --method {args.method}")
-    if args.guard and args.method not in ("zosgd", "hizoo"):
-        raise SystemExit(f"zoptim finetune: --guard is an option of zosgd and hizoo; got --method {args.method}")
+    from ..optim import registry
+
+    options = {"momentum": args.momentum, "guard": args.guard, "rank": args.rank, "per_example": args.per_example}
+    missing = (next(((k, registry.names()) for k, v in options.items() if v), None) if args.method == "adamw"
+               else registry.unsupported(args.method, options))
+    if missing:  # what each method offers comes from the registry
+        flag, methods = missing
+        raise SystemExit(f"zoptim finetune: --{flag.replace('_', '-')} is an option of {registry.and_list(methods)}; "
+                         f"got --method {args.method}")
     if not args.guard >= 0.0:
         raise SystemExit(f"zoptim finetune: --guard must be >= 0; got {args.guard}")
     if not 0.0 <= args.momentum < 1.0:
         raise SystemExit(f"zoptim finetune: --momentum must be in [0, 1); got {args.momentum}")
     if args.rank is not None and args.rank < 1:
         raise SystemExit(f"zoptim finetune: --rank must be >= 1; got {args.rank}")
-    if args.per_example and (args.rank is None or args.method not in ("zosgd", "as2p")):
-        raise SystemExit("zoptim finetune: --per-example needs --rank R and --method zosgd or as2p")
+    if args.per_example and args.rank is None:
+        raise SystemExit("zoptim finetune: --per-example needs --rank R")
     if args.per_example and (args.nproc or 1) > 1:
         raise SystemExit("zoptim finetune: --per-example runs in one process (no --nproc)")
-    if args.rank is not None and args.method in ("hizoo", "adamw"):
-        raise SystemExit(f"zoptim finetune: --rank (forward-applied directions) is an option of the zeroth-order methods "
-                         f"but hizoo; got --method {args.method}")
     from ..optim.checks import check_positive
 
     for name, value, strict in (("lr", args.lr, True), ("eps", args.eps, True), ("eta-b", args.eta_b, True),

@@ -34,13 +34,13 @@ from typing import NoReturn
 
 import torch
 
-from .. import AS2P, S2P, STP, ZOSGD, HiZOO
 from ..checkpoint import CheckpointError, atomic_save, safe_load
+from ..optim import registry
 from .data import Task
 from .prompts import PromptClassifier
 
-ZO_METHODS = ("zosgd", "as2p", "stp", "s2p", "hizoo")
-METHODS = ZO_METHODS + ("adamw",)
+ZO_METHODS = registry.names()
+FINETUNE_METHODS = ZO_METHODS + ("adamw",)
 OBJECTIVES = ("loss", "accuracy")
 
 # (full-parameter, LoRA) defaults. ZOSGD: MeZO's grid (lr 1e-6..1e-7, eps 1e-3 full; lr 1e-4,
@@ -75,36 +75,39 @@ def make_optimizer(
     ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
     arithmetic undo); it is ignored by AdamW.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if momentum and method not in ("zosgd", "as2p"):
-        raise ValueError(f"momentum is an option of zosgd and as2p; got method {method!r}")
-    if guard and method not in ("zosgd", "hizoo"):
-        raise ValueError(f"guard is an option of zosgd and hizoo; got method {method!r}")
+    if method not in FINETUNE_METHODS:
+        raise ValueError(f"method must be one of {FINETUNE_METHODS}; got {method!r}")
+    options = {"momentum": momentum, "guard": guard, "rank": rank, "per_example": per_example}
+    if method == "adamw":
+        asked = [k for k, v in options.items() if v not in (None, 0, 0.0, False)]
+        if asked:
+            raise ValueError(f"{asked[0]} is an option of the zeroth-order methods; got method 'adamw'")
     params = [p for p in params if p.requires_grad]
     lr = DEFAULT_LR[method][int(lora)] if lr is None else lr
     eps = DEFAULT_EPS[int(lora)] if eps is None else eps
-    zo = dict(seed=seed, exact_restore=bool(exact_restore))
+    if method == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    hp = dict(OWN_HYPERPARAMETERS[method](lr=lr, eps=eps, eta_b=eta_b, steps=steps, hessian_smooth=hessian_smooth),
+              seed=seed, exact_restore=bool(exact_restore))
+    if momentum:
+        hp.update(momentum=momentum, momentum_window=momentum_window)
+    if guard:
+        hp["guard"] = guard
     if rank is not None:
-        if method in ("hizoo", "adamw"):
-            raise ValueError(f"rank (forward-applied directions) is not an option of {method}")
-        zo.update(module=module, rank=rank)
+        hp.update(module=module, rank=rank)
     if per_example:
-        if method not in ("zosgd", "as2p"):
-            raise ValueError(f"per_example is an option of zosgd and as2p; got method {method!r}")
-        zo["per_example"] = True
-    if method == "zosgd":
-        return ZOSGD(params, lr=lr, eps=eps, momentum=momentum, momentum_window=momentum_window, guard=guard, **zo)
-    if method == "as2p":
-        return AS2P(params, eps=eps, eta_b=eta_b, total_steps=steps, lr=lr, momentum=momentum,
-                    momentum_window=momentum_window, **zo)
-    if method == "hizoo":
-        return HiZOO(params, lr=lr, eps=eps, hessian_smooth=hessian_smooth, guard=guard, **zo)
-    if method == "stp":
-        return STP(params, lr=lr, **zo)
-    if method == "s2p":
-        return S2P(params, step_rule="stationary", lr=lr, total_steps=steps, **zo)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        hp["per_example"] = True
+    return registry.build(method, params, **hp)
+
+
+#: How the fine-tuning defaults map onto each method's own hyper-parameters (its constructor's).
+OWN_HYPERPARAMETERS = {
+    "zosgd": lambda lr, eps, **_: dict(lr=lr, eps=eps),
+    "as2p": lambda lr, eps, eta_b, steps, **_: dict(eps=eps, eta_b=eta_b, total_steps=steps, lr=lr),
+    "hizoo": lambda lr, eps, hessian_smooth, **_: dict(lr=lr, eps=eps, hessian_smooth=hessian_smooth),
+    "stp": lambda lr, **_: dict(lr=lr),
+    "s2p": lambda lr, steps, **_: dict(step_rule="stationary", lr=lr, total_steps=steps),
+}
 
 
 @dataclass
