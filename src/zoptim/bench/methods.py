@@ -142,8 +142,15 @@ BASELINE = "ZOSGD"
 
 
 def get_method(name: str) -> Method:
-    """The method called ``name`` (case-insensitive); ValueError listing the known names otherwise."""
+    """The recipe called ``name`` (case-insensitive). A method of the registry without a recipe
+    of its own runs as itself, reading the keys its constructor shares with GA's table (``lr``,
+    ``eps``). ValueError listing the known names otherwise."""
     for key, method in RECIPES.items():
         if key.lower() == name.lower():
             return method
-    raise ValueError(f"unknown method {name!r}; known methods: {', '.join(RECIPES)}")
+    if name.lower() in registry.names():
+        known = registry.get(name).hyperparameters()
+        return Method(name.lower(), name.lower(), {k: k for k in ("lr", "eps") if k in known}, {},
+                      registry.get(name).summary)
+    raise ValueError(f"unknown method {name!r}; known methods: {', '.join(RECIPES)} (and the registry's "
+                     f"{', '.join(registry.names())})")

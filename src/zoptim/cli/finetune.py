@@ -32,7 +32,7 @@ from ..checkpoint import atomic_write_text
 
 def register(sub) -> None:
     from ..lm.data import TASKS
-    from ..lm.train import FINETUNE_METHODS, OBJECTIVES
+    from ..lm.train import OBJECTIVES, finetune_methods
     from .common import HelpFormatter
 
     p = sub.add_parser("finetune", help="fine-tune a language model with forward passes only",
@@ -49,7 +49,7 @@ def register(sub) -> None:
                    help="decoder prompt with {text}; \\n is a newline (own data default: '{text}\\nLabel:'); label words = ' <label>'")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda[:N] or mps")
     p.add_argument("--method", default="zosgd",
-                   help=f"one of {', '.join(FINETUNE_METHODS)} (zosgd, MeZO's method, is what the LM measurements recommend: README, 'Which method')")
+                   help=f"one of {', '.join(finetune_methods())} (zosgd, MeZO's method, is what the LM measurements recommend: README, 'Which method')")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps (a zeroth-order step is 2 forward passes)")
     p.add_argument("--lora", action="store_true", help="tune LoRA adapters only (peft), base weights frozen")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged model instead of the adapter")
@@ -186,11 +186,11 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
 def check_args(args) -> None:
     from ..lm.data import TASKS
     from ..lm.models import DTYPES, KNOWN_MODELS
-    from ..lm.train import FINETUNE_METHODS, OBJECTIVES
+    from ..lm.train import OBJECTIVES, finetune_methods
 
     args.method = args.method.lower()  # as bench --methods: names are case-insensitive
-    if args.method not in FINETUNE_METHODS:
-        raise SystemExit(f"zoptim finetune: --method must be one of {', '.join(FINETUNE_METHODS)}; got {args.method!r}")
+    if args.method not in finetune_methods():
+        raise SystemExit(f"zoptim finetune: --method must be one of {', '.join(finetune_methods())}; got {args.method!r}")
     from ..lm.models import DEVICES
 
     if args.train is not None and args.task is not None:

@@ -39,8 +39,12 @@ from ..optim import registry
 from .data import Task
 from .prompts import PromptClassifier
 
-ZO_METHODS = registry.names()
-FINETUNE_METHODS = ZO_METHODS + ("adamw",)
+
+def finetune_methods() -> tuple[str, ...]:
+    """The registry's methods (read when asked: a method registered later is one of them) and AdamW."""
+    return registry.names() + ("adamw",)
+
+
 OBJECTIVES = ("loss", "accuracy")
 
 # (full-parameter, LoRA) defaults. ZOSGD: MeZO's grid (lr 1e-6..1e-7, eps 1e-3 full; lr 1e-4,
@@ -75,20 +79,23 @@ def make_optimizer(
     ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
     arithmetic undo); it is ignored by AdamW.
     """
-    if method not in FINETUNE_METHODS:
-        raise ValueError(f"method must be one of {FINETUNE_METHODS}; got {method!r}")
+    if method not in finetune_methods():
+        raise ValueError(f"method must be one of {finetune_methods()}; got {method!r}")
     options = {"momentum": momentum, "guard": guard, "rank": rank, "per_example": per_example}
     if method == "adamw":
         asked = [k for k, v in options.items() if v not in (None, 0, 0.0, False)]
         if asked:
             raise ValueError(f"{asked[0]} is an option of the zeroth-order methods; got method 'adamw'")
     params = [p for p in params if p.requires_grad]
-    lr = DEFAULT_LR[method][int(lora)] if lr is None else lr
+    lr = DEFAULT_LR.get(method, (None, None))[int(lora)] if lr is None else lr
     eps = DEFAULT_EPS[int(lora)] if eps is None else eps
     if method == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    hp = dict(OWN_HYPERPARAMETERS[method](lr=lr, eps=eps, eta_b=eta_b, steps=steps, hessian_smooth=hessian_smooth),
-              seed=seed, exact_restore=bool(exact_restore))
+    # the fine-tuning defaults, given to each method that takes them (its constructor's arguments)
+    known = registry.get(method).hyperparameters()
+    hp = {k: v for k, v in dict(lr=lr, eps=eps, eta_b=eta_b, total_steps=steps, hessian_smooth=hessian_smooth).items()
+          if k in known and v is not None}
+    hp.update(seed=seed, exact_restore=bool(exact_restore))
     if momentum:
         hp.update(momentum=momentum, momentum_window=momentum_window)
     if guard:
@@ -100,14 +107,6 @@ def make_optimizer(
     return registry.build(method, params, **hp)
 
 
-#: How the fine-tuning defaults map onto each method's own hyper-parameters (its constructor's).
-OWN_HYPERPARAMETERS = {
-    "zosgd": lambda lr, eps, **_: dict(lr=lr, eps=eps),
-    "as2p": lambda lr, eps, eta_b, steps, **_: dict(eps=eps, eta_b=eta_b, total_steps=steps, lr=lr),
-    "hizoo": lambda lr, eps, hessian_smooth, **_: dict(lr=lr, eps=eps, hessian_smooth=hessian_smooth),
-    "stp": lambda lr, **_: dict(lr=lr),
-    "s2p": lambda lr, steps, **_: dict(step_rule="stationary", lr=lr, total_steps=steps),
-}
 
 
 @dataclass

@@ -19,8 +19,9 @@ Example:
     ...                     train_dataset=ds, data_collator=collate, zo_optimizer=opt)
     >>> trainer.train()
 
-For AS2P, whose learning rate follows its own cosine schedule, keep Trainer's scheduler at
-``lr_scheduler_type="constant"`` and pass ``lr`` explicitly (a scheduler cannot scale ``None``).
+AS2P decays its lr with its own cosine only when no torch scheduler drives its groups; under
+Trainer (which always attaches one) the Trainer's scheduler is its one decay: pass
+``lr_scheduler_type="cosine"`` for the paper's schedule.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import math
 import torch
 
 from ..schedules import cosine_decay
-from .base import StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
 from .checks import check_int, check_positive
 from .momentum import SeedMomentum
 
@@ -149,12 +149,12 @@ class AS2P(ZerothOrderOptimizer):
         rank: int | None = None,
         per_example: bool = False,
     ):
-        self.eps = check_positive("eps", eps)
-        self.eps_end = self.eps / 10.0 if eps_end is None else check_positive("eps_end", eps_end)
-        if self.eps_end > self.eps:
+        check_positive("eps", eps)
+        eps_end = eps / 10.0 if eps_end is None else check_positive("eps_end", eps_end)
+        if eps_end > eps:
             raise ValueError(f"eps_end must be <= eps ({eps}); got {eps_end!r}")
-        self.eta_a = check_positive("eta_a", eta_a)
-        self.eta_b = check_positive("eta_b", eta_b)
+        check_positive("eta_a", eta_a)
+        check_positive("eta_b", eta_b)
         if not isinstance(window, (int, float)) or isinstance(window, bool) or not 0.0 < window <= 1.0:
             raise ValueError(f"window must be a fraction in (0, 1]; got {window!r}")
         self.window = float(window)
@@ -170,13 +170,14 @@ class AS2P(ZerothOrderOptimizer):
         check_positive("lr", lr, allow_none=True, allow_zero=True)
         if not auto_lr and lr is None:
             raise ValueError("auto_lr=False needs an explicit lr (the GA-like learning rate); got lr=None")
+        lr = eps if lr is None else lr  # the paper's lr_0 = rho_0
         self.auto_lr, self.clipping = bool(auto_lr), bool(clipping)
         self.max_window = check_int("max_window", max_window, minimum=2)
         self.num_directions = check_int("num_directions", num_directions)
         self.queries_per_step = 2 * self.num_directions
         super().__init__(
             params,
-            dict(lr=lr),
+            dict(lr=lr, eps=eps, eps_end=eps_end, eta_a=eta_a, eta_b=eta_b),
             seed=seed,
             distribution=distribution,
             normalize=normalize,
@@ -189,8 +190,13 @@ class AS2P(ZerothOrderOptimizer):
         self.gammas = GammaWindow(self._window_capacity())
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
 
-    _settings = ("eps", "eps_end", "eta_a", "eta_b", "window", "total_steps", "batch_mode", "auto_lr",
-                 "clipping", "max_window", "num_directions")
+    eps = GroupValue()
+    eps_end = GroupValue()
+    eta_a = GroupValue()
+    eta_b = GroupValue()
+    _group_checks = {**ZerothOrderOptimizer._group_checks, "eps": (False, True, None), "eps_end": (False, True, None),
+                     "eta_a": (False, True, None), "eta_b": (False, True, None)}
+    _settings = ("window", "total_steps", "batch_mode", "auto_lr", "clipping", "max_window", "num_directions")
 
     def _window_capacity(self) -> int:
         if self.total_steps is None:
@@ -211,12 +217,15 @@ class AS2P(ZerothOrderOptimizer):
             return self.eps
         return cosine_decay(self.eps, self.eps_end, k, self.total_steps)
 
-    def lr_at(self, k: int, base: float | None) -> float:
-        """lr_k for a group whose ``lr`` is ``base`` (None: tied to eps)."""
-        if self.batch_mode == "full":
-            return self.rho(k) if base is None else base
-        start = self.eps if base is None else base
-        return cosine_decay(start, 0.0, k, self.total_steps)
+    def lr_at(self, k: int, group: dict) -> float:
+        """lr_k for ``group``: its ``lr`` in full-batch mode or when a torch LR scheduler drives it
+        (it records ``initial_lr`` in the group; the scheduler is then the one decay), else the
+        paper's cosine decay from it to 0 (minibatch mode). An lr of None (states saved before lr
+        had a numeric default) is eps."""
+        base = self.eps if group["lr"] is None else group["lr"]
+        if self.batch_mode == "full" or "initial_lr" in group:
+            return base
+        return cosine_decay(base, 0.0, k, self.total_steps)
 
     def tau_a_factor(self, k: int) -> float:
         if self.total_steps is None:
@@ -240,7 +249,7 @@ class AS2P(ZerothOrderOptimizer):
             self.gammas.push(gamma)
         sigma = self.gammas.sigma(self.window_length(k))
         tau_a = self.tau_a_factor(k) * sigma
-        lr_of_group = [self.lr_at(k, grp["lr"]) for grp in self.param_groups]
+        lr_of_group = [self.lr_at(k, grp) for grp in self.param_groups]
         steps, ratios = [], []
         for key, gamma in zip(keys, gammas):
             g = abs(gamma)

@@ -469,26 +469,38 @@ class ZerothOrderOptimizer(Optimizer):
             self.guard.observe(loss)
             self.last_stats["lr_scale"] = self.guard.scale
 
-    #: Group hyper-parameters checked at the start of every step (wherever they were set).
-    _checked_group_keys = ("lr", "weight_decay")
+    #: Hyper-parameters kept in ``param_groups``, checked at the start of every step (wherever they
+    #: were set): name -> (zero allowed, one value for every group, exclusive upper bound or None).
+    #: A "one value" entry is what a step uses once (eps: every tensor moves to x + eps s at once);
+    #: it sits in each group so that schedulers, ``state_dict`` and logs see it, and must agree.
+    _group_checks: dict[str, tuple[bool, bool, float | None]] = {"lr": (True, False, None),
+                                                                  "weight_decay": (True, False, None)}
 
     def _check_groups(self) -> None:
-        """Refuse a non-finite or negative lr or weight decay before any weight is written.
+        """Refuse a non-finite or negative hyper-parameter of ``param_groups`` before any weight is written.
 
         The constructor checks its arguments, but ``param_groups`` can be edited and schedulers
         write into them, so every step checks again."""
-        for gi, group in enumerate(self.param_groups):
-            for name in self._checked_group_keys:
-                if group.get(name) is None:  # absent, or chosen by the method's rule (AS2P's automatic lr)
+        where = " (checked at every step, wherever it was set: the constructor, param_groups or a scheduler)"
+        for name, (zero, shared, upper) in self._group_checks.items():
+            for gi, group in enumerate(self.param_groups):
+                if group.get(name) is None:  # absent, or chosen by the method's rule
                     continue
                 value = group[name]
                 if isinstance(value, torch.Tensor) and value.numel() == 1:
                     value = float(value)
                 try:
-                    check_positive(f"param_groups[{gi}]['{name}']", value, allow_zero=True)
+                    check_positive(f"param_groups[{gi}]['{name}']", value, allow_zero=zero)
                 except ValueError as err:
-                    raise ValueError(f"{err} (checked at every step, wherever it was set: the constructor, "
-                                     "param_groups or a scheduler)") from None
+                    raise ValueError(f"{err}{where}") from None
+                if upper is not None and not value < upper:
+                    raise ValueError(f"param_groups[{gi}]['{name}'] must be < {upper}; got {value!r}{where}")
+                if shared and value != self.param_groups[0][name]:
+                    raise ValueError(
+                        f"param_groups[{gi}]['{name}'] = {value!r} differs from param_groups[0]['{name}'] = "
+                        f"{self.param_groups[0][name]!r}: {type(self).__name__} uses one {name} per step, so every "
+                        f"group must hold the same{where}"
+                    )
 
     def _multiplier_bound(self) -> float:
         """The largest element-wise multiplier of a direction (HiZOO's preconditioner; 1 otherwise)."""
@@ -679,7 +691,8 @@ class ZerothOrderOptimizer(Optimizer):
             )
         saved_settings, mine_settings = extra.get("settings"), self._run_settings()
         if saved_settings is not None:  # (state_dicts of zoptim before 0.5 do not record them)
-            for field in sorted(set(saved_settings) | set(mine_settings)):
+            # hyper-parameters held in param_groups come with the state's groups, as lr does in torch
+            for field in sorted((set(saved_settings) | set(mine_settings)) - set(self.defaults)):
                 was, have = saved_settings.get(field), mine_settings.get(field)
                 if was != have:
                     raise ValueError(f"state_dict was saved with {field}={was!r}; this optimizer has {field}={have!r}")
@@ -710,12 +723,34 @@ class ZerothOrderOptimizer(Optimizer):
         before = self.state_dict()
         try:
             super().load_state_dict(state_dict)
+            saved_settings = extra.get("settings") or {}
+            for group in self.param_groups:  # states saved before these moved into param_groups
+                for name, default in self.defaults.items():
+                    group.setdefault(name, saved_settings.get(name, default))
             self._load_extra_state(extra)
         except BaseException:
             before_extra = before.pop("zoptim")
             super().load_state_dict(before)
             self._load_extra_state(before_extra)
             raise
+
+
+class GroupValue:
+    """A hyper-parameter that lives in ``param_groups`` (one value for the whole step, see
+    ``_group_checks``), read and written as an attribute: ``opt.eps`` is ``param_groups[0]["eps"]``
+    and ``opt.eps = v`` sets it in every group."""
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return obj.param_groups[0][self.name]
+
+    def __set__(self, obj, value):
+        for group in obj.param_groups:
+            group[self.name] = value
 
 
 class StepRun:

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Query, SkippedUpdate, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, Query, SkippedUpdate, StepGenerator, ZerothOrderOptimizer
 from .checks import check_positive
 
 
@@ -104,16 +104,15 @@ class HiZOO(ZerothOrderOptimizer):
                 "module=None (ZOSGD, AS2P, S2P and STP take module= and rank=)"
             )
         check_positive("lr", lr, allow_zero=True)
-        self.eps = check_positive("eps", eps)
+        check_positive("eps", eps)
         alpha = check_positive("hessian_smooth", hessian_smooth, allow_zero=True)
         if alpha >= 1.0:
             raise ValueError(f"hessian_smooth must be in [0, 1); got {hessian_smooth!r}")
-        self.hessian_smooth = alpha
         check_positive("weight_decay", weight_decay, allow_zero=True)
         self.factored = bool(factored)
         super().__init__(
             params,
-            dict(lr=lr, weight_decay=weight_decay),
+            dict(lr=lr, eps=eps, hessian_smooth=alpha, weight_decay=weight_decay),
             seed=seed,
             distribution=distribution,
             normalize=False,
@@ -132,7 +131,11 @@ class HiZOO(ZerothOrderOptimizer):
         self._init_hessian()
         self.engine.weights = self._inverse_sqrt
 
-    _settings = ("eps", "hessian_smooth", "factored")
+    eps = GroupValue()
+    hessian_smooth = GroupValue()
+    _group_checks = {**ZerothOrderOptimizer._group_checks, "eps": (False, True, None),
+                     "hessian_smooth": (True, True, 1.0)}
+    _settings = ("factored",)
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a group: its tensors start from H_0 = 1, the others keep their estimates."""

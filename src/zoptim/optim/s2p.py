@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from .base import Query, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, Query, StepGenerator, ZerothOrderOptimizer
 from .checks import check_int, check_positive
 
 STEP_RULES = ("stationary", "dynamic", "relaxed_stationary", "relaxed_dynamic")
@@ -86,13 +86,13 @@ class S2P(ZerothOrderOptimizer):
         self.total_steps = check_int("total_steps", total_steps, allow_none=True)
         for name in ("L", "L0", "L1"):
             check_positive(name, given[name], allow_none=True)
-        self.rho = check_positive("rho", rho)
+        check_positive("rho", rho)
         check_positive("A", A)
         check_positive("B", B)
         self.step_rule = step_rule
         super().__init__(
             params,
-            dict(lr=lr, L=L, L0=L0, L1=L1, A=A, B=B),
+            dict(lr=lr, rho=rho, L=L, L0=L0, L1=L1, A=A, B=B),
             seed=seed,
             distribution=distribution,
             normalize=normalize,
@@ -103,6 +103,8 @@ class S2P(ZerothOrderOptimizer):
         )
         self.queries_per_step = 4 if step_rule.endswith("dynamic") else 2
 
+    rho = GroupValue()
+    _group_checks = {**ZerothOrderOptimizer._group_checks, "rho": (False, True, None)}
     _settings = ("step_rule", "total_steps")
 
     def step_size(self, group: dict, gamma: float | None) -> float:
@@ -133,5 +135,6 @@ class S2P(ZerothOrderOptimizer):
             "gamma": gamma if gamma is not None else (f_plus - f_minus) / (2.0 * alphas[0] or 1.0),
             "step_size": alpha_of_group[0],
             "rho": self.rho,
+            "lr": self.param_groups[0]["lr"],
         }
         return self.last_stats["loss"]

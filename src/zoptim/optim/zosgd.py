@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
 from .checks import check_int, check_positive
 from .momentum import SeedMomentum
 
@@ -70,12 +70,12 @@ class ZOSGD(ZerothOrderOptimizer):
         per_example: bool = False,
     ):
         check_positive("lr", lr, allow_zero=True)
-        self.eps = check_positive("eps", eps)
+        check_positive("eps", eps)
         self.num_directions = check_int("num_directions", num_directions)
         check_positive("weight_decay", weight_decay, allow_zero=True)
         super().__init__(
             params,
-            dict(lr=lr, weight_decay=weight_decay),
+            dict(lr=lr, eps=eps, weight_decay=weight_decay),
             seed=seed,
             distribution=distribution,
             normalize=normalize,
@@ -89,7 +89,9 @@ class ZOSGD(ZerothOrderOptimizer):
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
         self._set_guard(guard)
 
-    _settings = ("eps", "num_directions")
+    eps = GroupValue()
+    _group_checks = {**ZerothOrderOptimizer._group_checks, "eps": (False, True, None)}
+    _settings = ("num_directions",)
 
     supports_direction_sharding = True
 
