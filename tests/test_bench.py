@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from zoptim.bench import cost_ratio, harness
+from zoptim import cost_ratio
+from zoptim.bench import harness
 from zoptim.bench.harness import RunSpec
 from zoptim.problems import Quadratic, get_problem
 
@@ -256,7 +257,7 @@ def test_a_corrupt_or_crafted_bench_checkpoint_is_one_line_naming_the_file(tmp_p
 
 
 def _write_many(args):
-    from zoptim.bench.io import atomic_write_text
+    from zoptim.checkpoint import atomic_write_text
 
     path, tag = args
     for i in range(200):

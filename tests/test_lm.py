@@ -12,10 +12,10 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 import zoptim  # noqa: E402
+from zoptim.cost_ratio import minibatch_cost_ratios as cost_ratios  # noqa: E402
 from zoptim.lm.data import Example, Task  # noqa: E402
 from zoptim.lm.models import apply_lora, package_dir  # noqa: E402
 from zoptim.lm.prompts import ENCODER_TEMPERATURE, Prompt, PromptClassifier  # noqa: E402
-from zoptim.lm.report import cost_ratios  # noqa: E402
 from zoptim.lm.train import Loop, LoopConfig, make_optimizer, read_log  # noqa: E402
 
 WORDS = "good bad great awful movie film plot acting was is the a very not fun dull review sentiment negative positive"

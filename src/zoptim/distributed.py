@@ -90,6 +90,14 @@ def launched_rank_and_world() -> tuple[int, int]:
     return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and world size in the default process group; (0, 1) without one.
+    (Before the group exists, :func:`launched_rank_and_world` says what the launcher asked for.)"""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     """Initialise the default process group from torchrun's environment; return (rank, world size).
 
@@ -97,7 +105,7 @@ def init_from_env(device: torch.device | str = "cpu") -> tuple[int, int]:
     size) when a group already exists; (0, 1) outside a launcher.
     """
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
+        return rank_and_world()
     if launched_world_size() <= 1:
         return 0, 1
     device = torch.device(device)

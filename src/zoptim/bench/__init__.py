@@ -5,7 +5,7 @@ Modules: :mod:`.methods` (named optimizer recipes), :mod:`.harness` (one resumab
 :mod:`.report` (summary.md), :mod:`.suites` (quick / paper / ablations / softmax).
 """
 
-from .cost_ratio import FRACTIONS, cost_ratios, markdown_table, smooth
+from ..cost_ratio import FRACTIONS, cost_ratios, markdown_table, smooth
 from .harness import RunSpec, run
 from .methods import RECIPES, get_method
 from .report import build_report

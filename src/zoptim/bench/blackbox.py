@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..checkpoint import atomic_write_text
 from ..problems.blackbox import BLACKBOX_PROBLEMS, BlackBoxProblem, get_blackbox_problem
-from .io import atomic_write_text
 
 #: Default budget (evaluations) per problem; ``--budget`` replaces all of them.
 BUDGETS = {

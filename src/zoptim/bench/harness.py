@@ -30,7 +30,8 @@ import torch
 from ..checkpoint import atomic_save, safe_load
 from ..optim import DivergedError, NonFiniteLossWarning
 from ..problems.base import Problem
-from .io import read_jsonl, write_jsonl
+from ..records import read as read_records
+from ..records import write as write_records
 from .methods import get_method
 
 
@@ -78,7 +79,7 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
     result_path = out_dir / "raw" / f"{spec.run_id}.jsonl"
     ckpt_path = out_dir / "checkpoints" / f"{spec.run_id}.pt"
     if result_path.exists():
-        return read_jsonl(result_path)
+        return read_records(result_path)
 
     method = get_method(spec.method)
     total_steps = spec.budget // method.queries_per_step
@@ -159,14 +160,14 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
     bar.close()
     opt.close()  # forward-applied directions: the hooks leave the model
     records.append({"type": "end", "steps": step, "queries": int(opt.num_queries), "wall": wall(), "diverged": diverged})
-    write_jsonl(result_path, records)
+    write_records(result_path, records)
     ckpt_path.unlink(missing_ok=True)
     return records
 
 
 def load_runs(out_dir: Path) -> list[list[dict]]:
     """All finished runs under ``out_dir/raw`` (each a list of records, header first)."""
-    return [read_jsonl(p) for p in sorted((Path(out_dir) / "raw").glob("*.jsonl"))]
+    return [read_records(p) for p in sorted((Path(out_dir) / "raw").glob("*.jsonl"))]
 
 
 def curve(records: list[dict]) -> tuple[list[int], list[float]]:

@@ -7,9 +7,10 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from . import cost_ratio, plots
+from .. import cost_ratio, records
+from ..checkpoint import atomic_write_text
+from . import plots
 from .harness import curve
-from .io import atomic_write_text, read_jsonl
 from .methods import BASELINE, get_method
 
 
@@ -22,7 +23,7 @@ def _group(out_dir: Path):
     DIGEST)``, and the summary says so."""
     found = defaultdict(list)  # (key, method, seed) -> [(mtime, run_id, records)]
     for path in sorted((Path(out_dir) / "raw").glob("*.jsonl")):
-        recs = read_jsonl(path)
+        recs = records.read(path)
         h = recs[0]
         found[((h["experiment"], h["problem"], h["budget"]), h["method"], h["seed"])].append(
             (path.stat().st_mtime, h["run_id"], recs))

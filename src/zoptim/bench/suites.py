@@ -54,11 +54,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..checkpoint import atomic_write_text
 from ..distributed import launched_rank_and_world
 from ..problems import SoftmaxRegression, get_problem
 from . import harness, search
 from .harness import RunSpec
-from .io import atomic_write_text
 from .methods import get_method
 
 FIVE = ["ZOSGD", "ZOSGD-rademacher", "STP", "S2P", "AS2P"]

@@ -10,41 +10,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..checkpoint import atomic_write_text
+from ..cost_ratio import MINIBATCH_FRACTIONS, minibatch_cost_ratios, trailing_mean
 from .train import read_log
-
-FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average (the minibatch loss is noisy; the paper plots smoothed curves)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
-def cost_ratios(base_log: list[dict], other_log: list[dict], window: int | None = None) -> list[float | None]:
-    """Table 6 of the S2P paper: targets are the base method's (GA's) smoothed loss at 100, 75, 50
-    and 25 % of its queries; each ratio is the queries the other method needs to first reach the
-    target, divided by the base's total queries (None: never reached). Curves are trailing means
-    over ``window`` steps (default 10 % of the base run); points before the first full window are
-    not counted as reaching a target."""
-    window = window or max(1, len(base_log) // 10)
-    base = smooth([r["loss"] for r in base_log], window)
-    other = smooth([r["loss"] for r in other_log], window)
-    total = base_log[-1]["queries"]
-    ratios = []
-    for frac in FRACTIONS:
-        target = base[max(0, round(frac * len(base)) - 1)]
-        # A trailing mean over fewer than `window` minibatches is one noisy batch at the start:
-        # only a full window counts as reaching a target.
-        hit = next((r["queries"] for i, (r, s) in enumerate(zip(other_log, other))
-                    if i >= window - 1 and s <= target), None)
-        ratios.append(None if hit is None else hit / total)
-    return ratios
 
 
 def load_runs(out: Path) -> dict[str, dict]:
@@ -73,8 +41,8 @@ def write_report(out) -> dict:
     ga = next((k for k in runs if runs[k]["method"] == "zosgd"), None)
     as2p = next((k for k in runs if runs[k]["method"] == "as2p"), None)
     if ga and as2p:
-        ratios = cost_ratios(runs[ga]["log"], runs[as2p]["log"])
-        report["cost_ratio"] = {"base": ga, "other": as2p, "fractions": FRACTIONS, "ratios": ratios}
+        ratios = minibatch_cost_ratios(runs[ga]["log"], runs[as2p]["log"])
+        report["cost_ratio"] = {"base": ga, "other": as2p, "fractions": MINIBATCH_FRACTIONS, "ratios": ratios}
         fmt = lambda x: "n/r" if x is None else f"{x:.2f}"  # noqa: E731
         md += [
             "",
@@ -86,8 +54,8 @@ def write_report(out) -> dict:
             "| ZOSGD (GA, MeZO) | 1 | 0.75 | 0.50 | 0.25 |",
             "| AS2P | " + " | ".join(fmt(x) for x in ratios) + " |",
         ]
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", "\n".join(md) + "\n")
     plot(out, runs, zero)
     return report
 
@@ -101,7 +69,7 @@ def plot(out: Path, runs: dict, zero: dict | None) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, r in runs.items():
         log = r["log"]
-        ax.plot([x["queries"] for x in log], smooth([x["loss"] for x in log], max(1, len(log) // 10)), label=name)
+        ax.plot([x["queries"] for x in log], trailing_mean([x["loss"] for x in log], max(1, len(log) // 10)), label=name)
     ax.set(xlabel="forward passes (function queries)", ylabel="training loss (smoothed)", title="loss vs queries")
     ax.legend()
     fig.tight_layout()

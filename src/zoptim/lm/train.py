@@ -24,9 +24,7 @@ rank loads that checkpoint, and the run continues bit for bit as if it had not b
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -34,7 +32,9 @@ from typing import NoReturn
 
 import torch
 
+from .. import records
 from ..checkpoint import CheckpointError, atomic_save, safe_load
+from ..distributed import rank_and_world
 from ..optim import registry
 from .data import Task
 from .prompts import PromptClassifier
@@ -143,7 +143,7 @@ class Loop:
 
     def __init__(self, classifier: PromptClassifier, task: Task, optimizer, config: LoopConfig, out, progress=True):
         self.classifier, self.task, self.optimizer, self.config = classifier, task, optimizer, config
-        self.rank, self.world = _rank_and_world()
+        self.rank, self.world = rank_and_world()
         if self.world > 1:
             if not is_zeroth_order(optimizer):
                 raise ValueError("a multi-process run needs a zeroth-order method (adamw would need DDP's gradient all-reduce)")
@@ -208,8 +208,7 @@ class Loop:
         self.generator.set_state(ckpt["generator"])
         self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]
         if self.log_path.exists() and self.rank == 0:
-            kept = [r for r in read_log(self.log_path) if r["step"] <= self.step]
-            write_lines(self.log_path, kept)
+            records.write(self.log_path, [r for r in records.read(self.log_path) if r["step"] <= self.step])
         self.resumed_from = self.step
         if self.rank == 0:
             print(f"resuming from step {self.step} ({self.ckpt_path})", flush=True)
@@ -219,8 +218,7 @@ class Loop:
     def log(self, record: dict) -> None:
         if self.rank != 0:
             return
-        with open(self.log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        records.append(self.log_path, record)
 
     def sample(self):
         idx = torch.randint(len(self.task.train), (self.config.batch_size,), generator=self.generator)
@@ -310,26 +308,10 @@ class Loop:
         return read_log(self.log_path) if self.rank == 0 else []
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def objective_needs_zo(objective: str) -> bool:
     return objective == "accuracy"
 
 
 def read_log(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def write_lines(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    """A run's log.jsonl, with the losses as floats (NaN where a step's loss was not finite)."""
+    return [{**r, "loss": records.finite(r["loss"])} for r in records.read(path)]

@@ -1,6 +1,14 @@
-"""The training cost ratio of the S2P paper (Appendix D.2, Tables 5 and 6; Fig. 1a).
+"""The training cost ratio of the S2P paper, in its two forms (one module, two named functions).
 
-Definition. Let Q_GA be the baseline's (GA = ZOSGD with Gaussian directions, i.e. MeZO) total
+* :func:`cost_ratios` reproduces Table 5 / Fig. 1a (pre-trained CNNs): targets are GA's loss
+  after {1, 0.8, 0.6, 0.4, 0.2} of its budget ("GA reaching 500/400/300/200/100 epochs"), curves of
+  evaluation points smoothed by an EMA and a running minimum. ``zoptim bench`` uses it.
+* :func:`minibatch_cost_ratios` reproduces Table 6 / Fig. 2a (fine-tuning OPT-13B): targets are
+  GA's minibatch loss after {1, 0.75, 0.5, 0.25} of its iterations ("20000/15000/10000/5000
+  mini-batch iterations"), curves of per-step minibatch losses smoothed by a trailing mean.
+  ``zoptim finetune``'s report uses it.
+
+Definition (Table 5). Let Q_GA be the baseline's (GA = ZOSGD with Gaussian directions, i.e. MeZO) total
 queries. For each fraction p in {1, 0.8, 0.6, 0.4, 0.2} the target is the baseline's smoothed
 loss after p * Q_GA queries (the paper's "GA reaches 500/400/300/200/100 epochs"). A method's
 ratio for that target is
@@ -114,3 +122,39 @@ def markdown_table(rows: dict[str, dict[str, list[dict]]], fractions=FRACTIONS) 
         for i, (name, cells) in enumerate(methods.items()):
             lines.append(f"| {task if i == 0 else ''} | {name} | " + " | ".join(format_cell(c) for c in cells) + " |")
     return "\n".join(lines)
+
+
+# -- Table 6 / Fig. 2a: minibatch iterations ---------------------------------------------------------------
+MINIBATCH_FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+
+
+def trailing_mean(values: Sequence[float], window: int) -> list[float]:
+    """Trailing moving average over ``window`` values (the minibatch loss is noisy; the paper
+    plots smoothed curves)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def minibatch_cost_ratios(base_log: list[dict], other_log: list[dict], window: int | None = None) -> list[float | None]:
+    """Table 6 of the S2P paper: targets are the base method's (GA's) smoothed minibatch loss at
+    100, 75, 50 and 25 % of its queries; each ratio is the queries the other method needs to first
+    reach the target, divided by the base's total queries (None: never reached). ``*_log``: one
+    record per step with ``queries`` and ``loss``. Curves are trailing means over ``window`` steps
+    (default 10 % of the base run); points before the first full window do not count as
+    reaching a target (a mean of fewer minibatches is one noisy batch at the start)."""
+    window = window or max(1, len(base_log) // 10)
+    base = trailing_mean([r["loss"] for r in base_log], window)
+    other = trailing_mean([r["loss"] for r in other_log], window)
+    total = base_log[-1]["queries"]
+    ratios = []
+    for frac in MINIBATCH_FRACTIONS:
+        target = base[max(0, round(frac * len(base)) - 1)]
+        hit = next((r["queries"] for i, (r, s) in enumerate(zip(other_log, other))
+                    if i >= window - 1 and s <= target), None)
+        ratios.append(None if hit is None else hit / total)
+    return ratios
