@@ -112,11 +112,12 @@ def get_peer(name: str) -> Peer:
 
 
 def _run_zoptim(kind: str, problem: BlackBoxProblem, rec: Recorder, seed: int) -> dict:
-    import zoptim
+    from ..blackbox import minimize
+    from ..optim import NonFiniteLossWarning
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", zoptim.NonFiniteLossWarning)
-        zoptim.minimize(rec, problem.x0, method=kind,
+        warnings.simplefilter("ignore", NonFiniteLossWarning)
+        minimize(rec, problem.x0, method=kind,
                               options={**problem.hparams[kind], "maxfev": problem.budget, "seed": seed})
     return {"hparams": problem.hparams[kind]}
 
@@ -419,7 +420,7 @@ def build_report(out_dir: Path) -> str:
 def _plot(problem: str, records: list[dict], out_dir: Path) -> Path | None:
     if not records:
         return None
-    from .plots import _save, plt
+    from .plots import plt, save
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     fstar = records[0]["fstar"]
@@ -445,12 +446,12 @@ def _plot(problem: str, records: list[dict], out_dir: Path) -> Path | None:
     ax.set_ylabel("best loss so far - f*")
     ax.set_title(f"{problem} (d = {records[0]['dim']:,})")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, out_dir / f"blackbox-{problem}.png")
+    return save(fig, out_dir / f"blackbox-{problem}.png")
 
 
 def probe(problem_names=None, log=print) -> None:
     """The 4-point grids on seed 0 behind the zoptim step sizes in :mod:`zoptim.problems.blackbox`."""
-    import zoptim
+    from ..blackbox import minimize
 
     for name in problem_names or BUDGETS:
         p = get_blackbox_problem(name, BUDGETS[name])
@@ -461,7 +462,7 @@ def probe(problem_names=None, log=print) -> None:
             for v in grid:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    r = zoptim.minimize(p.fun, p.x0, method=kind, options={**p.hparams[kind], key: v, "maxfev": p.budget})
+                    r = minimize(p.fun, p.x0, method=kind, options={**p.hparams[kind], key: v, "maxfev": p.budget})
                 out.append(f"{key}={v:.3g}: {r.fun_best:.4g}")
             log(f"{name} {kind}: " + " | ".join(out))
 

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 
-def _save(fig, path: Path) -> Path:
+def save(fig, path: Path) -> Path:
     """Lay out, write as PNG and release the figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -52,7 +52,7 @@ def loss_vs_queries(curves: dict[str, list[tuple]], path: Path, title: str, log_
         ax.set_yscale("log")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def cost_ratio_bars(table: dict[str, list[dict]], fractions, path: Path, title: str) -> Path:
@@ -73,7 +73,7 @@ def cost_ratio_bars(table: dict[str, list[dict]], fractions, path: Path, title: 
     ax.set_ylabel("training cost ratio (queries / GA's total)")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def as2p_dynamics(runs: list[list[dict]], path: Path, title: str) -> Path:
@@ -91,7 +91,7 @@ def as2p_dynamics(runs: list[list[dict]], path: Path, title: str) -> Path:
         ax.set_yscale("log")
     axes[1].legend(fontsize=7)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def scaling_loglog(rows: list[dict], path: Path, title: str) -> Path:
@@ -114,7 +114,7 @@ def scaling_loglog(rows: list[dict], path: Path, title: str) -> Path:
     ax.set_ylabel("steps to reach L* + eps")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def suboptimality(curves: dict[str, list[tuple]], l_star: float, path: Path, title: str) -> Path:
