@@ -118,7 +118,8 @@ def test_lora_adapter_round_trip_with_peft_from_pretrained_and_merge(tmp_path, d
     model_dir = save_tiny("causal", tmp_path / "tiny")
     run_dir = finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--lora", run="lora")
     result = json.loads((run_dir / "result.json").read_text())
-    assert (result["lr"], result["eps"], result["lr_rule"]) == (5e-2, 1e-2, "fixed")  # the values the run used
+    assert (result["lr"], result["eps"]) == (5e-2, 1e-2)  # the values the run used
+    assert result["lr_rule"].startswith("AS2P (S2P paper, Alg. 2): lr_k decays by cosine from this lr")
     saved = run_dir / "model"
     assert (saved / "adapter_model.safetensors").exists() and not (saved / "model.safetensors").exists()
     reference, _ = tuned_reference(model_dir, run_dir, lora=True)
@@ -515,3 +516,27 @@ def test_ctrl_c_in_finetune_is_one_line_and_the_same_command_resumes_from_the_in
     assert main(args) == 0
     assert "resuming from step 2" in capsys.readouterr().out
     assert json.loads((tmp_path / "out" / "zosgd" / "result.json").read_text())["resumed_from_step"] == 2
+
+
+def test_the_fine_tuning_run_is_one_library_call_and_its_config_checks_every_value(tmp_path, data_files):
+    """What `zoptim finetune` does is zoptim.lm.finetune.finetune(config, task, prompt, out): the
+    command only parses flags (issue 22)."""
+    from zoptim.lm.finetune import ConfigError, FinetuneConfig
+    from zoptim.lm.finetune import finetune as run_finetune
+
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    task = load_files(data_files["train"], data_files["validation"], data_files["test"], text_field="review",
+                      label_field="sentiment", seed=0, name="own")
+    config = FinetuneConfig(model=str(model_dir), method="ZOSGD", steps=4, batch_size=4, eval_every=2,
+                            eval_examples=4, max_length=16, lr=5e-2, eps=1e-2, progress=False)
+    result = run_finetune(config, task, prompt_for_labels(task.classes, "Review: {text}\nSentiment:"), tmp_path / "out")
+    assert result["method"] == "zosgd" and result["queries"] == 8 and result["lr"] == 5e-2
+    assert json.loads((tmp_path / "out" / "zosgd" / "result.json").read_text()) == result
+    assert (tmp_path / "out" / "zosgd" / "model" / "model.safetensors").exists()
+    for bad, message in [(dict(method="sgd"), "method must be one of zosgd, as2p"),
+                         (dict(method="stp", momentum=0.9), "momentum is an option of zosgd and as2p; got method stp"),
+                         (dict(per_example=True), "per_example needs rank R"),
+                         (dict(lr=float("nan")), "lr must be"), (dict(steps=0), "steps must be >= 1; got 0"),
+                         (dict(merge=True), "merge merges LoRA adapters; it needs lora")]:
+        with pytest.raises(ConfigError, match=message):
+            FinetuneConfig(**bad)

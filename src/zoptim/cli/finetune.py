@@ -21,10 +21,8 @@ that checkpoint, ending on the same parameters, bit for bit, as an uninterrupted
 
 from __future__ import annotations
 
-import builtins
 import json
 import os
-import time
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
@@ -183,16 +181,34 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
     atomic_write_text(config_path, json.dumps(run_config(args), indent=1))
 
 
+def finetune_config(args):
+    """The run's :class:`~zoptim.lm.finetune.FinetuneConfig` from the flags; a bad value is one line
+    naming the flag (the config checks the values, the command only words the message)."""
+    from ..lm.finetune import ConfigError, FinetuneConfig
+
+    try:
+        return FinetuneConfig(
+            model=args.model, method=args.method, dtype=args.dtype, lora=args.lora, merge=args.merge,
+            steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every, eval_examples=args.eval_examples,
+            test_examples=args.test_examples, objective=args.objective, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
+            momentum=args.momentum, momentum_window=args.momentum_window, guard=args.guard,
+            hessian_smooth=args.hessian_smooth, rank=args.rank, per_example=args.per_example,
+            exact_restore=not args.no_exact_restore, seed=args.seed, save_model=not args.no_save_model,
+            progress=not args.no_progress,
+        )
+    except ConfigError as err:
+        raise SystemExit("zoptim finetune: " + err.render(lambda field: "--" + field.replace("_", "-"))) from None
+
+
 def check_args(args) -> None:
+    """Every flag checked before anything loads: the run's settings by its FinetuneConfig, the
+    command's own (data files, --out, --device, processes) here."""
     from ..lm.data import TASKS
-    from ..lm.models import DTYPES, KNOWN_MODELS
-    from ..lm.train import OBJECTIVES, finetune_methods
+    from ..lm.models import DEVICES, KNOWN_MODELS
 
-    args.method = args.method.lower()  # as bench --methods: names are case-insensitive
-    if args.method not in finetune_methods():
-        raise SystemExit(f"zoptim finetune: --method must be one of {', '.join(finetune_methods())}; got {args.method!r}")
-    from ..lm.models import DEVICES
-
+    args.config = finetune_config(args)
+    args.method = args.config.method  # as written in the run folder's config (names are case-insensitive)
     if args.train is not None and args.task is not None:
         raise SystemExit("zoptim finetune: give either --task or --train FILE (own data), not both")
     if args.train is None:
@@ -214,51 +230,14 @@ def check_args(args) -> None:
         raise SystemExit(f"zoptim finetune: --template must contain {{text}}; got {args.template!r}")
     if args.device.split(":")[0] not in DEVICES:
         raise SystemExit(f"zoptim finetune: --device must be one of {', '.join(DEVICES)}; got {args.device!r}")
-    if args.merge and not args.lora:
-        raise SystemExit("zoptim finetune: --merge merges LoRA adapters; it needs --lora")
     if args.model not in KNOWN_MODELS and not Path(args.model).is_dir():
         raise SystemExit(
             f"zoptim finetune: --model must be one of {', '.join(KNOWN_MODELS)} or a local directory; got {args.model!r}"
         )
-    if args.dtype not in DTYPES:
-        raise SystemExit(f"zoptim finetune: --dtype must be one of fp32, bf16; got {args.dtype!r}")
-    if args.objective not in OBJECTIVES:
-        raise SystemExit(f"zoptim finetune: --objective must be one of {', '.join(OBJECTIVES)}; got {args.objective!r}")
-    if args.objective == "accuracy" and args.method == "adamw":
-        raise SystemExit("zoptim finetune: --objective accuracy is not differentiable; use a zeroth-order --method")
-    from ..optim import registry
-
-    options = {"momentum": args.momentum, "guard": args.guard, "rank": args.rank, "per_example": args.per_example}
-    missing = (next(((k, registry.names()) for k, v in options.items() if v), None) if args.method == "adamw"
-               else registry.unsupported(args.method, options))
-    if missing:  # what each method offers comes from the registry
-        flag, methods = missing
-        raise SystemExit(f"zoptim finetune: --{flag.replace('_', '-')} is an option of {registry.and_list(methods)}; "
-                         f"got --method {args.method}")
-    if not args.guard >= 0.0:
-        raise SystemExit(f"zoptim finetune: --guard must be >= 0; got {args.guard}")
-    if not 0.0 <= args.momentum < 1.0:
-        raise SystemExit(f"zoptim finetune: --momentum must be in [0, 1); got {args.momentum}")
-    if args.rank is not None and args.rank < 1:
-        raise SystemExit(f"zoptim finetune: --rank must be >= 1; got {args.rank}")
-    if args.per_example and args.rank is None:
-        raise SystemExit("zoptim finetune: --per-example needs --rank R")
     if args.per_example and (args.nproc or 1) > 1:
         raise SystemExit("zoptim finetune: --per-example runs in one process (no --nproc)")
-    from ..optim.checks import check_positive
-
-    for name, value, strict in (("lr", args.lr, True), ("eps", args.eps, True), ("eta-b", args.eta_b, True),
-                                ("hessian-smooth", args.hessian_smooth, False)):
-        try:
-            check_positive(f"--{name}", value, allow_none=True, allow_zero=not strict)
-        except ValueError as err:
-            raise SystemExit(f"zoptim finetune: {err}") from None
-    if args.test_examples is not None and args.test_examples < 1:
-        raise SystemExit(f"zoptim finetune: --test-examples must be >= 1; got {args.test_examples}")
-    for name in ("steps", "batch_size", "eval_every", "eval_examples", "max_length", "checkpoint_every", "nproc"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise SystemExit(f"zoptim finetune: --{name.replace('_', '-')} must be >= 1; got {value}")
+    if args.nproc is not None and args.nproc < 1:
+        raise SystemExit(f"zoptim finetune: --nproc must be >= 1; got {args.nproc}")
     if args.max_restarts < 0:
         raise SystemExit(f"zoptim finetune: --max-restarts must be >= 0; got {args.max_restarts}")
     from ..distributed import launched_world_size
@@ -295,29 +274,6 @@ def load_data(args):
     except DataError as err:
         raise SystemExit(f"zoptim finetune: {err}") from None
     return task, prompt_for_labels(task.classes, args.template or "{text}\nLabel:")
-
-
-def weights_changed(model, name: str, dtype) -> dict:
-    """How far full-parameter tuning moved the weights: the fraction of scalars that differ from
-    the pretrained ones (reloaded from disk, so no copy is held during training) and the largest
-    change. In bfloat16 an update below half an ulp is lost; this shows whether any survived."""
-    import torch
-
-    from ..lm.models import load_model
-
-    base, _ = load_model(name, dtype=dtype)
-    ref = dict(base.named_parameters())
-    changed = total = 0
-    largest = 0.0
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            q = ref[n].to(p.device)
-            diff = p != q
-            changed += int(diff.sum())
-            total += p.numel()
-            if diff.any():
-                largest = max(largest, float((p.float() - q.float()).abs().max()))
-    return {"fraction": changed / max(total, 1), "max_abs": largest}
 
 
 def launch(args) -> int:
@@ -382,123 +338,14 @@ def run(args) -> int:
 
 
 def _run(args, device, rank: int, world: int) -> int:
-    from ..lm.models import apply_lora, load_model, resolve, save_model
-    from ..lm.prompts import PromptClassifier
-    from ..lm.report import write_report
-    from ..lm.train import Loop, LoopConfig, make_optimizer
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    task, prompt = load_data(args)
-    if args.no_progress:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    test = task.test[: args.test_examples] if args.test_examples else task.test
-    try:
-        model, tokenizer = load_model(args.model, dtype=args.dtype)
-    except ModuleNotFoundError as err:
-        raise SystemExit(f"zoptim finetune: {err}") from None
-    kind = resolve(args.model)[1]
-    if args.lora:
-        model = apply_lora(model, seed=args.seed)
-    try:
-        clf = PromptClassifier(model, tokenizer, prompt, kind=kind, max_length=args.max_length).to(device)
-    except ValueError as err:  # e.g. label words sharing a first token
-        raise SystemExit(f"zoptim finetune: {err}") from None
-    truncated = {name: clf.count_truncated(split) for name, split in
-                 (("train", task.train), ("validation", task.val), ("test", test))}
-    print = builtins.print if rank == 0 else (lambda *a, **k: None)  # noqa: A001 - rank 0 speaks for the run
-    if any(truncated.values()):
-        print(f"note: texts longer than --max-length {args.max_length} tokens are truncated "
-              f"({'the beginning' if kind == 'causal' else 'the end'} is dropped): "
-              + ", ".join(f"{n} of {len(s)} {name}" for (name, n), s in
-                          zip(truncated.items(), (task.train, task.val, test))), flush=True)
-    print(f"task {task.name}: {len(task.train)} train / {len(task.val)} validation / {len(test)} test examples, "
-          f"classes {', '.join(task.classes)}; device {device}"
-          + (f"; {world} processes (data parallel)" if world > 1 else ""), flush=True)
-
-    zero_path = out / "zero_shot.json"
-    if rank == 0 and not zero_path.exists():
-        print("zero-shot evaluation ...", flush=True)
-        zero = {
-            "model": args.model,
-            "task": task.name,
-            "dtype": args.dtype,
-            "test_examples": len(test),
-            "test_accuracy": clf.accuracy(test),
-            "val_accuracy": clf.accuracy(task.val[: args.eval_examples]),
-            "data_sha256": run_config(args)["data_sha256"],
-        }
-        atomic_write_text(zero_path, json.dumps(zero, indent=2))
-
-    config = LoopConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        eval_every=args.eval_every,
-        eval_examples=args.eval_examples,
-        objective=args.objective,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-    )
-    optimizer = make_optimizer(
-        args.method, clf.parameters(), args.steps, lora=args.lora, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
-        seed=args.seed, exact_restore=not args.no_exact_restore, momentum=args.momentum,
-        momentum_window=args.momentum_window, hessian_smooth=args.hessian_smooth, guard=args.guard,
-        module=clf if args.rank is not None else None, rank=args.rank, per_example=args.per_example,
-    )
-    run_dir = out / args.run_name
-    loop = Loop(clf, task, optimizer, config, run_dir, progress=not args.no_progress)
-    start = time.perf_counter()
     from ..checkpoint import CheckpointError
+    from ..lm.finetune import finetune
 
+    task, prompt = load_data(args)
     try:
-        log = loop.run()
-    except CheckpointError as err:
+        finetune(args.config, task, prompt, args.out, args.run_name, device, data_sha256=run_config(args)["data_sha256"])
+    except (CheckpointError, ModuleNotFoundError) as err:
         raise SystemExit(f"zoptim finetune: {err}") from None
-    if rank != 0:
-        return 0
-    train_seconds = log[-1]["time"] if log else time.perf_counter() - start
-    result = {
-        "method": args.method,
-        "model": args.model,
-        "task": task.name,
-        "lora": args.lora,
-        "dtype": args.dtype,
-        "device": str(device),
-        "exact_restore": not args.no_exact_restore,
-        "momentum": args.momentum,
-        "guard": args.guard,
-        "rank": args.rank,
-        "per_example": args.per_example,
-        "hessian_smooth": args.hessian_smooth if args.method == "hizoo" else None,
-        "steps": loop.step,
-        "queries": loop.queries,
-        "batch_size": args.batch_size,
-        # the values the run used: AS2P's automatic lr varies by step (its last one is recorded)
-        "lr": optimizer.param_groups[0]["lr"] if optimizer.param_groups[0].get("lr") is not None
-        else optimizer.last_stats.get("lr"),
-        "lr_rule": "automatic (AS2P, S2P paper Alg. 2): the last step's" if args.method == "as2p" and args.lr is None
-        else "fixed",
-        "eps": getattr(optimizer, "eps", args.eps),
-        "seed": args.seed,
-        "objective": args.objective,
-        "val_accuracy": log[-1]["val_accuracy"],
-        "test_accuracy": clf.accuracy(test),
-        "test_examples": len(test),
-        "truncated": truncated,
-        "nonfinite_losses": sum(1 for r in log if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")),
-        "train_seconds": train_seconds,
-        "processes": world,
-        "resumed_from_step": loop.resumed_from,
-    }
-    if not args.lora:
-        result["weights_changed"] = weights_changed(clf.model, args.model, args.dtype)
-    if not args.no_save_model:
-        where = save_model(clf, run_dir / "model", merge=args.merge, extra={"task": task.name, "method": args.method})
-        result["model_dir"] = str(where)
-        print(f"tuned model saved in {where}", flush=True)
-    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
-    write_report(out)
-    print((out / "report.md").read_text())
+    except ValueError as err:  # e.g. label words that share a first token
+        raise SystemExit(f"zoptim finetune: {err}") from None
     return 0

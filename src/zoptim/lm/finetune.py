@@ -1,0 +1,237 @@
+"""A fine-tuning run, whole: zero-shot evaluation, training, the weight-change check, the result
+record, the export and the report.
+
+``zoptim finetune`` parses its flags into a :class:`FinetuneConfig` (which checks every value
+before anything loads) and calls :func:`finetune`; a script, a notebook or a test does the same::
+
+    from zoptim.lm.finetune import FinetuneConfig, finetune
+    from zoptim.lm.data import load_task
+    from zoptim.lm.prompts import get_prompt
+
+    config = FinetuneConfig(model="minilm", method="zosgd", steps=100, lr=1e-5)
+    result = finetune(config, load_task("trec"), get_prompt("trec"), out="runs/trec")
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..checkpoint import atomic_write_text
+from ..optim import registry
+from ..optim.checks import check_positive
+from .train import OBJECTIVES, finetune_methods
+
+
+class ConfigError(ValueError):
+    """A bad value of a :class:`FinetuneConfig` field. ``detail`` may name other fields as
+    ``{field}`` (given in ``refs`` with their values), so the message can be rendered with field
+    names (the library) or with the command's flags (the CLI, :meth:`render`)."""
+
+    def __init__(self, field: str, detail: str, **refs):
+        self.field, self.detail, self.refs = field, detail, refs
+        super().__init__(self.render())
+
+    def render(self, name=lambda field: field) -> str:
+        refs = {k: name(k) if v is None else f"{name(k)} {v}" for k, v in self.refs.items()}
+        return f"{name(self.field)} {self.detail.format(**refs)}"
+
+
+@dataclass
+class FinetuneConfig:
+    """Every setting of a fine-tuning run (``zoptim finetune``'s flags, as values), checked on creation.
+
+    ``lr`` / ``eps`` None: the method's fine-tuning default (:data:`zoptim.lm.train.DEFAULT_LR`).
+    """
+
+    model: str = "smollm2"
+    method: str = "zosgd"
+    dtype: str = "fp32"
+    lora: bool = False
+    merge: bool = False
+    steps: int = 200
+    batch_size: int = 8
+    max_length: int = 64
+    eval_every: int = 100
+    checkpoint_every: int | None = None
+    eval_examples: int = 200
+    test_examples: int | None = None
+    objective: str = "loss"
+    lr: float | None = None
+    eps: float | None = None
+    eta_b: float = 50.0
+    momentum: float = 0.0
+    momentum_window: int = 8
+    guard: float = 0.0
+    hessian_smooth: float = 1e-6
+    rank: int | None = None
+    per_example: bool = False
+    exact_restore: bool = True
+    seed: int = 0
+    save_model: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        from .models import DTYPES
+
+        self.method = str(self.method).lower()  # names are case-insensitive, as everywhere
+        if self.method not in finetune_methods():
+            raise ConfigError("method", f"must be one of {', '.join(finetune_methods())}; got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise ConfigError("dtype", f"must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError("objective", f"must be one of {', '.join(OBJECTIVES)}; got {self.objective!r}")
+        if self.objective == "accuracy" and self.method == "adamw":
+            raise ConfigError("objective", "accuracy is not differentiable; use a zeroth-order {method}", method=None)
+        if self.merge and not self.lora:
+            raise ConfigError("merge", "merges LoRA adapters; it needs {lora}", lora=None)
+        options = {"momentum": self.momentum, "guard": self.guard, "rank": self.rank, "per_example": self.per_example}
+        missing = (next(((k, registry.names()) for k, v in options.items() if v), None) if self.method == "adamw"
+                   else registry.unsupported(self.method, options))
+        if missing:  # what each method offers comes from the registry
+            field, methods = missing
+            raise ConfigError(field, f"is an option of {registry.and_list(methods)}; got {{method}}", method=self.method)
+        if not self.guard >= 0.0:
+            raise ConfigError("guard", f"must be >= 0; got {self.guard}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError("momentum", f"must be in [0, 1); got {self.momentum}")
+        if self.per_example and self.rank is None:
+            raise ConfigError("per_example", "needs {rank}", rank="R")
+        for field, strict in (("lr", True), ("eps", True), ("eta_b", True), ("hessian_smooth", False)):
+            try:
+                check_positive(field, getattr(self, field), allow_none=True, allow_zero=not strict)
+            except ValueError as err:
+                raise ConfigError(field, str(err)[len(field) + 1:]) from None
+        for field in ("steps", "batch_size", "eval_every", "eval_examples", "max_length", "checkpoint_every",
+                      "test_examples", "rank", "momentum_window"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(field, f"must be >= 1; got {value}")
+
+
+def weights_changed(model, name: str, dtype) -> dict:
+    """How far full-parameter tuning moved the weights: the fraction of scalars that differ from
+    the pretrained ones (reloaded from disk, so no copy is held during training) and the largest
+    change. In bfloat16 an update below half an ulp is lost; this shows whether any survived."""
+    import torch
+
+    from .models import load_model
+
+    base, _ = load_model(name, dtype=dtype)
+    ref = dict(base.named_parameters())
+    changed = total = 0
+    largest = 0.0
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            q = ref[n].to(p.device)
+            diff = p != q
+            changed += int(diff.sum())
+            total += p.numel()
+            if diff.any():
+                largest = max(largest, float((p.float() - q.float()).abs().max()))
+    return {"fraction": changed / max(total, 1), "max_abs": largest}
+
+
+def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = None, device="cpu",
+             data_sha256: dict | None = None) -> dict | None:
+    """Fine-tune ``config.model`` on ``task`` through ``prompt``; return the result record.
+
+    Writes ``out/zero_shot.json`` (once per comparison), ``out/<run_name>/`` (log, checkpoint,
+    ``result.json``, the exported model unless ``config.save_model`` is False) and the comparison's
+    report (``out/report.md``). A run folder holding a checkpoint resumes from it. Under
+    ``torch.distributed`` every rank trains its share of each minibatch and rank 0 writes; the
+    other ranks return None.
+    """
+    import torch
+
+    from ..distributed import rank_and_world
+    from .models import apply_lora, load_model, resolve, resolve_device, save_model
+    from .prompts import PromptClassifier
+    from .report import write_report
+    from .train import Loop, LoopConfig, make_optimizer
+
+    rank, world = rank_and_world()
+    say = builtins.print if rank == 0 else (lambda *a, **k: None)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run_name = run_name or config.method
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if not config.progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    test = task.test[: config.test_examples] if config.test_examples else task.test
+    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    kind = resolve(config.model)[1]
+    if config.lora:
+        model = apply_lora(model, seed=config.seed)
+    clf = PromptClassifier(model, tokenizer, prompt, kind=kind, max_length=config.max_length).to(device)
+    truncated = {name: clf.count_truncated(split) for name, split in
+                 (("train", task.train), ("validation", task.val), ("test", test))}
+    if any(truncated.values()):
+        say(f"note: texts longer than max_length {config.max_length} tokens are truncated "
+            f"({'the beginning' if kind == 'causal' else 'the end'} is dropped): "
+            + ", ".join(f"{n} of {len(s)} {name}" for (name, n), s in
+                        zip(truncated.items(), (task.train, task.val, test))), flush=True)
+    say(f"task {task.name}: {len(task.train)} train / {len(task.val)} validation / {len(test)} test examples, "
+        f"classes {', '.join(task.classes)}; device {device}"
+        + (f"; {world} processes (data parallel)" if world > 1 else ""), flush=True)
+
+    zero_path = out / "zero_shot.json"
+    if rank == 0 and not zero_path.exists():
+        say("zero-shot evaluation ...", flush=True)
+        zero = {"model": config.model, "task": task.name, "dtype": config.dtype, "test_examples": len(test),
+                "test_accuracy": clf.accuracy(test), "val_accuracy": clf.accuracy(task.val[: config.eval_examples]),
+                "data_sha256": data_sha256}
+        atomic_write_text(zero_path, json.dumps(zero, indent=2))
+
+    loop_config = LoopConfig(steps=config.steps, batch_size=config.batch_size, eval_every=config.eval_every,
+                             eval_examples=config.eval_examples, objective=config.objective, seed=config.seed,
+                             checkpoint_every=config.checkpoint_every)
+    optimizer = make_optimizer(
+        config.method, clf.parameters(), config.steps, lora=config.lora, lr=config.lr, eps=config.eps,
+        eta_b=config.eta_b, seed=config.seed, exact_restore=config.exact_restore, momentum=config.momentum,
+        momentum_window=config.momentum_window, hessian_smooth=config.hessian_smooth, guard=config.guard,
+        module=clf if config.rank is not None else None, rank=config.rank, per_example=config.per_example,
+    )
+    run_dir = out / run_name
+    loop = Loop(clf, task, optimizer, loop_config, run_dir, progress=config.progress)
+    start = time.perf_counter()
+    log = loop.run()
+    if rank != 0:
+        return None
+    group = optimizer.param_groups[0]
+    result = {
+        **{k: v for k, v in asdict(config).items() if k not in ("progress", "save_model", "merge")},
+        "task": task.name,
+        "device": str(device),
+        "hessian_smooth": config.hessian_smooth if config.method == "hizoo" else None,
+        "steps": loop.step,
+        "queries": loop.queries,
+        # the values the run used (the method's defaults filled in)
+        "lr": group["lr"],
+        "lr_rule": ("AS2P (S2P paper, Alg. 2): lr_k decays by cosine from this lr, times the automatic rate "
+                    "1 / (eta_b sigma)") if config.method == "as2p" else "fixed",
+        "eps": group.get("eps", config.eps),
+        "val_accuracy": log[-1]["val_accuracy"],
+        "test_accuracy": clf.accuracy(test),
+        "test_examples": len(test),
+        "truncated": truncated,
+        "nonfinite_losses": sum(1 for r in log if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")),
+        "train_seconds": log[-1]["time"] if log else time.perf_counter() - start,
+        "processes": world,
+        "resumed_from_step": loop.resumed_from,
+    }
+    if not config.lora:
+        result["weights_changed"] = weights_changed(clf.model, config.model, config.dtype)
+    if config.save_model:
+        where = save_model(clf, run_dir / "model", merge=config.merge, extra={"task": task.name, "method": config.method})
+        result["model_dir"] = str(where)
+        say(f"tuned model saved in {where}", flush=True)
+    atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
+    write_report(out)
+    say((out / "report.md").read_text())
+    return result
