@@ -78,7 +78,9 @@ def test_a_closure_that_returns_no_scalar_raises_type_error(value, match):
 @pytest.mark.parametrize("value", [1.5, 2, np.float32(0.5), torch.tensor(1.0), torch.tensor([2.0]), torch.tensor([[3.0]])])
 def test_scalar_losses_of_every_usual_type_are_accepted(value):
     opt = zoptim.ZOSGD(params())
-    opt.step(lambda: value)
+    loss = opt.step(lambda: value)
+    assert isinstance(loss, float) and loss == float(torch.as_tensor(value).reshape(()))  # read as that number
+    assert (opt.steps, opt.num_queries, opt.nonfinite_steps) == (1, 2, 0)  # a step taken, not skipped
 
 
 def test_step_without_a_closure_is_an_error():

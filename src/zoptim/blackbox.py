@@ -22,6 +22,7 @@ import torch
 
 from .optim import registry
 from .optim.base import DivergedError, StepRun, ZerothOrderOptimizer, loss_value
+from .runloop import progress_bar
 
 
 class _DictResult(dict):
@@ -559,9 +560,7 @@ def minimize(
     nit = 0
     wants_result = callback is not None and _callback_wants_result(callback)
     start = time.monotonic()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=maxfev, disable=not progress, unit="eval", desc=f"zoptim {name}", leave=False)
+    bar = progress_bar(maxfev, f"zoptim {name}", progress, unit="eval")
     try:
         while status is None:
             if not at.in_step:

@@ -32,6 +32,7 @@ from ..optim import DivergedError, NonFiniteLossWarning
 from ..problems.base import Problem
 from ..records import read as read_records
 from ..records import write as write_records
+from ..runloop import progress_bar
 from .methods import get_method
 
 
@@ -127,10 +128,7 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
         records = [header, evaluate()]
     if progress is None:
         progress = sys.stdout.isatty()
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total_steps, initial=step, desc=f"{spec.method} {spec.problem} s{spec.seed}", disable=not progress,
-               leave=False, unit="step")
+    bar = progress_bar(total_steps, f"{spec.method} {spec.problem} s{spec.seed}", progress, initial=step)
     last_ckpt = time.perf_counter()
     diverged = False
     while step < total_steps:

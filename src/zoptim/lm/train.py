@@ -36,6 +36,7 @@ from .. import records
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
 from ..optim import registry
+from ..runloop import minibatch, progress_bar
 from .data import Task
 from .prompts import PromptClassifier
 
@@ -221,7 +222,7 @@ class Loop:
         records.append(self.log_path, record)
 
     def sample(self):
-        idx = torch.randint(len(self.task.train), (self.config.batch_size,), generator=self.generator)
+        idx = minibatch(len(self.task.train), self.config.batch_size, self.generator, replace=True)
         return [self.task.train[i] for i in idx.tolist()]
 
     def train_step(self) -> float:
@@ -274,13 +275,10 @@ class Loop:
 
     def run(self) -> list[dict]:
         """Train to ``config.steps`` (from the checkpoint if one exists); return the log."""
-        from tqdm.auto import tqdm
-
         self.classifier.eval()  # two queries of one step must differ only by the perturbation
         if not self.resume() and self.rank == 0:
             self.log_path.unlink(missing_ok=True)
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=not self.progress or self.rank != 0,
-                   desc="finetune")
+        bar = progress_bar(self.config.steps, "finetune", self.progress and self.rank == 0, initial=self.step)
         start = time.perf_counter()
         while self.step < self.config.steps:
             before = self.generator.get_state(), self._optimizer_steps()

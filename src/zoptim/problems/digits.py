@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from ..runloop import minibatch
 from .base import Problem
 
 
@@ -52,7 +53,7 @@ class DigitsMLP(Problem):
         return model
 
     def sample_batch(self, generator: torch.Generator):
-        return torch.randperm(len(self.y), generator=generator)[: self.batch_size]
+        return minibatch(len(self.y), self.batch_size, generator)
 
     def loss(self, model, batch=None) -> torch.Tensor:
         return self.losses(model, batch).mean()

@@ -11,6 +11,7 @@ import torch
 from ..lm.data import load_task
 from ..lm.models import apply_lora, load_model, resolve
 from ..lm.prompts import PromptClassifier, get_prompt
+from ..runloop import minibatch
 from .base import Problem
 
 
@@ -50,7 +51,7 @@ class LMProblem(Problem):
         return PromptClassifier(model, tokenizer, self.prompt, kind=kind, max_length=self.max_length).eval()
 
     def sample_batch(self, generator: torch.Generator):
-        idx = torch.randint(len(self.task.train), (self.batch_size,), generator=generator)
+        idx = minibatch(len(self.task.train), self.batch_size, generator, replace=True)
         return [self.task.train[i] for i in idx.tolist()]
 
     def loss(self, model: PromptClassifier, batch) -> torch.Tensor:

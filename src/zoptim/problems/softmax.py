@@ -6,6 +6,7 @@ from typing import ClassVar
 
 import torch
 
+from ..runloop import minibatch
 from .base import Problem, VectorModel
 
 
@@ -77,7 +78,7 @@ class SoftmaxRegression(Problem):
     def sample_batch(self, generator: torch.Generator):
         if self.full_batch:
             return None
-        return torch.randperm(self.m, generator=generator)[: self.batch_size]
+        return minibatch(self.m, self.batch_size, generator)
 
     def loss_at(self, x: torch.Tensor, batch=None) -> torch.Tensor:
         A, b = (self.A, self.b) if batch is None else (self.A[batch], self.b[batch])

@@ -18,6 +18,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ..runloop import minibatch
 from .base import Problem
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
@@ -146,7 +147,7 @@ class EfficientNetFineTune(Problem):
         return TunedHead(self.net, self.tune == "last-block", fc)
 
     def sample_batch(self, generator: torch.Generator):
-        return torch.randperm(len(self.y), generator=generator)[: self.batch_size]
+        return minibatch(len(self.y), self.batch_size, generator)
 
     def loss(self, model, batch=None) -> torch.Tensor:
         return self.losses(model, batch).mean()
