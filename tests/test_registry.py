@@ -138,3 +138,17 @@ def test_a_method_registered_once_is_usable_everywhere(toy_registered, tmp_path)
     recipe = get_method("toy")
     opt, scheduler = recipe.build(p, {"lr": 0.1, "eps": 0.01}, total_steps=5, seed=0)
     assert isinstance(opt, _Toy) and recipe.queries_per_step == 2 and recipe.uses == ("lr", "eps")
+
+
+def test_the_momentum_and_the_loss_guard_are_group_entries_a_scheduler_can_cycle():
+    x = torch.nn.Parameter(torch.linspace(-1.0, 1.0, 20))
+    opt = zoptim.ZOSGD([x], lr=1e-2, momentum=0.9, guard=0.02)
+    assert (opt.param_groups[0]["momentum"], opt.param_groups[0]["guard"]) == (0.9, 0.02)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, base_momentum=0.8,
+                                                    max_momentum=0.95)  # cycles group["momentum"], as for SGD
+    for _ in range(10):
+        beta = opt.param_groups[0]["momentum"]
+        opt.step(quadratic(x))
+        assert opt.momentum.beta == beta  # the step used the group's value
+        scheduler.step()
+    assert "momentum" not in zoptim.ZOSGD([x]).param_groups[0]  # no momentum, nothing for a scheduler to cycle

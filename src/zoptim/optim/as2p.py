@@ -177,7 +177,7 @@ class AS2P(ZerothOrderOptimizer):
         self.queries_per_step = 2 * self.num_directions
         super().__init__(
             params,
-            dict(lr=lr, eps=eps, eps_end=eps_end, eta_a=eta_a, eta_b=eta_b),
+            dict(lr=lr, eps=eps, eps_end=eps_end, eta_a=eta_a, eta_b=eta_b, **({"momentum": momentum} if momentum else {})),
             seed=seed,
             distribution=distribution,
             normalize=normalize,

@@ -449,6 +449,7 @@ class ZerothOrderOptimizer(Optimizer):
         after they join it (see :class:`zoptim.optim.momentum.SeedMomentum`)."""
         if self.momentum is None:
             return steps
+        self.momentum.beta = self.param_groups[0]["momentum"]  # a group entry: a scheduler may drive it
         self.momentum.push(steps)
         return self.momentum.terms()
 
@@ -466,6 +467,7 @@ class ZerothOrderOptimizer(Optimizer):
     def _observe(self, loss: float) -> None:
         """Show the loss guard, if any, this step's loss (after the update: it scales the next step)."""
         if self.guard is not None:
+            self.guard.tol = self.param_groups[0]["guard"]  # a group entry, like lr
             self.guard.observe(loss)
             self.last_stats["lr_scale"] = self.guard.scale
 
@@ -474,7 +476,9 @@ class ZerothOrderOptimizer(Optimizer):
     #: A "one value" entry is what a step uses once (eps: every tensor moves to x + eps s at once);
     #: it sits in each group so that schedulers, ``state_dict`` and logs see it, and must agree.
     _group_checks: dict[str, tuple[bool, bool, float | None]] = {"lr": (True, False, None),
-                                                                  "weight_decay": (True, False, None)}
+                                                                  "weight_decay": (True, False, None),
+                                                                  "momentum": (True, True, 1.0),
+                                                                  "guard": (False, True, None)}
 
     def _check_groups(self) -> None:
         """Refuse a non-finite or negative hyper-parameter of ``param_groups`` before any weight is written.
@@ -684,10 +688,10 @@ class ZerothOrderOptimizer(Optimizer):
             have = "no momentum" if mine is None else f"momentum={mine.beta}"
             was = "without momentum" if saved is None else f"with momentum={saved['beta']}"
             raise ValueError(f"state_dict was saved {was}; this optimizer has {have}")
-        if mine is not None and (float(saved["beta"]) != mine.beta or int(saved["window"]) != mine.window):
+        if mine is not None and int(saved["window"]) != mine.window:  # beta comes with the state's groups
             raise ValueError(
-                f"state_dict was saved with momentum={saved['beta']}, momentum_window={saved['window']}; this "
-                f"optimizer has momentum={mine.beta}, momentum_window={mine.window}"
+                f"state_dict was saved with momentum_window={saved['window']}; this optimizer has "
+                f"momentum_window={mine.window}"
             )
         saved_settings, mine_settings = extra.get("settings"), self._run_settings()
         if saved_settings is not None:  # (state_dicts of zoptim before 0.5 do not record them)
@@ -697,10 +701,9 @@ class ZerothOrderOptimizer(Optimizer):
                 if was != have:
                     raise ValueError(f"state_dict was saved with {field}={was!r}; this optimizer has {field}={have!r}")
         saved_guard = extra.get("guard")
-        mine_guard = None if self.guard is None else self.guard.tol
-        if (None if saved_guard is None else float(saved_guard["tol"])) != mine_guard:
+        if (saved_guard is None) != (self.guard is None):  # its tol comes with the state's groups
             was = "without a guard" if saved_guard is None else f"with guard={saved_guard['tol']}"
-            have = "none" if mine_guard is None else f"guard={mine_guard}"
+            have = "none" if self.guard is None else f"guard={self.guard.tol}"
             raise ValueError(f"state_dict was saved {was}; this optimizer has {have}")
 
     def state_dict(self) -> dict:

@@ -112,7 +112,7 @@ class HiZOO(ZerothOrderOptimizer):
         self.factored = bool(factored)
         super().__init__(
             params,
-            dict(lr=lr, eps=eps, hessian_smooth=alpha, weight_decay=weight_decay),
+            dict(lr=lr, eps=eps, hessian_smooth=alpha, weight_decay=weight_decay, **({"guard": guard} if guard else {})),
             seed=seed,
             distribution=distribution,
             normalize=False,

@@ -75,7 +75,8 @@ class ZOSGD(ZerothOrderOptimizer):
         check_positive("weight_decay", weight_decay, allow_zero=True)
         super().__init__(
             params,
-            dict(lr=lr, eps=eps, weight_decay=weight_decay),
+            dict(lr=lr, eps=eps, weight_decay=weight_decay, **({"momentum": momentum} if momentum else {}),
+                 **({"guard": guard} if guard else {})),
             seed=seed,
             distribution=distribution,
             normalize=normalize,
