@@ -102,12 +102,24 @@ RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "lab
 
 def run_config(args) -> dict:
     """What defines this run: the run fields and the content of the data files."""
-    import hashlib
-
     config = {name: getattr(args, name) for name in RUN_FIELDS}
-    config["data_sha256"] = {flag: hashlib.sha256(Path(getattr(args, flag)).read_bytes()).hexdigest()
+    config["data_sha256"] = {flag: _sha256(getattr(args, flag))
                              for flag in ("train", "validation", "test") if getattr(args, flag) is not None}
     return config
+
+
+_HASHES: dict[tuple, str] = {}
+
+
+def _sha256(path) -> str:
+    """The file's SHA-256, computed once per (path, size, modification time) in this process."""
+    import hashlib
+
+    stat = Path(path).stat()
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    return _HASHES[key]
 
 
 def started(run_dir: Path) -> bool:
@@ -310,8 +322,14 @@ def run(args) -> int:
         raise SystemExit(f"zoptim finetune: --batch-size {args.batch_size} is larger than the {len(task.train)} training "
                          "examples; give a smaller --batch-size")
     args.run_name = args.run_name or args.method
+    run_dir = Path(args.out) / args.run_name
     if launched_rank_and_world()[0] == 0:  # under torchrun, rank 0 (or the launching process) settles the folder
-        settle_run_folder(args, Path(args.out) / args.run_name)
+        settle_run_folder(args, run_dir)
+    elif args.resume and (run_dir / "config.json").exists():  # the other ranks take the settings rank 0 kept
+        saved = json.loads((run_dir / "config.json").read_text())
+        for k in RUN_FIELDS:
+            setattr(args, k, saved.get(k, getattr(args, k)))
+    args.config = finetune_config(args)  # again: with --resume the recorded settings are the run's
     if args.nproc is not None and args.nproc > 1 and launched_world_size() <= 1:
         return launch(args)
     from ..lm.models import resolve_device
