@@ -69,8 +69,9 @@ class AS2P(ZerothOrderOptimizer):
         |\alpha_k| &= \mathrm{lr}_k \, \frac{\gamma'_k}{\eta_b \sigma_k} \quad \text{(automatic learning rate)} \\
         x_{k+1} &= x_k - \mathrm{sign}(\gamma_k)\, |\alpha_k|\, s_k
 
-    (Alg. 2 lines 3-8, Sec. 3.4). lr_k is rho_k in full-batch mode and a cosine decay from
-    ``lr`` (default: ``eps``) to 0 in minibatch mode (Table 3: cosine decay for every method).
+    (Alg. 2 lines 3-8, Sec. 3.4). lr_k is the group's lr (default: ``eps``, so rho_k) in
+    full-batch mode and a cosine decay from it to 0 in minibatch mode (Table 3: cosine decay for
+    every method), or what a torch LR scheduler sets, if one drives the group.
 
     Sign convention: Alg. 2 as printed updates ``x + beta*alpha*s`` with
     ``beta = sign(f(x+rho s) - f(x-rho s))``, which moves towards the *larger* evaluation. Its
@@ -93,7 +94,10 @@ class AS2P(ZerothOrderOptimizer):
         window: fraction of recent gammas in Std Dev(gamma_recent), in (0, 1]. Default 0.1.
         total_steps: K, length of the cosine schedules. Required in minibatch mode.
         batch_mode: ``"minibatch"`` (closure draws a batch each call) or ``"full"``.
-        lr: initial value of lr_k (per group); ``None`` ties it to eps as in the paper.
+        lr: lr_0, the initial value of lr_k (per group); ``None`` (default) sets it to eps, as in
+            the paper. It is a ``param_groups`` entry: without a torch LR scheduler AS2P decays it
+            by its own cosine (minibatch mode), and a scheduler driving the group (it records
+            ``initial_lr`` there) replaces that decay, so the two never multiply.
         auto_lr: use the automatic learning rate 1/(eta_b sigma). ``False`` is the "W.O. auto LR"
             ablation of Fig. 3a: |alpha_k| = lr_k * gamma'_k, a GA-like learning rate (set ``lr``).
         clipping: use progressive gamma-clipping. ``False`` is the "W.O. gamma-clipping" ablation:
