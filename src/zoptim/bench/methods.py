@@ -10,7 +10,7 @@ Hyper-parameter keys: ``lr`` (GA's alpha_0), ``eps`` (rho_0), ``stp_lr`` (STP's 
 ``s2p_lr`` (alpha_0 of S2P's stationary rule, alpha = alpha_0 / sqrt(K d)), ``eta_b`` (AS2P),
 ``hessian_smooth`` (HiZOO's alpha; default :data:`HIZOO_SMOOTH`). HiZOO, the momentum
 variants and the guarded ZOSGD take GA's ``lr`` and ``eps``.
-AS2P's step size is tied to rho_k as in the paper (lr=None); its ablation without the automatic
+AS2P's lr_0 is rho_0 as in the paper (its default, lr = eps); its ablation without the automatic
 learning rate uses GA's ``lr``.
 """
 
