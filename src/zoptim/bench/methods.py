@@ -17,6 +17,7 @@ learning rate uses GA's ``lr``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -50,9 +51,9 @@ class Method:
         """The hyper-parameter keys it reads (recorded per run)."""
         return tuple(dict.fromkeys(self.args.values()))
 
-    @property
+    @cached_property
     def queries_per_step(self) -> int:
-        """Asked of the optimizer itself, built over a one-element probe."""
+        """Asked of the optimizer itself, built over a one-element probe (once per recipe)."""
         probe = torch.nn.Parameter(torch.zeros(1))
         opt = self._optimizer([probe], {key: 1e-3 for key in self.uses}, total_steps=1, seed=0, module=None, probe=True)
         return opt.queries_per_step

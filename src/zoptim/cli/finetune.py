@@ -362,8 +362,6 @@ def _run(args, device, rank: int, world: int) -> int:
     task, prompt = load_data(args)
     try:
         finetune(args.config, task, prompt, args.out, args.run_name, device, data_sha256=run_config(args)["data_sha256"])
-    except (CheckpointError, ModuleNotFoundError) as err:
-        raise SystemExit(f"zoptim finetune: {err}") from None
-    except ValueError as err:  # e.g. label words that share a first token
+    except (CheckpointError, ModuleNotFoundError, ValueError) as err:  # ValueError: e.g. label words sharing a token
         raise SystemExit(f"zoptim finetune: {err}") from None
     return 0

@@ -780,7 +780,6 @@ class StepRun:
         self.optimizer = optimizer
         self.update_started = False  # set by _update: the step's update is (being) written
         self._queries_at_start = optimizer.num_queries
-        self.values: list = []
         self.told: list[tuple[int, Any]] = []
         self.loss: float | None = None
         self._first = 0  # step index of the round's first query
@@ -795,6 +794,10 @@ class StepRun:
     @property
     def done(self) -> bool:
         return self._gen is None
+
+    @property
+    def values(self) -> list:
+        return [value for _, value in self.told]
 
     @property
     def pending(self) -> Query | None:
@@ -850,7 +853,6 @@ class StepRun:
             finally:
                 opt.steps += 1
             return
-        self.values.append(value)
         self.told.append((self._first + slot, value))
         self._round_values[slot] = value
         if any(v is None for v in self._round_values):
