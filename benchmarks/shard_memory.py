@@ -50,6 +50,7 @@ class Recorder:
     def __call__(self, label):
         rss, hwm = status_kib("VmRSS"), status_kib("VmHWM")
         self.rows.append({"point": label, "phase": self.phase, "rss_mib": rss / 1024, "hwm_since_prev_mib": hwm / 1024,
+                          "anon_mib": status_kib("RssAnon") / 1024, "file_mib": status_kib("RssFile") / 1024,
                           "t": time.perf_counter()})
         reset_hwm()
 
@@ -117,7 +118,7 @@ def worker(rank, world, variant, steps, init, out):
     rec("start (imports, process group)")
     libc = ctypes.CDLL("libc.so.6")
     fsdp_kwargs = {"reshard_after_forward": True} if variant == "raf" else {}
-    if variant == "meta":
+    if variant.startswith("meta"):
         from torch.distributed.device_mesh import init_device_mesh
 
         mesh = init_device_mesh("cpu", (world,))
@@ -149,11 +150,12 @@ def worker(rank, world, variant, steps, init, out):
         eng = getattr(opt_, "engine", None)
         if eng is not None:
             rec.rows[-1]["journal_mib"] = eng.journal_bytes() / 2**20
-            rec.rows[-1]["scratch_mib"] = sum(t.numel() * t.element_size() for t in eng._scratch.values()) / 2**20
+            rec.rows[-1]["scratch_mib"] = sum(t.numel() * t.element_size() for t in getattr(eng, "_scratch", {}).values()) / 2**20
         return out_
 
     qcount = []
-    opt_ = zoptim.ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, seed=0, exact_restore=(variant != "inexact"))
+    forward = dict(module=model, rank=1) if variant.endswith("forward") else {}
+    opt_ = zoptim.ZOSGD(model.parameters(), lr=1e-6, eps=1e-3, seed=0, exact_restore=(variant != "inexact"), **forward)
     if world > 1:
         opt = wrap(opt_, mode="sharded", module=model)
         orig = opt._resharding
@@ -221,7 +223,7 @@ def worker(rank, world, variant, steps, init, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=["base", "inexact", "raf", "trim", "single", "meta", "fwdonly"])
+    ap.add_argument("variant", choices=["base", "inexact", "raf", "trim", "single", "meta", "fwdonly", "forward", "meta-forward", "single-forward"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="/tmp/zoptim-shard-memory")
     args = ap.parse_args()
@@ -231,7 +233,7 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     tag = args.variant + ("-eager" if os.environ.get("ZOPTIM_COMPILE") == "0" else "") + ("-trimeach" if os.environ.get("TRIM_EACH") == "1" else "")
     out = os.path.join(args.out, tag)
-    world = 1 if args.variant == "single" else 2
+    world = 1 if args.variant.startswith("single") else 2
     t0 = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(worker, args=(world, args.variant, args.steps, os.path.join(tmp, "init"), out), nprocs=world, join=True)
@@ -241,7 +243,7 @@ def main():
         print(f"  rank {r['rank']}: held {r['param_mib_held']:.1f} MiB, peak no-reset {r['peak_noreset_mib']:.0f}, "
               f"post-build {r['peak_postbuild_mib']:.0f}, steps 2+ {r['peak_steps2plus_mib']:.0f}, max journal MiB {r['journal_bytes']:.2f}")
         for row in r["rows"]:
-            print(f"    {row['phase']:9s} {row['point']:40s} RSS {row['rss_mib']:7.0f}  HWM-since-prev {row['hwm_since_prev_mib']:7.0f}  {'journal %.2f scratch %.2f' % (row['journal_mib'], row['scratch_mib']) if 'journal_mib' in row else ''}")
+            print(f"    {row['phase']:9s} {row['point']:40s} RSS {row['rss_mib']:7.0f} (anon {row['anon_mib']:5.0f} file {row['file_mib']:4.0f})  HWM-since-prev {row['hwm_since_prev_mib']:7.0f}  {'journal %.2f scratch %.2f' % (row['journal_mib'], row['scratch_mib']) if 'journal_mib' in row else ''}")
 
 
 if __name__ == "__main__":

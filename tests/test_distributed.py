@@ -123,13 +123,26 @@ def worker(rank, init_file, out_file):
         train(opt, model)
         results[f"directions-{method}"] = (flat(model), replicas_in_sync(model.parameters()), opt.stats.bytes_sent)
 
-    model = shard(make_model())
-    opt = wrap(build("zosgd", model), mode="sharded", module=model)
-    local = sum(p.to_local().numel() for p in model.parameters())
-    train(opt, model, mine)
-    held_after = [type(p).__name__ for p in model.parameters()]
-    full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
-    results["sharded-zosgd"] = (full, local, held_after, opt.stats.bytes_sent)
+    for method in ("zosgd", "zosgd-forward"):
+        model = shard(make_model())
+        opt = wrap(build(method, model), mode="sharded", module=model)
+        local = sum(p.to_local().numel() for p in model.parameters())
+        x, y = make_data()
+        written = 0  # queries at which this rank's shard differed from the step's start
+        for k in range(STEPS):
+            rows = mine(k)
+            start = [p.to_local().clone() for p in model.parameters()]
+
+            def closure(r=rows, start=start):
+                nonlocal written
+                written += any(not torch.equal(p.to_local(), s) for p, s in zip(model.parameters(), start))
+                return torch.nn.functional.mse_loss(model(x[r]), y[r])
+
+            opt.step(closure)
+        held_after = [type(p).__name__ for p in model.parameters()]
+        full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
+        results[f"sharded-{method}"] = (full, local, held_after, opt.stats.bytes_sent, written)
+        close(opt)
     for mode in ("batch", "directions", "sharded"):
         model = shard(make_model()) if mode == "sharded" else make_model()
         opt = wrap(build("zosgd", model), mode=mode, module=model if mode == "sharded" else None)
@@ -175,12 +188,19 @@ def test_directions_mode_equals_k_directions_in_one_process(two_ranks, method):
     assert sent == STEPS * 4 * 8  # (gamma, f+, f-) per direction and the rank's status, float64
 
 
-def test_sharded_mode_equals_one_unsharded_process_and_never_holds_the_whole_model(two_ranks):
-    (a, local0, held, sent), (b, local1, *_) = two_ranks[0]["sharded-zosgd"], two_ranks[1]["sharded-zosgd"]
+@pytest.mark.parametrize("method", ["zosgd", "zosgd-forward"])
+def test_sharded_mode_equals_one_unsharded_process_and_never_holds_the_whole_model(two_ranks, method):
+    """In place (each rank moves its shard) or with rank-1 directions applied in the forward (the
+    queries write no shard; each rank's update writes its rows of A B^T)."""
+    (a, local0, held, sent, written), (b, local1, *_) = (two_ranks[r][f"sharded-{method}"] for r in range(WORLD))
     assert torch.equal(a, b)
     model = make_model()
-    single = flat(train(build("zosgd", model), model))
+    opt = build(method, model)
+    single = flat(train(opt, model))
+    close(opt)
     assert torch.allclose(a, single, atol=1e-5)
+    # in place every query writes the shard; in the forward none does
+    assert written == (0 if method.endswith("-forward") else 2 * STEPS)
     total = single.numel()
     assert local0 + local1 == total and max(local0, local1) < total  # each rank moved only its shard
     assert held == ["DTensor"] * 4  # after the run the module holds its shards, not gathered tensors

@@ -73,6 +73,7 @@ from .noise import (
     values_from_bits_numpy,
 )
 from .perturbation import SeededPerturbation, normalization_factor, spread_scales
+from .shards import LocalPart
 
 #: Leaf modules whose trainable parameters total at most this many elements are recomputed in
 #: their hook with perturbed parameters (normalisation layers); larger unknown ones move in place.
@@ -172,6 +173,12 @@ class ForwardPerturbation:
         per_example: allow per-example queries (:class:`RowKeys`); then every trainable tensor
             must be covered by a hook, matrices must be low rank, and no module may mix the examples
             of a batch (BatchNorm in training mode): each is a ValueError naming the module.
+        parts: what this process holds of each tensor (:func:`zoptim.shards.local_part`), when
+            ``params`` are FSDP2-sharded DTensors. The hooks then apply the *global* direction to
+            the gathered weights FSDP2 puts on each module during its forward, and the update
+            writes only this rank's rows: row block ``[first, first + rows)`` of a matrix takes
+            ``A[first:first + rows] B^T``, a small tensor its range of elements (``zoptim.shards``'
+            contiguity argument). Queries write no shard at all.
     """
 
     def __init__(
@@ -184,6 +191,7 @@ class ForwardPerturbation:
         normalize: bool = False,
         exact: bool = True,
         per_example: bool = False,
+        parts: Sequence[LocalPart] | None = None,
     ):
         if not isinstance(module, nn.Module):
             raise TypeError(f"module must be a torch.nn.Module (the model the closure runs); got {type(module).__name__}")
@@ -195,6 +203,10 @@ class ForwardPerturbation:
             )
         self.module = module
         self.params = list(params)
+        self.parts = [LocalPart(p, 0, p.numel()) for p in self.params] if parts is None else list(parts)
+        if len(self.parts) != len(self.params):
+            raise ValueError(f"parts must have one entry per tensor ({len(self.params)}); got {len(self.parts)}")
+        self.sharded = any(part.tensor.numel() != part.global_numel for part in self.parts)
         self.distribution = check_distribution(distribution)
         self.noise = NoiseSource(distribution)
         self.rank = rank
@@ -218,13 +230,15 @@ class ForwardPerturbation:
         in_place = [j for j in range(len(self.params)) if j not in hooked]
         self._in_place_index = in_place
         self.in_place = SeededPerturbation(
-            [self.params[j] for j in in_place], distribution=distribution, exact=exact, indices=in_place
+            [self.parts[j].tensor for j in in_place], distribution=distribution, exact=exact, indices=in_place,
+            offsets=[self.parts[j].offset for j in in_place],
         ) if in_place else None
         # full-rank matrices under rank=None: updated by the fused kernels (a final move has no journal)
         big_full = [j for j, k in self.kind.items() if k == "full" and self.params[j].numel() > MAX_RECOMPUTED_ELEMENTS]
         self._big_full = big_full
         self.writer = SeededPerturbation(
-            [self.params[j] for j in big_full], distribution=distribution, exact=False, indices=big_full
+            [self.parts[j].tensor for j in big_full], distribution=distribution, exact=False, indices=big_full,
+            offsets=[self.parts[j].offset for j in big_full],
         ) if big_full else None
         self._small = [j for j, k in self.kind.items() if k == "full" and j not in set(big_full)]
         self._lowrank = [j for j, k in self.kind.items() if k == "lowrank"]
@@ -400,6 +414,9 @@ class ForwardPerturbation:
                 "per_example=True needs every trainable tensor applied in a hook; these move in place (no hook "
                 f"covers their module): {[j for j in self._in_place_index]} (tensor indices of the optimizer's parameters)"
             )
+        if self.sharded:
+            raise ValueError("per_example=True is not supported with sharded (FSDP2) parameters; use "
+                             "wrap(mode='sharded') without per_example, or per_example in one process")
         if self.rank is None:
             raise ValueError("per_example=True needs low-rank matrix directions (rank=r): a full-rank direction per "
                              "example would materialise one weight-sized tensor per example")
@@ -593,11 +610,11 @@ class ForwardPerturbation:
         return hook
 
     def _recompute_hook(self, direct: list[tuple[str, int]]):
-        def build():
+        def build(module):
             values = self._values(self._key)
             perturbed = {}
             for name, j in direct:
-                p = self.params[j]
+                p = getattr(module, name)  # under FSDP2: the gathered tensor of this forward
                 wide = p if p.dtype == torch.float64 else p.float()
                 # the in-place engine's arithmetic, fl(x + fl(s * z)): both routes see one point
                 delta = values[j] * float(np.float32(self._scales[j]))
@@ -609,7 +626,7 @@ class ForwardPerturbation:
                 return None
             if isinstance(self._key, RowKeys) and self._row_count(args[0].shape[0], module) > 1:
                 return self._recompute_rows(module, direct, args, kwargs)
-            perturbed = self._prepared(module, build)
+            perturbed = self._prepared(module, lambda: build(module))
             fast = None if kwargs else _norm_forward(module, args[0], perturbed)
             if fast is not None:  # torch's own normalisation layers, without functional_call's overhead
                 return fast
@@ -696,7 +713,7 @@ class ForwardPerturbation:
             values = self._row_values()
             out = {}
             for name, j in direct:
-                p = self.params[j]
+                p = getattr(module, name)  # under FSDP2: the gathered tensor of this forward
                 wide = p if p.dtype == torch.float64 else p.float()
                 out[name] = (wide + values[j] * float(np.float32(self._scales[j]))).to(p.dtype)  # (n, *shape)
             return out
@@ -836,25 +853,26 @@ class ForwardPerturbation:
                                decay=self._sub(decay, sub) if any(decay) else None))
         values = [self._values(key) for key, _ in terms]
         for j in self._lowrank:
-            p = self.params[j]
+            p, first, rows = self._local_rows(j)
             if decay[j]:
                 ops.append(partial(p.mul_, float(np.float32(1.0 - decay[j]))))
             live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
-            if not live:
+            if not live or rows == 0:
                 continue
             if len(live) == 1:  # one direction: no concatenation, the scale rides on alpha
                 (left, right), c = live[0]
+                left = left[first : first + rows]
                 alpha = float(np.float32(c)) / math.sqrt(self.rank)
             else:
-                left = torch.cat([A * float(np.float32(c)) for (A, _), c in live], dim=1)
+                left = torch.cat([A[first : first + rows] * float(np.float32(c)) for (A, _), c in live], dim=1)
                 right = torch.cat([B for (_, B), _ in live], dim=1)
                 alpha = 1.0 / math.sqrt(self.rank)
             if left.dtype != p.dtype:
                 left, right = left.to(p.dtype), right.to(p.dtype)
-            ops.append(partial(p.view(p.shape[0], -1).addmm_, left, right.T, alpha=alpha))
+            ops.append(partial(p.view(rows, -1).addmm_, left, right.T, alpha=alpha))
         small = self._small
         if small:
-            tensors = [self.params[j] for j in small]
+            tensors = [self.parts[j].tensor for j in small]
             keep = [float(np.float32(1.0 - decay[j])) for j in small]
             if any(k != 1.0 for k in keep):
                 ops.append(partial(torch._foreach_mul_, tensors, keep))
@@ -862,9 +880,24 @@ class ForwardPerturbation:
                 live = [i for i, j in enumerate(small) if s[j] != 0.0]
                 if not live:
                     continue
-                deltas = torch._foreach_mul([v[small[i]] for i in live], [float(np.float32(s[small[i]])) for i in live])
+                deltas = torch._foreach_mul([self._local_values(small[i], v[small[i]]) for i in live],
+                                            [float(np.float32(s[small[i]])) for i in live])
                 ops.append(partial(torch._foreach_add_, [tensors[i] for i in live], deltas))
         _write_all(ops, completes_itself=int(self.in_place is not None) + int(self.writer is not None))
+
+    def _local_rows(self, j: int) -> tuple[torch.Tensor, int, int]:
+        """Matrix j's rows this process holds: (its local tensor, the first row's global index, the
+        row count); the whole matrix when it is not sharded."""
+        part = self.parts[j]
+        _, cols = self._matrix_shape(j)
+        return part.tensor, part.offset // cols, part.tensor.numel() // cols
+
+    def _local_values(self, j: int, z: torch.Tensor) -> torch.Tensor:
+        """This process's elements of small tensor j's direction values ``z`` (shaped like its part)."""
+        part = self.parts[j]
+        if part.tensor.numel() == z.numel():
+            return z
+        return z.reshape(-1)[part.offset : part.offset + part.tensor.numel()].view(part.tensor.shape)
 
     # -- life cycle -----------------------------------------------------------------------------------------
     def close(self) -> None:

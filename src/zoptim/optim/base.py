@@ -223,11 +223,6 @@ class ZerothOrderOptimizer(Optimizer):
         if not trainable:
             raise ValueError("no trainable parameters: every parameter given has requires_grad=False")
         self.sharded = any(part.tensor.numel() != part.global_numel for part in trainable)
-        if self.sharded and self._module is not None:
-            raise ValueError(
-                "module= (forward-applied directions) is not supported with sharded (FSDP2) parameters; "
-                "use module=None with mode='sharded'"
-            )
         if self.sharded and self._normalize:
             raise ValueError(
                 "normalize=True needs the norm of the whole direction, which a rank holding a shard does not "
@@ -241,7 +236,8 @@ class ZerothOrderOptimizer(Optimizer):
         if self._module is not None:
             self.engine = ForwardPerturbation(
                 self._module,
-                [part.tensor for part in trainable],
+                [p for _, _, p in where],  # the module's own tensors (DTensors when sharded): its hooks find them
+                parts=trainable,
                 distribution=self._distribution,
                 rank=self._rank,
                 normalize=self._normalize,
