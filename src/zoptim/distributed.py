@@ -60,6 +60,7 @@ import torch
 import torch.distributed as dist
 
 from .optim.base import ZerothOrderOptimizer, loss_value
+from .shards import release_freed_buffers
 
 MODES = ("batch", "directions", "sharded")
 
@@ -192,7 +193,8 @@ class DistributedOptimizer:
     counts the payload bytes this rank has sent.
     """
 
-    def __init__(self, optimizer: ZerothOrderOptimizer, mode: str, group=None, module: torch.nn.Module | None = None):
+    def __init__(self, optimizer: ZerothOrderOptimizer, mode: str, group=None, module: torch.nn.Module | None = None,
+                 release_memory: bool = True):
         if not isinstance(optimizer, ZerothOrderOptimizer):
             raise TypeError(f"wrap needs a zoptim optimizer; got {type(optimizer).__name__}")
         if mode not in MODES:
@@ -215,6 +217,8 @@ class DistributedOptimizer:
                     "parameters are whole on every rank: use mode='batch'"
                 )
             self._fsdp_modules = [m for m in module.modules() if hasattr(m, "reshard") and hasattr(m, "unshard")]
+            on_cpu = all(p.device.type == "cpu" for p in module.parameters())
+            self.released_memory = bool(release_memory and on_cpu and release_freed_buffers())
         if mode == "directions":
             optimizer.shard_directions(self.rank, self.world_size, self._all_gather)
 
@@ -267,7 +271,8 @@ class DistributedOptimizer:
         self.optimizer.load_state_dict(state_dict)
 
 
-def wrap(optimizer: ZerothOrderOptimizer, mode: str = "batch", group=None, module: torch.nn.Module | None = None):
+def wrap(optimizer: ZerothOrderOptimizer, mode: str = "batch", group=None, module: torch.nn.Module | None = None,
+         release_memory: bool = True):
     """Run ``optimizer`` on every rank of ``group`` (default: the world) in ``mode``.
 
     Args:
@@ -275,11 +280,15 @@ def wrap(optimizer: ZerothOrderOptimizer, mode: str = "batch", group=None, modul
         mode: ``"batch"``, ``"directions"`` or ``"sharded"`` (see the module docstring).
         group: the process group (default: the world).
         module: the ``fully_shard``-ed model (``mode="sharded"`` only).
+        release_memory: ``mode="sharded"`` on CPU: fix glibc's mmap threshold so that the buffers
+            FSDP2 gathers for each forward go back to the system when freed
+            (:func:`zoptim.shards.release_freed_buffers`; process-wide). Without it a rank's
+            resident memory grows by up to the whole model's size over a step.
 
     Returns:
         a :class:`DistributedOptimizer`.
     """
-    return DistributedOptimizer(optimizer, mode, group=group, module=module)
+    return DistributedOptimizer(optimizer, mode, group=group, module=module, release_memory=release_memory)
 
 
 @torch.no_grad()

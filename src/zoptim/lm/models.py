@@ -138,6 +138,116 @@ def load_model(name_or_path: str, dtype=torch.float32):
     return model, tokenizer
 
 
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the children of its longest ``ModuleList`` (decoder layers,
+    encoder layers), the units FSDP2 gathers one at a time."""
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"{type(model).__name__} has no ModuleList of blocks to shard")
+    return list(max(lists, key=len))
+
+
+def _checkpoint_files(path: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (one file, or an index of several)."""
+    import json
+
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        return {k: path / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+    single = path / "model.safetensors"
+    if not single.exists():
+        raise FileNotFoundError(f"{path} holds no model.safetensors (or index): load_sharded reads safetensors only")
+    from safetensors import safe_open
+
+    with safe_open(str(single), framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu", reshard_after_forward: bool = True):
+    """(model, tokenizer) sharded with FSDP2 across the process group, built so that no process
+    ever holds the whole model.
+
+    The model is built on the meta device (``accelerate.init_empty_weights``; buffers such as
+    rotary frequencies are computed for real), each of its blocks (:func:`repeated_blocks`) and
+    then the root are ``fully_shard``-ed, ``to_empty`` allocates this rank's shards only, and each
+    rank reads its rows of every tensor from the safetensors file (``get_slice``). Loading the
+    whole model and sharding it afterwards would make every process hold it once, at build time.
+
+    Args:
+        name_or_path: as :func:`load_model`.
+        dtype: the parameters' dtype.
+        mesh: a 1-d ``DeviceMesh`` (default: the whole default process group on ``device``).
+        device: where the shards live (``"cpu"`` or a CUDA device).
+        reshard_after_forward: FSDP2's option, passed to every ``fully_shard`` call (True: each
+            block's gathered parameters are freed after its forward).
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from accelerate import init_empty_weights
+    from safetensors import safe_open
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from ..shards import local_part
+
+    dtype = parse_dtype(dtype)
+    device = torch.device(device)
+    path, kind = resolve(name_or_path)
+    if mesh is None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("load_sharded needs torch.distributed initialised (or pass mesh=)")
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    cls = AutoModelForCausalLM if kind == "causal" else AutoModel
+    with init_empty_weights(include_buffers=False):
+        model = cls.from_config(config, dtype=dtype)
+    model.tie_weights()  # init_empty_weights re-registers the parameters, which unties a tied LM head
+    model.eval()
+    for block in repeated_blocks(model):
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # real (computed at build): to_empty drops them
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    files = _checkpoint_files(path)
+    tied = dict(getattr(model, "_tied_weights_keys", None) or {}) if isinstance(
+        getattr(model, "_tied_weights_keys", None), dict) else {}
+    prefix = getattr(model, "base_model_prefix", "")
+
+    def checkpoint_key(name: str) -> str:
+        for key in (name, tied.get(name), f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+            if key in files:
+                return key
+        raise KeyError(f"{name_or_path}: no tensor for parameter {name!r} in {path} (checked {name!r} and its "
+                       f"{prefix!r} prefix)")
+
+    handles = {}
+    try:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                key = checkpoint_key(name)
+                f = handles.get(files[key]) or handles.setdefault(files[key], safe_open(str(files[key]), framework="pt"))
+                part = local_part(p)
+                if part.tensor.numel() == 0:
+                    continue
+                if p.dim() == 0:
+                    part.tensor.copy_(f.get_tensor(key))
+                    continue
+                row = p.numel() // p.shape[0]
+                first, rows = part.offset // row, part.tensor.numel() // row
+                part.tensor.copy_(f.get_slice(key)[first : first + rows].to(dtype))
+    finally:
+        handles.clear()
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
 def apply_lora(model, r: int = 8, alpha: int = 16, target_modules=None, seed: int = 0):
     """Wrap ``model`` with ``peft`` LoRA adapters and freeze everything else.
 
