@@ -9,7 +9,9 @@ VARIANT:
   trim     as base, gc.collect() + malloc_trim(0) right after fully_shard (and again post-build)
   single   1 process, unsharded, same batch (4 x 64), ZOSGD exact_restore=True
   fwdonly  as base, but each 'step' is two no-grad forwards + reshard, no optimizer step (FSDP alone)
-  meta     2 procs, model built on the meta device, fully_shard, to_empty, local rows read from safetensors
+  meta     2 procs, zoptim.lm.models.load_sharded (meta device, each rank reads its rows from safetensors)
+  forward, meta-forward, single-forward: as base / meta / single with ZOSGD(module=model, rank=1)
+  meta-replicated-forward: meta-forward with load_sharded(shard_embeddings=False)
 Extra env: ZOPTIM_COMPILE=0 (eager kernels) is passed through.
 
 Recorded per rank at each point: VmRSS, and VmHWM since the previous point (HWM is reset after every
@@ -67,43 +69,6 @@ def load_full():
     return model
 
 
-def load_meta_sharded(mesh, fsdp_kwargs):
-    import torch
-    from safetensors import safe_open
-    from torch.distributed.fsdp import fully_shard
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from zoptim.lm.models import resolve
-    from zoptim.shards import local_part
-
-    path, _ = resolve("smollm2")
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.eval()
-    for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh, **fsdp_kwargs)
-    fully_shard(model, mesh=mesh, **fsdp_kwargs)
-    model.to_empty(device="cpu")
-    with torch.no_grad(), safe_open(str(path / "model.safetensors"), framework="pt") as f:
-        keys = set(f.keys())
-        for name, p in model.named_parameters():
-            key = name if name in keys else "model.embed_tokens.weight" if name == "lm_head.weight" else None
-            if key is None:
-                raise KeyError(name)
-            part = local_part(p)
-            rows = part.tensor.shape[0] if part.tensor.dim() else 0
-            row_numel = p.numel() // p.shape[0]
-            first = part.offset // row_numel
-            part.tensor.copy_(f.get_slice(key)[first:first + rows])
-        # non-persistent buffers (rotary inv_freq): recompute on CPU
-        rot = model.model.rotary_emb
-        fresh = type(rot)(config=config)
-        for bname, b in fresh.named_buffers():
-            setattr(rot, bname, b)
-    return model
-
-
 def worker(rank, world, variant, steps, init, out):
     import torch
     import torch.distributed as dist
@@ -119,11 +84,10 @@ def worker(rank, world, variant, steps, init, out):
     libc = ctypes.CDLL("libc.so.6")
     fsdp_kwargs = {"reshard_after_forward": True} if variant == "raf" else {}
     if variant.startswith("meta"):
-        from torch.distributed.device_mesh import init_device_mesh
+        from zoptim.lm.models import load_sharded
 
-        mesh = init_device_mesh("cpu", (world,))
-        model = load_meta_sharded(mesh, fsdp_kwargs)
-        rec("meta build + fully_shard + local load")
+        model, _ = load_sharded("smollm2", shard_embeddings="replicated" not in variant)
+        rec("load_sharded (meta build, fully_shard, local rows)")
     else:
         model = load_full()
         rec("after model load (cloned)")
@@ -223,7 +187,7 @@ def worker(rank, world, variant, steps, init, out):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("variant", choices=["base", "inexact", "raf", "trim", "single", "meta", "fwdonly", "forward", "meta-forward", "single-forward"])
+    ap.add_argument("variant", choices=["base", "inexact", "raf", "trim", "single", "meta", "fwdonly", "forward", "meta-forward", "meta-replicated-forward", "single-forward"])
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--out", default="/tmp/zoptim-shard-memory")
     args = ap.parse_args()

@@ -133,7 +133,7 @@ def worker(rank, init_file, out_file):
             rows = mine(k)
             start = [p.to_local().clone() for p in model.parameters()]
 
-            def closure(r=rows, start=start):
+            def closure(r=rows, start=start, model=model, x=x, y=y):
                 nonlocal written
                 written += any(not torch.equal(p.to_local(), s) for p, s in zip(model.parameters(), start))
                 return torch.nn.functional.mse_loss(model(x[r]), y[r])

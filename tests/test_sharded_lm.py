@@ -48,14 +48,17 @@ def worker(rank, init, dirs, out):
     torch.set_num_threads(1)
     ids = torch.randint(0, 33, (2, 7), generator=torch.Generator().manual_seed(0))
     results = {}
-    for name, path in dirs.items():
-        model, _ = load_sharded(str(path))
+    loads = [(name, path, {}) for name, path in dirs.items()]
+    loads.append(("llama-replicated", dirs["llama"], {"shard_embeddings": False}))
+    for name, path, options in loads:
+        model, _ = load_sharded(str(path), **options)
         with torch.no_grad():
             outputs = model(input_ids=ids)[0]
         results[name] = {
-            "params": {n: p.full_tensor() for n, p in model.named_parameters()},
+            "params": {n: p.full_tensor() if hasattr(p, "full_tensor") else p.clone()
+                       for n, p in model.named_parameters()},
             "buffers": {n: b.clone() for n, b in model.named_buffers()},
-            "held": sum(p.to_local().numel() for p in model.parameters()),
+            "held": sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in model.parameters()),
             "kinds": {type(p).__name__ for p in model.parameters()},
             "tied": getattr(model, "lm_head", None) is not None
                     and model.lm_head.weight is model.model.embed_tokens.weight,
@@ -98,3 +101,23 @@ def test_load_sharded_equals_from_pretrained_with_each_rank_holding_its_rows_onl
     assert sum(r["held"] for r in ranks) == total and max(r["held"] for r in ranks) < total
     if name == "llama":  # the tied LM head stays one tensor (sharded once)
         assert all(r["tied"] for r in ranks)
+
+
+def test_with_shard_embeddings_false_each_rank_holds_the_embedding_whole_and_the_head_stays_tied(loaded):
+    from transformers import AutoModelForCausalLM
+
+    dirs, results = loaded
+    reference = AutoModelForCausalLM.from_pretrained(dirs["llama"]).eval()
+    ids = torch.randint(0, 33, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref_out = reference(input_ids=ids)[0]
+    embedding = reference.model.embed_tokens.weight
+    total = sum(p.numel() for p in reference.parameters())
+    for got in (r["llama-replicated"] for r in results):
+        for n, p in reference.named_parameters():
+            assert torch.equal(got["params"][n], p), n
+        assert got["kinds"] == {"DTensor", "Parameter"}  # the embedding a plain Parameter, the rest sharded
+        assert got["tied"]
+        assert torch.allclose(got["outputs"], ref_out, atol=1e-6)
+        rest = total - embedding.numel()
+        assert embedding.numel() + rest // WORLD <= got["held"] <= embedding.numel() + rest // WORLD + 64

@@ -163,7 +163,8 @@ def _checkpoint_files(path: Path) -> dict[str, Path]:
         return {k: single for k in f.keys()}
 
 
-def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu", reshard_after_forward: bool = True):
+def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu", reshard_after_forward: bool = True,
+                 shard_embeddings: bool = True, release_memory: bool = True):
     """(model, tokenizer) sharded with FSDP2 across the process group, built so that no process
     ever holds the whole model.
 
@@ -180,6 +181,14 @@ def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu"
         device: where the shards live (``"cpu"`` or a CUDA device).
         reshard_after_forward: FSDP2's option, passed to every ``fully_shard`` call (True: each
             block's gathered parameters are freed after its forward).
+        shard_embeddings: False keeps the input embedding (and a head tied to it) whole on every
+            rank, outside FSDP2 (``ignored_params``): each rank holds it, but no forward gathers
+            it. FSDP2 gathers the root's parameters for the whole forward, through a buffer and
+            a copy of their full size, so for a large vocabulary at a few ranks this lowers the
+            peak (SmolLM2-135M at 2 ranks: docs/performance.md).
+        release_memory: on CPU, call :func:`zoptim.shards.release_freed_buffers` before building,
+            so that the buffers freed while loading (and every later FSDP2 gather) go back to the
+            operating system (process-wide; as ``zoptim.distributed.wrap`` does at wrap time).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from accelerate import init_empty_weights
@@ -188,10 +197,12 @@ def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu"
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from ..shards import local_part
+    from ..shards import local_part, release_freed_buffers
 
     dtype = parse_dtype(dtype)
     device = torch.device(device)
+    if release_memory and device.type == "cpu":
+        release_freed_buffers()
     path, kind = resolve(name_or_path)
     if mesh is None:
         import torch.distributed as dist
@@ -205,11 +216,14 @@ def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu"
         model = cls.from_config(config, dtype=dtype)
     model.tie_weights()  # init_empty_weights re-registers the parameters, which unties a tied LM head
     model.eval()
+    ignored = None if shard_embeddings else {model.get_input_embeddings().weight}
     for block in repeated_blocks(model):
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward, ignored_params=ignored)
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # real (computed at build): to_empty drops them
     model.to_empty(device=device)
+    if ignored:  # to_empty re-creates the parameters FSDP2 does not manage: tie the head again
+        model.tie_weights()
     with torch.no_grad():
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
