@@ -81,6 +81,10 @@ def worker(rank, world, variant, steps, init, out):
     from zoptim.distributed import wrap
 
     rec("start (imports, process group)")
+    import accelerate  # noqa: F401  the rest of the runtime a model needs, before any weight exists
+    import transformers.modeling_utils  # noqa: F401
+
+    rec("imports (transformers, accelerate)")
     libc = ctypes.CDLL("libc.so.6")
     fsdp_kwargs = {"reshard_after_forward": True} if variant == "raf" else {}
     if variant.startswith("meta"):

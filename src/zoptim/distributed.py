@@ -31,7 +31,13 @@ paper):
     ``"batch"``. The run equals one unsharded process on the whole minibatch. After every query the
     wrapper reshards the FSDP modules (``FSDPModule.reshard()``): FSDP2 keeps the root's parameters
     gathered after a forward (for the backward that never comes), which would both hold the full
-    parameter set and let the next query see stale values.
+    parameter set and let the next query see stale values. With ``module=model, rank=r``
+    (:mod:`zoptim.forward`) the hooks apply the global direction to the weights FSDP2 gathers,
+    inside the forward, so a query writes no shard; the update writes this rank's rows of
+    ``A B^T``. ``release_memory`` (on CPU, default) sets glibc's mmap threshold so that FSDP2's
+    freed gather buffers go back to the system (:func:`zoptim.shards.release_freed_buffers`);
+    :func:`zoptim.lm.models.load_sharded` builds a sharded model without ever holding it whole.
+    Measured in docs/performance.md (issue 25).
 
 Failures are collective in every mode: a non-finite loss on one rank makes every rank skip the
 step, and an exception in one rank's closure (``KeyboardInterrupt`` included) makes every rank
