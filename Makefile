@@ -35,6 +35,7 @@ bench: .stamp-lm
 	$(BIN)/pip install -q --no-deps "torchzero==0.4.4" || echo "torchzero not installed: its rows are skipped"
 	$(BIN)/python benchmarks/step_cost.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/scaling.py --model smollm2 --steps 3 --max-procs 4
 
 # zoptim vs nevergrad, CMA-ES, scipy and torchzero on functions of a vector (about 10 minutes on 2 cores).
 bench-blackbox: .stamp-install
