@@ -69,6 +69,28 @@ def train(opt, model, rows_of=batch_rows):
     return model
 
 
+PER_EXAMPLE = ["zosgd", "as2p"]
+
+
+def build_per_example(method, model):
+    """``per_example=True``: each example of the minibatch at its own rank-1 direction."""
+    if method == "zosgd":
+        return zoptim.ZOSGD(model.parameters(), lr=2e-2, eps=1e-2, seed=7, module=model, rank=1, per_example=True)
+    return zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=STEPS, seed=7, module=model, rank=1, per_example=True)
+
+
+def per_example_losses(model, x, y):
+    return ((model(x) - y) ** 2).mean(1)
+
+
+def train_per_example(opt, model, rows_of=batch_rows):
+    x, y = make_data()
+    for k in range(STEPS):
+        rows = rows_of(k)
+        opt.step(lambda r=rows: per_example_losses(model, x[r], y[r]))
+    return model
+
+
 def shard(model):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -143,6 +165,22 @@ def worker(rank, init_file, out_file):
         full = torch.cat([p.full_tensor().reshape(-1) for p in model.parameters()])
         results[f"sharded-{method}"] = (full, local, held_after, opt.stats.bytes_sent, written, opt.released_memory)
         close(opt)
+    for method in PER_EXAMPLE:
+        model = make_model()
+        opt = wrap(build_per_example(method, model), mode="batch")
+        train_per_example(opt, model, mine)
+        results[f"per-example-{method}"] = (flat(model), replicas_in_sync(model.parameters()), opt.stats.bytes_sent)
+        close(opt)
+    model = make_model()  # unequal shares: rank 0 five examples, rank 1 three
+    opt = wrap(build_per_example("zosgd", model), mode="batch")
+    x, y = make_data()
+    rows = torch.arange(5) if rank == 0 else torch.arange(5, 8)
+    try:
+        opt.step(lambda: per_example_losses(model, x[rows], y[rows]))
+        results["per-example-uneven"] = (None, flat(model))
+    except ValueError as err:
+        results["per-example-uneven"] = (str(err), flat(model))
+    close(opt)
     for mode in ("batch", "directions", "sharded"):
         model = shard(make_model()) if mode == "sharded" else make_model()
         opt = wrap(build("zosgd", model), mode=mode, module=model if mode == "sharded" else None)
@@ -169,6 +207,32 @@ def test_batch_mode_equals_one_process_on_the_whole_batch(two_ranks, method):
     assert torch.allclose(a, single, atol=1e-5)
     assert not torch.allclose(single, flat(make_model()), atol=1e-3)  # the run did move
     assert sent == STEPS * 2 * 16  # the loss and a failure flag, float64, per query
+
+
+@pytest.mark.parametrize("method", PER_EXAMPLE)
+def test_per_example_batch_mode_equals_one_process_on_the_whole_batch(two_ranks, method):
+    """Rank r holds examples r, r + 2, ... of each minibatch at those examples' directions; the
+    ranks all-gather their per-example losses, so the run is the one-process per-example run."""
+    (a, in_sync, sent), (b, *_) = two_ranks[0][f"per-example-{method}"], two_ranks[1][f"per-example-{method}"]
+    assert in_sync and torch.equal(a, b)
+    model = make_model()
+    opt = build_per_example(method, model)
+    single = flat(train_per_example(opt, model))
+    close(opt)
+    assert torch.allclose(a, single, atol=1e-5)
+    model = make_model()  # not the run whose ranks evaluate their examples at the same directions
+    opt = zoptim.ZOSGD(model.parameters(), lr=2e-2, eps=1e-2, seed=7, module=model, rank=1) if method == "zosgd" else \
+        zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=STEPS, seed=7, module=model, rank=1)
+    assert not torch.allclose(a, flat(train(opt, model)), atol=1e-4)
+    close(opt)
+    assert sent == STEPS * 2 * (16 + 8 * 4)  # per query: shares' sizes and flags, then 4 losses, float64
+
+
+def test_per_example_batch_mode_with_unequal_shares_is_refused_on_every_rank(two_ranks):
+    for r in range(WORLD):
+        error, params = two_ranks[r]["per-example-uneven"]
+        assert error is not None and "as many examples" in error and "[5, 3]" in error
+        assert torch.equal(params, flat(make_model()))  # restored, on every rank
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -120,3 +120,20 @@ def test_nproc_and_batch_size_are_checked_before_anything_starts(setup, capsys):
         main(command(model_dir, data, tmp / "bad", "--nproc", "2", method="adamw"))
     with pytest.raises(SystemExit, match="--nproc must be >= 1"):
         main(command(model_dir, data, tmp / "bad", "--nproc", "0"))
+
+
+def test_per_example_directions_under_torchrun_equal_one_process(setup):
+    """``zoptim finetune --rank 1 --per-example`` on 2 processes: each rank's examples at their own
+    directions, the per-example losses all-gathered; the run ends where one process ends."""
+    model_dir, data, tmp = setup
+    extra = ("--rank", "1", "--per-example", "--steps", "20", "--eval-every", "20", "--checkpoint-every", "20")
+    two = torchrun(command(model_dir, data, tmp / "pe-two", *extra))
+    output, _ = two.communicate(timeout=240)
+    assert two.returncode == 0, output
+    assert main(command(model_dir, data, tmp / "pe-one", *extra)) == 0
+    results = [json.loads((tmp / run / "run" / "result.json").read_text()) for run in ("pe-two", "pe-one")]
+    assert [r["processes"] for r in results] == [2, 1]
+    final = [safe_load(tmp / run / "run" / "checkpoint.pt")["trainable"] for run in ("pe-two", "pe-one")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.allclose(final[0][n], final[1][n], atol=1e-5) for n in final[0])
+    assert any(not torch.allclose(final[1][n], v, atol=1e-4) for n, v in first_checkpoint_free(model_dir).items())

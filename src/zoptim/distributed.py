@@ -12,7 +12,11 @@ paper):
     closure's value is the mean over ranks, one ``all_reduce`` of two float64 per query (the loss
     and a flag saying whether the closure raised on some rank). Every rank
     then applies the same update and the replicas stay bit-identical; with equal shares the run
-    equals one process on the whole minibatch (up to the rounding of the mean).
+    equals one process on the whole minibatch (up to the rounding of the mean). With
+    ``per_example=True`` rank r of w evaluates examples r, r + w, ... of the minibatch, each at its
+    own direction (that example's index in the minibatch), and the ranks all-gather their vectors
+    of per-example losses (8 bytes an example, plus 16 per query for the shares' sizes and flags):
+    the step is the single-process per-example step on the whole minibatch.
 ``"directions"`` (direction parallel)
     Every rank evaluates its own direction(s) on the same minibatch (rank r the global direction
     indices ``r*k .. r*k+k-1``); after its queries each rank all-gathers its
@@ -65,7 +69,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .optim.base import ZerothOrderOptimizer, loss_value
+from .optim.base import ZerothOrderOptimizer, loss_value, loss_vector
 from .shards import release_freed_buffers
 
 MODES = ("batch", "directions", "sharded")
@@ -145,8 +149,16 @@ class CommStats:
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
 
+def _abandoned(failed: int) -> RuntimeError:
+    return RuntimeError(
+        f"{failed} other rank(s) raised in the closure at this query; this rank abandons the step too "
+        "(parameters restored), so the replicas stay identical"
+    )
+
+
 def data_parallel(
-    closure: Callable[[], object], group=None, device: torch.device | str | None = None, stats: CommStats | None = None
+    closure: Callable[[], object], group=None, device: torch.device | str | None = None, stats: CommStats | None = None,
+    per_example: bool = False,
 ):
     """Wrap ``closure`` (this rank's shard loss) into one returning the mean loss over all ranks.
 
@@ -155,6 +167,10 @@ def data_parallel(
         group: the process group (default: the world).
         device: where the scalar is reduced (default: CPU for gloo, the current CUDA device for nccl).
         stats: a :class:`CommStats` that counts the bytes this rank sends.
+        per_example: the closure returns one loss per example of this rank's share (rank r of w
+            holds examples r, r + w, ... of the minibatch); the wrapped closure returns every
+            example's loss, in the minibatch's order (two all-gathers: the shares' sizes and
+            failure flags, then the losses, float64). Every rank must hold as many examples.
 
     Every rank must call the wrapped closure the same number of times, in the same order, which
     the optimizers do when they are built with the same seed and hyper-parameters.
@@ -167,6 +183,38 @@ def data_parallel(
     _require_initialized()
     if device is None:
         device = _reduce_device(group)
+    world = dist.get_world_size(group)
+
+    def gather(tensor: torch.Tensor) -> torch.Tensor:
+        if stats is not None:
+            stats.add(tensor)
+        rows = [torch.empty_like(tensor) for _ in range(world)]
+        dist.all_gather(rows, tensor, group=group)
+        return torch.stack(rows)
+
+    def gathered():
+        error, mine = None, []
+        try:
+            mine = loss_vector(closure())
+        except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
+            error = err
+        heads = gather(torch.tensor([len(mine), 0.0 if error is None else 1.0], dtype=torch.float64, device=device))
+        if error is not None:
+            raise error
+        failed = int(heads[:, 1].sum().item())
+        if failed:
+            raise _abandoned(failed)
+        sizes = [int(n) for n in heads[:, 0].tolist()]
+        if len(set(sizes)) != 1:
+            raise ValueError(
+                f"per_example=True with mode='batch': every rank must evaluate as many examples (rank r of w "
+                f"holds examples r, r + w, ... of the minibatch); the ranks returned {sizes} losses"
+            )
+        losses = gather(torch.tensor(mine, dtype=torch.float64, device=device))  # (world, n)
+        return losses.T.reshape(-1).tolist()  # example j * world + r is row j of rank r
+
+    if per_example:
+        return gathered
 
     def reduced():
         error = None
@@ -182,10 +230,7 @@ def data_parallel(
             raise error
         failed = int(value[1].item())
         if failed:
-            raise RuntimeError(
-                f"{failed} other rank(s) raised in the closure at this query; this rank abandons the step too "
-                "(parameters restored), so the replicas stay identical"
-            )
+            raise _abandoned(failed)
         return float(value[0].item()) / dist.get_world_size(group)
 
     return reduced
@@ -227,6 +272,8 @@ class DistributedOptimizer:
             self.released_memory = bool(release_memory and on_cpu and release_freed_buffers())
         if mode == "directions":
             optimizer.shard_directions(self.rank, self.world_size, self._all_gather)
+        elif optimizer.per_example:  # batch mode (sharded mode refuses per_example when it builds its hooks)
+            optimizer.share_examples(self.rank, self.world_size)
 
     def __getattr__(self, name):
         return getattr(self.optimizer, name)
@@ -258,7 +305,8 @@ class DistributedOptimizer:
             return self.optimizer.step(closure)
         if self.mode == "sharded":
             closure = self._resharding(closure)
-        return self.optimizer.step(data_parallel(closure, self.group, self._device, self.stats))
+        return self.optimizer.step(data_parallel(closure, self.group, self._device, self.stats,
+                                                 per_example=self.optimizer.per_example))
 
     def state_dict(self) -> dict:
         sd = self.optimizer.state_dict()

@@ -102,14 +102,18 @@ def _in_multihead_attention(module: nn.Module) -> set[int]:
 
 class RowKeys(NamedTuple):
     """The directions of a per-example query: row i of the minibatch (dim 0 of every hooked layer's
-    input) sits at ``x + rho * s(key(i))``, ``key(i) = mix(seed, step, i)``: the key of direction
-    i of the step, as :meth:`ZerothOrderOptimizer.direction_key` names it."""
+    input) sits at ``x + rho * s(key(i))``, ``key(i) = mix(seed, step, first + stride * i)``: the
+    key of direction ``first + stride * i`` of the step, as :meth:`ZerothOrderOptimizer.direction_key`
+    names it. In one process ``first = 0, stride = 1``; with ``wrap(mode="batch")`` rank r of w holds
+    examples r, r + w, r + 2w, ... of the minibatch (``first = r, stride = w``)."""
 
     seed: int
     step: int
+    first: int = 0
+    stride: int = 1
 
     def key(self, i: int) -> int:
-        return mix(self.seed, self.step, i)
+        return mix(self.seed, self.step, self.first + self.stride * i)
 
 
 def _norm_forward(module: nn.Module, x: torch.Tensor, perturbed: dict):
@@ -416,7 +420,7 @@ class ForwardPerturbation:
             )
         if self.sharded:
             raise ValueError("per_example=True is not supported with sharded (FSDP2) parameters; use "
-                             "wrap(mode='sharded') without per_example, or per_example in one process")
+                             "wrap(mode='sharded') without per_example, or per_example with wrap(mode='batch')")
         if self.rank is None:
             raise ValueError("per_example=True needs low-rank matrix directions (rank=r): a full-rank direction per "
                              "example would materialise one weight-sized tensor per example")

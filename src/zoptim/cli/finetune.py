@@ -246,8 +246,6 @@ def check_args(args) -> None:
         raise SystemExit(
             f"zoptim finetune: --model must be one of {', '.join(KNOWN_MODELS)} or a local directory; got {args.model!r}"
         )
-    if args.per_example and (args.nproc or 1) > 1:
-        raise SystemExit("zoptim finetune: --per-example runs in one process (no --nproc)")
     if args.nproc is not None and args.nproc < 1:
         raise SystemExit(f"zoptim finetune: --nproc must be >= 1; got {args.nproc}")
     if args.max_restarts < 0:

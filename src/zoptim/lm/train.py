@@ -234,10 +234,7 @@ class Loop:
             if getattr(self.optimizer, "per_example", False):
                 if self.config.objective == "accuracy":
                     raise ValueError("per-example directions need a per-example loss; objective='accuracy' is one number")
-                if self.world > 1:
-                    raise ValueError("per-example directions run in one process (mode='batch' would average the "
-                                     "examples' losses across ranks)")
-                closure = lambda: clf.losses(batch)  # noqa: E731 - one loss per example
+                closure = lambda: clf.losses(batch)  # noqa: E731 - one loss per example (the wrapper gathers the ranks')
             else:
                 closure = (lambda: clf.minus_accuracy(batch)) if self.config.objective == "accuracy" else (
                     lambda: clf.loss(batch)

@@ -136,6 +136,7 @@ class ZerothOrderOptimizer(Optimizer):
     #: process evaluates directions ``rank*k .. rank*k + k - 1`` of a step that has ``world*k``;
     #: ``_exchange`` all-gathers each rank's list of floats (see :meth:`shard_directions`).
     _direction_rank, _direction_world = 0, 1
+    _example_rank, _example_world = 0, 1
     _exchange: Callable[[list[float]], list[list[float]]] | None = None
     _exchanged = False  # whether this step's exchange has happened
     #: The memory-free seed momentum (:class:`zoptim.optim.momentum.SeedMomentum`) of methods that
@@ -358,6 +359,18 @@ class ZerothOrderOptimizer(Optimizer):
                              "with mode='directions' (use mode='batch')")
         self._direction_rank, self._direction_world, self._exchange = int(rank), int(world), exchange
 
+    def share_examples(self, rank: int, world: int) -> None:
+        """Split a per-example step's examples over ``world`` processes (what ``wrap(mode="batch")``
+        does with ``per_example=True``): this process's row i is example ``rank + world * i`` of the
+        minibatch and takes that example's direction; its closure must then return the losses of all
+        the minibatch's examples in order (the wrapper all-gathers and interleaves the ranks'
+        vectors). The step is the single-process step on the whole minibatch."""
+        if not self.per_example:
+            raise ValueError("share_examples is for per_example=True optimizers")
+        if self.steps:
+            raise ValueError("share_examples must be called before the first step")
+        self._example_rank, self._example_world = int(rank), int(world)
+
     def _two_point_directions(self, rho: float):
         """Query ``x + rho s_i`` and ``x - rho s_i`` for this process's ``num_directions``
         directions (a sub-generator: ``keys, gammas, f_plus, f_minus = yield from ...``) and return
@@ -384,16 +397,18 @@ class ZerothOrderOptimizer(Optimizer):
         ICLR 2018). Returns the B keys, deltas (the methods' gammas) and per-example values."""
         from ..forward import RowKeys
 
-        rows = RowKeys(self.seed, self.steps)
+        rows = RowKeys(self.seed, self.steps, self._example_rank, self._example_world)
         plus = yield Query(rows, rho)
         minus = yield Query(rows, -rho)
         n = self.engine.rows
+        if n is not None:  # the examples of every rank (equal shares: the wrapper checks)
+            n *= self._example_world
         if len(plus) != len(minus) or (n is not None and len(plus) != n):
             raise ValueError(
                 f"per_example=True: the closure returned {len(plus)} and {len(minus)} losses, but the batch the "
                 f"layers saw has {n} examples; return one loss per example (reduction='none')"
             )
-        keys = [rows.key(i) for i in range(len(plus))]
+        keys = [RowKeys(self.seed, self.steps).key(i) for i in range(len(plus))]  # example i of the minibatch
         gammas = [(p - m) / (2.0 * rho) for p, m in zip(plus, minus)]
         return keys, gammas, list(plus), list(minus)
 
