@@ -120,6 +120,10 @@ def test_nproc_and_batch_size_are_checked_before_anything_starts(setup, capsys):
         main(command(model_dir, data, tmp / "bad", "--nproc", "2", method="adamw"))
     with pytest.raises(SystemExit, match="--nproc must be >= 1"):
         main(command(model_dir, data, tmp / "bad", "--nproc", "0"))
+    with pytest.raises(SystemExit, match="--shard splits the weights across processes; it needs --nproc"):
+        main(command(model_dir, data, tmp / "bad", "--shard"))
+    with pytest.raises(SystemExit, match="--shard shards the full model's weights; it does not combine with --lora"):
+        main(command(model_dir, data, tmp / "bad", "--nproc", "2", "--shard", "--lora"))
 
 
 def test_per_example_directions_under_torchrun_equal_one_process(setup):
@@ -137,3 +141,39 @@ def test_per_example_directions_under_torchrun_equal_one_process(setup):
     assert final[0].keys() == final[1].keys()
     assert all(torch.allclose(final[0][n], final[1][n], atol=1e-5) for n in final[0])
     assert any(not torch.allclose(final[1][n], v, atol=1e-4) for n, v in first_checkpoint_free(model_dir).items())
+
+
+def test_a_sharded_run_resumes_from_its_sharded_checkpoint_and_equals_one_process(setup):
+    """``zoptim finetune --nproc 2 --shard``: FSDP2-sharded weights (each rank reads its rows),
+    checkpoints written shard by shard (torch.distributed.checkpoint, one folder per step, the last
+    kept) and validations run on every rank. 10 steps, then the run is extended to 20 (its recorded
+    step count edited, as an interrupted run would resume): it continues from the sharded
+    checkpoint and ends where one unsharded process running 20 steps ends."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    model_dir, data, tmp = setup
+    extra = ("--eval-every", "5", "--checkpoint-every", "10", "--lr", "1e-3", "--eps", "1e-3")
+    run = tmp / "sh" / "run"
+    for steps in ("10", "20"):
+        if steps == "20":  # the recorded settings now say 20 steps: --resume continues the run
+            config = json.loads((run / "config.json").read_text())
+            (run / "config.json").write_text(json.dumps({**config, "steps": 20}))
+        sharded = torchrun(command(model_dir, data, tmp / "sh", "--shard", *extra, "--steps", steps, "--resume"))
+        output, _ = sharded.communicate(timeout=240)
+        assert sharded.returncode == 0, output
+    assert main(command(model_dir, data, tmp / "one", *extra, "--steps", "20")) == 0
+    result = json.loads((run / "result.json").read_text())
+    assert result["processes"] == 2 and result["shard"] and result["steps"] == 20
+    assert result["resumed_from_step"] == 10
+    ckpt = safe_load(run / "checkpoint.pt")
+    assert ckpt["trainable"] == {} and ckpt["sharded_trainable"] == "shards-step20"
+    assert sorted(p.name for p in run.glob("shards-step*")) == ["shards-step20"]  # the step-10 folder was removed
+    dcp_to_torch_save(run / "shards-step20", tmp / "sh.pt")
+    got = torch.load(tmp / "sh.pt", weights_only=True)
+    want = safe_load(tmp / "one" / "run" / "checkpoint.pt")["trainable"]
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[n], want[n], atol=1e-5) for n in want)
+    assert any(not torch.allclose(want[n], v, atol=1e-4) for n, v in first_checkpoint_free(model_dir).items())
+    logged = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 21))
+    assert [r["step"] for r in logged if "val_accuracy" in r] == [5, 10, 15, 20]

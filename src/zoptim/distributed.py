@@ -149,6 +149,19 @@ class CommStats:
         self.bytes_sent += tensor.numel() * tensor.element_size()
 
 
+def fsdp_modules(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The ``fully_shard``-ed modules in ``module`` (FSDP2's ``FSDPModule``s)."""
+    return [m for m in module.modules() if hasattr(m, "reshard") and hasattr(m, "unshard")]
+
+
+def reshard(module: torch.nn.Module) -> None:
+    """Free the parameters FSDP2 gathered in ``module``'s last forward. FSDP2 may keep the root's
+    gathered after a forward (for a backward); an evaluation between steps reshards, so that the
+    next query's forward gathers the shards as the optimizer moved them, never a stale copy."""
+    for m in fsdp_modules(module):
+        m.reshard()
+
+
 def _abandoned(failed: int) -> RuntimeError:
     return RuntimeError(
         f"{failed} other rank(s) raised in the closure at this query; this rank abandons the step too "
@@ -267,7 +280,7 @@ class DistributedOptimizer:
                     "torch.distributed.fsdp.fully_shard on the model before building the optimizer); these "
                     "parameters are whole on every rank: use mode='batch'"
                 )
-            self._fsdp_modules = [m for m in module.modules() if hasattr(m, "reshard") and hasattr(m, "unshard")]
+            self._fsdp_modules = fsdp_modules(module)
             on_cpu = all(p.device.type == "cpu" for p in module.parameters())
             self.released_memory = bool(release_memory and on_cpu and release_freed_buffers())
         if mode == "directions":

@@ -17,6 +17,10 @@ Several processes: ``zoptim finetune --nproc 2 ...`` launches itself under ``tor
 ...`` yourself). The run is data parallel (see :mod:`zoptim.lm.train`); rank 0 writes a checkpoint
 every ``--checkpoint-every`` steps, and a worker that dies is restarted with the whole group from
 that checkpoint, ending on the same parameters, bit for bit, as an uninterrupted run.
+``--shard`` shards the weights across the processes instead (FSDP2, built with
+:func:`zoptim.lm.models.load_sharded`: no process ever holds the whole model); validation runs on
+every rank, each checkpoint's weights are a ``torch.distributed.checkpoint`` folder written shard
+by shard (``shards-step<N>/``, named by ``checkpoint.pt``), and that folder is the tuned model.
 """
 
 from __future__ import annotations
@@ -62,6 +66,10 @@ def register(sub) -> None:
     p.add_argument("--nproc", type=int, default=None,
                    help="run N data-parallel processes under torchrun (each its share of every minibatch)")
     p.add_argument("--max-restarts", type=int, default=3, help="with --nproc: restarts of the group after a worker dies")
+    p.add_argument("--shard", action="store_true",
+                   help="with --nproc N: shard the weights across the processes with FSDP2 (built on the meta device, "
+                        "each rank reads only its rows; checkpoints and the tuned model are sharded "
+                        "torch.distributed.checkpoint folders) instead of a whole copy per process")
     p.add_argument("--eval-examples", type=int, default=200, help="validation examples per periodic evaluation")
     p.add_argument("--test-examples", type=int, default=None, help="test examples for the final accuracy (default: all)")
     p.add_argument("--objective", default="loss", help=f"one of {', '.join(OBJECTIVES)} (accuracy: minus argmax accuracy)")
@@ -97,7 +105,7 @@ def register(sub) -> None:
 RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "label_field", "labels", "template",
               "method", "steps", "lora", "no_exact_restore", "dtype", "batch_size", "max_length", "eval_every",
               "checkpoint_every", "eval_examples", "objective", "lr", "eps", "eta_b", "momentum", "momentum_window",
-              "guard", "hessian_smooth", "rank", "per_example", "seed")
+              "guard", "hessian_smooth", "rank", "per_example", "shard", "seed")
 
 
 def run_config(args) -> dict:
@@ -205,7 +213,7 @@ def finetune_config(args):
             checkpoint_every=args.checkpoint_every, eval_examples=args.eval_examples,
             test_examples=args.test_examples, objective=args.objective, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
             momentum=args.momentum, momentum_window=args.momentum_window, guard=args.guard,
-            hessian_smooth=args.hessian_smooth, rank=args.rank, per_example=args.per_example,
+            hessian_smooth=args.hessian_smooth, rank=args.rank, per_example=args.per_example, shard=args.shard,
             exact_restore=not args.no_exact_restore, seed=args.seed, save_model=not args.no_save_model,
             progress=not args.no_progress,
         )
@@ -253,6 +261,9 @@ def check_args(args) -> None:
     from ..distributed import launched_world_size
 
     world = args.nproc or launched_world_size()
+    if args.shard and world < 2:
+        raise SystemExit("zoptim finetune: --shard splits the weights across processes; it needs --nproc N >= 2 "
+                         "(or torchrun)")
     if world > 1:
         if args.method == "adamw":
             raise SystemExit("zoptim finetune: several processes need a zeroth-order --method (adamw would need DDP)")

@@ -69,6 +69,7 @@ class FinetuneConfig:
     hessian_smooth: float = 1e-6
     rank: int | None = None
     per_example: bool = False
+    shard: bool = False
     exact_restore: bool = True
     seed: int = 0
     save_model: bool = True
@@ -100,6 +101,13 @@ class FinetuneConfig:
             raise ConfigError("momentum", f"must be in [0, 1); got {self.momentum}")
         if self.per_example and self.rank is None:
             raise ConfigError("per_example", "needs {rank}", rank="R")
+        if self.shard:
+            for field, value in (("lora", self.lora), ("per_example", self.per_example)):
+                if value:  # LoRA adapters are small and stay whole; sharded mode refuses per-example directions
+                    raise ConfigError("shard", "shards the full model's weights; it does not combine with {%s}" % field,
+                                      **{field: None})
+            if self.method == "adamw":
+                raise ConfigError("shard", "runs the zeroth-order methods; got {method}", method=self.method)
         for field, strict in (("lr", True), ("eps", True), ("eta_b", True), ("hessian_smooth", False)):
             try:
                 check_positive(field, getattr(self, field), allow_none=True, allow_zero=not strict)
@@ -135,6 +143,17 @@ def weights_changed(model, name: str, dtype) -> dict:
     return {"fraction": changed / max(total, 1), "max_abs": largest}
 
 
+def _agreed(value: bool, collective: bool) -> bool:
+    """``value`` as rank 0 sees it, on every rank when ``collective`` (so that all take the same branch)."""
+    if not collective:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
+
+
 def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = None, device="cpu",
              data_sha256: dict | None = None) -> dict | None:
     """Fine-tune ``config.model`` on ``task`` through ``prompt``; return the result record.
@@ -148,7 +167,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     import torch
 
     from ..distributed import rank_and_world
-    from .models import apply_lora, load_model, resolve, resolve_device, save_model
+    from .models import apply_lora, load_model, load_sharded, resolve, resolve_device, save_model
     from .prompts import PromptClassifier
     from .report import write_report
     from .train import Loop, LoopConfig, make_optimizer
@@ -164,7 +183,10 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
 
         hf_logging.disable_progress_bar()
     test = task.test[: config.test_examples] if config.test_examples else task.test
-    model, tokenizer = load_model(config.model, dtype=config.dtype)
+    if config.shard:  # no process holds the whole model: built on the meta device, each rank reads its rows
+        model, tokenizer = load_sharded(config.model, dtype=config.dtype, device=device)
+    else:
+        model, tokenizer = load_model(config.model, dtype=config.dtype)
     kind = resolve(config.model)[1]
     if config.lora:
         model = apply_lora(model, seed=config.seed)
@@ -178,15 +200,23 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
                         zip(truncated.items(), (task.train, task.val, test))), flush=True)
     say(f"task {task.name}: {len(task.train)} train / {len(task.val)} validation / {len(test)} test examples, "
         f"classes {', '.join(task.classes)}; device {device}"
-        + (f"; {world} processes (data parallel)" if world > 1 else ""), flush=True)
+        + (f"; {world} processes ({'FSDP2-sharded' if config.shard else 'data parallel'})" if world > 1 else ""),
+        flush=True)
 
+    # a sharded model's forward is collective: every rank evaluates, rank 0 writes
+    evaluates = rank == 0 or config.shard
     zero_path = out / "zero_shot.json"
-    if rank == 0 and not zero_path.exists():
+    if evaluates and not _agreed(zero_path.exists(), config.shard):
         say("zero-shot evaluation ...", flush=True)
         zero = {"model": config.model, "task": task.name, "dtype": config.dtype, "test_examples": len(test),
                 "test_accuracy": clf.accuracy(test), "val_accuracy": clf.accuracy(task.val[: config.eval_examples]),
                 "data_sha256": data_sha256}
-        atomic_write_text(zero_path, json.dumps(zero, indent=2))
+        if rank == 0:
+            atomic_write_text(zero_path, json.dumps(zero, indent=2))
+        if config.shard:  # the optimizer must not move shards under FSDP2's gathered copy
+            from ..distributed import reshard
+
+            reshard(clf)
 
     loop_config = LoopConfig(steps=config.steps, batch_size=config.batch_size, eval_every=config.eval_every,
                              eval_examples=config.eval_examples, objective=config.objective, seed=config.seed,
@@ -201,6 +231,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     loop = Loop(clf, task, optimizer, loop_config, run_dir, progress=config.progress)
     start = time.perf_counter()
     log = loop.run()
+    test_accuracy = clf.accuracy(test) if evaluates else None
     if rank != 0:
         return None
     group = optimizer.param_groups[0]
@@ -217,7 +248,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
                     "1 / (eta_b sigma)") if config.method == "as2p" else "fixed",
         "eps": group.get("eps", config.eps),
         "val_accuracy": log[-1]["val_accuracy"],
-        "test_accuracy": clf.accuracy(test),
+        "test_accuracy": test_accuracy,
         "test_examples": len(test),
         "truncated": truncated,
         "nonfinite_losses": sum(1 for r in log if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")),
@@ -225,9 +256,16 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         "processes": world,
         "resumed_from_step": loop.resumed_from,
     }
-    if not config.lora:
+    if config.shard:  # the tuned weights: the last checkpoint's sharded folder (nothing gathers the whole model)
+        result["weights_changed"] = None
+        if config.save_model:
+            result["model_dir"] = str(loop.sharded_dir())
+            say(f"tuned weights saved, sharded, in {loop.sharded_dir()} (torch.distributed.checkpoint; "
+                "python -m torch.distributed.checkpoint.format_utils dcp_to_torch DIR FILE makes one file)",
+                flush=True)
+    elif not config.lora:
         result["weights_changed"] = weights_changed(clf.model, config.model, config.dtype)
-    if config.save_model:
+    if config.save_model and not config.shard:
         where = save_model(clf, run_dir / "model", merge=config.merge, extra={"task": task.name, "method": config.method})
         result["model_dir"] = str(where)
         say(f"tuned model saved in {where}", flush=True)

@@ -20,6 +20,11 @@ same generator and evaluates its share ``batch[rank::world]``, the loss is avera
 (one float per query), and every rank applies the same update. Rank 0 alone logs, validates and
 writes the checkpoint; after a worker dies, ``torchrun --max-restarts`` restarts the group, every
 rank loads that checkpoint, and the run continues bit for bit as if it had not been interrupted.
+With FSDP2-sharded weights (``zoptim finetune --shard``) the loop uses ``mode="sharded"``, every
+rank validates (the forward is collective), and every rank writes its shards of the checkpoint
+(``torch.distributed.checkpoint``) before rank 0 writes ``checkpoint.pt``, which names them.
+With ``per_example=True`` rank r's examples are r, r + world, ... of the minibatch, each at its
+own direction, and the ranks all-gather the per-example losses.
 """
 
 from __future__ import annotations
@@ -145,6 +150,7 @@ class Loop:
     def __init__(self, classifier: PromptClassifier, task: Task, optimizer, config: LoopConfig, out, progress=True):
         self.classifier, self.task, self.optimizer, self.config = classifier, task, optimizer, config
         self.rank, self.world = rank_and_world()
+        self.sharded = any(hasattr(p, "to_local") for p in classifier.parameters())  # DTensors: fully_shard-ed
         if self.world > 1:
             if not is_zeroth_order(optimizer):
                 raise ValueError("a multi-process run needs a zeroth-order method (adamw would need DDP's gradient all-reduce)")
@@ -155,7 +161,9 @@ class Loop:
                 )
             from ..distributed import wrap
 
-            self.optimizer = wrap(optimizer, mode="batch")
+            # FSDP2-sharded weights (zoptim finetune --shard): each rank moves its shard; data as in batch mode
+            self.optimizer = wrap(optimizer, mode="sharded" if self.sharded else "batch",
+                                  module=classifier if self.sharded else None)
         self.resumed_from: int | None = None
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -172,20 +180,46 @@ class Loop:
         return self.optimizer.num_queries if is_zeroth_order(self.optimizer) else self.forward_passes
 
     # -- checkpoints -----------------------------------------------------------------------------------
+    def sharded_dir(self, step: int | None = None) -> Path:
+        """The folder of a sharded run's trainable weights at ``step`` (default: the current one)."""
+        return self.out / f"shards-step{self.step if step is None else step}"
+
+    def _trainable(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.classifier.named_parameters() if p.requires_grad}
+
     def save(self) -> None:
+        """Checkpoint the run (rank 0 writes ``checkpoint.pt`` atomically). A sharded run first has
+        every rank write its shards (``torch.distributed.checkpoint``, a folder per step); the
+        checkpoint, written after them, names the folder, so a crash at any point leaves the last
+        complete pair; older folders are removed once the new checkpoint is in place."""
+        shards = None
+        if self.sharded:
+            import torch.distributed as dist
+            import torch.distributed.checkpoint as dcp
+
+            shards = self.sharded_dir()
+            dcp.save({n: p.detach() for n, p in self._trainable().items()}, checkpoint_id=shards)
+            dist.barrier()  # every rank's shards are on disk before the checkpoint names them
         if self.rank != 0:
             return
         atomic_save(
             {
                 "step": self.step,
                 "forward_passes": self.forward_passes,
-                "trainable": trainable_state(self.classifier),
+                "trainable": {} if shards else trainable_state(self.classifier),
+                "sharded_trainable": shards.name if shards else None,
                 "optimizer": self.optimizer.state_dict(),
                 "generator": self.generator.get_state(),
                 "config": asdict(self.config),
             },
             self.ckpt_path,
         )
+        if shards:
+            import shutil
+
+            for old in self.out.glob("shards-step*"):
+                if old != shards:
+                    shutil.rmtree(old, ignore_errors=True)
 
     def resume(self) -> bool:
         """Load ``checkpoint.pt`` if present; drop log records written after it. True if resumed."""
@@ -194,17 +228,32 @@ class Loop:
         ckpt = safe_load(
             self.ckpt_path, required_keys=("step", "forward_passes", "trainable", "optimizer", "generator")
         )
-        params = {n: p for n, p in self.classifier.named_parameters() if p.requires_grad}
-        saved = ckpt["trainable"]
-        if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
-            raise CheckpointError(
-                f"checkpoint {self.ckpt_path} was written for other trainable parameters "
-                f"({len(saved)} tensors, this run has {len(params)}: another model, --lora setting or "
-                f"version?); use another --out/--run-name or delete it to start over"
-            )
-        with torch.no_grad():
-            for name, value in saved.items():
-                params[name].copy_(value)
+        params = self._trainable()
+        if ckpt.get("sharded_trainable"):
+            if not self.sharded:
+                raise CheckpointError(f"checkpoint {self.ckpt_path} was written by a sharded run (--shard); resume it "
+                                      "with --shard")
+            import torch.distributed.checkpoint as dcp
+
+            dcp.load({n: p.detach() for n, p in params.items()}, checkpoint_id=self.out / ckpt["sharded_trainable"])
+        else:
+            saved = ckpt["trainable"]
+            if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
+                raise CheckpointError(
+                    f"checkpoint {self.ckpt_path} was written for other trainable parameters "
+                    f"({len(saved)} tensors, this run has {len(params)}: another model, --lora setting or "
+                    f"version?); use another --out/--run-name or delete it to start over"
+                )
+            with torch.no_grad():
+                for name, value in saved.items():
+                    if hasattr(params[name], "to_local"):  # a whole checkpoint resumed sharded: this rank's rows
+                        from ..shards import local_part
+
+                        part = local_part(params[name])
+                        rows = value.reshape(-1)[part.offset : part.offset + part.tensor.numel()]
+                        part.tensor.copy_(rows.view_as(part.tensor))
+                    else:
+                        params[name].copy_(value)
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])
         self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]
@@ -248,7 +297,12 @@ class Loop:
         return float(loss.detach())
 
     def validate(self) -> float:
-        return self.classifier.accuracy(self.task.val[: self.config.eval_examples])
+        accuracy = self.classifier.accuracy(self.task.val[: self.config.eval_examples])
+        if self.sharded:
+            from ..distributed import reshard
+
+            reshard(self.classifier)
+        return accuracy
 
     def _optimizer_steps(self) -> int | None:
         return getattr(self.optimizer, "steps", None) if is_zeroth_order(self.optimizer) else None
@@ -289,7 +343,7 @@ class Loop:
                 bar.set_postfix(loss=f"{loss:.4f}")
             last = self.step == self.config.steps
             try:
-                if (self.step % self.config.eval_every == 0 or last) and self.rank == 0:
+                if (self.step % self.config.eval_every == 0 or last) and (self.rank == 0 or self.sharded):
                     record["val_accuracy"] = self.validate()
                     bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
             except KeyboardInterrupt:  # the step is done: keep it, without its validation
