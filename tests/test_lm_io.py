@@ -437,6 +437,11 @@ def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(
     # the same command again: the finished run is resumed, and says so
     finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model")
     assert "resuming from step 4" in capsys.readouterr().out
+    # a run recorded before a flag existed (here --shard, --per-example) had it off: still the same run
+    (run_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in ("shard", "per_example")}))
+    finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model")
+    assert "resuming from step 4" in capsys.readouterr().out
+    (run_dir / "config.json").write_text(json.dumps(config))
     # the default method is the one the README recommends for language models
     assert config["method"] == "zosgd" and json.loads(
         (finetune(tmp_path, model_dir, data_files, "--no-save-model", run="default") / "config.json").read_text()

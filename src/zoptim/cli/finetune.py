@@ -173,7 +173,9 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
         say(f"--overwrite: deleted the previous run in {run_dir}")
     if config_path.exists():
         saved = json.loads(config_path.read_text())
-        differ = [k for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+        # a flag added after that run was recorded was off in it (e.g. --per-example, --shard)
+        differ = [k for k in sorted(set(saved) | set(mine))
+                  if saved.get(k) != mine.get(k) and not (k not in saved and mine.get(k) in (False, None))]
         if differ and not started(run_dir):
             say(f"note: {run_dir} held the configuration of a run that never trained; starting it with these settings")
         elif differ and args.resume and saved.get("data_sha256") == mine["data_sha256"]:
