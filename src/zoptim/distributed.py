@@ -162,6 +162,16 @@ def reshard(module: torch.nn.Module) -> None:
         m.reshard()
 
 
+def _gather_rows(values, group, device, stats: CommStats | None) -> torch.Tensor:
+    """Every rank's float64 vector ``values`` (the same length everywhere), stacked in rank order."""
+    mine = torch.tensor(values, dtype=torch.float64, device=device)
+    if stats is not None:
+        stats.add(mine)
+    rows = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, mine, group=group)
+    return torch.stack(rows)
+
+
 def _abandoned(failed: int) -> RuntimeError:
     return RuntimeError(
         f"{failed} other rank(s) raised in the closure at this query; this rank abandons the step too "
@@ -198,20 +208,13 @@ def data_parallel(
         device = _reduce_device(group)
     world = dist.get_world_size(group)
 
-    def gather(tensor: torch.Tensor) -> torch.Tensor:
-        if stats is not None:
-            stats.add(tensor)
-        rows = [torch.empty_like(tensor) for _ in range(world)]
-        dist.all_gather(rows, tensor, group=group)
-        return torch.stack(rows)
-
     def gathered():
         error, mine = None, []
         try:
             mine = loss_vector(closure())
         except BaseException as err:  # noqa: BLE001 - re-raised below, after the other ranks know
             error = err
-        heads = gather(torch.tensor([len(mine), 0.0 if error is None else 1.0], dtype=torch.float64, device=device))
+        heads = _gather_rows([len(mine), 0.0 if error is None else 1.0], group, device, stats)
         if error is not None:
             raise error
         failed = int(heads[:, 1].sum().item())
@@ -223,7 +226,7 @@ def data_parallel(
                 f"per_example=True with mode='batch': every rank must evaluate as many examples (rank r of w "
                 f"holds examples r, r + w, ... of the minibatch); the ranks returned {sizes} losses"
             )
-        losses = gather(torch.tensor(mine, dtype=torch.float64, device=device))  # (world, n)
+        losses = _gather_rows(mine, group, device, stats)  # (world, n)
         return losses.T.reshape(-1).tolist()  # example j * world + r is row j of rank r
 
     if per_example:
@@ -244,7 +247,7 @@ def data_parallel(
         failed = int(value[1].item())
         if failed:
             raise _abandoned(failed)
-        return float(value[0].item()) / dist.get_world_size(group)
+        return float(value[0].item()) / world
 
     return reduced
 
@@ -293,11 +296,7 @@ class DistributedOptimizer:
 
     # -- collectives ------------------------------------------------------------------------------
     def _all_gather(self, values: list[float]) -> list[list[float]]:
-        mine = torch.tensor(values, dtype=torch.float64, device=self._device)
-        self.stats.add(mine)
-        rows = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(rows, mine, group=self.group)
-        return [row.tolist() for row in rows]
+        return _gather_rows(values, self.group, self._device, self.stats).tolist()
 
     def _resharding(self, closure):
         def query():

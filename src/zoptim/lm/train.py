@@ -42,6 +42,7 @@ from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
 from ..optim import registry
 from ..runloop import minibatch, progress_bar
+from ..shards import is_dtensor, local_part
 from .data import Task
 from .prompts import PromptClassifier
 
@@ -150,7 +151,7 @@ class Loop:
     def __init__(self, classifier: PromptClassifier, task: Task, optimizer, config: LoopConfig, out, progress=True):
         self.classifier, self.task, self.optimizer, self.config = classifier, task, optimizer, config
         self.rank, self.world = rank_and_world()
-        self.sharded = any(hasattr(p, "to_local") for p in classifier.parameters())  # DTensors: fully_shard-ed
+        self.sharded = any(is_dtensor(p) for p in classifier.parameters())  # fully_shard-ed (zoptim finetune --shard)
         if self.world > 1:
             if not is_zeroth_order(optimizer):
                 raise ValueError("a multi-process run needs a zeroth-order method (adamw would need DDP's gradient all-reduce)")
@@ -180,9 +181,9 @@ class Loop:
         return self.optimizer.num_queries if is_zeroth_order(self.optimizer) else self.forward_passes
 
     # -- checkpoints -----------------------------------------------------------------------------------
-    def sharded_dir(self, step: int | None = None) -> Path:
-        """The folder of a sharded run's trainable weights at ``step`` (default: the current one)."""
-        return self.out / f"shards-step{self.step if step is None else step}"
+    def sharded_dir(self) -> Path:
+        """The folder of a sharded run's trainable weights at the current step."""
+        return self.out / f"shards-step{self.step}"
 
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.classifier.named_parameters() if p.requires_grad}
@@ -245,15 +246,9 @@ class Loop:
                     f"version?); use another --out/--run-name or delete it to start over"
                 )
             with torch.no_grad():
-                for name, value in saved.items():
-                    if hasattr(params[name], "to_local"):  # a whole checkpoint resumed sharded: this rank's rows
-                        from ..shards import local_part
-
-                        part = local_part(params[name])
-                        rows = value.reshape(-1)[part.offset : part.offset + part.tensor.numel()]
-                        part.tensor.copy_(rows.view_as(part.tensor))
-                    else:
-                        params[name].copy_(value)
+                for name, value in saved.items():  # this rank's elements (all of them, unsharded)
+                    part = local_part(params[name])
+                    part.tensor.copy_(value.reshape(-1)[part.offset : part.offset + part.tensor.numel()].view_as(part.tensor))
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])
         self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]

@@ -408,7 +408,7 @@ class ZerothOrderOptimizer(Optimizer):
                 f"per_example=True: the closure returned {len(plus)} and {len(minus)} losses, but the batch the "
                 f"layers saw has {n} examples; return one loss per example (reduction='none')"
             )
-        keys = [RowKeys(self.seed, self.steps).key(i) for i in range(len(plus))]  # example i of the minibatch
+        keys = [self.direction_key(i) for i in range(len(plus))]  # example i of the whole minibatch
         gammas = [(p - m) / (2.0 * rho) for p, m in zip(plus, minus)]
         return keys, gammas, list(plus), list(minus)
 
