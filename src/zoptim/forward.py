@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import polar
 from .atomic import RecoveryError, deferred_signals, recover
 from .noise import (
     NoiseSource,
@@ -78,6 +79,13 @@ from .shards import LocalPart
 #: Leaf modules whose trainable parameters total at most this many elements are recomputed in
 #: their hook with perturbed parameters (normalisation layers); larger unknown ones move in place.
 MAX_RECOMPUTED_ELEMENTS = 1 << 16
+
+#: Why the orthogonalised update needs every tensor in a hook with low-rank matrices.
+_ORTHOGONAL_COVERAGE = (
+    "orthogonalize=True needs every trainable tensor applied in a forward hook with low-rank matrix directions "
+    "(module=model, rank=r): the polar factor is computed from the estimate's factors A, B, which a full-rank "
+    "direction (rank=None) or a tensor moved in place does not have"
+)
 
 #: module -> weakref to the engine whose hooks it carries (a model is driven by one optimizer at a time)
 _OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -174,6 +182,8 @@ class ForwardPerturbation:
         rank: r of the low-rank matrix directions, or None for full-rank ones.
         normalize: scale each direction to norm sqrt(d) (S2P paper, Sec. 3.2).
         exact: journal the in-place moves of uncovered tensors (covered ones need none).
+        orthogonal: the optimizer will call ``update(..., orthogonal=steps)`` (the orthogonalised
+            update, :mod:`zoptim.polar`): every tensor must then be in a hook, matrices low rank.
         per_example: allow per-example queries (:class:`RowKeys`); then every trainable tensor
             must be covered by a hook, matrices must be low rank, and no module may mix the examples
             of a batch (BatchNorm in training mode): each is a ValueError naming the module.
@@ -195,6 +205,7 @@ class ForwardPerturbation:
         normalize: bool = False,
         exact: bool = True,
         per_example: bool = False,
+        orthogonal: bool = False,
         parts: Sequence[LocalPart] | None = None,
     ):
         if not isinstance(module, nn.Module):
@@ -252,6 +263,9 @@ class ForwardPerturbation:
         self._rows_cache: tuple | None = None
         if self.per_example:
             self._check_per_example()
+        if orthogonal and (self.in_place is not None or self.writer is not None or self.rank is None):
+            where = "" if self.in_place is None else f" (moved in place: tensor indices {self._in_place_index})"
+            raise ValueError(_ORTHOGONAL_COVERAGE + where)
         _OWNERS[module] = weakref.ref(self)
 
     # -- which tensor is applied where ------------------------------------------------------------------
@@ -829,7 +843,7 @@ class ForwardPerturbation:
             self.in_place.restore()
 
     @torch.no_grad()
-    def update(self, terms, decay=None) -> None:
+    def update(self, terms, decay=None, orthogonal: list[float] | None = None) -> None:
         """``x <- x (1 - decay) + sum_i scales_i s(key_i)``: the only write to covered weights.
 
         Low-rank matrices take one ``addmm_`` over all terms, ``W += [c_1 A_1 .. c_k A_k]
@@ -839,8 +853,17 @@ class ForwardPerturbation:
         Atomic: everything the update writes is prepared first, then written as a list of
         operations with signal handlers deferred (:func:`zoptim.atomic.deferred_signals`); an
         operation that raises is retried and the rest completed before the exception propagates,
-        so a failure never leaves some tensors updated and others not."""
+        so a failure never leaves some tensors updated and others not.
+
+        ``orthogonal`` (one step size per tensor): the orthogonalised update of
+        :mod:`zoptim.polar` instead. The terms then give the estimate ``M = sum_i scales_i s(key_i)``
+        (its sign and shape; their magnitude does not matter), and each low-rank matrix moves by
+        ``lr_j sqrt(m n / t) U V^T`` with ``U V^T`` the polar factor of its part of M, each small
+        tensor by ``lr_j g / rms(g)``."""
         self._key, self._scales = None, None
+        if orthogonal is not None:
+            self._orthogonal_update(terms, orthogonal, decay)
+            return
         self._cache_keys = max(self._cache_keys, len(terms) + 1)
         terms = [(key, self._as_scales(scales)) for key, scales in terms]
         terms = [(key, [s * self._factor(key) for s in scales]) for key, scales in terms]
@@ -888,6 +911,42 @@ class ForwardPerturbation:
                                             [float(np.float32(s[small[i]])) for i in live])
                 ops.append(partial(torch._foreach_add_, [tensors[i] for i in live], deltas))
         _write_all(ops, completes_itself=int(self.in_place is not None) + int(self.writer is not None))
+
+    def _orthogonal_update(self, terms, steps: list[float], decay) -> None:
+        """The orthogonalised update (see :meth:`update` and :mod:`zoptim.polar`), written atomically."""
+        if self.in_place is not None or self.writer is not None:
+            raise ValueError(_ORTHOGONAL_COVERAGE)
+        self._cache_keys = max(self._cache_keys, len(terms) + 1)
+        terms = [(key, [s * self._factor(key) for s in self._as_scales(scales)]) for key, scales in terms]
+        n = len(self.params)
+        decay = [0.0] * n if decay is None else [float(d) for d in decay]
+        values = [self._values(key) for key, _ in terms]
+        ops: list[Callable[[], object]] = []
+        for j in self._lowrank:
+            p, first, rows = self._local_rows(j)
+            if decay[j]:
+                ops.append(partial(p.mul_, float(np.float32(1.0 - decay[j]))))
+            found = polar.lowrank_step([(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)], self.rank,
+                                       float(steps[j]), self._matrix_shape(j))
+            if found is None or rows == 0:
+                continue
+            left, right, alpha = found
+            left = left[first : first + rows].to(p.dtype)
+            ops.append(partial(p.view(rows, -1).addmm_, left, right.to(p.dtype).T, alpha=alpha))
+        for j in self._small:
+            tensor = self.parts[j].tensor
+            if decay[j]:
+                ops.append(partial(tensor.mul_, float(np.float32(1.0 - decay[j]))))
+            live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
+            if not live or steps[j] == 0.0:
+                continue
+            g = live[0][0] * live[0][1]
+            for z, c in live[1:]:
+                g = g.add(z, alpha=c)
+            step = polar.normalized(g)
+            if step is not None:
+                ops.append(partial(tensor.add_, self._local_values(j, step).to(tensor.dtype), alpha=float(steps[j])))
+        _write_all(ops, completes_itself=0)
 
     def _local_rows(self, j: int) -> tuple[torch.Tensor, int, int]:
         """Matrix j's rows this process holds: (its local tensor, the first row's global index, the

@@ -62,7 +62,7 @@ class Method:
         spec = registry.get(self.kind)
         kwargs = {arg: hparams.get(key, HIZOO_SMOOTH if key == "hessian_smooth" else None)
                   for arg, key in self.args.items()}
-        kwargs.update({k: v for k, v in self.options.items() if k not in ("constant_lr", "rank", "per_example")})
+        kwargs.update({k: v for k, v in self.options.items() if k not in ("constant_lr", "rank", "per_example", "orthogonalize")})
         if "total_steps" in spec.hyperparameters():
             kwargs["total_steps"] = total_steps
         if self.options.get("rank") is not None and not probe:
@@ -71,6 +71,8 @@ class Method:
             kwargs.update(module=module, rank=self.options["rank"])
             if self.options.get("per_example"):
                 kwargs["per_example"] = True
+            if self.options.get("orthogonalize"):
+                kwargs["orthogonalize"] = True
         return registry.build(self.kind, params, seed=seed, **kwargs)
 
     def build(self, params, hparams: dict, total_steps: int, seed: int, module=None):
@@ -126,6 +128,14 @@ def _table() -> dict[str, Method]:
         rank=1, per_example=True)
     add("AS2P-perexample", "as2p",
         "AS2P with one rank-1 direction per example, each delta a gamma", rank=1, per_example=True)
+    add("ZOSGD-perexample-orth", "zosgd",
+        "ZOSGD with one rank-1 direction per example and the orthogonalised update (orthogonalize=True): each "
+        "matrix steps along the polar factor of its rank-B estimate, lr = the step's RMS", rank=1, per_example=True,
+        orthogonalize=True)
+    for k in (4, 16):
+        add(f"ZOSGD-k{k}-orth", "zosgd",
+            f"ZOSGD with {k} shared rank-1 directions a step and the orthogonalised update of their rank-{k} estimate",
+            num_directions=k, rank=1, orthogonalize=True)
     for eta_b in (1, 3, 5, 10, 50):
         add(f"AS2P-etab{eta_b}", "as2p", f"AS2P with eta_b = {eta_b}", args={"eps": "eps"}, eta_b=float(eta_b))
     return m

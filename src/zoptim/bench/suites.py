@@ -71,6 +71,9 @@ LOWRANK = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "AS2P", "AS2P-lowrank"]
 LOWRANK_LM = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4"]
 #: One direction per example (issue 23) beside GA, the shared low-rank direction and AS2P.
 PEREXAMPLE = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-perexample", "AS2P", "AS2P-perexample"]
+#: The orthogonalised update (polar factor of the per-example or k-direction estimate) beside GA and
+#: the per-example average it replaces.
+ORTH = ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-orth", "ZOSGD-k4-orth"]
 LM_METHODS = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "ZOSGD-guard"]
 #: methods-lm-search: every LM method but AS2P-momentum (which ties AS2P on the LM task), each searched.
 LM_SEARCHED = ["ZOSGD", "AS2P", "ZOSGD-momentum", "HiZOO", "ZOSGD-guard"]
@@ -137,6 +140,12 @@ SUITES = {
     # GA's lr 3e-4 for every method, as methods-lm's SmolLM2 runs, no search.
     "perexample-lm": lambda budget, seeds: [Experiment("perexample-lm", ["lm-smollm2-trec"], ["ZOSGD", "ZOSGD-perexample"],
                                                        seeds or 3, budget or 500, hparams={"lr": 3e-4}, num_evals=20)],
+    "orth-quick": lambda budget, seeds: [Experiment("orth-quick", ["digits-efficientnet"], ORTH, seeds or 3,
+                                                    budget or 1500, search=True, num_evals=30, search_fraction=1.0)],
+    "orth-paper": lambda budget, seeds: [Experiment("orth-paper", ["fashion-efficientnet"], ORTH, seeds or 3,
+                                                    budget or 10000, search=True, num_evals=50)],
+    "orth-mlp": lambda budget, seeds: [Experiment("orth-mlp", ["digits-mlp"], ORTH, seeds or 3, budget or 6000,
+                                                  search=True, num_evals=50)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
 }

@@ -69,6 +69,7 @@ class FinetuneConfig:
     hessian_smooth: float = 1e-6
     rank: int | None = None
     per_example: bool = False
+    orthogonalize: bool = False
     shard: bool = False
     exact_restore: bool = True
     seed: int = 0
@@ -89,7 +90,8 @@ class FinetuneConfig:
             raise ConfigError("objective", "accuracy is not differentiable; use a zeroth-order {method}", method=None)
         if self.merge and not self.lora:
             raise ConfigError("merge", "merges LoRA adapters; it needs {lora}", lora=None)
-        options = {"momentum": self.momentum, "guard": self.guard, "rank": self.rank, "per_example": self.per_example}
+        options = {"momentum": self.momentum, "guard": self.guard, "rank": self.rank, "per_example": self.per_example,
+                   "orthogonalize": self.orthogonalize}
         missing = (next(((k, registry.names()) for k, v in options.items() if v), None) if self.method == "adamw"
                    else registry.unsupported(self.method, options))
         if missing:  # what each method offers comes from the registry
@@ -101,6 +103,8 @@ class FinetuneConfig:
             raise ConfigError("momentum", f"must be in [0, 1); got {self.momentum}")
         if self.per_example and self.rank is None:
             raise ConfigError("per_example", "needs {rank}", rank="R")
+        if self.orthogonalize and self.rank is None:
+            raise ConfigError("orthogonalize", "needs {rank}", rank="R")
         if self.shard:
             for field, value in (("lora", self.lora), ("per_example", self.per_example)):
                 if value:  # LoRA adapters are small and stay whole; sharded mode refuses per-example directions
@@ -226,6 +230,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         eta_b=config.eta_b, seed=config.seed, exact_restore=config.exact_restore, momentum=config.momentum,
         momentum_window=config.momentum_window, hessian_smooth=config.hessian_smooth, guard=config.guard,
         module=clf if config.rank is not None else None, rank=config.rank, per_example=config.per_example,
+        orthogonalize=config.orthogonalize,
     )
     run_dir = out / run_name
     loop = Loop(clf, task, optimizer, loop_config, run_dir, progress=config.progress)

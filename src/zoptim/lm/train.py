@@ -72,7 +72,7 @@ DEFAULT_EPS = (1e-3, 1e-2)
 def make_optimizer(
     method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True,
     momentum: float = 0.0, momentum_window: int = 8, hessian_smooth: float = 1e-6, guard: float = 0.0,
-    module=None, rank=None, per_example: bool = False,
+    module=None, rank=None, per_example: bool = False, orthogonalize: bool = False,
 ):
     """The optimizer for ``method`` with the defaults above (see the table's sources).
 
@@ -88,7 +88,8 @@ def make_optimizer(
     """
     if method not in finetune_methods():
         raise ValueError(f"method must be one of {finetune_methods()}; got {method!r}")
-    options = {"momentum": momentum, "guard": guard, "rank": rank, "per_example": per_example}
+    options = {"momentum": momentum, "guard": guard, "rank": rank, "per_example": per_example,
+               "orthogonalize": orthogonalize}
     if method == "adamw":
         asked = [k for k, v in options.items() if v not in (None, 0, 0.0, False)]
         if asked:
@@ -111,6 +112,8 @@ def make_optimizer(
         hp.update(module=module, rank=rank)
     if per_example:
         hp["per_example"] = True
+    if orthogonalize:
+        hp["orthogonalize"] = True
     return registry.build(method, params, **hp)
 
 

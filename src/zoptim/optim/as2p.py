@@ -152,7 +152,14 @@ class AS2P(ZerothOrderOptimizer):
         module=None,
         rank: int | None = None,
         per_example: bool = False,
+        orthogonalize: bool = False,
     ):
+        if orthogonalize:
+            raise ValueError(
+                "AS2P does not support orthogonalize=True: its automatic learning rate sets each step's length from "
+                "the clipped gamma against the spread of recent gammas (S2P paper, Algorithm 2), while the "
+                "orthogonalised update sets its own length (root-mean-square lr); use ZOSGD(orthogonalize=True)"
+            )
         check_positive("eps", eps)
         eps_end = eps / 10.0 if eps_end is None else check_positive("eps_end", eps_end)
         if eps_end > eps:

@@ -123,6 +123,9 @@ class ZerothOrderOptimizer(Optimizer):
             closure returns one loss per example (a 1-D tensor, e.g. ``reduction="none"``), and a
             two-point step measures B directional derivatives for the price of two forward passes
             (see :meth:`_two_point_directions`).
+        orthogonalize: (ZOSGD; needs ``module`` and ``rank``) each weight matrix steps along the
+            polar factor of its estimate, every other tensor along its normalised estimate, with
+            root-mean-square step ``lr`` (:mod:`zoptim.polar`).
 
     Attributes:
         num_queries: closure evaluations so far (the x-axis of every plot in the S2P paper).
@@ -159,9 +162,16 @@ class ZerothOrderOptimizer(Optimizer):
         module: torch.nn.Module | None = None,
         rank: int | None = None,
         per_example: bool = False,
+        orthogonalize: bool = False,
     ):
         check_distribution(distribution)
         self.per_example = bool(per_example)
+        self.orthogonalize = bool(orthogonalize)
+        if self.orthogonalize and (module is None or rank is None):
+            raise ValueError(
+                "orthogonalize=True needs module=<the model> and rank=r: each matrix steps along the polar factor of "
+                "its low-rank estimate, computed from the factors of the directions applied in the forward"
+            )
         if self.per_example and (module is None or rank is None):
             raise ValueError(
                 "per_example=True needs module=<the model> and rank=r: each example's direction is applied inside "
@@ -244,6 +254,7 @@ class ZerothOrderOptimizer(Optimizer):
                 normalize=self._normalize,
                 exact=self._exact,
                 per_example=self.per_example,
+                orthogonal=self.orthogonalize,
             )
             # the hooks go when the optimizer does (they hold the engine, never the optimizer)
             self._close_hooks = weakref.finalize(self, self.engine.close)
@@ -521,7 +532,8 @@ class ZerothOrderOptimizer(Optimizer):
         """The largest element-wise multiplier of a direction (HiZOO's preconditioner; 1 otherwise)."""
         return 1.0
 
-    def _update(self, terms: list[tuple[int, float | list[float]]], decay: list[float] | None = None) -> None:
+    def _update(self, terms: list[tuple[int, float | list[float]]], decay: list[float] | None = None,
+                orthogonal: list[float] | None = None) -> None:
         """Write the step's update ``x <- x (1 - decay) + sum_i c_i s(key_i)`` (``engine.update``),
         unless it could write a non-finite value.
 
@@ -529,7 +541,21 @@ class ZerothOrderOptimizer(Optimizer):
         direction can hold reaches half the largest value of the parameters' dtype, skips the
         update: the driver restores the parameters, counts the step as non-finite and warns, as for
         a non-finite loss (:class:`SkippedUpdate`). The check is on the coefficients, before
-        anything is written."""
+        anything is written.
+
+        ``orthogonal``: each tensor's step size for the orthogonalised update (``orthogonalize=True``;
+        the terms then give the estimate, see :meth:`ForwardPerturbation.update`); an entry of that
+        update is at most ``lr sqrt(numel)`` in magnitude."""
+        if orthogonal is not None:
+            limit = min(torch.finfo(p.dtype).max for p in self.engine.params) / 2
+            largest = max(abs(v) for v in orthogonal) * math.sqrt(max(p.numel() for p in self.engine.params))
+            coefficients = [c for _, scales in terms for c in (scales if isinstance(scales, (list, tuple)) else [scales])]
+            if not all(math.isfinite(c) for c in coefficients) or not largest < limit:
+                raise SkippedUpdate(math.nan, "non-finite or too large orthogonalised update")
+            if self._run is not None:
+                self._run.update_started = True
+            self.engine.update(terms, decay=decay, orthogonal=orthogonal)
+            return
         bound = self.engine.direction_bound() * self._multiplier_bound()
         limit = self._dtype_limit
         if limit is None:
@@ -653,6 +679,7 @@ class ZerothOrderOptimizer(Optimizer):
             "rank": self._rank,
             "forward": self._module is not None,
             "per_example": self.per_example,
+            "orthogonalize": self.orthogonalize,
             **({"momentum": self.momentum.state()} if self.momentum is not None else {}),
             **({"guard": self.guard.state()} if self.guard is not None else {}),
         }
@@ -687,7 +714,7 @@ class ZerothOrderOptimizer(Optimizer):
                 "(another model, or other parameters frozen)"
             )
         for field, mine_value in (("forward", self._module is not None), ("rank", self._rank),
-                                  ("per_example", self.per_example)):
+                                  ("per_example", self.per_example), ("orthogonalize", self.orthogonalize)):
             saved_value = extra.get(field, None if field == "rank" else False)
             if saved_value != mine_value:
                 raise ValueError(

@@ -96,7 +96,14 @@ class HiZOO(ZerothOrderOptimizer):
         max_nonfinite: int = 10,
         module=None,
         rank: int | None = None,
+        orthogonalize: bool = False,
     ):
+        if orthogonalize:
+            raise ValueError(
+                "HiZOO does not support orthogonalize=True: its preconditioner multiplies every element of a "
+                "full-rank direction written in place, so its estimate has no low-rank factors to orthogonalise; "
+                "use ZOSGD(module=model, rank=r, orthogonalize=True)"
+            )
         if module is not None or rank is not None:
             raise ValueError(
                 "HiZOO does not support module= or rank=: its preconditioner Sigma^(1/2) multiplies every element "

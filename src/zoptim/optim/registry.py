@@ -31,6 +31,7 @@ OPTION_ARGUMENTS = {
     "directions": ("num_directions",),
     "forward": ("module", "rank"),
     "per_example": ("per_example",),
+    "orthogonalize": ("orthogonalize",),
 }
 
 
@@ -60,7 +61,7 @@ def register(name: str, cls: type[ZerothOrderOptimizer], summary: str, options=(
 
 
 register("zosgd", ZOSGD, "GA = MeZO = SPSA (k-SPSA with num_directions=k): two-point estimate, SGD step",
-         options=("momentum", "guard", "directions", "forward", "per_example"))
+         options=("momentum", "guard", "directions", "forward", "per_example", "orthogonalize"))
 register("as2p", AS2P, "Accelerated S2P (S2P paper, Algorithm 2): gamma-clipping and an automatic learning rate",
          options=("momentum", "directions", "forward", "per_example"))
 register("stp", STP, "Stochastic Three Points (Bergou et al. 2020)", options=("forward",))

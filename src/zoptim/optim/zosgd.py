@@ -37,6 +37,10 @@ class ZOSGD(ZerothOrderOptimizer):
             ``lr * scale``, and the scale halves when the smoothed step loss rises above its best
             by ``tol`` (relative) plus four times its noise. 0 (default) is off; 0.02 is the
             benchmark's ``ZOSGD-guard``. It costs no query.
+        orthogonalize: step along the polar factor of each matrix's estimate (and the normalised
+            estimate of other tensors), root-mean-square step ``lr``: :mod:`zoptim.polar`. Needs
+            ``module`` and ``rank``; pays with several directions (``num_directions`` or
+            ``per_example=True``), since with one rank-r direction the factor is that direction.
         distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
@@ -68,6 +72,7 @@ class ZOSGD(ZerothOrderOptimizer):
         module=None,
         rank: int | None = None,
         per_example: bool = False,
+        orthogonalize: bool = False,
     ):
         check_positive("lr", lr, allow_zero=True)
         check_positive("eps", eps)
@@ -85,6 +90,7 @@ class ZOSGD(ZerothOrderOptimizer):
             module=module,
             rank=rank,
             per_example=per_example,
+            orthogonalize=orthogonalize,
         )
         self.queries_per_step = 2 * self.num_directions
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
@@ -103,8 +109,11 @@ class ZOSGD(ZerothOrderOptimizer):
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
         steps = [(key, g / k) for key, g in zip(keys, gammas)]
         steps = self._momentum_terms(steps)
-        terms = [(key, [-lr * c for lr in lrs]) for key, c in steps]
-        self._update(terms, decay=decay if any(decay) else None)
+        if self.orthogonalize:  # the estimate's direction from the terms, each tensor's step length lr
+            self._update([(key, -c) for key, c in steps], decay=decay if any(decay) else None, orthogonal=lrs)
+        else:
+            terms = [(key, [-lr * c for lr in lrs]) for key, c in steps]
+            self._update(terms, decay=decay if any(decay) else None)
         loss = sum(losses) / len(losses)
         self.last_stats = {
             "loss": loss,
