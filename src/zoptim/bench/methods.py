@@ -132,6 +132,12 @@ def _table() -> dict[str, Method]:
         "ZOSGD with one rank-1 direction per example and the orthogonalised update (orthogonalize=True): each "
         "matrix steps along the polar factor of its rank-B estimate, lr = the step's RMS", rank=1, per_example=True,
         orthogonalize=True)
+    add("ZOSGD-perexample-orth-momentum", "zosgd",
+        "ZOSGD-perexample-orth with the seed momentum (beta 0.9 over 8 steps) under the polar factor",
+        rank=1, per_example=True, orthogonalize=True, momentum=0.9, momentum_window=8)
+    add("ZOSGD-perexample-spread", "zosgd",
+        "ZOSGD-perexample with the step divided by the standard deviation of the B deltas (FZOO's normalised step)",
+        rank=1, per_example=True, normalize_by_spread=True)
     for k in (4, 16):
         add(f"ZOSGD-k{k}-orth", "zosgd",
             f"ZOSGD with {k} shared rank-1 directions a step and the orthogonalised update of their rank-{k} estimate",

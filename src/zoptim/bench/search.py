@@ -35,9 +35,10 @@ ETA_B_GRID = (1.0, 5.0, 50.0)  # reduced from the paper's {3, 5, 50} range, exte
 LR_EPS_SEARCHED = ("ZOSGD-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard", "ZOSGD-momentum-guard",
                    "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "ZOSGD-lowrank-r16", "ZOSGD-perexample")
 ETA_B_SEARCHED = ("AS2P-momentum", "AS2P-lowrank", "AS2P-perexample")
-#: The orthogonalised methods' lr is the root-mean-square of every tensor's step (:mod:`zoptim.polar`),
-#: a quantity on another scale than GA's alpha_0: they search this grid x ``problem.eps_grid``, as many
-#: lr values as the problems' alpha_0 grids hold (5), so as many trials as GA.
+#: The orthogonalised (and spread-normalised) methods' lr sets the step's length itself (the root-mean-square
+#: of every tensor's step, :mod:`zoptim.polar`), a quantity on another scale than GA's alpha_0: they
+#: search this grid x ``problem.eps_grid``, as many lr values as the problems' alpha_0 grids hold (5),
+#: so as many trials as GA.
 ORTH_LR_GRID = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 
 
@@ -65,7 +66,7 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
     per_method: dict[str, dict] = {}
 
     def lr_eps(method: str, start: dict) -> dict:
-        grid = ORTH_LR_GRID if get_method(method).options.get("orthogonalize") else problem.lr_grid
+        grid = ORTH_LR_GRID if normalised(method) else problem.lr_grid
         best = min(((trial(method, {**start, "lr": lr, "eps": eps}), lr, eps)
                     for lr in grid for eps in problem.eps_grid), key=lambda t: t[0])
         return {"lr": best[1], "eps": best[2]}
@@ -89,11 +90,17 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
     if "as2p" in kinds:
         chosen.update(eta_b("AS2P", chosen))
     for method in methods:
-        if method in LR_EPS_SEARCHED or get_method(method).options.get("orthogonalize"):
+        if method in LR_EPS_SEARCHED or normalised(method):
             per_method[method] = lr_eps(method, chosen)
         elif method in ETA_B_SEARCHED:
             per_method[method] = eta_b(method, chosen)
     return {"problem": problem_name, "budget": budget, "chosen": chosen, "per_method": per_method, "trials": trials}
+
+
+def normalised(method: str) -> bool:
+    """Whether the method's step length is lr itself (orthogonalised or spread-normalised steps)."""
+    options = get_method(method).options
+    return bool(options.get("orthogonalize") or options.get("normalize_by_spread"))
 
 
 def hparams_for(method: str, found: dict) -> dict:

@@ -73,7 +73,8 @@ LOWRANK_LM = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4"]
 PEREXAMPLE = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-perexample", "AS2P", "AS2P-perexample"]
 #: The orthogonalised update (polar factor of the per-example or k-direction estimate) beside GA and
 #: the per-example average it replaces.
-ORTH = ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-orth", "ZOSGD-k4-orth"]
+ORTH = ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-spread", "ZOSGD-perexample-orth",
+        "ZOSGD-perexample-orth-momentum", "ZOSGD-k4-orth"]
 LM_METHODS = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "ZOSGD-guard"]
 #: methods-lm-search: every LM method but AS2P-momentum (which ties AS2P on the LM task), each searched.
 LM_SEARCHED = ["ZOSGD", "AS2P", "ZOSGD-momentum", "HiZOO", "ZOSGD-guard"]

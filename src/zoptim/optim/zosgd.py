@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
 from .checks import check_int, check_positive
 from .momentum import SeedMomentum
@@ -37,6 +39,10 @@ class ZOSGD(ZerothOrderOptimizer):
             ``lr * scale``, and the scale halves when the smoothed step loss rises above its best
             by ``tol`` (relative) plus four times its noise. 0 (default) is off; 0.02 is the
             benchmark's ``ZOSGD-guard``. It costs no query.
+        normalize_by_spread: divide the step by the standard deviation of the step's k (or B,
+            per-example) directional derivatives, as FZOO does (Dang et al. 2025, arXiv 2506.09034,
+            a normalised-SGD step whose length adapts to the estimate's noise). Needs k >= 2 or
+            ``per_example=True``.
         orthogonalize: step along the polar factor of each matrix's estimate (and the normalised
             estimate of other tensors), root-mean-square step ``lr``: :mod:`zoptim.polar`. Needs
             ``module`` and ``rank``; pays with several directions (``num_directions`` or
@@ -73,8 +79,20 @@ class ZOSGD(ZerothOrderOptimizer):
         rank: int | None = None,
         per_example: bool = False,
         orthogonalize: bool = False,
+        normalize_by_spread: bool = False,
     ):
         check_positive("lr", lr, allow_zero=True)
+        if normalize_by_spread and num_directions == 1 and not per_example:
+            raise ValueError(
+                "normalize_by_spread=True divides the step by the standard deviation of the step's directional "
+                "derivatives; one direction has none: use num_directions >= 2 or per_example=True"
+            )
+        if normalize_by_spread and orthogonalize:
+            raise ValueError(
+                "normalize_by_spread=True has no effect with orthogonalize=True: the polar factor and the normalised "
+                "step do not depend on the estimate's scale; use one of the two"
+            )
+        self.normalize_by_spread = bool(normalize_by_spread)
         check_positive("eps", eps)
         self.num_directions = check_int("num_directions", num_directions)
         check_positive("weight_decay", weight_decay, allow_zero=True)
@@ -98,7 +116,7 @@ class ZOSGD(ZerothOrderOptimizer):
 
     eps = GroupValue()
     _group_checks = {**ZerothOrderOptimizer._group_checks, "eps": (False, True, None)}
-    _settings = ("num_directions",)
+    _settings = ("num_directions", "normalize_by_spread")
 
     supports_direction_sharding = True
 
@@ -107,7 +125,12 @@ class ZOSGD(ZerothOrderOptimizer):
         k, losses = len(keys), [v for pair in zip(plus, minus) for v in pair]
         lrs = self._guarded_lrs()
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
-        steps = [(key, g / k) for key, g in zip(keys, gammas)]
+        spread = 1.0
+        if self.normalize_by_spread:  # FZOO's normalised step: the estimate over the deltas' standard deviation
+            mean = sum(gammas) / k
+            spread = math.sqrt(sum((g - mean) ** 2 for g in gammas) / (k - 1)) if k > 1 else 0.0
+            spread = spread if spread > 0.0 else math.inf  # all deltas equal (e.g. all 0): no step
+        steps = [(key, g / (k * spread)) for key, g in zip(keys, gammas)]
         steps = self._momentum_terms(steps)
         if self.orthogonalize:  # the estimate's direction from the terms, each tensor's step length lr
             self._update([(key, -c) for key, c in steps], decay=decay if any(decay) else None, orthogonal=lrs)
