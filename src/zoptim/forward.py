@@ -260,6 +260,7 @@ class ForwardPerturbation:
         self._layout_streams()
         self.per_example = bool(per_example)
         self.rows: int | None = None  # the batch size the hooks saw at the current per-example query
+        self._group = 1  # rows per example at the current per-example query (the module's rows_per_example)
         self._rows_cache: tuple | None = None
         if self.per_example:
             self._check_per_example()
@@ -451,7 +452,12 @@ class ForwardPerturbation:
         With one row the query is the plain one along key(0): the same arithmetic as a shared direction."""
         if self.rows is None:
             self.rows = n
-            if n == 1:
+            if n % self._group:
+                raise ValueError(
+                    f"per_example=True: {type(module).__name__} got {n} rows, not a multiple of the model's "
+                    f"rows_per_example = {self._group}"
+                )
+            if n == self._group:  # one example: the plain query along its direction
                 self._key = self._key.key(0)
         elif n != self.rows:
             raise ValueError(
@@ -463,18 +469,22 @@ class ForwardPerturbation:
     def _row_values(self) -> dict[int, object]:
         """The current per-example query's directions, stacked: ``{j: (A, B)}`` with A (n, m, r) and
         B (n, cols, r), ``{j: z}`` with z (n, *shape); generated once per (step, n)."""
-        key, n = self._key, self.rows
-        if self._rows_cache is not None and self._rows_cache[0] == (key, n):
+        key, n, group = self._key, self.rows, self._group
+        if self._rows_cache is not None and self._rows_cache[0] == (key, n, group):
             return self._rows_cache[1]
-        rows = [self._values(key.key(i), cache=False) for i in range(n)]
+        rows = [self._values(key.key(i), cache=False) for i in range(n // group)]
         stacked = {}
         for j, first in rows[0].items():
             if isinstance(first, tuple):
                 stacked[j] = (torch.stack([r[j][0] for r in rows]), torch.stack([r[j][1] for r in rows]))
             else:
                 stacked[j] = torch.stack([r[j] for r in rows])
-        self._rows_cache = ((key, n), stacked, {key.key(i): i for i in range(n)})
-        return stacked
+        per_row = stacked
+        if group > 1:  # each example's direction on its rows_per_example consecutive rows
+            per_row = {j: tuple(t.repeat_interleave(group, 0) for t in v) if isinstance(v, tuple)
+                       else v.repeat_interleave(group, 0) for j, v in stacked.items()}
+        self._rows_cache = ((key, n, group), per_row, {key.key(i): i for i in range(n // group)}, stacked)
+        return per_row
 
     def _from_rows(self, key: int):
         """Direction ``key`` sliced out of the per-example stack, if it is one of its rows (the update)."""
@@ -483,7 +493,12 @@ class ForwardPerturbation:
         i = self._rows_cache[2].get(key)
         if i is None:
             return None
-        return {j: (v[0][i], v[1][i]) if isinstance(v, tuple) else v[i] for j, v in self._rows_cache[1].items()}
+        return {j: (v[0][i], v[1][i]) if isinstance(v, tuple) else v[i] for j, v in self._rows_cache[3].items()}
+
+    @property
+    def examples(self) -> int | None:
+        """The examples the hooks saw at the current per-example query (rows / rows_per_example)."""
+        return None if self.rows is None else self.rows // self._group
 
     # -- hooks: the query point inside the forward -------------------------------------------------------------
     def _active(self, j: int | None):
@@ -561,8 +576,12 @@ class ForwardPerturbation:
             sw = self._active(w)
             if sw is None:
                 return None
+            if isinstance(self._key, RowKeys) and args[0].shape[0] == 1 and (self.rows or 1) > 1:
+                # ids shared by the whole batch (BERT's position ids, shape 1 x T): each row's direction
+                ids = args[0].expand(self.rows, *args[0].shape[1:])
+                return out + self._embedding_rows_term(ids, w, sw).to(out.dtype).view(self.rows, *out.shape[1:])
             if isinstance(self._key, RowKeys) and self._row_count(args[0].shape[0], module) > 1:
-                return self._embedding_rows(args[0], out, w, sw)
+                return self._add(out, self._embedding_rows_term(args[0], w, sw).to(out.dtype).view(out.shape))
             ids = args[0].reshape(-1)
             width = out.shape[-1]
             if self.kind[w] == "lowrank":
@@ -690,13 +709,13 @@ class ForwardPerturbation:
             return out
         return out + torch.bmm(xb, right).view(out.shape)
 
-    def _embedding_rows(self, ids, out, w, sw):
+    def _embedding_rows_term(self, ids, w, sw):
+        """Row i's embedding offset: rows ``ids[i]`` of ``A_i B_i^T`` times the scale, (n, T, dim)."""
         n = ids.shape[0]
         A, B = self._row_values()[w]
         flat_ids = ids.reshape(n, -1)
         rows = A[torch.arange(n, device=ids.device)[:, None], flat_ids]  # (n, T, r)
-        term = torch.bmm(rows, B.transpose(1, 2)).mul_(sw / math.sqrt(self.rank))
-        return self._add(out, term.to(out.dtype).view(out.shape))
+        return torch.bmm(rows, B.transpose(1, 2)).mul_(sw / math.sqrt(self.rank))
 
     def _conv2d_rows(self, module, x, out, w, b):
         n, channels = out.shape[:2]
@@ -826,6 +845,9 @@ class ForwardPerturbation:
             if not self.per_example:
                 raise ValueError("per-example queries need an engine built with per_example=True")
             self.rows = None
+            # a model that lays each example out over several rows (an encoder scoring it against its own
+            # copy of the label sentences) says how many; every other model has one row per example
+            self._group = int(getattr(self.module, "rows_per_example", 1))
         elif key is not None:
             f = self._factor(key)
             new = [s * f for s in new]

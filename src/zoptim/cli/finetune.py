@@ -87,8 +87,9 @@ def register(sub) -> None:
                    help="apply rank-R matrix directions inside the model's forward (module=model, rank=R): queries never "
                         "write the weights, a step costs about its two forwards (default: full-rank directions in place)")
     p.add_argument("--per-example", action="store_true",
-                   help="zosgd / as2p with --rank, decoder models: each example of the minibatch gets its own "
-                        "direction (B directional derivatives per two forward passes)")
+                   help="zosgd / as2p with --rank: each example of the minibatch gets its own direction (B "
+                        "directional derivatives per two forward passes; an encoder embeds its label sentences once "
+                        "per example)")
     p.add_argument("--orthogonalize", action="store_true",
                    help="zosgd with --rank: each weight matrix steps along the polar factor of its estimate (root-mean-"
                         "square step = --lr); pays with --per-example (a rank-B estimate per matrix)")

@@ -205,6 +205,27 @@ class PromptClassifier(torch.nn.Module):
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
         return F.normalize(pooled.float(), dim=-1)
 
+    @property
+    def rows_per_example(self) -> int:
+        """Rows one example takes in :meth:`losses`' forward: 1 for a decoder; 1 + C for an encoder,
+        which scores each example against its own copy of the C label sentences (rows ``i (1 + C)``
+        to ``(i + 1)(1 + C) - 1``: the text, then the label sentences). Everything example i's loss
+        depends on then sits at example i's direction when zoptim applies one direction per example
+        (``per_example=True`` reads this attribute), which keeps the per-example estimate unbiased;
+        the price is C extra sentences per example in each forward."""
+        return 1 if self.kind == "causal" else 1 + len(self.prompt.label_sentences)
+
+    def grouped_encoder_logits(self, examples: list[Example]) -> torch.Tensor:
+        """Class logits of an encoder with each example's own label-sentence embeddings (see
+        :attr:`rows_per_example`); equal to :meth:`encoder_logits` at the unperturbed weights."""
+        labels = list(self.prompt.label_sentences)
+        rows = [row for text in self.texts(examples) for row in (text, *labels)]
+        inputs = self.encode(rows)
+        device = next(self.model.parameters()).device
+        e = self.embed(inputs["input_ids"].to(device), inputs["attention_mask"].to(device))
+        e = e.view(len(examples), 1 + len(labels), -1)
+        return torch.einsum("bd,bcd->bc", e[:, 0], e[:, 1:]) / ENCODER_TEMPERATURE
+
     def encoder_logits(self, input_ids, attention_mask):
         labels = self.encode(list(self.prompt.label_sentences))
         device = input_ids.device
@@ -238,7 +259,12 @@ class PromptClassifier(torch.nn.Module):
         return self(**self.batch(examples))["loss"]
 
     def losses(self, examples: list[Example]) -> torch.Tensor:
-        """The prompt cross-entropy of each example (a 1-D tensor; its mean is :meth:`loss`)."""
+        """The prompt cross-entropy of each example (a 1-D tensor; its mean is :meth:`loss`). An
+        encoder embeds the label sentences once per example (:attr:`rows_per_example`)."""
+        if self.kind != "causal":
+            labels = torch.tensor([e.label for e in examples], dtype=torch.long)
+            logits = self.grouped_encoder_logits(examples)
+            return F.cross_entropy(logits.float(), labels.to(logits.device), reduction="none")
         inputs = self.batch(examples)
         labels = inputs.pop("labels")
         logits = self(**inputs)["logits"]

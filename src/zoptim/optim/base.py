@@ -411,7 +411,7 @@ class ZerothOrderOptimizer(Optimizer):
         rows = RowKeys(self.seed, self.steps, self._example_rank, self._example_world)
         plus = yield Query(rows, rho)
         minus = yield Query(rows, -rho)
-        n = self.engine.rows
+        n = self.engine.examples
         if n is not None:  # the examples of every rank (equal shares: the wrapper checks)
             n *= self._example_world
         if len(plus) != len(minus) or (n is not None and len(plus) != n):

@@ -58,11 +58,6 @@ class LMProblem(Problem):
         return model.loss(self.full_examples if batch is None else batch)
 
     def losses(self, model: PromptClassifier, batch) -> torch.Tensor:
-        if model.kind != "causal":
-            raise NotImplementedError(
-                f"problem {self.name}: the encoder formulation scores every example against label sentences "
-                "embedded in a shared forward pass, so its examples cannot take separate directions"
-            )
         return model.losses(self.full_examples if batch is None else batch)
 
 
