@@ -80,6 +80,22 @@ def test_every_method_records_queries_at_its_own_cost_per_step(tmp_path):
         assert evals[-1]["loss"] < evals[0]["loss"]
 
 
+def test_every_recipe_builds_on_a_model_and_knows_its_queries_per_step():
+    """Each recipe of the bench (forward-applied, per-example, orthogonalised ones included) builds its
+    optimizer over a small network, and its queries per step (asked of a model-free probe) is 2k or 3."""
+    from zoptim.bench.methods import RECIPES
+
+    for name, method in RECIPES.items():
+        model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+        hp = {"lr": 1e-3, "eps": 1e-3, "stp_lr": 1e-3, "s2p_lr": 1.0, "eta_b": 5.0}
+        opt, _ = method.build(model.parameters(), hp, total_steps=10, seed=0, module=model)
+        assert method.queries_per_step == opt.queries_per_step, name
+        for option in ("per_example", "orthogonalize", "normalize_by_spread"):
+            assert getattr(opt, option, False) == bool(method.options.get(option, False)), (name, option)
+        if method.options.get("rank") is not None:
+            opt.close()
+
+
 def test_search_gives_each_new_method_the_trials_of_the_method_it_extends(tmp_path):
     """GA's alpha_0 x rho_0 grid for ZOSGD-momentum and HiZOO (as many trials as GA), AS2P's eta_b
     grid for AS2P-momentum; their picks are per-method overrides of the shared values."""

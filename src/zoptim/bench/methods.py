@@ -62,7 +62,9 @@ class Method:
         spec = registry.get(self.kind)
         kwargs = {arg: hparams.get(key, HIZOO_SMOOTH if key == "hessian_smooth" else None)
                   for arg, key in self.args.items()}
-        kwargs.update({k: v for k, v in self.options.items() if k not in ("constant_lr", "rank", "per_example", "orthogonalize")})
+        # the options that need the model (and the probe, which has none, leaves out)
+        forward = ("rank", "per_example", "orthogonalize", "normalize_by_spread")
+        kwargs.update({k: v for k, v in self.options.items() if k != "constant_lr" and k not in forward})
         if "total_steps" in spec.hyperparameters():
             kwargs["total_steps"] = total_steps
         if self.options.get("rank") is not None and not probe:
@@ -71,8 +73,9 @@ class Method:
             kwargs.update(module=module, rank=self.options["rank"])
             if self.options.get("per_example"):
                 kwargs["per_example"] = True
-            if self.options.get("orthogonalize"):
-                kwargs["orthogonalize"] = True
+            for option in ("orthogonalize", "normalize_by_spread"):
+                if self.options.get(option):
+                    kwargs[option] = True
         return registry.build(self.kind, params, seed=seed, **kwargs)
 
     def build(self, params, hparams: dict, total_steps: int, seed: int, module=None):
