@@ -13,7 +13,8 @@ configuration
 
 Configurations: zoptim ZOSGD and AS2P with normal and Rademacher directions (exact restore, the
 default, and ZOSGD normal with ``exact_restore=False``; ``-eager`` rows with ``ZOPTIM_COMPILE=0``;
-``-forward`` rows with forward-applied rank-1 directions, ``module=model, rank=1``), a MeZO-style reference step written from
+``-forward`` rows with forward-applied rank-1 directions, ``module=model, rank=1``; ``-perexample`` rows
+with one rank-1 direction per example, ``-orth`` with the orthogonalised update, ``orthogonalize=True``), a MeZO-style reference step written from
 the paper (``mezo_reference.py``), torchzero's MeZO module if it is installed, and AdamW.
 
     python benchmarks/step_cost.py [--models minilm smollm2 efficientnet] [--threads 1] [--reps 7]
@@ -45,6 +46,8 @@ CONFIGS = [
     "zosgd-rademacher-forward",
     "as2p-normal-forward",
     "as2p-rademacher-forward",
+    "zosgd-normal-perexample",
+    "zosgd-normal-perexample-orth",
     "zosgd-normal-inexact",
     "zosgd-normal-eager",
     "as2p-rademacher-eager",
@@ -84,13 +87,16 @@ def _model_and_loss(name: str):
         problem = DigitsEfficientNet()
         model = problem.make_model(0)
         batch = problem.sample_batch(gen)
-        return model, lambda: problem.loss(model, batch)
+        return model, lambda per_example=False: problem.closure(model, batch, per_example=per_example)()
     model, _ = load_model(name, torch.float32)
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (BATCH, TOKENS), generator=gen)
     if name == "smollm2":
-        def loss_fn():
-            return model(input_ids=ids, labels=ids).loss
+        def loss_fn(per_example=False):
+            if not per_example:
+                return model(input_ids=ids, labels=ids).loss
+            logits = model(input_ids=ids).logits[:, :-1]
+            return torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").mean(1)
     else:
         # A linear probe on the mean-pooled encoder output (the head starts random, as a
         # classification head would).
@@ -98,9 +104,10 @@ def _model_and_loss(name: str):
         labels = torch.randint(0, 2, (BATCH,), generator=gen)
         model = torch.nn.ModuleDict({"encoder": model, "head": head})
 
-        def loss_fn():
+        def loss_fn(per_example=False):
             hidden = model["encoder"](input_ids=ids).last_hidden_state.mean(1)
-            return torch.nn.functional.cross_entropy(model["head"](hidden), labels)
+            return torch.nn.functional.cross_entropy(model["head"](hidden), labels,
+                                                     reduction="none" if per_example else "mean")
     return model, loss_fn
 
 
@@ -111,6 +118,8 @@ def _optimizer(config: str, model):
 
     params = [p for p in model.parameters() if p.requires_grad]
     forward = dict(module=model, rank=1) if config.endswith("-forward") else {}
+    if "-perexample" in config:
+        forward = dict(module=model, rank=1, per_example=True, orthogonalize=config.endswith("-orth"))
     if config.startswith("zosgd"):
         dist = config.split("-")[1]
         return zoptim.ZOSGD(params, lr=1e-6, eps=1e-3, distribution=dist,
@@ -171,8 +180,10 @@ def worker(name: str, config: str, reps: int, threads: int) -> dict:
             with torch.no_grad():
                 opt.step(closure)
     elif opt is not None:
+        per_example = "-perexample" in config
+
         def step():
-            opt.step(lambda: loss_fn())
+            opt.step(lambda: loss_fn(per_example))
     _reset_hwm()
     ratios, t_inf, t_step, first = [], [], [], None
     for r in range(reps + 1):

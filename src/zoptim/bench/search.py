@@ -37,9 +37,8 @@ LR_EPS_SEARCHED = ("ZOSGD-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard", "
 ETA_B_SEARCHED = ("AS2P-momentum", "AS2P-lowrank", "AS2P-perexample")
 #: The orthogonalised (and spread-normalised) methods' lr sets the step's length itself (the root-mean-square
 #: of every tensor's step, :mod:`zoptim.polar`), a quantity on another scale than GA's alpha_0: they
-#: search this grid x ``problem.eps_grid``, as many lr values as the problems' alpha_0 grids hold (5),
-#: so as many trials as GA.
-ORTH_LR_GRID = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
+#: search ``problem.orth_lr_grid`` (x 10 for the spread-normalised step) x ``problem.eps_grid``, as many
+#: lr values as GA's grid, so as many trials as GA.
 
 
 def score(records: list[dict]) -> float:
@@ -66,7 +65,10 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
     per_method: dict[str, dict] = {}
 
     def lr_eps(method: str, start: dict) -> dict:
-        grid = ORTH_LR_GRID if normalised(method) else problem.lr_grid
+        grid = problem.lr_grid
+        if normalised(method):
+            spread = get_method(method).options.get("normalize_by_spread")
+            grid = tuple(lr * (10 if spread else 1) for lr in problem.orth_lr_grid)
         best = min(((trial(method, {**start, "lr": lr, "eps": eps}), lr, eps)
                     for lr in grid for eps in problem.eps_grid), key=lambda t: t[0])
         return {"lr": best[1], "eps": best[2]}

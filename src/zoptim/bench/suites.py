@@ -75,6 +75,8 @@ PEREXAMPLE = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-perexample", "AS2P", "AS2P-perexa
 #: the per-example average it replaces.
 ORTH = ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-spread", "ZOSGD-perexample-orth",
         "ZOSGD-perexample-orth-momentum", "ZOSGD-k4-orth"]
+#: On the pre-trained networks: GA, the per-example average and its two normalised alternatives.
+ORTH_NETS = ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-spread", "ZOSGD-perexample-orth"]
 LM_METHODS = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "ZOSGD-guard"]
 #: methods-lm-search: every LM method but AS2P-momentum (which ties AS2P on the LM task), each searched.
 LM_SEARCHED = ["ZOSGD", "AS2P", "ZOSGD-momentum", "HiZOO", "ZOSGD-guard"]
@@ -141,9 +143,9 @@ SUITES = {
     # GA's lr 3e-4 for every method, as methods-lm's SmolLM2 runs, no search.
     "perexample-lm": lambda budget, seeds: [Experiment("perexample-lm", ["lm-smollm2-trec"], ["ZOSGD", "ZOSGD-perexample"],
                                                        seeds or 3, budget or 500, hparams={"lr": 3e-4}, num_evals=20)],
-    "orth-quick": lambda budget, seeds: [Experiment("orth-quick", ["digits-efficientnet"], ORTH, seeds or 3,
+    "orth-quick": lambda budget, seeds: [Experiment("orth-quick", ["digits-efficientnet"], ORTH_NETS, seeds or 3,
                                                     budget or 1500, search=True, num_evals=30, search_fraction=1.0)],
-    "orth-paper": lambda budget, seeds: [Experiment("orth-paper", ["fashion-efficientnet"], ORTH, seeds or 3,
+    "orth-paper": lambda budget, seeds: [Experiment("orth-paper", ["fashion-efficientnet"], ORTH_NETS, seeds or 3,
                                                     budget or 10000, search=True, num_evals=50)],
     "orth-mlp": lambda budget, seeds: [Experiment("orth-mlp", ["digits-mlp"], ORTH, seeds or 3, budget or 6000,
                                                   search=True, num_evals=50)],

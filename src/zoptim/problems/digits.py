@@ -34,6 +34,7 @@ class DigitsMLP(Problem):
     default_hparams: ClassVar[dict] = {"lr": 0.02, "eps": 1e-2, "stp_lr": 0.02, "s2p_lr": 30.0, "eta_b": 1.0}
     lr_grid = (0.05, 0.03, 0.02, 0.01, 0.005)
     stp_grid = (0.01, 0.02, 0.05, 0.1)
+    orth_lr_grid = (0.1, 0.05, 0.03, 0.02, 0.01)  # trained from its random start: large steps
     eps_grid = (1e-2, 1e-3)
 
     def __init__(self, hidden: int = 32, batch_size: int = 64):
