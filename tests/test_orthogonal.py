@@ -58,6 +58,24 @@ def test_a_zero_product_has_no_polar_factor():
     assert polar_factors(torch.zeros(5, 3), torch.randn(4, 3)) is None
 
 
+def test_matrices_of_one_shape_share_a_batched_factorisation_with_the_same_result():
+    """A full-rank, a rank-deficient and a zero estimate in one batch: each its own polar factor."""
+    from zoptim.polar import batched_polar_factors
+
+    g = torch.Generator().manual_seed(1)
+    left = torch.randn(3, 9, 4, generator=g, dtype=torch.float64)
+    right = torch.randn(3, 7, 4, generator=g, dtype=torch.float64)
+    left[1, :, 3] = left[1, :, 0]  # rank 3
+    left[2] = 0.0
+    p, q, t = batched_polar_factors(left, right)
+    assert t.tolist() == [4, 3, 0]
+    for b in range(2):
+        want, rank = svd_polar(left[b] @ right[b].T)
+        assert rank == t[b]
+        torch.testing.assert_close(p[b] @ q[b].T, want, rtol=0, atol=1e-12)
+    assert torch.equal(p[2] @ q[2].T, torch.zeros(9, 7, dtype=torch.float64))
+
+
 def reference_step(model, x, opt_kw, per_example: bool, k: int = 1):
     """One orthogonalised ZOSGD step written from the formulas: the queries' losses by hand, the
     estimate M = sum_i c_i S_i materialised per tensor, U V^T from torch.linalg.svd."""

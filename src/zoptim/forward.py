@@ -944,12 +944,12 @@ class ForwardPerturbation:
         decay = [0.0] * n if decay is None else [float(d) for d in decay]
         values = [self._values(key) for key, _ in terms]
         ops: list[Callable[[], object]] = []
-        for j in self._lowrank:
+        found_all = polar.lowrank_steps([([(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)],
+                                          float(steps[j]), self._matrix_shape(j)) for j in self._lowrank], self.rank)
+        for j, found in zip(self._lowrank, found_all):
             p, first, rows = self._local_rows(j)
             if decay[j]:
                 ops.append(partial(p.mul_, float(np.float32(1.0 - decay[j]))))
-            found = polar.lowrank_step([(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)], self.rank,
-                                       float(steps[j]), self._matrix_shape(j))
             if found is None or rows == 0:
                 continue
             left, right, alpha = found

@@ -43,28 +43,36 @@ import math
 import torch
 
 
+def batched_polar_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(P, Q, t)`` for a batch of products ``G_b = left_b @ right_b.T`` (left b x m x q, right
+    b x n x q): ``P_b Q_b^T`` is the polar factor of G_b, ``t_b`` its numerical rank; the columns of
+    P_b past t_b are zero (so P_b Q_b^T needs no trimming), and a G_b that is zero or not finite has
+    t_b = 0 and P_b = 0. Thin QRs and a batched SVD of the cores, in float32 (float64 for float64
+    input), never forming G."""
+    dtype = torch.float64 if left.dtype == torch.float64 else torch.float32
+    left, right = left.to(dtype), right.to(dtype)
+    q_left, r_left = torch.linalg.qr(left)  # b x m x a, b x a x q (a = min(m, q))
+    q_right, r_right = torch.linalg.qr(right)  # b x n x c, b x c x q
+    u, s, vh = torch.linalg.svd(r_left @ r_right.transpose(1, 2), full_matrices=False)
+    finite = torch.isfinite(s).all(dim=1, keepdim=True)
+    tol = s[:, :1] * (max(left.shape[1], right.shape[1]) * torch.finfo(dtype).eps)
+    keep = (s > tol) & (s[:, :1] > 0) & finite  # s is sorted: the kept columns come first
+    u = torch.where(keep[:, None, :], u, torch.zeros((), dtype=dtype))
+    u = torch.nan_to_num(u) if not bool(finite.all()) else u
+    return q_left @ u, q_right @ vh.transpose(1, 2), keep.sum(dim=1)
+
+
 def polar_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(P, Q)`` with ``P Q^T`` the polar factor ``U V^T`` of ``G = left @ right.T``.
 
     ``left`` is m x q, ``right`` n x q; P is m x t and Q n x t with orthonormal columns, t the
     numerical rank of G. None when G is zero (no singular value above the tolerance) or not
-    finite. Computed in float32 (float64 for float64 input) by thin QRs and a q x q SVD, never
-    forming G."""
+    finite. One matrix of :func:`batched_polar_factors`."""
     if left.dim() != 2 or right.dim() != 2 or left.shape[1] != right.shape[1]:
         raise ValueError(f"left and right must be m x q and n x q; got {tuple(left.shape)} and {tuple(right.shape)}")
-    dtype = torch.float64 if left.dtype == torch.float64 else torch.float32
-    left, right = left.to(dtype), right.to(dtype)
-    q_left, r_left = torch.linalg.qr(left)  # m x a, a x q (a = min(m, q))
-    q_right, r_right = torch.linalg.qr(right)  # n x b, b x q
-    u, s, vh = torch.linalg.svd(r_left @ r_right.T, full_matrices=False)
-    if s.numel() == 0 or not bool(torch.isfinite(s).all()):
-        return None
-    top = float(s[0])
-    tol = top * max(left.shape[0], right.shape[0]) * torch.finfo(dtype).eps
-    t = int((s > tol).sum())
-    if top == 0.0 or t == 0:
-        return None
-    return q_left @ u[:, :t], q_right @ vh[:t].T
+    p, q, t = batched_polar_factors(left[None], right[None])
+    t = int(t[0])
+    return None if t == 0 else (p[0, :, :t], q[0, :, :t])
 
 
 def rms_scale(m: int, n: int, t: int) -> float:
@@ -81,18 +89,27 @@ def normalized(g: torch.Tensor) -> torch.Tensor | None:
     return g / rms
 
 
-def lowrank_step(factors: list[tuple[torch.Tensor, torch.Tensor, float]], rank: int, lr: float,
-                 shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-    """The orthogonalised step of one m x n matrix whose estimate is ``sum_i c_i A_i B_i^T / sqrt(r)``
-    (``factors``: ``(A_i, B_i, c_i)``): ``(P, Q, alpha)`` such that the update is
-    ``W += alpha * P @ Q.T``, ``alpha = lr * sqrt(m n / t)``; None where the estimate is zero."""
-    live = [(a, b, c) for a, b, c in factors if c != 0.0]
-    if not live or lr == 0.0:
-        return None
-    left = torch.cat([a * (c / math.sqrt(rank)) for a, _, c in live], dim=1)
-    right = torch.cat([b for _, b, _ in live], dim=1)
-    got = polar_factors(left, right)
-    if got is None:
-        return None
-    p, q = got
-    return p, q, lr * rms_scale(shape[0], shape[1], p.shape[1])
+def lowrank_steps(matrices: list[tuple[list[tuple[torch.Tensor, torch.Tensor, float]], float, tuple[int, int]]],
+                  rank: int) -> list[tuple[torch.Tensor, torch.Tensor, float] | None]:
+    """The orthogonalised steps of several matrices, each ``(factors, lr, (m, n))`` with its estimate
+    ``sum_i c_i A_i B_i^T / sqrt(r)`` given as ``factors = [(A_i, B_i, c_i), ...]``: for each, ``(P, Q,
+    alpha)`` such that its update is ``W += alpha * P @ Q.T`` with ``alpha = lr sqrt(m n / t)``, or
+    None where the estimate is zero. Matrices of one shape share one batched QR and SVD (a transformer's
+    layers repeat a few shapes), which keeps the per-matrix overhead of small factorisations down."""
+    out: list = [None] * len(matrices)
+    groups: dict[tuple, list[tuple[int, torch.Tensor, torch.Tensor]]] = {}
+    for index, (factors, lr, _) in enumerate(matrices):
+        live = [(a, b, c) for a, b, c in factors if c != 0.0]
+        if not live or lr == 0.0:
+            continue
+        left = torch.cat([a * (c / math.sqrt(rank)) for a, _, c in live], dim=1)
+        right = torch.cat([b for _, b, _ in live], dim=1)
+        groups.setdefault((tuple(left.shape), tuple(right.shape), left.device), []).append((index, left, right))
+    for members in groups.values():
+        p, q, t = batched_polar_factors(torch.stack([m[1] for m in members]), torch.stack([m[2] for m in members]))
+        for b, (index, _, _) in enumerate(members):
+            tb = int(t[b])
+            if tb:
+                m, n = matrices[index][2]
+                out[index] = (p[b], q[b], matrices[index][1] * rms_scale(m, n, tb))
+    return out

@@ -149,6 +149,12 @@ SUITES = {
                                                     budget or 10000, search=True, num_evals=50)],
     "orth-mlp": lambda budget, seeds: [Experiment("orth-mlp", ["digits-mlp"], ORTH, seeds or 3, budget or 6000,
                                                   search=True, num_evals=50)],
+    # The LM problems at their own budgets, each row searched over 3-4 values at the full budget (seed 0).
+    "orth-lm": lambda budget, seeds: [
+        Experiment("orth-lm", ["lm-minilm-trec-full"], ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-orth"],
+                   seeds or 3, budget or 1000, search=True, num_evals=10, search_fraction=1.0),
+        Experiment("orth-lm", ["lm-smollm2-trec"], ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-orth"],
+                   seeds or 3, budget or 500, search=True, num_evals=10, search_fraction=1.0)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
 }

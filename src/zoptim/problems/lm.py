@@ -21,6 +21,8 @@ class LMProblem(Problem):
     #: The search grid around GA's default lr 1e-3 for LoRA (``--suite methods-lm-search``).
     lr_grid = (5e-3, 2e-3, 1e-3, 5e-4)
     eps_grid = (1e-3,)
+    #: The orthogonalised update's grid (the RMS of each tensor's step) with LoRA.
+    orth_lr_grid = (1e-3, 3e-4, 1e-4, 3e-5)
 
     def __init__(
         self,
@@ -42,6 +44,8 @@ class LMProblem(Problem):
         self.prompt = get_prompt(task)
         self.full_examples = self.task.train[:full_loss_examples]
         self.name = f"lm-{model}-{task}" + ("-lora" if lora else "")
+        if not lora:  # all weights: GA's lr 1e-5 (benchmarks/lm_minilm.sh), a step of RMS 1e-5 as AdamW's
+            self.lr_grid, self.orth_lr_grid = (3e-5, 1e-5, 3e-6), (1e-4, 3e-5, 1e-5)
 
     def make_model(self, seed: int = 0) -> PromptClassifier:
         model, tokenizer = load_model(self.model_name, dtype=self.dtype)
