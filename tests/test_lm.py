@@ -217,7 +217,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_uninterrupted_run(tmp_path, 
 
 
 # -- transformers.Trainer --------------------------------------------------------------------------------
-@pytest.mark.parametrize("forward", [False, True], ids=["in-place", "forward-rank1"])
+@pytest.mark.parametrize("forward", [False, True, "orth"], ids=["in-place", "forward-rank1", "orthogonalized-k2"])
 def test_zo_trainer_runs_the_zeroth_order_step_inside_trainer(tmp_path, forward):
     from transformers import TrainingArguments
 
@@ -225,20 +225,23 @@ def test_zo_trainer_runs_the_zeroth_order_step_inside_trainer(tmp_path, forward)
 
     clf = classifier("causal", lora=True)
     task = tiny_task()
-    opt = zoptim.ZOSGD([p for p in clf.parameters() if p.requires_grad], lr=5e-2, eps=1e-2,
-                       **(dict(module=clf, rank=1) if forward else {}))
+    k, lr = (2, 1e-2) if forward == "orth" else (1, 5e-2)
+    options = dict(module=clf, rank=1) if forward else {}
+    if forward == "orth":  # k shared directions: a rank-2 estimate per matrix (Trainer's loss is one number)
+        options.update(num_directions=k, orthogonalize=True)
+    opt = zoptim.ZOSGD([p for p in clf.parameters() if p.requires_grad], lr=lr, eps=1e-2, **options)
     before = params_bits(clf)
     with torch.no_grad():
         loss_before = float(clf.loss(task.train))
     args = TrainingArguments(
-        output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=5e-2,
+        output_dir=str(tmp_path), max_steps=20, per_device_train_batch_size=8, learning_rate=lr,
         lr_scheduler_type="linear", report_to=[], save_strategy="no", logging_steps=5, use_cpu=True,
         remove_unused_columns=False, disable_tqdm=True,
     )
     trainer = ZOTrainer(model=clf, args=args, train_dataset=task.train, data_collator=clf.batch, zo_optimizer=opt)
     trainer.train()
-    assert opt.num_queries == 40 and opt.steps == 20
-    assert opt.param_groups[0]["lr"] < 5e-2  # Trainer's linear schedule drives the zoptim optimizer
+    assert opt.num_queries == 40 * k and opt.steps == 20
+    assert opt.param_groups[0]["lr"] < lr  # Trainer's linear schedule drives the zoptim optimizer
     changed = [n for n, p in clf.named_parameters() if not torch.equal(before[n], p)]
     assert changed and all("lora_" in n for n in changed)
     with torch.no_grad():

@@ -402,7 +402,9 @@ def test_zo_trainer_gradient_accumulation_is_one_step_over_all_micro_batches(tmp
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("extra", [("--rank", "1"), ("--rank", "1", "--per-example")], ids=["rank1", "per-example"])
+@pytest.mark.parametrize("extra", [("--rank", "1"), ("--rank", "1", "--per-example"),
+                                   ("--rank", "1", "--per-example", "--orthogonalize")],
+                         ids=["rank1", "per-example", "orthogonalized"])
 def test_finetune_with_forward_directions_trains_records_them_and_exports(tmp_path, data_files, extra):
     """`zoptim finetune --rank 1 [--per-example]`: directions in the forward, recorded in result.json,
     the exported model carries the trained weights and no hook."""
@@ -410,6 +412,7 @@ def test_finetune_with_forward_directions_trains_records_them_and_exports(tmp_pa
     run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", *extra, run="fwd")
     result = json.loads((run_dir / "result.json").read_text())
     assert result["rank"] == 1 and result["per_example"] == ("--per-example" in extra)
+    assert result["orthogonalize"] == ("--orthogonalize" in extra)
     assert result["queries"] == 8 and result["weights_changed"]["fraction"] > 0
     reference, _ = tuned_reference(model_dir, run_dir)
     torch.testing.assert_close(logits(load_classifier(run_dir / "model")), logits(reference), rtol=0, atol=0)
@@ -425,6 +428,10 @@ def test_finetune_refuses_forward_options_that_cannot_hold(tmp_path, data_files)
         finetune(tmp_path, model_dir, data_files, "--method", "hizoo", "--rank", "1")
     with pytest.raises(SystemExit, match="--per-example is an option of zosgd and as2p; got --method stp"):
         finetune(tmp_path, model_dir, data_files, "--method", "stp", "--rank", "1", "--per-example")
+    with pytest.raises(SystemExit, match="--orthogonalize needs --rank"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--orthogonalize")
+    with pytest.raises(SystemExit, match="--orthogonalize is an option of zosgd; got --method as2p"):
+        finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--rank", "1", "--orthogonalize")
 
 
 # -- run folders are never reused silently (issue 21) -------------------------------------------------
