@@ -142,13 +142,27 @@ def _positive(name, value, integer=False):
     return int(value) if integer else float(value)
 
 
+#: How a function of a NumPy vector is optimised: ``"vector"`` (default), the vector engine
+#: (:mod:`zoptim.vector`: one flat array, one vectorised draw per direction), or ``"torch"``, the
+#: in-place engine every model uses. Both give the same iterates, bit for bit
+#: (``tests/test_vector.py``); "torch" is there to compare them.
+ROUTE = "vector"
+
+
 def _build(method: str, x: torch.Tensor, hyperparameters: dict) -> ZerothOrderOptimizer:
     """The optimizer over the single tensor ``x``. A function of a vector is deterministic, so AS2P
     defaults to ``batch_mode="full"`` (the paper's full-batch mode: constant rho, lr_k = rho)."""
     hp = dict(hyperparameters)
     if registry.get(method).name == "as2p":
         hp.setdefault("batch_mode", "full")
-    return registry.build(method, [x], **hp)
+    opt = registry.build(method, [x], **hp)
+    if ROUTE == "vector":
+        from .vector import attach
+
+        attach(opt)
+    elif ROUTE != "torch":
+        raise ValueError(f"zoptim.blackbox.ROUTE must be 'vector' or 'torch'; got {ROUTE!r}")
+    return opt
 
 
 # -- ask / tell ----------------------------------------------------------------------------------------
