@@ -573,28 +573,41 @@ def minimize(
     message = ""
     nit = 0
     wants_result = callback is not None and _callback_wants_result(callback)
+    # The loop drives the method's steps (StepRun) itself, as AskTell.ask/tell would one point at a
+    # time (same moves, same values told, same bounds handling), without their per-call checks.
+    opt, vector, box, slot = at.optimizer, at._vector.detach().numpy(), at._box, at._slot
+    append, run = history.append, None
     start = time.monotonic()
     bar = progress_bar(maxfev, f"zoptim {name}", progress, unit="eval")
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # for the moves and updates (fun gets NumPy copies); restored below
     try:
         while status is None:
-            if not at.in_step:
+            if run is None or run.done:
                 if len(history) + qps + 1 > maxfev:
                     status = 1
                     break
                 if maxiter is not None and nit >= maxiter:
                     status = 2
                     break
-            if not at.in_step:
                 step_min = math.inf
-            point = at.ask()  # clipped to the bounds, if any
-            value = evaluate(point)
-            history.append(value)
-            step_min = min(step_min, value)
-            bar.update(1)
+                run = slot.run = opt.begin_step()
+            run.move()
+            point = vector.copy()
+            if box is not None:  # bounds by projection: the loss is asked at the clipped point
+                np.clip(point, box[0], box[1], out=point)
+            value = fun(point, *args)
+            if type(value) is not float:
+                value = _scalar(value, "fun(x)")
+            append(value)
+            if value < step_min:
+                step_min = value
+            if progress:
+                bar.update(1)
             if value < best:
                 best, x_best = value, point
             try:
-                at.tell(value)
+                run.tell(value)
             except DivergedError as err:  # max_nonfinite steps in a row were skipped: stop, with the last finite iterate
                 status, message = 5, f"{_MESSAGES[5]} ({err})"
                 break
@@ -604,8 +617,10 @@ def minimize(
             if timeout is not None and time.monotonic() - start > timeout:
                 status = 3
                 break
-            if at.in_step:
+            if not run.done:
                 continue
+            if box is not None:  # a step ended: its iterate is clipped to the box
+                np.clip(vector, box[0], box[1], out=vector)
             nit += 1
             best_at_step.append(best)
             if divergence is not None:  # the iterate runs away although every value stays finite
@@ -618,11 +633,11 @@ def minimize(
             if progress:
                 bar.set_postfix(best=f"{best:.4g}", refresh=False)
             if callback is not None:
-                xk = at.recommend()
+                xk = vector.copy()
                 try:
                     if wants_result:
                         stop = callback(intermediate_result=OptimizeResult(
-                            x=xk, fun=at.optimizer.last_stats.get("loss"), nit=nit, nfev=len(history),
+                            x=xk, fun=opt.last_stats.get("loss"), nit=nit, nfev=len(history),
                             x_best=x_best.copy(), fun_best=best))
                     else:
                         stop = callback(xk)
@@ -636,6 +651,7 @@ def minimize(
                 if before - best <= tol * max(1.0, abs(best)):
                     status, message = 0, f"The best value improved by less than tol over the last {patience} steps."
     finally:
+        torch.set_grad_enabled(grad_mode)
         bar.close()
         at.close()  # a run stopped mid-step goes back to its last iterate
 

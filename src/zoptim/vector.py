@@ -42,15 +42,8 @@ import numpy as np
 import torch
 
 from .atomic import recover
-from .noise import (
-    EAGER_CHUNK_SIZE,
-    NoiseSource,
-    check_distribution,
-    counter_bits,
-    max_abs_value,
-    mix,
-    values_from_bits_numpy,
-)
+from .noise import _C1, _C2, _HI, _M32, _WEYL, CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, max_abs_value, mix
+from .noise import normal_table, values_from_bits_numpy
 from .perturbation import Scales, Weights, normalization_factor, spread_scales
 
 #: Elements of cached directions the engine keeps at most (float32: 16 MiB); at least two keys.
@@ -94,10 +87,14 @@ class VectorPerturbation:
         if chunk_size is None:
             from . import kernels
 
-            chunk_size = kernels.CHUNK_SIZE if kernels.compile_allowed(x.device) else EAGER_CHUNK_SIZE
+            chunk_size = CHUNK_SIZE if kernels.compile_allowed(x.device) else EAGER_CHUNK_SIZE
         self.chunk_size = int(chunk_size)
         self.dim = int(x.numel())
-        self._idx = np.arange(self.dim, dtype=np.int64)
+        # the key-independent part of the stream's Weyl sequence, (i_lo * WEYL + i_hi * HI) mod 2**32
+        idx = np.arange(self.dim, dtype=np.int64)
+        self._weyl = (((idx & _M32) * _WEYL + ((idx >> 32) * _HI & _M32)) & _M32).astype(np.uint32)
+        self._work = np.empty(self.dim, dtype=np.uint32)
+        self._table = normal_table(torch.device("cpu")).numpy() if distribution == "normal" else None
         self._key: int | None = None
         self._scale = 0.0  # the unrounded scale of the offset applied (after the normalisation factor)
         self._delta: np.ndarray | None = None  # the float32 offset applied
@@ -149,12 +146,30 @@ class VectorPerturbation:
         if z is not None:
             self._cache.move_to_end(key)
             return z
-        k0, k1 = self.noise.words(mix(key, 0))
-        z = values_from_bits_numpy(counter_bits(self._idx, k0, k1), self.distribution).numpy()
+        bits = self._bits(key)
+        if self.distribution == "normal":  # values_from_bits: the table at the top 16 bits
+            z = self._table[bits >> 16]
+        else:
+            z = values_from_bits_numpy(bits.astype(np.int64), self.distribution).numpy()
         self._cache[key] = z
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return z
+
+    def _bits(self, key: int) -> np.ndarray:
+        """:func:`zoptim.noise.counter_bits` of every index for the stream of ``key``, computed in
+        uint32 arithmetic (every step of the formula is modulo 2**32, so wrapping products give the
+        same words), in place in one scratch array: eight NumPy calls for the whole vector."""
+        k0, k1 = self.noise.words(mix(key, 0))
+        x = self._work
+        np.add(self._weyl, np.uint32(k0), out=x)
+        np.bitwise_xor(x, np.uint32(k1), out=x)
+        x ^= x >> 16
+        x *= _C1
+        x ^= x >> 15
+        x *= _C2
+        x ^= x >> 15
+        return x
 
     def direction_chunks(self, key: int):
         """Yields ``(0, a, b, s)``: the direction ``key`` in chunks, s a float32 tensor (read-only)."""
@@ -186,7 +201,7 @@ class VectorPerturbation:
     def _target(self, key, scales) -> tuple[int | None, float]:
         if key is None:
             return None, 0.0
-        scale = spread_scales(scales, 1)[0]
+        scale = scales if type(scales) is float else spread_scales(scales, 1)[0]
         if self.normalize:
             scale *= self._factor(key)
         if scale == 0.0:
