@@ -142,6 +142,31 @@ def _positive(name, value, integer=False):
     return int(value) if integer else float(value)
 
 
+#: Constructor arguments about a model's forward, which a function of a NumPy vector has not.
+MODEL_OPTIONS = ("module", "rank", "per_example")
+
+
+def _check_vector_options(method, hp: dict, extra_names=()) -> str:
+    """The method's name once every key of ``hp`` is one of its hyper-parameters for a function of a
+    vector (or one of ``extra_names``); a ValueError naming the key otherwise. The message lists
+    what can be given here, not a model's options (``module``, ``rank``, ``per_example``)."""
+    spec = registry.get(method)
+    known = [n for n in spec.hyperparameters() if n not in MODEL_OPTIONS]
+    for key, value in hp.items():
+        if key in MODEL_OPTIONS and value not in (None, False):
+            raise ValueError(
+                f"{key}= is an option of a model's optimizer (directions applied in the forward of a torch "
+                f"module); a function of a NumPy vector has no forward. Hyper-parameters of {spec.name!r} "
+                f"here: {', '.join(known)}"
+            )
+        if key not in known and key not in MODEL_OPTIONS and key not in extra_names:
+            raise ValueError(
+                f"unknown option {key!r} for method {spec.name!r}; its hyper-parameters are {', '.join(known)}"
+                + (f", and the run's options are {', '.join(extra_names)}" if extra_names else "")
+            )
+    return registry.check(spec.name, {k: v for k, v in hp.items() if k not in extra_names}).name
+
+
 #: How a function of a NumPy vector is optimised: ``"vector"`` (default), the vector engine
 #: (:mod:`zoptim.vector`: one flat array, one vectorised draw per direction), or ``"torch"``, the
 #: in-place engine every model uses. Both give the same iterates, bit for bit
@@ -207,9 +232,12 @@ class AskTell:
     the last step boundary, the values told since (replayed on load) and the current iterate. An
     ``ask()`` not yet told is not saved; after loading, ``ask()`` returns the same point again.
 
-    With a NumPy vector, AS2P defaults to ``batch_mode="full"`` (a function of a vector is
-    deterministic); pass ``total_steps`` to get its schedules. S2P's stationary rules need
-    ``total_steps``.
+    With a NumPy vector the defaults are :func:`minimize`'s for the same method, with
+    ``total_steps`` (when given) as the budget: AS2P gets ``eps = 0.1 * max(1, rms(x0))`` and,
+    given ``total_steps``, the cosine schedules over it (``batch_mode="minibatch"``); without
+    ``total_steps`` there is no length for a schedule, so AS2P runs the paper's full-batch mode
+    (constant rho = lr = eps). S2P's stationary rules need ``total_steps`` (alpha_0 defaults to 1,
+    as in minimize).
     """
 
     def __init__(self, optimizer, x0=None, /, *, bounds=None, **hyperparameters):
@@ -231,10 +259,12 @@ class AskTell:
             if self._box is not None and ((x < self._box[0]) | (x > self._box[1])).any():
                 warnings.warn("x0 is not within the bounds; it was clipped to the box", UserWarning, stacklevel=2)
                 x = np.clip(x, *self._box)
-            self.method = registry.get(optimizer).name
+            self.method = _check_vector_options(optimizer, hyperparameters)
             self.hyperparameters = dict(hyperparameters)
             self._vector = torch.nn.Parameter(torch.from_numpy(x))
-            self.optimizer = _build(self.method, self._vector, self.hyperparameters)
+            # minimize's defaults for the method, over total_steps when given (minimize's budget)
+            hp = _defaults_for_budget(self.method, self.hyperparameters, self.hyperparameters.get("total_steps"), x)
+            self.optimizer = _build(self.method, self._vector, hp)
         else:
             raise TypeError(
                 "AskTell takes a zoptim optimizer, or a method name and x0 "
@@ -539,7 +569,7 @@ def minimize(
         raise TypeError(f"options must be a dict; got {type(options).__name__}")
     hp = dict(options or {})
     run_opts = {k: hp.pop(k) for k in RUN_OPTIONS if k in hp}
-    name = registry.check(method, hp, extra_names=RUN_OPTIONS).name
+    name = _check_vector_options(method, hp, extra_names=RUN_OPTIONS)
     maxfev = _positive("maxfev", run_opts.get("maxfev", 10_000), integer=True)
     maxiter = _positive("maxiter", run_opts.get("maxiter"), integer=True)
     timeout = _positive("timeout", run_opts.get("timeout"))
@@ -689,7 +719,7 @@ def minimize(
 MINIMIZE_EPS = 0.1
 
 
-def _defaults_for_budget(name: str, hp: dict, steps: int, x0: np.ndarray | None = None) -> dict:
+def _defaults_for_budget(name: str, hp: dict, steps: int | None, x0: np.ndarray | None = None) -> dict:
     """The hyper-parameters minimize gives a method that the caller left out. minimize knows its
     budget, so AS2P gets the cosine schedules over it (``batch_mode="minibatch"``: rho from eps to
     eps / 10, lr_k from eps to 0) and eps = MINIMIZE_EPS * max(1, rms(x0)), a step scaled to the
@@ -697,12 +727,14 @@ def _defaults_for_budget(name: str, hp: dict, steps: int, x0: np.ndarray | None 
     sphere with any single eps (docs/results/minimize_defaults.txt)."""
     hp = dict(hp)
     if name == "as2p":
-        hp.setdefault("batch_mode", "minibatch")
-        hp.setdefault("total_steps", steps)
+        # steps None: AskTell without total_steps, no length for a schedule (the paper's full-batch mode)
+        hp.setdefault("batch_mode", "full" if steps is None and hp.get("total_steps") is None else "minibatch")
+        if steps is not None:
+            hp.setdefault("total_steps", steps)
         if "eps" not in hp:
             scale = 1.0 if x0 is None else max(1.0, float(np.sqrt(np.mean(np.square(x0)))))
             hp["eps"] = MINIMIZE_EPS * scale
-    if name == "s2p" and not str(hp.get("step_rule", "stationary")).endswith("dynamic"):
+    if name == "s2p" and not str(hp.get("step_rule", "stationary")).endswith("dynamic") and steps is not None:
         hp.setdefault("total_steps", steps)
     if name == "s2p" and hp.get("step_rule", "stationary") == "stationary":
         hp.setdefault("lr", 1.0)  # alpha_0: alpha_k = 1 / sqrt(K d), the bench problems' default (s2p_lr)
