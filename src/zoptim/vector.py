@@ -99,6 +99,7 @@ class VectorPerturbation:
         self._scale = 0.0  # the unrounded scale of the offset applied (after the normalisation factor)
         self._delta: np.ndarray | None = None  # the float32 offset applied
         self._base: np.ndarray | None = None  # the unperturbed iterate while an offset is applied (exact)
+        self._saved = np.empty(self.dim, dtype=np.float64)  # the buffer _base points to
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache_size = max(2, CACHE_ELEMENTS // max(1, self.dim))
         self._norm_cache: tuple[int, float] | None = None
@@ -148,7 +149,7 @@ class VectorPerturbation:
             return z
         bits = self._bits(key)
         if self.distribution == "normal":  # values_from_bits: the table at the top 16 bits
-            z = self._table[bits >> 16]
+            z = np.take(self._table, np.right_shift(bits, 16, out=bits))
         else:
             z = values_from_bits_numpy(bits.astype(np.int64), self.distribution).numpy()
         self._cache[key] = z
@@ -234,10 +235,10 @@ class VectorPerturbation:
             self._key, self._scale, self._delta, self._base = None, 0.0, None, None
             return
         delta = self._offset(target, scale)
-        moved = x0 + delta
         if self.exact and self._base is None:
-            self._base = self._x.copy()
-        np.copyto(self._x, moved)  # the commit
+            np.copyto(self._saved, self._x)
+            x0 = self._base = self._saved
+        np.add(x0, delta, out=self._x)  # the commit: one C call (x0 is the saved copy or a fresh array)
         self._key, self._scale, self._delta = target, scale, delta
 
     def restore(self) -> None:
