@@ -18,7 +18,6 @@ import threading
 from collections.abc import Callable
 from contextlib import contextmanager
 
-
 _VALID: tuple[int, ...] | None = None
 
 

@@ -42,8 +42,21 @@ import numpy as np
 import torch
 
 from .atomic import recover
-from .noise import _C1, _C2, _HI, _M32, _WEYL, CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, max_abs_value, mix
-from .noise import normal_table, values_from_bits_numpy
+from .noise import (
+    _C1,
+    _C2,
+    _HI,
+    _M32,
+    _WEYL,
+    CHUNK_SIZE,
+    EAGER_CHUNK_SIZE,
+    NoiseSource,
+    check_distribution,
+    max_abs_value,
+    mix,
+    normal_table,
+    values_from_bits_numpy,
+)
 from .perturbation import Scales, Weights, normalization_factor, spread_scales
 
 #: Elements of cached directions the engine keeps at most (float32: 16 MiB); at least two keys.
