@@ -83,3 +83,17 @@ def test_model_options_are_refused_for_a_vector(key, value):
         zoptim.minimize(noisy_free_sphere, np.zeros(3), method="zosgd", options={key: value})
     with pytest.raises(ValueError, match=f"{key}= is an option of a model's optimizer"):
         zoptim.AskTell("zosgd", np.zeros(3), **{key: value})
+
+
+def test_a_resumed_ask_tell_keeps_the_defaults_derived_from_x0():
+    """eps is derived from x0; from_state_dict rebuilds from the saved iterate, so the saved
+    groups' eps must win (the run continues bit for bit)."""
+    def run(split):
+        at = zoptim.AskTell("as2p", np.full(8, 5.0), total_steps=40, seed=1)
+        for i in range(61):
+            if i == split:
+                at = zoptim.AskTell.from_state_dict(at.state_dict())
+            at.tell(noisy_free_sphere(at.ask()))
+        return at.recommend()
+
+    assert np.array_equal(run(-1), run(31))
