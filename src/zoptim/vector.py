@@ -1,5 +1,10 @@
 """The vector engine: the perturbation engine for a function of one NumPy vector.
 
+The softmax paper's object is zeroth-order SGD on a function of a vector: the SPSA estimate
+``(f(x + eps s) - f(x - eps s)) / (2 eps) * s`` (its Definition 2.21; k-SPSA, Remark 2.22) on
+softmax regression; the S2P paper's methods (S2P, AS2P, Algorithms 1-2) are the same kind of
+step, with other step sizes. Each such step is a few moves of x along a seeded direction s.
+
 :func:`zoptim.minimize` and ``zoptim.AskTell(method, x0)`` optimise a function of a flat float64
 vector, often of ten or a thousand numbers. The in-place engine (:mod:`zoptim.perturbation`) is
 built for tensors of millions of elements: per move it walks the tensors chunk by chunk, backs
