@@ -1,13 +1,20 @@
-"""Fixed cost per step on small problems: where launch and Python overhead, not the weights, dominate.
+"""Fixed cost per step on small problems: where launch and Python overhead, not the arithmetic, dominate.
 
-Prints, measured in one process (interleaved, medians over repetitions):
+Prints, measured in one process at each thread count (interleaved repetitions, medians):
 
+* ``zoptim.minimize``'s overhead per function evaluation (its time minus the function's) for
+  every registered method with its default options, at d = 10 and d = 1,000, against scipy's
+  Powell on the same function, ``f(v) = sum((v - A)^2)``, 2,000 evaluations (Powell's overhead
+  measured the same way). The ratio (zoptim - f) / (Powell - f) is issue 36's target (<= 3).
+  ``--route torch`` measures the in-place engine instead of the vector engine (the route before
+  issue 36).
 * a ZOSGD step on a 784-64-10 MLP (batch 128) against its two no-grad forwards, with directions
-  in place (the fused engine) and applied in the forward (``module=model, rank=1``);
-* ``zoptim.minimize``'s overhead per function evaluation (its time minus the function's) at d = 10
-  and d = 1,000, against scipy's Powell on the same function (scipy's overhead measured the same way).
+  in place (the fused engine) and applied in the forward (``module=model, rank=1``).
 
-    python benchmarks/small_step_cost.py [--threads 0 1]
+    python benchmarks/small_step_cost.py [--threads 0 1] [--reps 3] [--route vector|torch] [--no-mlp]
+
+Takes about a minute on a quiet 2-core machine. Timings on a loaded machine are distorted; the
+ratios, measured interleaved in one process, less so.
 """
 
 from __future__ import annotations
@@ -20,6 +27,13 @@ import numpy as np
 import torch
 
 import zoptim
+from zoptim import blackbox
+from zoptim.optim import registry
+
+EVALS = 2000
+#: the clock: wall time (default), or this process's CPU time (--clock process), steadier on a
+#: loaded machine (nothing here waits), but summed over threads
+CLOCK = time.perf_counter
 
 
 def mlp_ratios(reps: int = 200) -> dict:
@@ -37,68 +51,95 @@ def mlp_ratios(reps: int = 200) -> dict:
             for _ in range(20):  # warm-up (compiles the in-place kernels)
                 opt.step(loss)
             ratios = []
+            clock = CLOCK
             for _ in range(reps):
-                a = time.perf_counter()
+                a = clock()
                 loss()
                 loss()
-                b = time.perf_counter()
+                b = clock()
                 opt.step(loss)
-                c = time.perf_counter()
+                c = clock()
                 ratios.append((c - b) / (b - a))
         opt.close()
         out[label] = statistics.median(ratios)
     return out
 
 
-def _overhead_per_eval(run, fun, evals: int) -> float:
-    calls = [0.0]
+def _timed_run(run, fun) -> tuple[float, float, int]:
+    """(total seconds, seconds inside fun, evaluations) of ``run(fun)``."""
+    inside = [0.0]
+    clock = CLOCK
 
     def timed(v):
-        a = time.perf_counter()
+        a = clock()
         value = fun(v)
-        calls[0] += time.perf_counter() - a
+        inside[0] += clock() - a
         return value
 
-    a = time.perf_counter()
+    a = clock()
     n = run(timed)
-    total = time.perf_counter() - a
-    return (total - calls[0]) / n
+    return clock() - a, inside[0], n
 
 
-def minimize_overheads(d: int, evals: int = 2000) -> tuple[float, float]:
+def minimize_table(d: int, reps: int) -> dict:
+    """Per method: (zoptim us/eval, Powell us/eval, f us/eval, overhead ratio), medians over reps."""
     from scipy.optimize import minimize as scipy_minimize
 
-    def sphere(v):
-        return float(np.dot(v, v))
+    A = np.linspace(-1.0, 1.0, d)
 
-    x0 = np.ones(d)
+    def f(v):
+        return float(np.sum((v - A) ** 2))
 
-    def ours(f):
-        res = zoptim.minimize(f, x0, options={"maxfev": evals, "eps": 1e-3, "lr": 1e-3})
-        return res.nfev
+    x0 = np.zeros(d)
 
-    def powell(f):
-        res = scipy_minimize(f, x0, method="Powell", options={"maxfev": evals, "xtol": 0, "ftol": 0})
-        return res.nfev
+    def powell(fun):
+        return scipy_minimize(fun, x0, method="Powell", options={"maxfev": EVALS, "xtol": 0, "ftol": 0}).nfev
 
-    ours(lambda v: 0.0)  # warm-up
-    return _overhead_per_eval(ours, sphere, evals), _overhead_per_eval(powell, sphere, evals)
+    def ours(method):
+        return lambda fun: zoptim.minimize(fun, x0, method=method, options={"maxfev": EVALS}).nfev
+
+    methods = registry.names()
+    for m in methods:  # warm-up
+        zoptim.minimize(f, x0, method=m, options={"maxfev": 50})
+    rows: dict[str, list] = {m: [] for m in methods}
+    for _ in range(reps):
+        for m in methods:
+            p_total, p_f, p_n = _timed_run(powell, f)
+            z_total, z_f, z_n = _timed_run(ours(m), f)
+            rows[m].append((z_total / z_n, p_total / p_n, z_f / z_n,
+                            ((z_total - z_f) / z_n) / ((p_total - p_f) / p_n)))
+    return {m: tuple(statistics.median(col) for col in zip(*r)) for m, r in rows.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, nargs="+", default=[0, 1], help="intra-op threads; 0 = torch's default")
+    ap.add_argument("--reps", type=int, default=3, help="repetitions of each minimize run (median)")
+    ap.add_argument("--route", choices=("vector", "torch"), default="vector", help="minimize's engine for a vector")
+    ap.add_argument("--clock", choices=("wall", "process"), default="wall",
+                    help="clock: wall time, or CPU time of this process (steadier under load; at 1 thread only "
+                         "comparable to wall time, since CPU time adds up the threads)")
+    ap.add_argument("--no-mlp", action="store_true", help="skip the MLP rows")
     args = ap.parse_args()
+    blackbox.ROUTE = args.route
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "process" else time.perf_counter
     default = torch.get_num_threads()
     for threads in args.threads:
         torch.set_num_threads(threads or default)
-        print(f"\n## {torch.get_num_threads()} intra-op thread(s){' (torch default)' if not threads else ''}")
-        for label, ratio in mlp_ratios().items():
-            print(f"784-64-10 MLP, batch 128, ZOSGD step / two forwards, {label:22s}: {ratio:6.2f}")
+        print(f"\n## {torch.get_num_threads()} intra-op thread(s){' (torch default)' if not threads else ''}, "
+              f"route {args.route}, clock {args.clock}")
+        print(f"{'':8s} | {'d':>5s} | {'zoptim us/eval':>14s} | {'Powell us/eval':>14s} | {'f us/eval':>9s} | "
+              "overhead ratio (zoptim - f) / (Powell - f)")
+        worst = {}
         for d in (10, 1000):
-            ours, powell = minimize_overheads(d)
-            print(f"minimize overhead per evaluation, d = {d:5d}: zoptim {ours * 1e6:7.1f} us, scipy Powell "
-                  f"{powell * 1e6:6.1f} us, ratio {ours / powell:5.1f}")
+            for m, (ours, powell, f_cost, ratio) in minimize_table(d, args.reps).items():
+                print(f"{m:8s} | {d:5d} | {ours * 1e6:14.1f} | {powell * 1e6:14.1f} | {f_cost * 1e6:9.1f} | {ratio:6.2f}")
+                worst[d] = max(worst.get(d, 0.0), ratio)
+        print("worst overhead ratio: " + ", ".join(f"d = {d}: {r:.2f}" for d, r in worst.items()) + " (target <= 3)")
+        if not args.no_mlp:
+            for label, ratio in mlp_ratios().items():
+                print(f"784-64-10 MLP, batch 128, ZOSGD step / two forwards, {label:22s}: {ratio:6.2f}")
 
 
 if __name__ == "__main__":

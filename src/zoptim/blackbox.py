@@ -142,13 +142,52 @@ def _positive(name, value, integer=False):
     return int(value) if integer else float(value)
 
 
+#: Constructor arguments about a model's forward, which a function of a NumPy vector has not.
+MODEL_OPTIONS = ("module", "rank", "per_example")
+
+
+def _check_vector_options(method, hp: dict, extra_names=()) -> str:
+    """The method's name once every key of ``hp`` is one of its hyper-parameters for a function of a
+    vector (or one of ``extra_names``); a ValueError naming the key otherwise. The message lists
+    what can be given here, not a model's options (``module``, ``rank``, ``per_example``)."""
+    spec = registry.get(method)
+    known = [n for n in spec.hyperparameters() if n not in MODEL_OPTIONS]
+    for key, value in hp.items():
+        if key in MODEL_OPTIONS and value not in (None, False):
+            raise ValueError(
+                f"{key}= is an option of a model's optimizer (directions applied in the forward of a torch "
+                f"module); a function of a NumPy vector has no forward. Hyper-parameters of {spec.name!r} "
+                f"here: {', '.join(known)}"
+            )
+        if key not in known and key not in MODEL_OPTIONS and key not in extra_names:
+            raise ValueError(
+                f"unknown option {key!r} for method {spec.name!r}; its hyper-parameters are {', '.join(known)}"
+                + (f", and the run's options are {', '.join(extra_names)}" if extra_names else "")
+            )
+    return registry.check(spec.name, {k: v for k, v in hp.items() if k not in extra_names}).name
+
+
+#: How a function of a NumPy vector is optimised: ``"vector"`` (default), the vector engine
+#: (:mod:`zoptim.vector`: one flat array, one vectorised draw per direction), or ``"torch"``, the
+#: in-place engine every model uses. Both give the same iterates, bit for bit
+#: (``tests/test_vector.py``); "torch" is there to compare them.
+ROUTE = "vector"
+
+
 def _build(method: str, x: torch.Tensor, hyperparameters: dict) -> ZerothOrderOptimizer:
     """The optimizer over the single tensor ``x``. A function of a vector is deterministic, so AS2P
     defaults to ``batch_mode="full"`` (the paper's full-batch mode: constant rho, lr_k = rho)."""
     hp = dict(hyperparameters)
     if registry.get(method).name == "as2p":
         hp.setdefault("batch_mode", "full")
-    return registry.build(method, [x], **hp)
+    opt = registry.build(method, [x], **hp)
+    if ROUTE == "vector":
+        from .vector import attach
+
+        attach(opt)
+    elif ROUTE != "torch":
+        raise ValueError(f"zoptim.blackbox.ROUTE must be 'vector' or 'torch'; got {ROUTE!r}")
+    return opt
 
 
 # -- ask / tell ----------------------------------------------------------------------------------------
@@ -193,9 +232,12 @@ class AskTell:
     the last step boundary, the values told since (replayed on load) and the current iterate. An
     ``ask()`` not yet told is not saved; after loading, ``ask()`` returns the same point again.
 
-    With a NumPy vector, AS2P defaults to ``batch_mode="full"`` (a function of a vector is
-    deterministic); pass ``total_steps`` to get its schedules. S2P's stationary rules need
-    ``total_steps``.
+    With a NumPy vector the defaults are :func:`minimize`'s for the same method, with
+    ``total_steps`` (when given) as the budget: AS2P gets ``eps = 0.1 * max(1, rms(x0))`` and,
+    given ``total_steps``, the cosine schedules over it (``batch_mode="minibatch"``); without
+    ``total_steps`` there is no length for a schedule, so AS2P runs the paper's full-batch mode
+    (constant rho = lr = eps). S2P's stationary rules need ``total_steps`` (alpha_0 defaults to 1,
+    as in minimize).
     """
 
     def __init__(self, optimizer, x0=None, /, *, bounds=None, **hyperparameters):
@@ -217,10 +259,12 @@ class AskTell:
             if self._box is not None and ((x < self._box[0]) | (x > self._box[1])).any():
                 warnings.warn("x0 is not within the bounds; it was clipped to the box", UserWarning, stacklevel=2)
                 x = np.clip(x, *self._box)
-            self.method = registry.get(optimizer).name
+            self.method = _check_vector_options(optimizer, hyperparameters)
             self.hyperparameters = dict(hyperparameters)
             self._vector = torch.nn.Parameter(torch.from_numpy(x))
-            self.optimizer = _build(self.method, self._vector, self.hyperparameters)
+            # minimize's defaults for the method, over total_steps when given (minimize's budget)
+            hp = _defaults_for_budget(self.method, self.hyperparameters, self.hyperparameters.get("total_steps"), x)
+            self.optimizer = _build(self.method, self._vector, hp)
         else:
             raise TypeError(
                 "AskTell takes a zoptim optimizer, or a method name and x0 "
@@ -525,7 +569,7 @@ def minimize(
         raise TypeError(f"options must be a dict; got {type(options).__name__}")
     hp = dict(options or {})
     run_opts = {k: hp.pop(k) for k in RUN_OPTIONS if k in hp}
-    name = registry.check(method, hp, extra_names=RUN_OPTIONS).name
+    name = _check_vector_options(method, hp, extra_names=RUN_OPTIONS)
     maxfev = _positive("maxfev", run_opts.get("maxfev", 10_000), integer=True)
     maxiter = _positive("maxiter", run_opts.get("maxiter"), integer=True)
     timeout = _positive("timeout", run_opts.get("timeout"))
@@ -559,28 +603,41 @@ def minimize(
     message = ""
     nit = 0
     wants_result = callback is not None and _callback_wants_result(callback)
+    # The loop drives the method's steps (StepRun) itself, as AskTell.ask/tell would one point at a
+    # time (same moves, same values told, same bounds handling), without their per-call checks.
+    opt, vector, box, slot = at.optimizer, at._vector.detach().numpy(), at._box, at._slot
+    append, run = history.append, None
     start = time.monotonic()
     bar = progress_bar(maxfev, f"zoptim {name}", progress, unit="eval")
+    grad_mode = torch.is_grad_enabled()
+    torch.set_grad_enabled(False)  # for the moves and updates (fun gets NumPy copies); restored below
     try:
         while status is None:
-            if not at.in_step:
+            if run is None or run.done:
                 if len(history) + qps + 1 > maxfev:
                     status = 1
                     break
                 if maxiter is not None and nit >= maxiter:
                     status = 2
                     break
-            if not at.in_step:
                 step_min = math.inf
-            point = at.ask()  # clipped to the bounds, if any
-            value = evaluate(point)
-            history.append(value)
-            step_min = min(step_min, value)
-            bar.update(1)
+                run = slot.run = opt.begin_step()
+            run.move()
+            point = vector.copy()
+            if box is not None:  # bounds by projection: the loss is asked at the clipped point
+                np.clip(point, box[0], box[1], out=point)
+            value = fun(point, *args)
+            if type(value) is not float:
+                value = _scalar(value, "fun(x)")
+            append(value)
+            if value < step_min:
+                step_min = value
+            if progress:
+                bar.update(1)
             if value < best:
                 best, x_best = value, point
             try:
-                at.tell(value)
+                run.tell(value)
             except DivergedError as err:  # max_nonfinite steps in a row were skipped: stop, with the last finite iterate
                 status, message = 5, f"{_MESSAGES[5]} ({err})"
                 break
@@ -590,8 +647,10 @@ def minimize(
             if timeout is not None and time.monotonic() - start > timeout:
                 status = 3
                 break
-            if at.in_step:
+            if not run.done:
                 continue
+            if box is not None:  # a step ended: its iterate is clipped to the box
+                np.clip(vector, box[0], box[1], out=vector)
             nit += 1
             best_at_step.append(best)
             if divergence is not None:  # the iterate runs away although every value stays finite
@@ -604,11 +663,11 @@ def minimize(
             if progress:
                 bar.set_postfix(best=f"{best:.4g}", refresh=False)
             if callback is not None:
-                xk = at.recommend()
+                xk = vector.copy()
                 try:
                     if wants_result:
                         stop = callback(intermediate_result=OptimizeResult(
-                            x=xk, fun=at.optimizer.last_stats.get("loss"), nit=nit, nfev=len(history),
+                            x=xk, fun=opt.last_stats.get("loss"), nit=nit, nfev=len(history),
                             x_best=x_best.copy(), fun_best=best))
                     else:
                         stop = callback(xk)
@@ -622,6 +681,7 @@ def minimize(
                 if before - best <= tol * max(1.0, abs(best)):
                     status, message = 0, f"The best value improved by less than tol over the last {patience} steps."
     finally:
+        torch.set_grad_enabled(grad_mode)
         bar.close()
         at.close()  # a run stopped mid-step goes back to its last iterate
 
@@ -659,7 +719,7 @@ def minimize(
 MINIMIZE_EPS = 0.1
 
 
-def _defaults_for_budget(name: str, hp: dict, steps: int, x0: np.ndarray | None = None) -> dict:
+def _defaults_for_budget(name: str, hp: dict, steps: int | None, x0: np.ndarray | None = None) -> dict:
     """The hyper-parameters minimize gives a method that the caller left out. minimize knows its
     budget, so AS2P gets the cosine schedules over it (``batch_mode="minibatch"``: rho from eps to
     eps / 10, lr_k from eps to 0) and eps = MINIMIZE_EPS * max(1, rms(x0)), a step scaled to the
@@ -667,12 +727,14 @@ def _defaults_for_budget(name: str, hp: dict, steps: int, x0: np.ndarray | None 
     sphere with any single eps (docs/results/minimize_defaults.txt)."""
     hp = dict(hp)
     if name == "as2p":
-        hp.setdefault("batch_mode", "minibatch")
-        hp.setdefault("total_steps", steps)
+        # steps None: AskTell without total_steps, no length for a schedule (the paper's full-batch mode)
+        hp.setdefault("batch_mode", "full" if steps is None and hp.get("total_steps") is None else "minibatch")
+        if steps is not None:
+            hp.setdefault("total_steps", steps)
         if "eps" not in hp:
             scale = 1.0 if x0 is None else max(1.0, float(np.sqrt(np.mean(np.square(x0)))))
             hp["eps"] = MINIMIZE_EPS * scale
-    if name == "s2p" and not str(hp.get("step_rule", "stationary")).endswith("dynamic"):
+    if name == "s2p" and not str(hp.get("step_rule", "stationary")).endswith("dynamic") and steps is not None:
         hp.setdefault("total_steps", steps)
     if name == "s2p" and hp.get("step_rule", "stationary") == "stationary":
         hp.setdefault("lr", 1.0)  # alpha_0: alpha_k = 1 / sqrt(K d), the bench problems' default (s2p_lr)

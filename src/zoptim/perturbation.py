@@ -68,6 +68,7 @@ import numpy as np
 import torch
 
 from . import kernels
+from . import packed as packed_kernels
 from .atomic import recover
 from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, max_abs_value, mix, normal_table
 
@@ -159,6 +160,8 @@ class SeededPerturbation:
         self._state: dict[tuple[int, int], tuple] = {}
         self._epoch = 0
         self._inflight: tuple | None = None
+        self._pack_inflight: list | None = None  # (j, backup, done) of the small tensors being written
+        self._pack_cache: tuple | None = None  # (chunk_size, the small tensors moved in one pass)
         # the chunk backups that make a move atomic; benchmarks/atomic_cost.py turns them off to
         # measure what they cost (without them an exception mid-move can leave a mixed point)
         self._atomic = True
@@ -312,6 +315,9 @@ class SeededPerturbation:
         """
         self._undo_inflight()
         record_all = epoch is None and self.exact
+        packed = self._packed()
+        if packed:
+            self._pack_transition(packed, key, scales, decay, epoch, record_all)
         words: dict[tuple[int, int], tuple[int, int]] = {}
 
         def words_of(k, j):
@@ -322,6 +328,8 @@ class SeededPerturbation:
 
         table = None
         for j, p in enumerate(self.params):
+            if j in packed:
+                continue
             s_new = 0.0 if key is None else scales[j]
             t_key = key if s_new != 0.0 else None
             d_j = 0.0 if decay is None else float(decay[j])
@@ -389,8 +397,108 @@ class SeededPerturbation:
                         self._inflight = (j, c, a, b, done)
                 self._state[(j, c)] = done  # the commit
 
+    # -- small tensors in one pass ---------------------------------------------------------------
+    def _packed(self) -> dict:
+        """The tensors moved together by :meth:`_pack_transition` (index -> flat slice start):
+        float32/float64 CPU tensors of at most ``packed.PACK_ELEMENTS`` elements, each within one
+        chunk, when there are at least two of them or the one is not worth a kernel call."""
+        cache = self._pack_cache
+        if cache is not None and cache[0] == self.chunk_size:
+            return cache[1]
+        limit = min(packed_kernels.PACK_ELEMENTS, self.chunk_size)
+        members, start = {}, 0
+        for j, p in enumerate(self.params):
+            if p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64) and 0 < p.numel() <= limit:
+                members[j] = start
+                start += p.numel()
+        self._pack_cache = (self.chunk_size, members)
+        return members
+
+    def _pack_transition(self, members: dict, key, scales, decay, epoch, record_all: bool) -> None:
+        """The transition of the small tensors (see :meth:`_transition`), one NumPy pass per dtype.
+
+        Their values are the chunked route's, bit for bit (:mod:`zoptim.packed`); each is one chunk
+        (``(j, 0)``) with the same committed states and journal entries. Atomic as a chunk is: the
+        tensors are backed up, written, then each committed; an exception before a tensor's commit
+        leaves its backup to :meth:`_undo_inflight`."""
+        rows = {}  # dtype -> [(j, o_key, s_old, fix, t_key, s_new, d_j, done)]
+        for j in members:
+            s_new = 0.0 if key is None else scales[j]
+            t_key = key if s_new != 0.0 else None
+            d_j = 0.0 if decay is None else float(decay[j])
+            base_epoch, o_key, s_old, fix = self._state.get((j, 0), _BASE)
+            if epoch is None:
+                if o_key == t_key and s_old == s_new:
+                    continue
+            elif base_epoch >= epoch:
+                continue
+            done = (base_epoch, t_key, s_new, None) if epoch is None else (epoch, None, 0.0, None)
+            if o_key is None and t_key is None and d_j == 0.0:
+                self._state[(j, 0)] = done
+                continue
+            rows.setdefault(self.params[j].dtype, []).append((j, o_key, s_old, fix, t_key, s_new, d_j, done))
+        for group in rows.values():
+            self._pack_group(group, record_all)
+
+    def _pack_group(self, group: list, record_all: bool) -> None:
+        views = [self.params[row[0]].detach().view(-1).numpy() for row in group]
+        sizes = [v.size for v in views]
+        x = np.concatenate(views) if len(views) > 1 else views[0].copy()
+        idx = np.concatenate([np.arange(n, dtype=np.int64) + self.offsets[row[0]] for row, n in zip(group, sizes)])
+        words = [(self._words(row[1], row[0]), self._words(row[4], row[0])) for row in group]
+        per = lambda values, dtype: np.repeat(np.asarray(values, dtype=dtype), sizes)  # noqa: E731
+        f32 = np.float32
+        ok0, ok1 = per([w[0][0] for w in words], np.int64), per([w[0][1] for w in words], np.int64)
+        nk0, nk1 = per([w[1][0] for w in words], np.int64), per([w[1][1] for w in words], np.int64)
+        s_old = per([row[2] if row[1] is not None else 0.0 for row in group], f32)
+        s_new = per([row[5] if row[4] is not None else 0.0 for row in group], f32)
+        has_old = per([row[1] is not None for row in group], bool)
+        has_new = per([row[4] is not None for row in group], bool)
+        keep = per([f32(1.0 - row[6]) for row in group], f32)
+        starts = np.cumsum([0] + sizes[:-1])
+        fixes = [(start, row[3]) for start, row in zip(starts, group) if row[1] is not None and row[3] is not None]
+        fix_at = fix_val = None
+        if fixes:
+            fix_at = np.concatenate([start + f[0].numpy().astype(np.int64) for start, f in fixes])
+            fix_val = np.concatenate([f[1].numpy() for _, f in fixes])
+        W = None
+        if self._weights is not None:
+            # each call may reuse one buffer (HiZOO's): copy before the next
+            W = np.concatenate([self._weights(row[0], 0, n).cpu().numpy().copy() for row, n in zip(group, sizes)])
+        same_key = all(w[0] == w[1] for w in words)
+        record = record_all
+        moved, unperturbed, marks = kernels.run(
+            packed_kernels.packed_move,
+            (x, idx, ok0, ok1, s_old, has_old, nk0, nk1, s_new, has_new, keep, fix_at, fix_val, W),
+            torch.device("cpu"), size=0, distribution=self.distribution, record=record, same_key=same_key,
+        )
+        if self._atomic:
+            self._pack_inflight = [(row[0], v.copy(), None) for row, v in zip(group, views)]
+        commits = []
+        for start, n, row, v in zip(starts, sizes, group, views):
+            done = row[7]
+            if marks is not None and row[4] is not None:
+                m = marks[start : start + n]
+                if m.any():
+                    at = np.flatnonzero(m)
+                    journal = (torch.from_numpy(at.astype(np.int32)), torch.from_numpy(unperturbed[start : start + n][at]))
+                    done = (done[0], done[1], done[2], journal)
+            commits.append((row[0], v, moved[start : start + n], done))
+        for i, (j, v, new, done) in enumerate(commits):
+            if self._atomic:
+                self._pack_inflight[i] = (j, self._pack_inflight[i][1], done)
+            np.copyto(v, new)
+            self._state[(j, 0)] = done  # the commit
+        self._pack_inflight = None
+
     def _undo_inflight(self) -> None:
         """Put back the chunk whose move was interrupted before its commit (from its backup)."""
+        pack = self._pack_inflight
+        if pack is not None:
+            for j, backup, done in pack:
+                if done is None or self._state.get((j, 0)) is not done:
+                    self.params[j].detach().view(-1).numpy()[:] = backup
+            self._pack_inflight = None
         inflight = self._inflight
         if inflight is None:
             return

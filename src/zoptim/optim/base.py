@@ -12,6 +12,7 @@ that makes a resumed run bit-identical, lives here.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
 import warnings
@@ -70,6 +71,8 @@ StepGenerator = Generator[Any, Any, float]
 
 def loss_value(loss) -> float:
     """The closure's return value as a Python float, or a TypeError saying what it was."""
+    if type(loss) is float:
+        return loss
     if isinstance(loss, torch.Tensor):
         if loss.numel() != 1:
             raise TypeError(
@@ -507,6 +510,10 @@ class ZerothOrderOptimizer(Optimizer):
 
         The constructor checks its arguments, but ``param_groups`` can be edited and schedulers
         write into them, so every step checks again."""
+        # the values last found valid, when all are plain numbers: unchanged, there is nothing to check
+        seen = tuple(group.get(name) for group in self.param_groups for name in self._group_checks)
+        if seen == getattr(self, "_groups_checked", None):
+            return
         where = " (checked at every step, wherever it was set: the constructor, param_groups or a scheduler)"
         for name, (zero, shared, upper) in self._group_checks.items():
             for gi, group in enumerate(self.param_groups):
@@ -527,6 +534,8 @@ class ZerothOrderOptimizer(Optimizer):
                         f"{self.param_groups[0][name]!r}: {type(self).__name__} uses one {name} per step, so every "
                         f"group must hold the same{where}"
                     )
+        plain = all(v is None or type(v) in (float, int) for v in seen)
+        self._groups_checked = seen if plain else None
 
     def _multiplier_bound(self) -> float:
         """The largest element-wise multiplier of a direction (HiZOO's preconditioner; 1 otherwise)."""
@@ -794,6 +803,15 @@ class GroupValue:
             group[self.name] = value
 
 
+_NULL_CONTEXT = contextlib.nullcontext()
+
+
+def _no_grad():
+    """``torch.no_grad()``, or a shared no-op context where grad mode is already off (a step's
+    moves and sends happen a few times per step; the context object costs more than a small move)."""
+    return torch.no_grad() if torch.is_grad_enabled() else _NULL_CONTEXT
+
+
 class StepRun:
     """One step of an optimizer in progress, driven one query at a time.
 
@@ -850,6 +868,8 @@ class StepRun:
         return [self._first + j for j, v in enumerate(self._round_values) if v is None]
 
     def _slot(self, index: int | None) -> int:
+        if index is None and self._gen is not None:  # the common case, without building the list
+            return self._round_values.index(None)
         untold = self.untold
         if self._gen is None:
             raise RuntimeError("this step is finished; start another with begin_step()")
@@ -867,7 +887,7 @@ class StepRun:
         current round; default the first not yet told)."""
         key, scales = self._round[self._slot(index)]
         engine = self.optimizer.engine
-        with torch.no_grad():
+        with _no_grad():
             if key is None:
                 engine.restore()
             else:
@@ -881,7 +901,7 @@ class StepRun:
         opt = self.optimizer
         value = loss_vector(loss) if opt.per_example else loss_value(loss)
         opt.num_queries += 1
-        if not all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])):
+        if not (math.isfinite(value) if type(value) is float else all(math.isfinite(v) for v in value)):
             value = next(v for v in (value if isinstance(value, list) else [value]) if not math.isfinite(v))
             self._tell_other_ranks(_NONFINITE)
             self._finish()
@@ -893,11 +913,11 @@ class StepRun:
             return
         self.told.append((self._first + slot, value))
         self._round_values[slot] = value
-        if any(v is None for v in self._round_values):
+        if None in self._round_values:
             return
         sent = list(self._round_values) if self._batch else self._round_values[0]
         try:
-            with torch.no_grad():
+            with _no_grad():
                 yielded = self._gen.send(sent)
         except StopIteration as stop:
             self._gen, self.loss = None, float(stop.value)
