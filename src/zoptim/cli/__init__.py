@@ -21,13 +21,18 @@ def main(argv: list[str] | None = None) -> int:
     finetune.register(sub)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # for a subcommand that relaunches itself
+    from ..signals import Terminated, stop_signals
+
     try:
-        return int(args.run(args) or 0)
+        with stop_signals():  # SIGTERM / SIGUSR1 (schedulers, timeout, preemption) are handled as Ctrl-C
+            return int(args.run(args) or 0)
     except KeyboardInterrupt as interrupt:
         # one line, not a traceback: runs checkpoint as they go (and when interrupted), and the same command resumes them
         where = f" ({interrupt})" if str(interrupt) else ""
-        print(f"zoptim {args.command}: interrupted{where}; run the same command again to resume", file=sys.stderr)
-        return 130
+        how = f"stopped by {interrupt.name}" if isinstance(interrupt, Terminated) else "interrupted"
+        print(f"zoptim {args.command}: {how}{where}; run the same command again to resume", file=sys.stderr,
+              flush=True)
+        return interrupt.exit_code if isinstance(interrupt, Terminated) else 130
 
 
 if __name__ == "__main__":

@@ -320,7 +320,20 @@ def launch(args) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            f"--max-restarts={args.max_restarts}", "-m", "zoptim.cli", *argv]
     print("launching: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    from ..signals import Terminated
+
+    proc, stopped = subprocess.Popen(cmd), None
+    while True:  # a stop signal goes on to torchrun, which passes it to every worker: they checkpoint together
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt as interrupt:  # Ctrl-C reaches the whole process group itself
+            if isinstance(interrupt, Terminated):
+                stopped = interrupt
+                proc.send_signal(interrupt.signum)
+    if stopped is not None and code:
+        raise Terminated(stopped.signum, "the group's checkpoint is the one to resume from")
+    return code
 
 
 def run(args) -> int:

@@ -29,6 +29,7 @@ own direction, and the ranks all-gather the per-example losses.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +38,7 @@ from typing import NoReturn
 
 import torch
 
-from .. import records
+from .. import records, signals
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
 from ..optim import registry
@@ -171,6 +172,8 @@ class Loop:
         self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.elapsed = 0.0  # seconds of training before this process's (a resumed run's earlier sessions)
+        self._started = time.perf_counter()
         self.forward_passes = 0  # AdamW's count; zeroth-order optimizers count their own
         self.progress = progress
         if objective_needs_zo(config.objective) and not is_zeroth_order(optimizer):
@@ -184,6 +187,10 @@ class Loop:
     def sharded_dir(self) -> Path:
         """The folder of a sharded run's trainable weights at the current step."""
         return self.out / f"shards-step{self.step}"
+
+    def seconds(self) -> float:
+        """Wall time the run has trained, over every session of it (resumes accumulate)."""
+        return self.elapsed + time.perf_counter() - self._started
 
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.classifier.named_parameters() if p.requires_grad}
@@ -207,6 +214,7 @@ class Loop:
             {
                 "step": self.step,
                 "forward_passes": self.forward_passes,
+                "elapsed": self.seconds(),
                 "trainable": {} if shards else trainable_state(self.classifier),
                 "sharded_trainable": shards.name if shards else None,
                 "optimizer": self.optimizer.state_dict(),
@@ -252,8 +260,12 @@ class Loop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])
         self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]
+        kept = []
         if self.log_path.exists() and self.rank == 0:
-            records.write(self.log_path, [r for r in records.read(self.log_path) if r["step"] <= self.step])
+            kept = [r for r in records.read(self.log_path) if r["step"] <= self.step]
+            records.write(self.log_path, kept)
+        # checkpoints of zoptim before 0.9 do not record the time: the log's last one is the best guess
+        self.elapsed = float(ckpt.get("elapsed", next((r["time"] for r in reversed(kept) if "time" in r), 0.0)))
         self.resumed_from = self.step
         if self.rank == 0:
             print(f"resuming from step {self.step} ({self.ckpt_path})", flush=True)
@@ -302,14 +314,15 @@ class Loop:
     def _optimizer_steps(self) -> int | None:
         return getattr(self.optimizer, "steps", None) if is_zeroth_order(self.optimizer) else None
 
-    def _save_interrupted(self, generator_state, optimizer_steps) -> NoReturn:
-        """Ctrl-C: checkpoint the run as it stands, so the same command resumes it (single process;
-        a multi-process run resumes from its last periodic checkpoint). Interrupted inside a step,
+    def _save_interrupted(self, interrupt: KeyboardInterrupt, generator_state, optimizer_steps) -> NoReturn:
+        """Ctrl-C (or a stop signal, :mod:`zoptim.signals`): checkpoint the run as it stands, so the
+        same command resumes it (single process; a multi-process run stops at a step boundary all
+        ranks agree on, see :meth:`run`, or resumes from its last periodic checkpoint). Interrupted inside a step,
         a zeroth-order optimizer puts the parameters and its counters back as before the step
         (``StepRun.abandon(counted=False)``), and the batch draw is rewound, so the resumed run
         is the uninterrupted one, bit for bit; a step whose update was already written counts."""
         if self.world > 1:
-            raise KeyboardInterrupt("the last periodic checkpoint is the one to resume from")
+            raise _like(interrupt, "the last periodic checkpoint is the one to resume from")
         if generator_state is not None:
             if optimizer_steps is not None and self._optimizer_steps() != optimizer_steps:
                 self.step += 1  # the update was written before the interrupt arrived: the step is done
@@ -317,23 +330,31 @@ class Loop:
             else:
                 self.generator.set_state(generator_state)
         self.save()
-        raise KeyboardInterrupt(f"checkpoint saved at step {self.step} ({self.ckpt_path})")
+        raise _like(interrupt, f"checkpoint saved at step {self.step} ({self.ckpt_path})")
 
     def run(self) -> list[dict]:
         """Train to ``config.steps`` (from the checkpoint if one exists); return the log."""
         self.classifier.eval()  # two queries of one step must differ only by the perturbation
         if not self.resume() and self.rank == 0:
             self.log_path.unlink(missing_ok=True)
+        self._started = time.perf_counter()
         bar = progress_bar(self.config.steps, "finetune", self.progress and self.rank == 0, initial=self.step)
-        start = time.perf_counter()
+        try:  # a stop signal is acted on at step boundaries every rank agrees on (multi-process)
+            with signals.defer() if self.world > 1 else contextlib.nullcontext():
+                self._train(bar)
+        finally:
+            bar.close()  # before any message: the bar's line is cleared, never glued to it
+        return read_log(self.log_path) if self.rank == 0 else []
+
+    def _train(self, bar) -> None:
         while self.step < self.config.steps:
             before = self.generator.get_state(), self._optimizer_steps()
             try:
                 loss = self.train_step()
-            except KeyboardInterrupt:
-                self._save_interrupted(*before)  # raises KeyboardInterrupt saying where the checkpoint is
+            except KeyboardInterrupt as interrupt:
+                self._save_interrupted(interrupt, *before)  # raises, saying where the checkpoint is
             self.step += 1
-            record = {"step": self.step, "queries": self.queries, "loss": loss, "time": time.perf_counter() - start}
+            record = {"step": self.step, "queries": self.queries, "loss": loss, "time": self.seconds()}
             if math.isfinite(loss):
                 bar.set_postfix(loss=f"{loss:.4f}")
             last = self.step == self.config.steps
@@ -341,15 +362,27 @@ class Loop:
                 if (self.step % self.config.eval_every == 0 or last) and (self.rank == 0 or self.sharded):
                     record["val_accuracy"] = self.validate()
                     bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
-            except KeyboardInterrupt:  # the step is done: keep it, without its validation
+            except KeyboardInterrupt as interrupt:  # the step is done: keep it, without its validation
                 self.log(record)
-                self._save_interrupted(None, None)
+                self._save_interrupted(interrupt, None, None)
             self.log(record)
-            if self.step % self.config.checkpoint_every == 0 or last:
+            saved = self.step % self.config.checkpoint_every == 0 or last
+            if saved:
                 self.save()
             bar.update(1)
-        bar.close()
-        return read_log(self.log_path) if self.rank == 0 else []
+            if self.world > 1:
+                signum = signals.agreed()
+                if signum:  # every rank stops after this same step
+                    if not saved:
+                        self.save()
+                    raise signals.Terminated(signum, f"checkpoint saved at step {self.step} ({self.ckpt_path})")
+
+
+def _like(interrupt: KeyboardInterrupt, message: str) -> KeyboardInterrupt:
+    """``interrupt``'s kind (Ctrl-C, or the stop signal it was) with ``message``."""
+    if isinstance(interrupt, signals.Terminated):
+        return signals.Terminated(interrupt.signum, message)
+    return KeyboardInterrupt(message)
 
 
 def objective_needs_zo(objective: str) -> bool:

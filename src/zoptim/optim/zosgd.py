@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
 from .checks import check_int, check_positive
-from .momentum import SeedMomentum
+from .momentum import SeedMomentum, warn_unused_group_momentum
 
 
 class ZOSGD(ZerothOrderOptimizer):
@@ -32,6 +32,10 @@ class ZOSGD(ZerothOrderOptimizer):
         momentum: beta of the memory-free momentum (:class:`~zoptim.optim.momentum.SeedMomentum`):
             the step follows the normalised average of the last ``momentum_window`` estimates
             ``g_i s_i``, each s redrawn from its key. 0 (default) is plain ZOSGD.
+            It is a ``param_groups`` entry (0 without momentum), so torch's ``OneCycleLR`` and
+            ``CyclicLR`` run with their defaults; their momentum cycle drives beta when the
+            optimizer was built with momentum, and is ignored otherwise (one warning; pass
+            ``cycle_momentum=False`` to say so).
         momentum_window: m, the number of past steps in that average. Default 8.
         guard: tol of the loss guard (:class:`~zoptim.optim.guard.LossGuard`): the step uses
             ``lr * scale``, and the scale halves when the smoothed step loss rises above its best
@@ -75,7 +79,7 @@ class ZOSGD(ZerothOrderOptimizer):
         check_positive("weight_decay", weight_decay, allow_zero=True)
         super().__init__(
             params,
-            dict(lr=lr, eps=eps, weight_decay=weight_decay, **({"momentum": momentum} if momentum else {}),
+            dict(lr=lr, eps=eps, weight_decay=weight_decay, momentum=momentum,
                  **({"guard": guard} if guard else {})),
             seed=seed,
             distribution=distribution,
@@ -102,6 +106,7 @@ class ZOSGD(ZerothOrderOptimizer):
         lrs = self._guarded_lrs()
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
         steps = [(key, g / k) for key, g in zip(keys, gammas)]
+        warn_unused_group_momentum(self)
         steps = self._momentum_terms(steps)
         terms = [(key, [-lr * c for lr in lrs]) for key, c in steps]
         self._update(terms, decay=decay if any(decay) else None)
