@@ -45,6 +45,8 @@ class FinetuneConfig:
     """Every setting of a fine-tuning run (``zoptim finetune``'s flags, as values), checked on creation.
 
     ``lr`` / ``eps`` None: the method's fine-tuning default (:data:`zoptim.lm.train.DEFAULT_LR`).
+    ``keep_checkpoint``: keep the run's training checkpoint once it has finished (removed by
+    default: it holds the trainable weights again; kept, the run can be extended to more steps).
     """
 
     model: str = "smollm2"
@@ -73,6 +75,7 @@ class FinetuneConfig:
     exact_restore: bool = True
     seed: int = 0
     save_model: bool = True
+    keep_checkpoint: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -143,6 +146,22 @@ def weights_changed(model, name: str, dtype) -> dict:
     return {"fraction": changed / max(total, 1), "max_abs": largest}
 
 
+def finished(run_dir: Path, steps: int) -> dict | None:
+    """The result of the run in ``run_dir`` if it finished ``steps`` steps and its checkpoint was
+    removed (nothing is left to train), else None. A finished run of another length without its
+    checkpoint cannot be continued exactly: ValueError."""
+    result_path = Path(run_dir) / "result.json"
+    if not result_path.exists() or (Path(run_dir) / "checkpoint.pt").exists():
+        return None
+    result = json.loads(result_path.read_text())
+    if result.get("steps") == steps:
+        return result
+    raise ValueError(
+        f"the run in {run_dir} finished {result.get('steps')} steps and its training checkpoint was removed (a run "
+        f"keeps it with keep_checkpoint / --keep-checkpoint), so it cannot continue to {steps} steps exactly; start "
+        "a new run")
+
+
 def _agreed(value: bool, collective: bool) -> bool:
     """``value`` as rank 0 sees it, on every rank when ``collective`` (so that all take the same branch)."""
     if not collective:
@@ -177,6 +196,12 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_name = run_name or config.method
+    done = finished(out / run_name, config.steps)
+    if done is not None:
+        say(f"the run in {out / run_name} has finished its {done['steps']} steps (result.json; its checkpoint was "
+            f"removed); nothing to do. --resume --steps N cannot extend it (it needs the checkpoint: "
+            "--keep-checkpoint); --overwrite starts it over", flush=True)
+        return done if rank == 0 else None
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     if not config.progress:
         from transformers.utils import logging as hf_logging
@@ -271,5 +296,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         say(f"tuned model saved in {where}", flush=True)
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     write_report(out)
+    if not config.keep_checkpoint:  # everything is recorded: the training state is not needed any more
+        loop.ckpt_path.unlink(missing_ok=True)
     say((out / "report.md").read_text())
     return result

@@ -237,6 +237,9 @@ class Loop:
         ckpt = safe_load(
             self.ckpt_path, required_keys=("step", "forward_passes", "trainable", "optimizer", "generator")
         )
+        if ckpt["step"] > self.config.steps:
+            raise ValueError(f"the run in {self.out} has trained {ckpt['step']} steps, more than the {self.config.steps} "
+                             "asked for; a run cannot be shortened (give at least its steps)")
         params = self._trainable()
         if ckpt.get("sharded_trainable"):
             if not self.sharded:
@@ -336,6 +339,9 @@ class Loop:
         """Train to ``config.steps`` (from the checkpoint if one exists); return the log."""
         self.classifier.eval()  # two queries of one step must differ only by the perturbation
         if not self.resume() and self.rank == 0:
+            if self.log_path.exists():
+                print(f"note: {self.out} holds a log but no checkpoint (stopped before its first one): starting the "
+                      "run from step 0", flush=True)
             self.log_path.unlink(missing_ok=True)
         self._started = time.perf_counter()
         bar = progress_bar(self.config.steps, "finetune", self.progress and self.rank == 0, initial=self.step)
