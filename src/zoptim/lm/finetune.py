@@ -291,7 +291,12 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     elif not config.lora:
         result["weights_changed"] = weights_changed(clf.model, config.model, config.dtype)
     if config.save_model and not config.shard:
-        where = save_model(clf, run_dir / "model", merge=config.merge, extra={"task": task.name, "method": config.method})
+        from .models import KNOWN_MODELS
+
+        base = {"base_model": config.model if config.model in KNOWN_MODELS else str(resolve(config.model)[0]),
+                "base_model_path": str(resolve(config.model)[0])}
+        where = save_model(clf, run_dir / "model", merge=config.merge,
+                           extra={"task": task.name, "method": config.method, **base})
         result["model_dir"] = str(where)
         say(f"tuned model saved in {where}", flush=True)
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
