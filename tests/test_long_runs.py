@@ -177,3 +177,124 @@ def test_outputs_follow_the_users_umask_and_an_adapter_names_a_base_that_resolve
     from test_lm_io import logits
 
     torch.testing.assert_close(logits(after), logits(before), rtol=0, atol=0)
+
+
+# -- extending a run; the finished run's checkpoint ---------------------------------------------------
+def test_resume_steps_extends_a_run_exactly_and_refuses_where_the_schedules_run_over_its_length(
+        tmp_path, data_files, capsys):
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    assert main(command(model_dir, data_files, tmp_path / "whole", steps=6)) == 0
+    out = tmp_path / "out"
+    assert main(command(model_dir, data_files, out, "--keep-checkpoint", steps=4)) == 0
+    # a new length without --resume: refused, saying how to extend
+    with pytest.raises(SystemExit, match=r"other settings \(--steps 4 -> 6\); pass --resume .*\(--resume --steps 6 "
+                                         r"extends it\)"):
+        main(command(model_dir, data_files, out, steps=6))
+    capsys.readouterr()
+    assert main(command(model_dir, data_files, out, "--resume", "--keep-checkpoint", steps=6)) == 0
+    said = capsys.readouterr().out
+    assert "--resume --steps 6: the run in" in said and "continues to step 6" in said and "resuming from step 4" in said
+    assert json.loads((out / "zosgd" / "config.json").read_text())["steps"] == 6
+    result = json.loads((out / "zosgd" / "result.json").read_text())
+    assert result["steps"] == 6 and result["queries"] == 12 and result["resumed_from_step"] == 4
+    assert_same(tuned(out / "zosgd"), tuned(tmp_path / "whole" / "zosgd"))  # the run started with --steps 6
+    assert [r["step"] for r in map(json.loads, (out / "zosgd" / "log.jsonl").read_text().splitlines())] == list(range(1, 7))
+    # shortening below what was trained is refused
+    with pytest.raises(SystemExit, match=r"has trained 6 steps, more than the 5 asked for"):
+        main(command(model_dir, data_files, out, "--resume", steps=5))
+    # AS2P: its cosine decays run over --steps, so an extension could not be exact
+    assert main(command(model_dir, data_files, out, "--method", "as2p", "--keep-checkpoint", steps=4)) == 0
+    with pytest.raises(SystemExit, match=r"--resume --steps 6: the run in .*as2p cannot be extended exactly: AS2P's "
+                                         r"cosine decays of rho and lr run from step 0 to step total_steps"):
+        main(command(model_dir, data_files, out, "--method", "as2p", "--resume", steps=6))
+
+
+def test_a_finished_run_drops_its_checkpoint_unless_kept_and_is_never_restarted_by_the_same_command(
+        tmp_path, data_files, capsys):
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    out = tmp_path / "out"
+    args = command(model_dir, data_files, out, steps=4)
+    assert main(args) == 0
+    run = out / "zosgd"
+    assert not (run / "checkpoint.pt").exists() and (run / "model" / "model.safetensors").exists()
+    log, model = (run / "log.jsonl").read_bytes(), (run / "model" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 0  # the same command: nothing to do, nothing rewritten
+    assert "has finished its 4 steps" in capsys.readouterr().out
+    assert (run / "log.jsonl").read_bytes() == log and (run / "model" / "model.safetensors").read_bytes() == model
+    with pytest.raises(SystemExit, match=r"finished and its training checkpoint was removed \(a run keeps it with "
+                                         r"--keep-checkpoint\)"):
+        main(command(model_dir, data_files, out, "--resume", steps=6))
+    assert main(command(model_dir, data_files, out, "--keep-checkpoint", "--run-name", "kept", steps=4)) == 0
+    assert (out / "kept" / "checkpoint.pt").exists()
+
+
+# -- honest records -----------------------------------------------------------------------------------
+def test_wall_time_accumulates_across_resumes_in_the_log_the_result_and_the_report(tmp_path, data_files, monkeypatch,
+                                                                                  capsys):
+    from zoptim.lm.prompts import PromptClassifier
+    from zoptim.lm.train import Loop
+
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    loss, step, calls = PromptClassifier.loss, Loop.train_step, [0]
+
+    def slow(self, batch):
+        time.sleep(0.1)
+        return loss(self, batch)
+
+    def interrupted(self):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(PromptClassifier, "loss", slow)
+    monkeypatch.setattr(Loop, "train_step", interrupted)
+    args = command(model_dir, data_files, tmp_path / "out", "--checkpoint-every", "100", steps=4)
+    assert main(args) == 130
+    assert main(args) == 0
+    run = tmp_path / "out" / "zosgd"
+    times = [r["time"] for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())]
+    assert len(times) == 4 and all(b > a for a, b in zip(times, times[1:])), times  # never restarts
+    assert times[-1] >= 4 * 2 * 0.1  # every step's two slow queries, both sessions
+    result = json.loads((run / "result.json").read_text())
+    assert result["train_seconds"] == times[-1]
+    row = next(line for line in (tmp_path / "out" / "report.md").read_text().splitlines() if line.startswith("| zosgd"))
+    assert row.rstrip(" |").endswith(f"| {times[-1]:.0f}")
+
+
+def test_the_report_says_what_each_run_tuned_and_with_which_lr(tmp_path, data_files):
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    out = tmp_path / "out"
+    for extra in (["--run-name", "full"], ["--lora", "--run-name", "lora", "--lr", "2e-3"],
+                  ["--rank", "1", "--per-example", "--run-name", "pe"], ["--method", "as2p", "--run-name", "as2p"]):
+        assert main(command(model_dir, data_files, out, "--no-save-model", *extra, steps=2)) == 0
+    lines = (out / "report.md").read_text().splitlines()
+    assert "| run | method | tuned | lr | steps |" in lines[4]
+    rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
+    assert rows["full"].startswith("| full | zosgd | full | 0.001 | 2 |")
+    assert rows["lora"].startswith("| lora | zosgd | LoRA | 0.002 | 2 |")
+    assert rows["pe"].startswith("| pe | zosgd | full, rank-1 directions, per-example | 0.001 | 2 |")
+    assert rows["as2p"].startswith("| as2p | as2p | full | 0.001 (cosine, auto-scaled) | 2 |")
+
+
+def test_the_interrupt_message_starts_its_own_line_after_the_progress_bar(tmp_path, data_files, monkeypatch, capsys):
+    from zoptim.lm.train import Loop
+
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    step, calls = Loop.train_step, [0]
+
+    def interrupted(self):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        return step(self)
+
+    monkeypatch.setattr(Loop, "train_step", interrupted)
+    args = [a for a in command(model_dir, data_files, tmp_path / "out", steps=4) if a != "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert "finetune:" in err  # the bar was drawn
+    before = err[: err.index("zoptim finetune: interrupted")]
+    assert before == "" or before[-1] in "\r\n", repr(before[-80:])

@@ -224,6 +224,13 @@ def check_extension(saved: dict, steps: int, run_dir: Path) -> None:
     N``: methods whose schedules are defined over the run's length (``total_steps``)."""
     from ..optim import registry
 
+    from .. import records
+
+    log = run_dir / "log.jsonl"
+    trained = max((r["step"] for r in records.read(log)), default=0) if log.exists() else 0
+    if trained > steps:
+        raise SystemExit(f"zoptim finetune: --resume --steps {steps}: the run in {run_dir} has trained {trained} steps, "
+                         f"more than the {steps} asked for; a run cannot be shortened (give --steps {trained} or more)")
     if (run_dir / "result.json").exists() and not (run_dir / "checkpoint.pt").exists():
         raise SystemExit(
             f"zoptim finetune: --resume --steps {steps}: the run in {run_dir} finished and its training checkpoint "
