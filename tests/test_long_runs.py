@@ -61,6 +61,89 @@ def test_one_cycle_lr_runs_on_zosgd_and_as2p_and_drives_seed_momentum_when_there
         schedule.step()
 
 
+# -- a word when a run stops learning (zoptim.optim.stall) ---------------------------------------------
+def rosenbrock(x):
+    x = torch.as_tensor(x)
+    return float((100.0 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum())
+
+
+def stalls(caught) -> list[str]:
+    from zoptim.optim.stall import StallWarning
+
+    return [str(w.message) for w in caught if issubclass(w.category, StallWarning)]
+
+
+def drive(at, steps):
+    for _ in range(steps):
+        at.tell(rosenbrock(at.ask()))
+        while at.in_step:
+            at.tell(rosenbrock(at.ask()))
+
+
+def test_ask_tell_warns_once_when_the_iterate_runs_away_and_once_when_its_step_size_falls_to_zero():
+    """The issue's run: ZOSGD at lr 1e-2 on Rosenbrock reaches 2.4e95 and then sits still."""
+    import numpy as np
+
+    at = zoptim.AskTell("zosgd", np.zeros(10), lr=1e-2, num_directions=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drive(at, 60)
+    said = stalls(caught)
+    assert len(said) == 2 and all("\n" not in m for m in said), said
+    assert said[0].startswith("ZOSGD has run away: every loss of the last 10 steps") and "status 5" in said[0]
+    assert said[1].startswith("ZOSGD's step size has been 0 for 20 steps in a row") and "eps is below" in said[1]
+    assert at.optimizer.last_stats["step_size"] == 0.0
+    with warnings.catch_warnings(record=True) as caught:  # once: not again however long it goes on
+        warnings.simplefilter("always")
+        drive(at, 30)
+    assert stalls(caught) == []
+
+
+def test_step_warns_when_a_schedule_has_ended_and_steps_continue_and_when_lr_is_zero():
+    x = torch.nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = zoptim.AS2P([x], total_steps=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(8):
+            opt.step(lambda: (x ** 2).sum())
+    said = stalls(caught)
+    assert said == ["AS2P took step 6, past total_steps=5: its schedules over total_steps have ended (lr now 0.0); "
+                    "give total_steps the run's real length"]
+    opt = zoptim.ZOSGD([x], lr=0.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(25):
+            opt.step(lambda: (x ** 2).sum())
+    assert [m.split(":")[1].strip() for m in stalls(caught)] == ["its lr is 0; the parameters no longer move"]
+    # a run that learns says nothing
+    opt = zoptim.ZOSGD([x], lr=1e-2, seed=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(50):
+            opt.step(lambda: (x ** 2).sum())
+    assert stalls(caught) == []
+
+
+def test_minimize_keeps_its_status_and_the_optimizer_warns_even_where_minimize_does_not_stop():
+    import numpy as np
+
+    from zoptim.blackbox import DIVERGED_STEPS
+    from zoptim.optim import stall
+
+    assert stall.DIVERGED_STEPS == DIVERGED_STEPS  # the same rule
+    options = {"lr": 1e-2, "num_directions": 4, "maxfev": 2000}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = zoptim.minimize(rosenbrock, np.zeros(10), method="zosgd", options=options)
+    assert result.status == 5 and "diverged" in result.message
+    assert len(stalls(caught)) == 1 and "has run away" in stalls(caught)[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = zoptim.minimize(rosenbrock, np.zeros(10), method="zosgd", options={**options, "divergence": None})
+    assert result.status == 1  # ran its budget, as asked; the warnings said it had stopped learning
+    assert [m.split(" ")[1] for m in stalls(caught)] == ["has", "step"]
+
+
 # -- fine-tuning runs: tiny models, own data ----------------------------------------------------------
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -298,3 +381,14 @@ def test_the_interrupt_message_starts_its_own_line_after_the_progress_bar(tmp_pa
     assert "finetune:" in err  # the bar was drawn
     before = err[: err.index("zoptim finetune: interrupted")]
     assert before == "" or before[-1] in "\r\n", repr(before[-80:])
+
+
+def test_finetune_says_in_one_line_when_its_run_stops_learning(tmp_path, data_files, capsys):
+    """Minus-accuracy at an eps far below what moves a prediction: every step's two queries tie."""
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    capsys.readouterr()
+    assert main(command(model_dir, data_files, tmp_path / "out", "--objective", "accuracy", "--eps", "1e-12",
+                        "--no-save-model", steps=24)) == 0
+    lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("zoptim finetune: warning: ZOSGD's step size has been 0 for 20 steps in a row")

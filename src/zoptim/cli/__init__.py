@@ -6,7 +6,32 @@ Each subcommand lives in its own module and registers itself with :func:`main`'s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import warnings
+
+
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """zoptim's own warnings about a run (it stopped learning, a step was skipped) as one line each,
+    ``zoptim COMMAND: warning: ...``, printed above the progress bar (tqdm.write) instead of into it."""
+    from ..optim.base import NonFiniteLossWarning
+    from ..optim.stall import StallWarning
+
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not issubclass(category, (StallWarning, NonFiniteLossWarning)):
+            return shown(message, category, filename, lineno, file, line)
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"zoptim {command}: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..signals import Terminated, stop_signals
 
     try:
-        with stop_signals():  # SIGTERM / SIGUSR1 (schedulers, timeout, preemption) are handled as Ctrl-C
+        with stop_signals(), _one_line_warnings(args.command):  # SIGTERM / SIGUSR1 are handled as Ctrl-C
             return int(args.run(args) or 0)
     except KeyboardInterrupt as interrupt:
         # one line, not a traceback: runs checkpoint as they go (and when interrupted), and the same command resumes them
