@@ -392,3 +392,18 @@ def test_finetune_says_in_one_line_when_its_run_stops_learning(tmp_path, data_fi
     lines = [line for line in capsys.readouterr().err.splitlines() if "warning" in line.lower()]
     assert len(lines) == 1, lines
     assert lines[0].startswith("zoptim finetune: warning: ZOSGD's step size has been 0 for 20 steps in a row")
+
+
+# -- the README ---------------------------------------------------------------------------------------
+def test_the_readme_library_example_trains_its_own_model(capsys):
+    """Part 1 of "The library in 20 lines", as written: its printed loss falls."""
+    pytest.importorskip("sklearn")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## The library in 20 lines", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    part1 = block.split("# 2.", 1)[0]
+    capsys.readouterr()
+    exec(compile(part1, "README.md", "exec"), {})
+    printed = [line.split() for line in capsys.readouterr().out.splitlines()]
+    steps, losses = [int(s) for s, _ in printed], [float(v) for _, v in printed]
+    assert steps == [0, 100, 200, 300]
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.7 * losses[0], losses

@@ -10,7 +10,10 @@ Runs sharing ``--out`` form one comparison: each writes ``OUT/<run>/`` (log.json
 result.json, and the tuned model in ``model/``: ``save_pretrained`` safetensors + tokenizer, the
 LoRA adapter with ``--lora``, the merged model with ``--lora --merge``) and then the report (``OUT/report.md``, ``report.json``, ``loss_vs_queries.png``,
 ``accuracy.png``) is regenerated from every run present. Zero-shot accuracy is computed once per
-``OUT`` and cached in ``OUT/zero_shot.json``. A run killed midway resumes from its checkpoint.
+``OUT`` and cached in ``OUT/zero_shot.json``. A run killed midway resumes from its checkpoint;
+Ctrl-C, SIGTERM and SIGUSR1 write one at the interruption (:mod:`zoptim.signals`). A finished run's
+checkpoint is removed unless ``--keep-checkpoint``; ``--resume --steps N`` extends a run (exactly,
+or refused: see :func:`check_extension`).
 
 Several processes: ``zoptim finetune --nproc 2 ...`` launches itself under ``torchrun
 --standalone --nproc-per-node 2 --max-restarts 3`` (or run ``torchrun ... -m zoptim.cli finetune
