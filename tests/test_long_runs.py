@@ -223,36 +223,50 @@ def test_a_stop_signal_checkpoints_says_how_to_resume_and_the_resumed_run_is_bit
     assert_same(tuned(tmp_path / "out" / "zosgd"), tuned(tmp_path / "whole" / "zosgd"))
 
 
-def test_outputs_follow_the_users_umask_and_an_adapter_names_a_base_that_resolves_elsewhere(tmp_path, data_files,
-                                                                                          monkeypatch, recwarn):
-    """Files as open() would make them under the umask (atomic writes included, not mkstemp's 0600),
-    folders as mkdir would; a LoRA adapter of "smollm2" records "smollm2" (this machine's cache path
-    as a hint), so it loads where that cache is elsewhere; no transformers FutureWarning."""
+@pytest.fixture
+def umask_027():
+    old = os.umask(0o027)
+    yield
+    os.umask(old)
+
+
+def test_outputs_follow_the_users_umask_atomic_writes_and_model_folders_included(tmp_path, data_files, umask_027):
+    """Files as open() would make them under the umask (not mkstemp's 0600), folders as mkdir would."""
+    from zoptim.checkpoint import atomic_save, atomic_write_text
+
+    atomic_save({"step": 1}, tmp_path / "a" / "checkpoint.pt")
+    atomic_write_text(tmp_path / "a" / "result.json", "{}")
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "a").iterdir()} == {
+        "checkpoint.pt": "0o640", "result.json": "0o640"}
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    for extra in ([], ["--lora"]):
+        assert main(command(model_dir, data_files, tmp_path / "out", "--run-name", "lora" if extra else "full",
+                            "--checkpoint-every", "1", *extra, steps=2)) == 0
+    out = tmp_path / "out"
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
+    assert {"full/model/model.safetensors", "lora/model/adapter_model.safetensors", "report.md",
+            "full/result.json", "zero_shot.json"} <= set(modes)
+    wrong = {p: oct(m) for p, m in modes.items() if m != (0o750 if (out / p).is_dir() else 0o640)}
+    assert not wrong, wrong
+
+
+def test_an_adapter_names_a_base_that_resolves_on_another_machine_and_no_future_warning_is_printed(
+        tmp_path, data_files, monkeypatch, recwarn):
+    """A LoRA adapter of "smollm2" records "smollm2" (this machine's cache path as a hint), so it
+    loads where that cache is elsewhere; peft's FutureWarning about transformers is not printed."""
     from zoptim.lm import models
     from zoptim.lm.models import load_classifier
 
     here = save_tiny("causal", tmp_path / "cache-here")
     monkeypatch.setattr(models, "smollm2_dir", lambda: here)  # "smollm2", converted into this machine's cache
-    old = os.umask(0o027)
-    try:
-        args = command("smollm2", data_files, tmp_path / "out", "--lora", steps=2)
-        assert main(args) == 0
-        assert main(command("smollm2", data_files, tmp_path / "out", "--lora", "--keep-checkpoint", "--run-name", "kept",
-                            steps=2)) == 0
-    finally:
-        os.umask(old)
-    out = tmp_path / "out"
-    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in [out, *out.rglob("*")]}
-    assert "kept/checkpoint.pt" in modes and "zosgd/model/adapter_model.safetensors" in modes
-    wrong = {p: oct(m) for p, m in modes.items() if m != (0o750 if (out / p).is_dir() else 0o640)}
-    assert not wrong, wrong
+    assert main(command("smollm2", data_files, tmp_path / "out", "--lora", steps=2)) == 0
     assert not [w for w in recwarn if issubclass(w.category, FutureWarning)], [str(w.message) for w in recwarn]
-    # the adapter's base is the model's name; zoptim_prompt.json keeps this machine's path as a hint
-    saved = out / "zosgd" / "model"
+    saved = tmp_path / "out" / "zosgd" / "model"
     assert json.loads((saved / "adapter_config.json").read_text())["base_model_name_or_path"] == "smollm2"
     assert json.loads((saved / "zoptim_prompt.json").read_text())["base_model_path"] == str(here)
-    # on "another machine" the cache is elsewhere: the adapter loads on it, with the same outputs
     before = load_classifier(saved)
+    assert not [w for w in recwarn if issubclass(w.category, FutureWarning)], [str(w.message) for w in recwarn]
+    # on "another machine" the cache is elsewhere: the adapter loads on it, with the same outputs
     elsewhere = tmp_path / "cache-there"
     here.rename(elsewhere)
     monkeypatch.setattr(models, "smollm2_dir", lambda: elsewhere)
