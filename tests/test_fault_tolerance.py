@@ -104,6 +104,38 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_ends_bit_identical
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint_and_the_same_command_resumes(setup):
+    """SIGTERM to ``zoptim finetune --nproc 2`` (what a batch scheduler sends): the launcher passes it
+    to torchrun, which passes it to both workers; they agree at a step boundary, checkpoint there
+    (not at a periodic checkpoint, every 5 steps) and exit on their own (torchrun never has to
+    SIGKILL a worker left waiting in a collective); one line says where the checkpoint is; the
+    exit status is 143; the run resumes from that step. (Bit for bit resumes: the SIGKILL test
+    above, and tests/test_long_runs.py for SIGTERM in one process.)"""
+    model_dir, data, tmp = setup
+    args = command(model_dir, data, tmp / "term", "--nproc", "2", "--max-restarts", "0")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    launcher = subprocess.Popen([sys.executable, "-m", "zoptim.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    log = tmp / "term" / "run" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while logged_step(log) < 12 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, output
+    assert "closing signal SIGKILL" not in output, output
+    said = [line for line in output.splitlines() if "stopped by SIGTERM" in line]
+    assert len(said) == 1 and said[0].startswith("zoptim finetune: stopped by SIGTERM (checkpoint saved at step "), output
+    step = int(said[0].split("checkpoint saved at step ")[1].split()[0])
+    assert 12 <= step < STEPS and safe_load(tmp / "term" / "run" / "checkpoint.pt")["step"] == step
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, step + 1))
+    resumed = torchrun(command(model_dir, data, tmp / "term", "--resume", "--steps", str(step + 2)))
+    output, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, output
+    result = json.loads((tmp / "term" / "run" / "result.json").read_text())
+    assert result["resumed_from_step"] == step and result["steps"] == step + 2
+
+
 def first_checkpoint_free(model_dir):
     """The untrained weights, to show the runs did train."""
     from zoptim.lm.models import load_model

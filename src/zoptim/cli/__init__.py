@@ -55,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         # one line, not a traceback: runs checkpoint as they go (and when interrupted), and the same command resumes them
         where = f" ({interrupt})" if str(interrupt) else ""
         how = f"stopped by {interrupt.name}" if isinstance(interrupt, Terminated) else "interrupted"
-        print(f"zoptim {args.command}: {how}{where}; run the same command again to resume", file=sys.stderr,
-              flush=True)
+        from ..distributed import launched_rank_and_world
+
+        if launched_rank_and_world()[0] == 0:  # under torchrun, rank 0 says it for the group
+            print(f"zoptim {args.command}: {how}{where}; run the same command again to resume", file=sys.stderr,
+                  flush=True)
         return interrupt.exit_code if isinstance(interrupt, Terminated) else 130
 
 

@@ -378,9 +378,8 @@ def launch(args) -> int:
             if isinstance(interrupt, Terminated):
                 stopped = interrupt
                 proc.send_signal(interrupt.signum)
-    if stopped is not None and code:
-        raise Terminated(stopped.signum, "the group's checkpoint is the one to resume from")
-    return code
+    # rank 0 has said where the group's checkpoint is; the exit status is the signal's, as for one process
+    return stopped.exit_code if stopped is not None and code else code
 
 
 def run(args) -> int:
