@@ -39,6 +39,7 @@ from typing import NoReturn
 import torch
 
 from .. import records, signals
+from ..atomic import deferred_signals
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
 from ..optim import registry
@@ -371,10 +372,16 @@ class Loop:
             except KeyboardInterrupt as interrupt:  # the step is done: keep it, without its validation
                 self.log(record)
                 self._save_interrupted(interrupt, None, None)
-            self.log(record)
             saved = self.step % self.config.checkpoint_every == 0 or last
-            if saved:
-                self.save()
+            try:
+                with deferred_signals():  # a signal now waits for the record and the checkpoint, then acts
+                    self.log(record)
+                    if saved:
+                        self.save()
+            except KeyboardInterrupt as interrupt:
+                if not saved:
+                    self._save_interrupted(interrupt, None, None)
+                raise _like(interrupt, f"checkpoint saved at step {self.step} ({self.ckpt_path})") from None
             bar.update(1)
             if self.world > 1:
                 signum = signals.agreed()
