@@ -130,7 +130,13 @@ def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint_and_the_
     assert 12 <= step < STEPS and safe_load(tmp / "term" / "run" / "checkpoint.pt")["step"] == step
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, step + 1))
     resumed = torchrun(command(model_dir, data, tmp / "term", "--resume", "--steps", str(step + 2)))
-    output, _ = resumed.communicate(timeout=240)
+    try:
+        output, _ = resumed.communicate(timeout=240)
+    finally:
+        if resumed.poll() is None:  # never leave a group running after a failure
+            for pid in Path(f"/proc/{resumed.pid}/task/{resumed.pid}/children").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+            resumed.kill()
     assert resumed.returncode == 0, output
     result = json.loads((tmp / "term" / "run" / "result.json").read_text())
     assert result["resumed_from_step"] == step and result["steps"] == step + 2

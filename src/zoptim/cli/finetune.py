@@ -397,8 +397,9 @@ def run(args) -> int:
         settle_run_folder(args, run_dir)
     elif args.resume and (run_dir / "config.json").exists():  # the other ranks take the settings rank 0 kept
         saved = json.loads((run_dir / "config.json").read_text())
-        for k in RUN_FIELDS:
-            setattr(args, k, saved.get(k, getattr(args, k)))
+        for k in RUN_FIELDS:  # but --steps, which --resume takes from the command (rank 0 may be rewriting the file)
+            if k != "steps":
+                setattr(args, k, saved.get(k, getattr(args, k)))
     args.config = finetune_config(args)  # again: with --resume the recorded settings are the run's
     if args.nproc is not None and args.nproc > 1 and launched_world_size() <= 1:
         return launch(args)
