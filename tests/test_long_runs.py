@@ -148,7 +148,17 @@ def test_minimize_keeps_its_status_and_the_optimizer_warns_even_where_minimize_d
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from test_lm_io import data_files, save_tiny  # noqa: E402,F401 - data_files is a fixture
+from test_lm import TEXTS  # noqa: E402
+from test_lm_io import LABELS, save_tiny, write_jsonl  # noqa: E402
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    rows = [{"review": t, "sentiment": LABELS[y]} for t, y in TEXTS]
+    return {"train": write_jsonl(tmp_path / "train.jsonl", rows),
+            "validation": write_jsonl(tmp_path / "val.jsonl", rows[:4]),
+            "test": write_jsonl(tmp_path / "test.jsonl", rows[4:])}
+
 
 FLAGS = ["--text-field", "review", "--label-field", "sentiment", "--template", "Review: {text}\\nSentiment:",
          "--batch-size", "4", "--eval-every", "3", "--eval-examples", "4", "--max-length", "16", "--lr", "1e-3",

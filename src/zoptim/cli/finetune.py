@@ -225,9 +225,8 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
 def check_extension(saved: dict, steps: int, run_dir: Path) -> None:
     """Refuse ``--resume --steps N`` where the result would not be the run started with ``--steps
     N``: methods whose schedules are defined over the run's length (``total_steps``)."""
-    from ..optim import registry
-
     from .. import records
+    from ..optim import registry
 
     log = run_dir / "log.jsonl"
     trained = max((r["step"] for r in records.read(log)), default=0) if log.exists() else 0
