@@ -316,24 +316,44 @@ def test_resume_steps_extends_a_run_exactly_and_refuses_where_the_schedules_run_
         main(command(model_dir, data_files, out, "--method", "as2p", "--resume", steps=6))
 
 
-def test_a_finished_run_drops_its_checkpoint_unless_kept_and_is_never_restarted_by_the_same_command(
+def test_a_finished_run_drops_its_checkpoint_unless_kept_yet_extends_exactly_and_is_never_restarted(
         tmp_path, data_files, capsys):
+    """The checkpoint of a finished run (the weights again) is removed; resume.pt keeps the rest of
+    the training state and the weights are read back from model/, so --resume --steps still
+    extends it bit for bit. Where the export cannot give the weights back (--no-save-model,
+    --merge) nothing is kept and an extension is refused, saying why."""
     model_dir = save_tiny("causal", tmp_path / "tiny")
+    assert main(command(model_dir, data_files, tmp_path / "whole", steps=6)) == 0
     out = tmp_path / "out"
     args = command(model_dir, data_files, out, steps=4)
     assert main(args) == 0
     run = out / "zosgd"
     assert not (run / "checkpoint.pt").exists() and (run / "model" / "model.safetensors").exists()
+    from zoptim.checkpoint import safe_load
+
+    state = safe_load(run / "resume.pt")
+    assert state["trainable"] == {} and state["trainable_in"] == "model" and state["step"] == 4  # no weights
     log, model = (run / "log.jsonl").read_bytes(), (run / "model" / "model.safetensors").read_bytes()
     capsys.readouterr()
     assert main(args) == 0  # the same command: nothing to do, nothing rewritten
-    assert "has finished its 4 steps" in capsys.readouterr().out
+    assert "has finished its 4 steps (result.json); nothing to do" in capsys.readouterr().out
     assert (run / "log.jsonl").read_bytes() == log and (run / "model" / "model.safetensors").read_bytes() == model
-    with pytest.raises(SystemExit, match=r"finished and its training checkpoint was removed \(a run keeps it with "
-                                         r"--keep-checkpoint\)"):
-        main(command(model_dir, data_files, out, "--resume", steps=6))
-    assert main(command(model_dir, data_files, out, "--keep-checkpoint", "--run-name", "kept", steps=4)) == 0
-    assert (out / "kept" / "checkpoint.pt").exists()
+    assert main(command(model_dir, data_files, out, "--resume", steps=6)) == 0
+    assert f"resuming from step 4 ({run / 'resume.pt'})" in capsys.readouterr().out
+    assert_same(tuned(run), tuned(tmp_path / "whole" / "zosgd"))  # = the run started with --steps 6
+    assert json.loads((run / "result.json").read_text())["resumed_from_step"] == 4
+    # LoRA: the adapter gives its tensors back too
+    assert main(command(model_dir, data_files, out, "--lora", "--run-name", "lora", steps=2)) == 0
+    assert (out / "lora" / "resume.pt").exists() and not (out / "lora" / "checkpoint.pt").exists()
+    assert main(command(model_dir, data_files, out, "--lora", "--run-name", "lora", "--resume", steps=3)) == 0
+    # nothing to read the weights back from: nothing kept, and an extension says why it cannot be
+    assert main(command(model_dir, data_files, out, "--no-save-model", "--run-name", "bare", steps=2)) == 0
+    assert not [p for p in (out / "bare").iterdir() if p.suffix == ".pt"]
+    with pytest.raises(SystemExit, match=r"finished and its training checkpoint was removed \(its model was not "
+                                         r"saved in a form .*--no-save-model.*--keep-checkpoint\)"):
+        main(command(model_dir, data_files, out, "--no-save-model", "--run-name", "bare", "--resume", steps=3))
+    assert main(command(model_dir, data_files, out, "--keep-checkpoint", "--run-name", "kept", steps=2)) == 0
+    assert (out / "kept" / "checkpoint.pt").exists() and not (out / "kept" / "resume.pt").exists()
 
 
 # -- honest records -----------------------------------------------------------------------------------

@@ -12,8 +12,9 @@ LoRA adapter with ``--lora``, the merged model with ``--lora --merge``) and then
 ``accuracy.png``) is regenerated from every run present. Zero-shot accuracy is computed once per
 ``OUT`` and cached in ``OUT/zero_shot.json``. A run killed midway resumes from its checkpoint;
 Ctrl-C, SIGTERM and SIGUSR1 write one at the interruption (:mod:`zoptim.signals`). A finished run's
-checkpoint is removed unless ``--keep-checkpoint``; ``--resume --steps N`` extends a run (exactly,
-or refused: see :func:`check_extension`).
+checkpoint is removed unless ``--keep-checkpoint`` (``resume.pt`` keeps the rest of its state, the
+weights being read back from ``model/``); ``--resume --steps N`` extends a run (exactly, or
+refused: see :func:`check_extension`).
 
 Several processes: ``zoptim finetune --nproc 2 ...`` launches itself under ``torchrun
 --standalone --nproc-per-node 2 --max-restarts 3`` (or run ``torchrun ... -m zoptim.cli finetune
@@ -60,8 +61,10 @@ def register(sub) -> None:
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged model instead of the adapter")
     p.add_argument("--no-save-model", action="store_true", help="do not write OUT/RUN/model/")
     p.add_argument("--keep-checkpoint", action="store_true",
-                   help="keep OUT/RUN/checkpoint.pt once the run has finished (by default it is removed: it is as "
-                        "large as the model; keep it to extend the run later with --resume --steps N)")
+                   help="keep OUT/RUN/checkpoint.pt once the run has finished. By default it is removed (it holds the "
+                        "weights again) and the rest of the training state stays in OUT/RUN/resume.pt, the weights "
+                        "being read back from OUT/RUN/model/, so --resume --steps N can still extend the run; with "
+                        "--merge, --no-save-model or --shard nothing is kept and the run cannot be extended")
     p.add_argument("--no-exact-restore", action="store_true",
                    help="drop the exact-restore journal (MeZO's arithmetic undo; a control for bf16)")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
@@ -141,7 +144,7 @@ def _sha256(path) -> str:
 
 def started(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that has trained (a log or a checkpoint), not just its configuration."""
-    return (run_dir / "checkpoint.pt").exists() or (run_dir / "log.jsonl").exists()
+    return any((run_dir / f).exists() for f in ("checkpoint.pt", "resume.pt", "log.jsonl"))
 
 
 def remove_unstarted(run_dir: Path) -> None:
@@ -233,11 +236,14 @@ def check_extension(saved: dict, steps: int, run_dir: Path) -> None:
     if trained > steps:
         raise SystemExit(f"zoptim finetune: --resume --steps {steps}: the run in {run_dir} has trained {trained} steps, "
                          f"more than the {steps} asked for; a run cannot be shortened (give --steps {trained} or more)")
-    if (run_dir / "result.json").exists() and not (run_dir / "checkpoint.pt").exists():
+    from ..lm.train import RESUME_FILE
+
+    if (run_dir / "result.json").exists() and not any((run_dir / f).exists() for f in ("checkpoint.pt", RESUME_FILE)):
         raise SystemExit(
             f"zoptim finetune: --resume --steps {steps}: the run in {run_dir} finished and its training checkpoint "
-            "was removed (a run keeps it with --keep-checkpoint), so it cannot continue exactly; start a new run with "
-            f"--steps {steps} (--overwrite, or another --run-name)")
+            "was removed (its model was not saved in a form the weights can be read back from exactly: --merge, "
+            "--no-save-model or --shard; a run keeps the checkpoint with --keep-checkpoint), so it cannot continue "
+            f"exactly; start a new run with --steps {steps} (--overwrite, or another --run-name)")
     method = saved.get("method")
     if method in registry.names() and "total_steps" in registry.get(method).hyperparameters():
         what = ("AS2P's cosine decays of rho and lr run from step 0 to step total_steps" if method == "as2p" else

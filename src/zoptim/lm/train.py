@@ -49,6 +49,32 @@ from .data import Task
 from .prompts import PromptClassifier
 
 
+#: A finished run's training state without its weights (read from the exported model): see Loop.slim.
+RESUME_FILE = "resume.pt"
+
+
+def exported_trainable(export: Path, names) -> dict[str, torch.Tensor] | None:
+    """The trainable tensors ``names`` (a classifier's parameter names) as a model exported by
+    :func:`zoptim.lm.models.save_model` holds them (``save_pretrained`` safetensors, or a peft
+    adapter, whose keys lack the adapter name), or None if the export does not hold them all."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(export).glob("*.safetensors"))
+    if not files:
+        return None
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    out = {}
+    for name in names:
+        key = name.removeprefix("model.")  # PromptClassifier.model is the exported model
+        hit = next((k for k in (key, key.replace(".default.", ".")) if k in tensors), None)
+        if hit is None:
+            return None
+        out[name] = tensors[hit]
+    return out
+
+
 def finetune_methods() -> tuple[str, ...]:
     """The registry's methods (read when asked: a method registered later is one of them) and AdamW."""
     return registry.names() + ("adamw",)
@@ -171,6 +197,7 @@ class Loop:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
+        self.resume_path = self.out / RESUME_FILE
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.elapsed = 0.0  # seconds of training before this process's (a resumed run's earlier sessions)
@@ -231,29 +258,55 @@ class Loop:
                 if old != shards:
                     shutil.rmtree(old, ignore_errors=True)
 
+    def slim(self, export: Path | None) -> bool:
+        """After the run has finished and exported its model to ``export``: replace ``checkpoint.pt``
+        (the trainable weights again) by ``resume.pt``, the rest of the training state (optimizer
+        state with the seed stream, data generator, counters, time), whose weights are read back
+        from the export. Written only when the export holds the trainable tensors bit for bit
+        (checked here), so that ``--resume --steps N`` extends the run exactly; otherwise the
+        checkpoint is just removed. True if ``resume.pt`` was written."""
+        written = False
+        if export is not None and self.ckpt_path.exists() and not self.sharded:
+            ckpt = safe_load(self.ckpt_path)
+            saved = exported_trainable(export, ckpt["trainable"].keys())
+            if saved is not None and all(saved[n].dtype == v.dtype and torch.equal(saved[n], v)
+                                         for n, v in ckpt["trainable"].items()):
+                atomic_save({**ckpt, "trainable": {}, "trainable_in": export.name}, self.resume_path)
+                written = True
+        self.ckpt_path.unlink(missing_ok=True)
+        if not written:
+            self.resume_path.unlink(missing_ok=True)
+        return written
+
     def resume(self) -> bool:
-        """Load ``checkpoint.pt`` if present; drop log records written after it. True if resumed."""
-        if not self.ckpt_path.exists():
+        """Load ``checkpoint.pt`` (or, for a finished run, ``resume.pt`` and the exported weights)
+        if present; drop log records written after it. True if resumed."""
+        path = self.ckpt_path if self.ckpt_path.exists() else self.resume_path
+        if not path.exists():
             return False
-        ckpt = safe_load(
-            self.ckpt_path, required_keys=("step", "forward_passes", "trainable", "optimizer", "generator")
-        )
+        ckpt = safe_load(path, required_keys=("step", "forward_passes", "trainable", "optimizer", "generator"))
         if ckpt["step"] > self.config.steps:
             raise ValueError(f"the run in {self.out} has trained {ckpt['step']} steps, more than the {self.config.steps} "
                              "asked for; a run cannot be shortened (give at least its steps)")
         params = self._trainable()
         if ckpt.get("sharded_trainable"):
             if not self.sharded:
-                raise CheckpointError(f"checkpoint {self.ckpt_path} was written by a sharded run (--shard); resume it "
+                raise CheckpointError(f"checkpoint {path} was written by a sharded run (--shard); resume it "
                                       "with --shard")
             import torch.distributed.checkpoint as dcp
 
             dcp.load({n: p.detach() for n, p in params.items()}, checkpoint_id=self.out / ckpt["sharded_trainable"])
         else:
             saved = ckpt["trainable"]
+            if ckpt.get("trainable_in"):  # resume.pt: the weights are the run's exported model
+                saved = exported_trainable(self.out / ckpt["trainable_in"], params.keys())
+                if saved is None:
+                    raise CheckpointError(f"{path} reads the run's weights from {self.out / ckpt['trainable_in']}, which "
+                                          "is missing or no longer holds them; the run cannot continue (--overwrite "
+                                          "starts it over)")
             if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
                 raise CheckpointError(
-                    f"checkpoint {self.ckpt_path} was written for other trainable parameters "
+                    f"checkpoint {path} was written for other trainable parameters "
                     f"({len(saved)} tensors, this run has {len(params)}: another model, --lora setting or "
                     f"version?); use another --out/--run-name or delete it to start over"
                 )
@@ -272,7 +325,7 @@ class Loop:
         self.elapsed = float(ckpt.get("elapsed", next((r["time"] for r in reversed(kept) if "time" in r), 0.0)))
         self.resumed_from = self.step
         if self.rank == 0:
-            print(f"resuming from step {self.step} ({self.ckpt_path})", flush=True)
+            print(f"resuming from step {self.step} ({path})", flush=True)
         return True
 
     # -- training --------------------------------------------------------------------------------------
