@@ -48,7 +48,6 @@ from ..shards import is_dtensor, local_part
 from .data import Task
 from .prompts import PromptClassifier
 
-
 #: A finished run's training state without its weights (read from the exported model): see Loop.slim.
 RESUME_FILE = "resume.pt"
 
