@@ -33,7 +33,7 @@ def command(model_dir, data, out, *extra, method="zosgd"):
     return ["finetune", "--model", str(model_dir), "--train", str(data), "--text-field", "review",
             "--label-field", "sentiment", "--method", method, "--steps", str(STEPS), "--batch-size", "4",
             "--eval-every", str(STEPS), "--checkpoint-every", "5", "--eval-examples", "2", "--max-length", "16",
-            "--lr", "5e-2", "--eps", "1e-2", "--no-progress", "--no-save-model", "--run-name", "run",
+            "--lr", "5e-2", "--eps", "1e-2", "--no-progress", "--no-save-model", "--keep-checkpoint", "--run-name", "run",
             "--out", str(out), *extra]
 
 
@@ -104,6 +104,44 @@ def test_a_killed_worker_is_restarted_from_the_checkpoint_and_ends_bit_identical
     assert steps == list(range(1, STEPS + 1))
 
 
+def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint_and_the_same_command_resumes(setup):
+    """SIGTERM to ``zoptim finetune --nproc 2`` (what a batch scheduler sends): the launcher passes it
+    to torchrun, which passes it to both workers; they agree at a step boundary, checkpoint there
+    (not at a periodic checkpoint, every 5 steps) and exit on their own (torchrun never has to
+    SIGKILL a worker left waiting in a collective); one line says where the checkpoint is; the
+    exit status is 143; the run resumes from that step. (Bit for bit resumes: the SIGKILL test
+    above, and tests/test_long_runs.py for SIGTERM in one process.)"""
+    model_dir, data, tmp = setup
+    args = command(model_dir, data, tmp / "term", "--nproc", "2", "--max-restarts", "0")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    launcher = subprocess.Popen([sys.executable, "-m", "zoptim.cli", *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    log = tmp / "term" / "run" / "log.jsonl"
+    deadline = time.monotonic() + 120
+    while logged_step(log) < 12 and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    launcher.send_signal(signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=120)
+    assert launcher.returncode == 143, output
+    assert "closing signal SIGKILL" not in output, output
+    said = [line for line in output.splitlines() if "stopped by SIGTERM" in line]
+    assert len(said) == 1 and said[0].startswith("zoptim finetune: stopped by SIGTERM (checkpoint saved at step "), output
+    step = int(said[0].split("checkpoint saved at step ")[1].split()[0])
+    assert 12 <= step < STEPS and safe_load(tmp / "term" / "run" / "checkpoint.pt")["step"] == step
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, step + 1))
+    resumed = torchrun(command(model_dir, data, tmp / "term", "--resume", "--steps", str(step + 2)))
+    try:
+        output, _ = resumed.communicate(timeout=240)
+    finally:
+        if resumed.poll() is None:  # never leave a group running after a failure
+            for pid in Path(f"/proc/{resumed.pid}/task/{resumed.pid}/children").read_text().split():
+                os.kill(int(pid), signal.SIGKILL)
+            resumed.kill()
+    assert resumed.returncode == 0, output
+    result = json.loads((tmp / "term" / "run" / "result.json").read_text())
+    assert result["resumed_from_step"] == step and result["steps"] == step + 2
+
+
 def first_checkpoint_free(model_dir):
     """The untrained weights, to show the runs did train."""
     from zoptim.lm.models import load_model
@@ -146,18 +184,15 @@ def test_per_example_directions_under_torchrun_equal_one_process(setup):
 def test_a_sharded_run_resumes_from_its_sharded_checkpoint_and_equals_one_process(setup):
     """``zoptim finetune --nproc 2 --shard``: FSDP2-sharded weights (each rank reads its rows),
     checkpoints written shard by shard (torch.distributed.checkpoint, one folder per step, the last
-    kept) and validations run on every rank. 10 steps, then the run is extended to 20 (its recorded
-    step count edited, as an interrupted run would resume): it continues from the sharded
-    checkpoint and ends where one unsharded process running 20 steps ends."""
+    kept) and validations run on every rank. 10 steps, then the run is extended to 20 (``--resume
+    --steps 20``): it continues from the sharded checkpoint and ends where one unsharded process
+    running 20 steps ends."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     model_dir, data, tmp = setup
     extra = ("--eval-every", "5", "--checkpoint-every", "10", "--lr", "1e-3", "--eps", "1e-3")
     run = tmp / "sh" / "run"
     for steps in ("10", "20"):
-        if steps == "20":  # the recorded settings now say 20 steps: --resume continues the run
-            config = json.loads((run / "config.json").read_text())
-            (run / "config.json").write_text(json.dumps({**config, "steps": 20}))
         sharded = torchrun(command(model_dir, data, tmp / "sh", "--shard", *extra, "--steps", steps, "--resume"))
         output, _ = sharded.communicate(timeout=240)
         assert sharded.returncode == 0, output

@@ -88,7 +88,7 @@ def test_finetune_from_jsonl_saves_a_model_that_from_pretrained_reloads_with_the
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model_dir = save_tiny("causal", tmp_path / "tiny")
-    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--device", "cpu")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--device", "cpu", "--keep-checkpoint")
     saved = run_dir / "model"
     assert (saved / "model.safetensors").exists() and (saved / "config.json").exists()
     result = json.loads((run_dir / "result.json").read_text())
@@ -116,7 +116,7 @@ def test_lora_adapter_round_trip_with_peft_from_pretrained_and_merge(tmp_path, d
     from transformers import AutoModelForCausalLM
 
     model_dir = save_tiny("causal", tmp_path / "tiny")
-    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--lora", run="lora")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--lora", "--keep-checkpoint", run="lora")
     result = json.loads((run_dir / "result.json").read_text())
     assert (result["lr"], result["eps"]) == (5e-2, 1e-2)  # the values the run used
     assert result["lr_rule"].startswith("AS2P (S2P paper, Alg. 2): lr_k decays by cosine from this lr")
@@ -154,7 +154,7 @@ def test_encoder_path_from_csv_with_labels_taken_from_the_data(tmp_path):
 
 def test_an_encoder_is_exported_with_its_head_and_transformers_alone_classifies_with_it(tmp_path, data_files):
     model_dir = save_tiny("encoder", tmp_path / "bert")
-    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--keep-checkpoint")
     saved = run_dir / "model"
     clf = load_classifier(saved)
     texts = ["good movie", "the plot was dull", "a very great film"]
@@ -333,7 +333,7 @@ def test_checkpoints_are_written_atomically_and_read_without_pickled_code(tmp_pa
 
 def test_a_corrupted_finetune_checkpoint_stops_the_run_with_the_file_named_and_keeps_the_log(tmp_path, data_files):
     model_dir = save_tiny("causal", tmp_path / "tiny")
-    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="ck")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--keep-checkpoint", run="ck")
     log_before = (run_dir / "log.jsonl").read_text()
     ckpt = run_dir / "checkpoint.pt"
     ckpt.write_bytes(ckpt.read_bytes()[:100])
@@ -343,7 +343,7 @@ def test_a_corrupted_finetune_checkpoint_stops_the_run_with_the_file_named_and_k
     # a checkpoint of other trainable parameters (here: full vs LoRA) is refused by name too (in a run
     # folder without the configuration that would refuse the --lora change first: an older zoptim's)
     ok = tmp_path / "ok"
-    (finetune(ok, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="ck") / "config.json").unlink()
+    (finetune(ok, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--keep-checkpoint", run="ck") / "config.json").unlink()
     with pytest.raises(SystemExit, match="written for other trainable parameters"):
         finetune(ok, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--lora", "--steps", "6", run="ck")
 
@@ -409,7 +409,7 @@ def test_finetune_with_forward_directions_trains_records_them_and_exports(tmp_pa
     """`zoptim finetune --rank 1 [--per-example]`: directions in the forward, recorded in result.json,
     the exported model carries the trained weights and no hook."""
     model_dir = save_tiny("causal", tmp_path / "tiny")
-    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", *extra, run="fwd")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", *extra, "--keep-checkpoint", run="fwd")
     result = json.loads((run_dir / "result.json").read_text())
     assert result["rank"] == 1 and result["per_example"] == ("--per-example" in extra)
     assert result["orthogonalize"] == ("--orthogonalize" in extra)
@@ -441,13 +441,14 @@ def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(
     config = json.loads((run_dir / "config.json").read_text())
     assert config["lr"] == 5e-2 and set(config["data_sha256"]) == {"train", "validation", "test"}
     capsys.readouterr()
-    # the same command again: the finished run is resumed, and says so
+    # the same command again: the finished run (its checkpoint removed) has nothing to do, and says so
+    assert not (run_dir / "checkpoint.pt").exists()
     finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model")
-    assert "resuming from step 4" in capsys.readouterr().out
+    assert "has finished its 4 steps (result.json); nothing to do" in capsys.readouterr().out
     # a run recorded before a flag existed (here --shard, --per-example) had it off: still the same run
     (run_dir / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k not in ("shard", "per_example")}))
     finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model")
-    assert "resuming from step 4" in capsys.readouterr().out
+    assert "nothing to do" in capsys.readouterr().out
     (run_dir / "config.json").write_text(json.dumps(config))
     # the default method is the one the README recommends for language models
     assert config["method"] == "zosgd" and json.loads(
@@ -455,7 +456,7 @@ def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(
     )["method"] == "zosgd"
     # another lr: one line naming the field, nothing trained or rewritten
     before = (run_dir / "result.json").read_bytes()
-    with pytest.raises(SystemExit, match=r"run holds a run with other settings \(lr: 0\.05 -> 0\.01\); pass --resume"):
+    with pytest.raises(SystemExit, match=r"run holds a run with other settings \(--lr 0\.05 -> 0\.01\); pass --resume"):
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", "--lr", "1e-2")
     assert (run_dir / "result.json").read_bytes() == before
     # --resume: the run's own settings win
@@ -467,7 +468,9 @@ def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(
     assert json.loads((run_dir / "result.json").read_text())["lr"] == 1e-2
     # other data in the same comparison folder: refused before any work
     data_files["train"].write_text(data_files["train"].read_text() + data_files["train"].read_text())
-    with pytest.raises(SystemExit, match=r"holds a comparison with another data_sha256"):
+    with pytest.raises(SystemExit, match=r"holds a comparison whose runs this one cannot join: the data files "
+                                         r"changed since this comparison was made \(recorded in .*zero_shot.json\); give "
+                                         r"another --out"):
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="other")
 
 

@@ -22,21 +22,49 @@ from typing import IO
 
 import torch
 
-__all__ = ["CheckpointError", "atomic_save", "atomic_write", "atomic_write_text", "safe_load"]
+__all__ = ["CheckpointError", "atomic_save", "atomic_write", "atomic_write_text", "safe_load", "share_as_umask"]
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file that cannot be read (truncated, corrupted, or not a zoptim checkpoint)."""
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux), else set and reset."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask(path) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions a plain ``open`` /
+    ``mkdir`` would have given it under the user's umask: ``tempfile.mkstemp`` and ``mkdtemp``
+    create 0600 files and 0700 folders, which would keep a colleague from reading a tuned model."""
+    mask = _umask()
+    path = Path(path)
+    for p in [path, *sorted(path.rglob("*"))] if path.is_dir() else [path]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write(path, write: Callable[[IO], None], mode: str = "wb") -> None:
     """Write ``path`` all or nothing: ``write(file)`` fills a temporary file with a unique name in
     the same folder, which is flushed to disk and renamed over ``path``. Processes writing one path
-    at once never clash (the last rename wins; every reader sees one whole file)."""
+    at once never clash (the last rename wins; every reader sees one whole file). The file gets
+    the permissions of the user's umask, as ``open`` would give it (not mkstemp's 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             write(f)
             f.flush()

@@ -87,8 +87,16 @@ def main(args) -> int:
         print(_table_only(build_report(args.report)))
         print(f"wrote {args.report / 'summary.md'}")
         return 0
-    if args.suite is None or args.out is None:
-        raise SystemExit("zoptim bench: give --suite and --out (or --report DIR)")
+    if args.suite is None:  # --suite and --out are optional only because --report DIR needs neither
+        from ..bench import SUITES
+
+        given = [f"--{name}" for name in ("methods", "problems", "seeds", "budget", "evals", "set")
+                 if getattr(args, "overrides" if name == "set" else name) is not None]
+        what = f"{' and '.join(given)} override{'s' if len(given) == 1 else ''} a suite's settings: " if given else ""
+        raise SystemExit(f"zoptim bench: {what}give --suite NAME (one of {', '.join(SUITES)}) to run a benchmark, "
+                         "or --report DIR to rebuild the report of one")
+    if args.out is None:
+        raise SystemExit(f"zoptim bench: --suite {args.suite} needs --out DIR (the folder its runs and report go to)")
     try:
         from ..checkpoint import safe_load
 

@@ -10,7 +10,11 @@ Runs sharing ``--out`` form one comparison: each writes ``OUT/<run>/`` (log.json
 result.json, and the tuned model in ``model/``: ``save_pretrained`` safetensors + tokenizer, the
 LoRA adapter with ``--lora``, the merged model with ``--lora --merge``) and then the report (``OUT/report.md``, ``report.json``, ``loss_vs_queries.png``,
 ``accuracy.png``) is regenerated from every run present. Zero-shot accuracy is computed once per
-``OUT`` and cached in ``OUT/zero_shot.json``. A run killed midway resumes from its checkpoint.
+``OUT`` and cached in ``OUT/zero_shot.json``. A run killed midway resumes from its checkpoint;
+Ctrl-C, SIGTERM and SIGUSR1 write one at the interruption (:mod:`zoptim.signals`). A finished run's
+checkpoint is removed unless ``--keep-checkpoint`` (``resume.pt`` keeps the rest of its state, the
+weights being read back from ``model/``); ``--resume --steps N`` extends a run (exactly, or
+refused: see :func:`check_extension`).
 
 Several processes: ``zoptim finetune --nproc 2 ...`` launches itself under ``torchrun
 --standalone --nproc-per-node 2 --max-restarts 3`` (or run ``torchrun ... -m zoptim.cli finetune
@@ -56,6 +60,11 @@ def register(sub) -> None:
     p.add_argument("--lora", action="store_true", help="tune LoRA adapters only (peft), base weights frozen")
     p.add_argument("--merge", action="store_true", help="with --lora: save the merged model instead of the adapter")
     p.add_argument("--no-save-model", action="store_true", help="do not write OUT/RUN/model/")
+    p.add_argument("--keep-checkpoint", action="store_true",
+                   help="keep OUT/RUN/checkpoint.pt once the run has finished. By default it is removed (it holds the "
+                        "weights again) and the rest of the training state stays in OUT/RUN/resume.pt, the weights "
+                        "being read back from OUT/RUN/model/, so --resume --steps N can still extend the run; with "
+                        "--merge, --no-save-model or --shard nothing is kept and the run cannot be extended")
     p.add_argument("--no-exact-restore", action="store_true",
                    help="drop the exact-restore journal (MeZO's arithmetic undo; a control for bf16)")
     p.add_argument("--dtype", default="fp32", help="fp32 or bf16")
@@ -99,7 +108,10 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output directory shared by the runs of one comparison")
     again = p.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="continue the run in OUT/RUN as it was configured (its recorded settings win over this command's)")
+                       help="continue the run in OUT/RUN as it was configured (its recorded settings win over this "
+                            "command's, except --steps: --resume --steps N extends a finished or interrupted run to N "
+                            "steps, exactly as a run started with --steps N; refused for as2p and s2p, whose schedules "
+                            "run over --steps)")
     again.add_argument("--overwrite", action="store_true", help="delete the run in OUT/RUN and start it again")
     p.set_defaults(run=run)
 
@@ -136,7 +148,7 @@ def _sha256(path) -> str:
 
 def started(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that has trained (a log or a checkpoint), not just its configuration."""
-    return (run_dir / "checkpoint.pt").exists() or (run_dir / "log.jsonl").exists()
+    return any((run_dir / f).exists() for f in ("checkpoint.pt", "resume.pt", "log.jsonl"))
 
 
 def remove_unstarted(run_dir: Path) -> None:
@@ -166,8 +178,12 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
         shared = {"model": args.model, "dtype": args.dtype, "data_sha256": mine["data_sha256"]}
         differ = [k for k, v in shared.items() if k in zero and zero[k] != v]
         if differ:
-            raise SystemExit(f"zoptim finetune: {out} holds a comparison with another {', '.join(differ)} (see "
-                             f"{zero_path}); give another --out")
+            said = {"model": f"it was made with --model {zero.get('model')}, not {args.model}",
+                    "dtype": f"it was made with --dtype {zero.get('dtype')}, not {args.dtype}",
+                    "data_sha256": "the data files changed since this comparison was made"}
+            raise SystemExit(f"zoptim finetune: {out} holds a comparison whose runs this one cannot join: "
+                             + "; ".join(said[k] for k in differ)
+                             + f" (recorded in {zero_path}); give another --out")
     elif out.exists() and any(out.iterdir()) and not any(out.glob("*/config.json")):
         raise SystemExit(f"zoptim finetune: --out {out} holds files that are not zoptim runs; give another folder "
                          "(nothing there is overwritten)")
@@ -183,19 +199,25 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
         if differ and not started(run_dir):
             say(f"note: {run_dir} held the configuration of a run that never trained; starting it with these settings")
         elif differ and args.resume and saved.get("data_sha256") == mine["data_sha256"]:
-            changed = [k for k in differ if k != "data_sha256"]
-            say(f"--resume: continuing the run in {run_dir} as it was configured (ignoring this command's "
-                + ", ".join(f"--{k.replace('_', '-')} {mine.get(k)!r}" for k in changed) + ")")
+            changed = [k for k in differ if k not in ("data_sha256", "steps")]
+            if changed:
+                say(f"--resume: continuing the run in {run_dir} as it was configured (ignoring this command's "
+                    + ", ".join(f"--{k.replace('_', '-')} {mine.get(k)!r}" for k in changed) + ")")
             for k in changed:
                 setattr(args, k, saved[k])
+            if "steps" in differ:  # --resume --steps N: the run's new length
+                check_extension(saved, args.steps, run_dir)
+                say(f"--resume --steps {args.steps}: the run in {run_dir} (--steps {saved.get('steps')}) continues "
+                    f"to step {args.steps}, exactly as a run started with --steps {args.steps}")
         elif differ:
             shown = ", ".join(
-                "data files' content" if k == "data_sha256" else f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}"
+                "the data files changed since that run was made" if k == "data_sha256" else f"--{k.replace('_', '-')} {saved.get(k)!r} -> {mine.get(k)!r}"
                 for k in differ)
-            hint = ("the data files changed, so it cannot continue; pass --overwrite to start over, or another "
+            hint = ("it cannot continue on other data; pass --overwrite to start over, or another "
                     "--run-name" if "data_sha256" in differ else
-                    "pass --resume to continue that run as it was configured, --overwrite to start over, or another "
-                    "--run-name")
+                    "pass --resume to continue that run as it was configured"
+                    + (f" (--resume --steps {mine['steps']} extends it)" if "steps" in differ else "")
+                    + ", --overwrite to start over, or another --run-name")
             raise SystemExit(f"zoptim finetune: {run_dir} holds a run with other settings ({shown}); {hint}")
     elif started(run_dir):
         say(f"note: {run_dir} holds a run without a recorded configuration (an older zoptim's); its settings "
@@ -205,6 +227,35 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
                          "--out or --run-name (nothing there is overwritten)")
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, json.dumps(run_config(args), indent=1))
+
+
+def check_extension(saved: dict, steps: int, run_dir: Path) -> None:
+    """Refuse ``--resume --steps N`` where the result would not be the run started with ``--steps
+    N``: methods whose schedules are defined over the run's length (``total_steps``)."""
+    from .. import records
+    from ..optim import registry
+
+    log = run_dir / "log.jsonl"
+    trained = max((r["step"] for r in records.read(log)), default=0) if log.exists() else 0
+    if trained > steps:
+        raise SystemExit(f"zoptim finetune: --resume --steps {steps}: the run in {run_dir} has trained {trained} steps, "
+                         f"more than the {steps} asked for; a run cannot be shortened (give --steps {trained} or more)")
+    from ..lm.train import RESUME_FILE
+
+    if (run_dir / "result.json").exists() and not any((run_dir / f).exists() for f in ("checkpoint.pt", RESUME_FILE)):
+        raise SystemExit(
+            f"zoptim finetune: --resume --steps {steps}: the run in {run_dir} finished and its training checkpoint "
+            "was removed (its model was not saved in a form the weights can be read back from exactly: --merge, "
+            "--no-save-model or --shard; a run keeps the checkpoint with --keep-checkpoint), so it cannot continue "
+            f"exactly; start a new run with --steps {steps} (--overwrite, or another --run-name)")
+    method = saved.get("method")
+    if method in registry.names() and "total_steps" in registry.get(method).hyperparameters():
+        what = ("AS2P's cosine decays of rho and lr run from step 0 to step total_steps" if method == "as2p" else
+                f"{method}'s step size is set from total_steps")
+        raise SystemExit(
+            f"zoptim finetune: --resume --steps {steps}: the run in {run_dir} cannot be extended exactly: {what} "
+            f"(= --steps {saved.get('steps')}), so every step it took would differ in a run of {steps} steps; "
+            f"start a new run with --steps {steps} (--overwrite, or another --run-name)")
 
 
 def finetune_config(args):
@@ -222,6 +273,7 @@ def finetune_config(args):
             hessian_smooth=args.hessian_smooth, rank=args.rank, per_example=args.per_example,
             orthogonalize=args.orthogonalize, shard=args.shard,
             exact_restore=not args.no_exact_restore, seed=args.seed, save_model=not args.no_save_model,
+            keep_checkpoint=args.keep_checkpoint,
             progress=not args.no_progress,
         )
     except ConfigError as err:
@@ -325,7 +377,19 @@ def launch(args) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
            f"--max-restarts={args.max_restarts}", "-m", "zoptim.cli", *argv]
     print("launching: " + " ".join(cmd[1:]), flush=True)
-    return subprocess.call(cmd)
+    from ..signals import Terminated
+
+    proc, stopped = subprocess.Popen(cmd), None
+    while True:  # a stop signal goes on to torchrun, which passes it to every worker: they checkpoint together
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt as interrupt:  # Ctrl-C reaches the whole process group itself
+            if isinstance(interrupt, Terminated):
+                stopped = interrupt
+                proc.send_signal(interrupt.signum)
+    # rank 0 has said where the group's checkpoint is; the exit status is the signal's, as for one process
+    return stopped.exit_code if stopped is not None and code else code
 
 
 def run(args) -> int:
@@ -343,8 +407,9 @@ def run(args) -> int:
         settle_run_folder(args, run_dir)
     elif args.resume and (run_dir / "config.json").exists():  # the other ranks take the settings rank 0 kept
         saved = json.loads((run_dir / "config.json").read_text())
-        for k in RUN_FIELDS:
-            setattr(args, k, saved.get(k, getattr(args, k)))
+        for k in RUN_FIELDS:  # but --steps, which --resume takes from the command (rank 0 may be rewriting the file)
+            if k != "steps":
+                setattr(args, k, saved.get(k, getattr(args, k)))
     args.config = finetune_config(args)  # again: with --resume the recorded settings are the run's
     if args.nproc is not None and args.nproc > 1 and launched_world_size() <= 1:
         return launch(args)

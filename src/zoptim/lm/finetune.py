@@ -45,6 +45,11 @@ class FinetuneConfig:
     """Every setting of a fine-tuning run (``zoptim finetune``'s flags, as values), checked on creation.
 
     ``lr`` / ``eps`` None: the method's fine-tuning default (:data:`zoptim.lm.train.DEFAULT_LR`).
+    ``keep_checkpoint``: keep the run's training checkpoint once it has finished. By default it is
+    removed, since it holds the trainable weights again; what else it holds (optimizer state, seed
+    stream, data generator, counters) stays in ``resume.pt`` when the exported model holds the
+    weights bit for bit (not with ``merge``, ``save_model=False`` or ``shard``), so the run can
+    still be extended to more steps exactly.
     """
 
     model: str = "smollm2"
@@ -74,6 +79,7 @@ class FinetuneConfig:
     exact_restore: bool = True
     seed: int = 0
     save_model: bool = True
+    keep_checkpoint: bool = False
     progress: bool = True
 
     def __post_init__(self):
@@ -147,6 +153,27 @@ def weights_changed(model, name: str, dtype) -> dict:
     return {"fraction": changed / max(total, 1), "max_abs": largest}
 
 
+def finished(run_dir: Path, steps: int) -> dict | None:
+    """The result of the run in ``run_dir`` if it finished ``steps`` steps and its checkpoint was
+    removed (nothing is left to train), else None. A finished run of another length without its
+    checkpoint cannot be continued exactly: ValueError."""
+    from .train import RESUME_FILE
+
+    result_path = Path(run_dir) / "result.json"
+    if not result_path.exists() or (Path(run_dir) / "checkpoint.pt").exists():
+        return None
+    result = json.loads(result_path.read_text())
+    if result.get("steps") == steps:
+        return result
+    if (Path(run_dir) / RESUME_FILE).exists():  # the training state without the weights: it can continue
+        return None
+    raise ValueError(
+        f"the run in {run_dir} finished {result.get('steps')} steps and its training checkpoint was removed (it was "
+        "not saved in a form its weights can be read back from exactly: --merge, --no-save-model or --shard; a run "
+        f"keeps it with keep_checkpoint / --keep-checkpoint), so it cannot continue to {steps} steps exactly; start "
+        "a new run")
+
+
 def _agreed(value: bool, collective: bool) -> bool:
     """``value`` as rank 0 sees it, on every rank when ``collective`` (so that all take the same branch)."""
     if not collective:
@@ -181,6 +208,11 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_name = run_name or config.method
+    done = finished(out / run_name, config.steps)
+    if done is not None:
+        say(f"the run in {out / run_name} has finished its {done['steps']} steps (result.json); nothing to do. "
+            "--resume --steps N extends it, --overwrite starts it over", flush=True)
+        return done if rank == 0 else None
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     if not config.progress:
         from transformers.utils import logging as hf_logging
@@ -271,10 +303,20 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     elif not config.lora:
         result["weights_changed"] = weights_changed(clf.model, config.model, config.dtype)
     if config.save_model and not config.shard:
-        where = save_model(clf, run_dir / "model", merge=config.merge, extra={"task": task.name, "method": config.method})
+        from .models import KNOWN_MODELS
+
+        base = {"base_model": config.model if config.model in KNOWN_MODELS else str(resolve(config.model)[0]),
+                "base_model_path": str(resolve(config.model)[0])}
+        where = save_model(clf, run_dir / "model", merge=config.merge,
+                           extra={"task": task.name, "method": config.method, **base})
         result["model_dir"] = str(where)
         say(f"tuned model saved in {where}", flush=True)
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     write_report(out)
+    if not config.keep_checkpoint and rank == 0:  # everything is recorded: the weights need not be kept twice
+        exact_export = config.save_model and not config.merge and not config.shard
+        loop.slim(Path(result["model_dir"]) if exact_export else None)
+    else:
+        loop.resume_path.unlink(missing_ok=True)  # checkpoint.pt is the state; an older resume.pt must not linger
     say((out / "report.md").read_text())
     return result

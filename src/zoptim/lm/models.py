@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -89,6 +91,9 @@ def smollm2_dir() -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        from ..checkpoint import share_as_umask
+
+        share_as_umask(tmp)  # a shared cache: the user's umask, not mkdtemp's 0700
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; its copy is as good as ours
@@ -262,6 +267,16 @@ def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu"
     return model, tokenizer
 
 
+@contextmanager
+def quiet_peft():
+    """peft (0.21) asks every model ``getattr(model, "is_gradient_checkpointing", True)``, a property
+    transformers 5 deprecated, so each LoRA wrap printed its FutureWarning; that one warning, and
+    no other, is silenced while peft wraps or loads a model."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def apply_lora(model, r: int = 8, alpha: int = 16, target_modules=None, seed: int = 0):
     """Wrap ``model`` with ``peft`` LoRA adapters and freeze everything else.
 
@@ -275,7 +290,7 @@ def apply_lora(model, r: int = 8, alpha: int = 16, target_modules=None, seed: in
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(r=r, lora_alpha=alpha, target_modules=target_modules, lora_dropout=0.0)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), quiet_peft():
         torch.manual_seed(seed)
         wrapped = get_peft_model(model, config)
     wrapped.eval()
@@ -322,6 +337,12 @@ def save_model(classifier, directory, merge: bool = False, extra: dict | None = 
     * always the tokenizer, and ``zoptim_prompt.json`` (template, label words or sentences,
       class names, kind, max_length) that :func:`load_classifier` needs to classify again.
 
+    ``extra["base_model"]`` (what :func:`zoptim.lm.finetune.finetune` gives: the model's name,
+    ``"smollm2"``, or the absolute path of a local model) becomes the adapter's
+    ``base_model_name_or_path``, so that it resolves on another machine;
+    ``extra["base_model_path"]``, this machine's copy, is kept in ``zoptim_prompt.json`` as a hint.
+    Files and folders get the user's umask.
+
     Written into a temporary sibling directory renamed into place, so a crash never leaves a half
     model under ``directory``; an existing ``directory`` is replaced.
     """
@@ -355,6 +376,14 @@ def save_model(classifier, directory, merge: bool = False, extra: dict | None = 
             **(extra or {}),
         }
         (tmp / PROMPT_FILE).write_text(json.dumps(meta, indent=2))
+        if is_peft and meta.get("base_model"):  # a base that resolves on another machine, not this one's path
+            adapter_config = tmp / "adapter_config.json"
+            adapter = json.loads(adapter_config.read_text())
+            adapter["base_model_name_or_path"] = meta["base_model"]
+            adapter_config.write_text(json.dumps(adapter, indent=2, sort_keys=True))
+        from ..checkpoint import share_as_umask
+
+        share_as_umask(tmp)  # mkdtemp's 0700 and any 0600 file: readable as the user's other files are
         if directory.exists():
             old = directory.with_name(f".{directory.name}-old")
             shutil.rmtree(old, ignore_errors=True)
@@ -420,9 +449,13 @@ def load_classifier(directory, base=None, device="cpu", dtype=None):
 
         if base is None:
             base = json.loads((directory / "adapter_config.json").read_text())["base_model_name_or_path"]
+            hint = meta.get("base_model_path")
+            if base not in KNOWN_MODELS and not Path(base).is_dir() and hint and Path(hint).is_dir():
+                base = hint  # the recorded base is not here, the machine's own copy is
         if isinstance(base, str):
             base = cls.from_pretrained(resolve(base)[0], **kwargs)
-        model = PeftModel.from_pretrained(base, directory)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(base, directory)
     elif meta.get("head") == "cosine":  # exported with its head: the encoder is its .bert
         from .hf_classifier import CosineSimilarityClassifier
 

@@ -24,18 +24,35 @@ def load_runs(out: Path) -> dict[str, dict]:
     return runs
 
 
+def tuned_what(result: dict) -> str:
+    """What a run tuned, in words: LoRA adapters or the full weights, and how its directions were drawn."""
+    what = "LoRA" if result.get("lora") else "full"
+    if result.get("rank") is not None:
+        what += f", rank-{result['rank']} directions"
+    if result.get("per_example"):
+        what += ", per-example"
+    return what
+
+
+def _lr(result: dict) -> str:
+    lr = result.get("lr")
+    text = "auto" if lr is None else f"{lr:.3g}"
+    return text + (" (cosine, auto-scaled)" if result.get("method") == "as2p" else "")
+
+
 def write_report(out) -> dict:
     out = Path(out)
     zero = json.loads((out / "zero_shot.json").read_text()) if (out / "zero_shot.json").exists() else None
     runs = load_runs(out)
     report = {"zero_shot": zero, "runs": {k: {kk: v for kk, v in r.items() if kk != "log"} for k, r in runs.items()}}
-    lines = ["| run | steps | forward passes | test accuracy | final val accuracy | wall time (s) |", "|---|---|---|---|---|---|"]
+    lines = ["| run | method | tuned | lr | steps | forward passes | test accuracy | final val accuracy | wall time (s) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     if zero:
-        lines.append(f"| zero-shot | 0 | 0 | {zero['test_accuracy']:.3f} | - | - |")
+        lines.append(f"| zero-shot | - | - | - | 0 | 0 | {zero['test_accuracy']:.3f} | - | - |")
     for name, r in runs.items():
         lines.append(
-            f"| {name} | {r['steps']} | {r['queries']} | {r['test_accuracy']:.3f} | "
-            f"{r['val_accuracy']:.3f} | {r['train_seconds']:.0f} |"
+            f"| {name} | {r.get('method', '?')} | {tuned_what(r)} | {_lr(r)} | {r['steps']} | {r['queries']} | "
+            f"{r['test_accuracy']:.3f} | {r['val_accuracy']:.3f} | {r['train_seconds']:.0f} |"
         )
     md = ["# Fine-tuning report", "", f"test examples: {zero['test_examples'] if zero else '?'}", ""] + lines
     ga = next((k for k in runs if runs[k]["method"] == "zosgd"), None)

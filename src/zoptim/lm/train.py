@@ -29,6 +29,7 @@ own direction, and the ranks all-gather the per-example losses.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,7 +38,8 @@ from typing import NoReturn
 
 import torch
 
-from .. import records
+from .. import records, signals
+from ..atomic import deferred_signals
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
 from ..optim import registry
@@ -45,6 +47,31 @@ from ..runloop import minibatch, progress_bar
 from ..shards import is_dtensor, local_part
 from .data import Task
 from .prompts import PromptClassifier
+
+#: A finished run's training state without its weights (read from the exported model): see Loop.slim.
+RESUME_FILE = "resume.pt"
+
+
+def exported_trainable(export: Path, names) -> dict[str, torch.Tensor] | None:
+    """The trainable tensors ``names`` (a classifier's parameter names) as a model exported by
+    :func:`zoptim.lm.models.save_model` holds them (``save_pretrained`` safetensors, or a peft
+    adapter, whose keys lack the adapter name), or None if the export does not hold them all."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(export).glob("*.safetensors"))
+    if not files:
+        return None
+    tensors = {}
+    for f in files:
+        tensors.update(load_file(f))
+    out = {}
+    for name in names:
+        key = name.removeprefix("model.")  # PromptClassifier.model is the exported model
+        hit = next((k for k in (key, key.replace(".default.", ".")) if k in tensors), None)
+        if hit is None:
+            return None
+        out[name] = tensors[hit]
+    return out
 
 
 def finetune_methods() -> tuple[str, ...]:
@@ -172,8 +199,11 @@ class Loop:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.log_path, self.ckpt_path = self.out / "log.jsonl", self.out / "checkpoint.pt"
+        self.resume_path = self.out / RESUME_FILE
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
+        self.elapsed = 0.0  # seconds of training before this process's (a resumed run's earlier sessions)
+        self._started = time.perf_counter()
         self.forward_passes = 0  # AdamW's count; zeroth-order optimizers count their own
         self.progress = progress
         if objective_needs_zo(config.objective) and not is_zeroth_order(optimizer):
@@ -187,6 +217,10 @@ class Loop:
     def sharded_dir(self) -> Path:
         """The folder of a sharded run's trainable weights at the current step."""
         return self.out / f"shards-step{self.step}"
+
+    def seconds(self) -> float:
+        """Wall time the run has trained, over every session of it (resumes accumulate)."""
+        return self.elapsed + time.perf_counter() - self._started
 
     def _trainable(self) -> dict[str, torch.Tensor]:
         return {n: p for n, p in self.classifier.named_parameters() if p.requires_grad}
@@ -210,6 +244,7 @@ class Loop:
             {
                 "step": self.step,
                 "forward_passes": self.forward_passes,
+                "elapsed": self.seconds(),
                 "trainable": {} if shards else trainable_state(self.classifier),
                 "sharded_trainable": shards.name if shards else None,
                 "optimizer": self.optimizer.state_dict(),
@@ -225,26 +260,55 @@ class Loop:
                 if old != shards:
                     shutil.rmtree(old, ignore_errors=True)
 
+    def slim(self, export: Path | None) -> bool:
+        """After the run has finished and exported its model to ``export``: replace ``checkpoint.pt``
+        (the trainable weights again) by ``resume.pt``, the rest of the training state (optimizer
+        state with the seed stream, data generator, counters, time), whose weights are read back
+        from the export. Written only when the export holds the trainable tensors bit for bit
+        (checked here), so that ``--resume --steps N`` extends the run exactly; otherwise the
+        checkpoint is just removed. True if ``resume.pt`` was written."""
+        written = False
+        if export is not None and self.ckpt_path.exists() and not self.sharded:
+            ckpt = safe_load(self.ckpt_path)
+            saved = exported_trainable(export, ckpt["trainable"].keys())
+            if saved is not None and all(saved[n].dtype == v.dtype and torch.equal(saved[n], v)
+                                         for n, v in ckpt["trainable"].items()):
+                atomic_save({**ckpt, "trainable": {}, "trainable_in": export.name}, self.resume_path)
+                written = True
+        self.ckpt_path.unlink(missing_ok=True)
+        if not written:
+            self.resume_path.unlink(missing_ok=True)
+        return written
+
     def resume(self) -> bool:
-        """Load ``checkpoint.pt`` if present; drop log records written after it. True if resumed."""
-        if not self.ckpt_path.exists():
+        """Load ``checkpoint.pt`` (or, for a finished run, ``resume.pt`` and the exported weights)
+        if present; drop log records written after it. True if resumed."""
+        path = self.ckpt_path if self.ckpt_path.exists() else self.resume_path
+        if not path.exists():
             return False
-        ckpt = safe_load(
-            self.ckpt_path, required_keys=("step", "forward_passes", "trainable", "optimizer", "generator")
-        )
+        ckpt = safe_load(path, required_keys=("step", "forward_passes", "trainable", "optimizer", "generator"))
+        if ckpt["step"] > self.config.steps:
+            raise ValueError(f"the run in {self.out} has trained {ckpt['step']} steps, more than the {self.config.steps} "
+                             "asked for; a run cannot be shortened (give at least its steps)")
         params = self._trainable()
         if ckpt.get("sharded_trainable"):
             if not self.sharded:
-                raise CheckpointError(f"checkpoint {self.ckpt_path} was written by a sharded run (--shard); resume it "
+                raise CheckpointError(f"checkpoint {path} was written by a sharded run (--shard); resume it "
                                       "with --shard")
             import torch.distributed.checkpoint as dcp
 
             dcp.load({n: p.detach() for n, p in params.items()}, checkpoint_id=self.out / ckpt["sharded_trainable"])
         else:
             saved = ckpt["trainable"]
+            if ckpt.get("trainable_in"):  # resume.pt: the weights are the run's exported model
+                saved = exported_trainable(self.out / ckpt["trainable_in"], params.keys())
+                if saved is None:
+                    raise CheckpointError(f"{path} reads the run's weights from {self.out / ckpt['trainable_in']}, which "
+                                          "is missing or no longer holds them; the run cannot continue (--overwrite "
+                                          "starts it over)")
             if set(saved) != set(params) or any(saved[n].shape != params[n].shape for n in params):
                 raise CheckpointError(
-                    f"checkpoint {self.ckpt_path} was written for other trainable parameters "
+                    f"checkpoint {path} was written for other trainable parameters "
                     f"({len(saved)} tensors, this run has {len(params)}: another model, --lora setting or "
                     f"version?); use another --out/--run-name or delete it to start over"
                 )
@@ -255,11 +319,15 @@ class Loop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])
         self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]
+        kept = []
         if self.log_path.exists() and self.rank == 0:
-            records.write(self.log_path, [r for r in records.read(self.log_path) if r["step"] <= self.step])
+            kept = [r for r in records.read(self.log_path) if r["step"] <= self.step]
+            records.write(self.log_path, kept)
+        # checkpoints of zoptim before 0.9 do not record the time: the log's last one is the best guess
+        self.elapsed = float(ckpt.get("elapsed", next((r["time"] for r in reversed(kept) if "time" in r), 0.0)))
         self.resumed_from = self.step
         if self.rank == 0:
-            print(f"resuming from step {self.step} ({self.ckpt_path})", flush=True)
+            print(f"resuming from step {self.step} ({path})", flush=True)
         return True
 
     # -- training --------------------------------------------------------------------------------------
@@ -305,14 +373,15 @@ class Loop:
     def _optimizer_steps(self) -> int | None:
         return getattr(self.optimizer, "steps", None) if is_zeroth_order(self.optimizer) else None
 
-    def _save_interrupted(self, generator_state, optimizer_steps) -> NoReturn:
-        """Ctrl-C: checkpoint the run as it stands, so the same command resumes it (single process;
-        a multi-process run resumes from its last periodic checkpoint). Interrupted inside a step,
+    def _save_interrupted(self, interrupt: KeyboardInterrupt, generator_state, optimizer_steps) -> NoReturn:
+        """Ctrl-C (or a stop signal, :mod:`zoptim.signals`): checkpoint the run as it stands, so the
+        same command resumes it (single process; a multi-process run stops at a step boundary all
+        ranks agree on, see :meth:`run`, or resumes from its last periodic checkpoint). Interrupted inside a step,
         a zeroth-order optimizer puts the parameters and its counters back as before the step
         (``StepRun.abandon(counted=False)``), and the batch draw is rewound, so the resumed run
         is the uninterrupted one, bit for bit; a step whose update was already written counts."""
         if self.world > 1:
-            raise KeyboardInterrupt("the last periodic checkpoint is the one to resume from")
+            raise _like(interrupt, "the last periodic checkpoint is the one to resume from")
         if generator_state is not None:
             if optimizer_steps is not None and self._optimizer_steps() != optimizer_steps:
                 self.step += 1  # the update was written before the interrupt arrived: the step is done
@@ -320,23 +389,34 @@ class Loop:
             else:
                 self.generator.set_state(generator_state)
         self.save()
-        raise KeyboardInterrupt(f"checkpoint saved at step {self.step} ({self.ckpt_path})")
+        raise _like(interrupt, f"checkpoint saved at step {self.step} ({self.ckpt_path})")
 
     def run(self) -> list[dict]:
         """Train to ``config.steps`` (from the checkpoint if one exists); return the log."""
         self.classifier.eval()  # two queries of one step must differ only by the perturbation
         if not self.resume() and self.rank == 0:
+            if self.log_path.exists():
+                print(f"note: {self.out} holds a log but no checkpoint (stopped before its first one): starting the "
+                      "run from step 0", flush=True)
             self.log_path.unlink(missing_ok=True)
+        self._started = time.perf_counter()
         bar = progress_bar(self.config.steps, "finetune", self.progress and self.rank == 0, initial=self.step)
-        start = time.perf_counter()
+        try:  # a stop signal is acted on at step boundaries every rank agrees on (multi-process)
+            with signals.defer() if self.world > 1 else contextlib.nullcontext():
+                self._train(bar)
+        finally:
+            bar.close()  # before any message: the bar's line is cleared, never glued to it
+        return read_log(self.log_path) if self.rank == 0 else []
+
+    def _train(self, bar) -> None:
         while self.step < self.config.steps:
             before = self.generator.get_state(), self._optimizer_steps()
             try:
                 loss = self.train_step()
-            except KeyboardInterrupt:
-                self._save_interrupted(*before)  # raises KeyboardInterrupt saying where the checkpoint is
+            except KeyboardInterrupt as interrupt:
+                self._save_interrupted(interrupt, *before)  # raises, saying where the checkpoint is
             self.step += 1
-            record = {"step": self.step, "queries": self.queries, "loss": loss, "time": time.perf_counter() - start}
+            record = {"step": self.step, "queries": self.queries, "loss": loss, "time": self.seconds()}
             if math.isfinite(loss):
                 bar.set_postfix(loss=f"{loss:.4f}")
             last = self.step == self.config.steps
@@ -344,15 +424,33 @@ class Loop:
                 if (self.step % self.config.eval_every == 0 or last) and (self.rank == 0 or self.sharded):
                     record["val_accuracy"] = self.validate()
                     bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
-            except KeyboardInterrupt:  # the step is done: keep it, without its validation
+            except KeyboardInterrupt as interrupt:  # the step is done: keep it, without its validation
                 self.log(record)
-                self._save_interrupted(None, None)
-            self.log(record)
-            if self.step % self.config.checkpoint_every == 0 or last:
-                self.save()
+                self._save_interrupted(interrupt, None, None)
+            saved = self.step % self.config.checkpoint_every == 0 or last
+            try:
+                with deferred_signals():  # a signal now waits for the record and the checkpoint, then acts
+                    self.log(record)
+                    if saved:
+                        self.save()
+            except KeyboardInterrupt as interrupt:
+                if not saved:
+                    self._save_interrupted(interrupt, None, None)
+                raise _like(interrupt, f"checkpoint saved at step {self.step} ({self.ckpt_path})") from None
             bar.update(1)
-        bar.close()
-        return read_log(self.log_path) if self.rank == 0 else []
+            if self.world > 1:
+                signum = signals.agreed()
+                if signum:  # every rank stops after this same step
+                    if not saved:
+                        self.save()
+                    raise signals.Terminated(signum, f"checkpoint saved at step {self.step} ({self.ckpt_path})")
+
+
+def _like(interrupt: KeyboardInterrupt, message: str) -> KeyboardInterrupt:
+    """``interrupt``'s kind (Ctrl-C, or the stop signal it was) with ``message``."""
+    if isinstance(interrupt, signals.Terminated):
+        return signals.Terminated(interrupt.signum, message)
+    return KeyboardInterrupt(message)
 
 
 def objective_needs_zo(objective: str) -> bool:

@@ -9,7 +9,7 @@ import torch
 from ..schedules import cosine_decay
 from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
 from .checks import check_int, check_positive
-from .momentum import SeedMomentum
+from .momentum import SeedMomentum, warn_unused_group_momentum
 
 BATCH_MODES = ("minibatch", "full")
 
@@ -113,6 +113,10 @@ class AS2P(ZerothOrderOptimizer):
             an extension beyond Alg. 2: the step follows the normalised average of the last
             ``momentum_window`` clipped, auto-scaled steps ``sign(gamma_j) |alpha_j| s_j``
             (each s redrawn from its key), all scaled by today's lr_k. 0 (default) is Alg. 2.
+            It is a ``param_groups`` entry (0 without momentum), so torch's ``OneCycleLR`` and
+            ``CyclicLR`` run with their defaults; their momentum cycle drives beta when the
+            optimizer was built with momentum, and is ignored otherwise (one warning; pass
+            ``cycle_momentum=False`` to say so).
         momentum_window: m, the number of past steps in that average. Default 8.
         distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
@@ -188,7 +192,7 @@ class AS2P(ZerothOrderOptimizer):
         self.queries_per_step = 2 * self.num_directions
         super().__init__(
             params,
-            dict(lr=lr, eps=eps, eps_end=eps_end, eta_a=eta_a, eta_b=eta_b, **({"momentum": momentum} if momentum else {})),
+            dict(lr=lr, eps=eps, eps_end=eps_end, eta_a=eta_a, eta_b=eta_b, momentum=momentum),
             seed=seed,
             distribution=distribution,
             normalize=normalize,
@@ -276,6 +280,7 @@ class AS2P(ZerothOrderOptimizer):
             # k directions: the average of their steps, as k-SPSA averages its estimates
             steps.append((key, direction * ratio / len(keys)))
             ratios.append(ratio)
+        warn_unused_group_momentum(self)
         steps = self._momentum_terms(steps)
         self._update([(key, [c * lr_of_group[gi] for gi in self._group_of]) for key, c in steps])
         loss = sum(0.5 * (fp + fm) for fp, fm in zip(plus, minus)) / len(keys)

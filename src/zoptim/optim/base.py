@@ -27,6 +27,7 @@ from ..forward import ForwardPerturbation
 from ..noise import NOISE_VERSION, check_distribution, mix
 from ..perturbation import SeededPerturbation
 from ..shards import local_part
+from . import stall
 from .checks import check_int, check_positive
 
 Closure = Callable[[], Any]
@@ -925,6 +926,7 @@ class StepRun:
             opt.steps += 1
             if opt._run is self:
                 opt._run = None
+            stall.observe(opt, self.values)  # a word when the run stops learning (zoptim.optim.stall)
         except SkippedUpdate as skipped:
             self._finish()
             means = [sum(v) / len(v) if isinstance(v, list) else v for v in self.values]

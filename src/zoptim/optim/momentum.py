@@ -2,9 +2,28 @@
 
 from __future__ import annotations
 
+import warnings
 from collections import deque
 
 from .checks import check_int, check_positive
+
+
+def warn_unused_group_momentum(optimizer) -> None:
+    """Once per optimizer: a torch scheduler (``OneCycleLR``, ``CyclicLR`` with their default
+    ``cycle_momentum=True``) wrote a momentum into ``param_groups`` of an optimizer built without
+    seed momentum (``momentum=0``). ZOSGD and AS2P keep a ``momentum`` entry of 0 in their groups
+    so that such schedulers run (their learning-rate schedule applies); the momentum they write
+    drives the seed momentum only when the optimizer was built with one (``momentum=beta``)."""
+    if optimizer.momentum is not None or getattr(optimizer, "_warned_group_momentum", False):
+        return
+    value = optimizer.param_groups[0].get("momentum") or 0.0
+    if value:
+        optimizer._warned_group_momentum = True
+        warnings.warn(
+            f"param_groups momentum {value:g} (set by a scheduler, e.g. OneCycleLR's cycle_momentum) is ignored: "
+            f"{type(optimizer).__name__} was built without seed momentum; build it with momentum=beta to have the "
+            "scheduler drive it, or pass cycle_momentum=False to the scheduler",
+            UserWarning, stacklevel=4)
 
 
 class SeedMomentum:

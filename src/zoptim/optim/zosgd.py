@@ -6,7 +6,7 @@ import math
 
 from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
 from .checks import check_int, check_positive
-from .momentum import SeedMomentum
+from .momentum import SeedMomentum, warn_unused_group_momentum
 
 
 class ZOSGD(ZerothOrderOptimizer):
@@ -34,6 +34,10 @@ class ZOSGD(ZerothOrderOptimizer):
         momentum: beta of the memory-free momentum (:class:`~zoptim.optim.momentum.SeedMomentum`):
             the step follows the normalised average of the last ``momentum_window`` estimates
             ``g_i s_i``, each s redrawn from its key. 0 (default) is plain ZOSGD.
+            It is a ``param_groups`` entry (0 without momentum), so torch's ``OneCycleLR`` and
+            ``CyclicLR`` run with their defaults; their momentum cycle drives beta when the
+            optimizer was built with momentum, and is ignored otherwise (one warning; pass
+            ``cycle_momentum=False`` to say so).
         momentum_window: m, the number of past steps in that average. Default 8.
         guard: tol of the loss guard (:class:`~zoptim.optim.guard.LossGuard`): the step uses
             ``lr * scale``, and the scale halves when the smoothed step loss rises above its best
@@ -98,7 +102,7 @@ class ZOSGD(ZerothOrderOptimizer):
         check_positive("weight_decay", weight_decay, allow_zero=True)
         super().__init__(
             params,
-            dict(lr=lr, eps=eps, weight_decay=weight_decay, **({"momentum": momentum} if momentum else {}),
+            dict(lr=lr, eps=eps, weight_decay=weight_decay, momentum=momentum,
                  **({"guard": guard} if guard else {})),
             seed=seed,
             distribution=distribution,
@@ -131,6 +135,7 @@ class ZOSGD(ZerothOrderOptimizer):
             spread = math.sqrt(sum((g - mean) ** 2 for g in gammas) / (k - 1)) if k > 1 else 0.0
             spread = spread if spread > 0.0 else math.inf  # all deltas equal (e.g. all 0): no step
         steps = [(key, g / (k * spread)) for key, g in zip(keys, gammas)]
+        warn_unused_group_momentum(self)
         steps = self._momentum_terms(steps)
         if self.orthogonalize:  # the estimate's direction from the terms, each tensor's step length lr
             self._update([(key, -c) for key, c in steps], decay=decay if any(decay) else None, orthogonal=lrs)
