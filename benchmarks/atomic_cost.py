@@ -1,7 +1,7 @@
 """What atomic moves cost: the in-place engine's two-point step with and without the chunk backups.
 
 Each chunk of a move is copied to a scratch buffer before the fused kernel writes it
-(``src/zoptim/perturbation.py``, "Atomic moves"), one extra memory-bound pass over the weights
+(``src/zoptim/engine/inplace.py``, "Atomic moves"), one extra memory-bound pass over the weights
 per move. This script times the three moves of a ZOSGD step (``0 -> +eps``, ``+eps -> -eps``,
 ``-eps -> update``, exact-restore journal on) over float32 tensors of MiniLM's size (22.7M
 values), with the backups on and off, interleaved in one process, and prints the ratio of the
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from zoptim.perturbation import SeededPerturbation
+from zoptim.engine.inplace import SeededPerturbation
 
 
 def step(engine: SeededPerturbation, k: int, eps: float = 1e-3) -> None:

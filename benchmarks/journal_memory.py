@@ -14,7 +14,7 @@ import argparse
 import torch
 
 from zoptim.lm.models import load_model
-from zoptim.perturbation import SeededPerturbation
+from zoptim.engine.inplace import SeededPerturbation
 
 
 def main():

@@ -4,7 +4,7 @@ Specification (issue 20): an exception anywhere inside a query's move, the journ
 ``KeyboardInterrupt`` included, leaves every parameter bit for bit at the iterate the step started
 from (a query's move) or at the iterate the completed update produces (a failure inside the
 update), and ``engine.is_perturbed`` is False, so the next step starts from a consistent point.
-The failures are injected at every call of ``zoptim.kernels.run`` of a step (before the call and
+The failures are injected at every call of ``zoptim.engine.kernels.run`` of a step (before the call and
 after it has written), on both kernel routes, and by a timer-raised ``KeyboardInterrupt`` during
 steps of a model of a few million weights.
 """
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import zoptim
-from zoptim import kernels
-from zoptim.atomic import deferred_signals
+from zoptim.engine import kernels
+from zoptim.engine.atomic import deferred_signals
 
 METHODS = {
     "ZOSGD": lambda ps: zoptim.ZOSGD(ps, lr=0.5, eps=0.1, weight_decay=0.01, seed=3),

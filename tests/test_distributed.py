@@ -308,7 +308,7 @@ def test_methods_that_cannot_split_their_directions_say_so():
 def test_a_shard_moves_with_the_values_of_the_global_direction_at_its_elements(distribution):
     """What sharded mode rests on: rows [4, 10) of a (10, 3) parameter, offset 12, move exactly as
     those rows move in the whole tensor, temporary moves, exact undo and update included."""
-    from zoptim.perturbation import SeededPerturbation
+    from zoptim.engine.inplace import SeededPerturbation
 
     g = torch.Generator().manual_seed(0)
     whole = torch.randn(10, 3, generator=g)

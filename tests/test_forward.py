@@ -13,7 +13,7 @@ from torch import nn
 
 import reference
 import zoptim
-from zoptim.noise import mix
+from zoptim.engine.noise import mix
 
 SEED = 3
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import zoptim
-from zoptim import kernels
-from zoptim.noise import NoiseSource, mix
-from zoptim.perturbation import SeededPerturbation
+from zoptim.engine import kernels
+from zoptim.engine.noise import NoiseSource, mix
+from zoptim.engine.inplace import SeededPerturbation
 
 
 def bits(t):

@@ -1,4 +1,4 @@
-"""Statistical quality of the seeded noise (zoptim.noise): moments, independence, reproducibility.
+"""Statistical quality of the seeded noise (zoptim.engine.noise): moments, independence, reproducibility.
 
 Every tolerance is a number of standard errors for the sample size used, so each test fails if
 the property is broken and passes with overwhelming probability (here: deterministically, the
@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoptim.noise import CHUNK_SIZE, NoiseSource, _normal_table, mix
-from zoptim.perturbation import SeededPerturbation
+from zoptim.engine.noise import CHUNK_SIZE, NoiseSource, _normal_table, mix
+from zoptim.engine.inplace import SeededPerturbation
 
 N = 1 << 20  # values per sample
 SE = 1 / math.sqrt(N)  # standard error of a mean of N unit-variance values
@@ -142,7 +142,7 @@ def test_engine_moves_by_the_stream_and_restores_bit_for_bit(dtype, distribution
 @pytest.mark.parametrize("distribution", ["normal", "rademacher", "uniform"])
 def test_numpy_values_equal_torch_values(distribution):
     """The NumPy mapping of words to values (small directions on the CPU) gives the same float32s."""
-    from zoptim.noise import counter_bits, values_from_bits, values_from_bits_numpy
+    from zoptim.engine.noise import counter_bits, values_from_bits, values_from_bits_numpy
 
     bits = counter_bits(np.arange(5000, dtype=np.int64), 123, 456)
     want = values_from_bits(torch.from_numpy(bits), distribution)

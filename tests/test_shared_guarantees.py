@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim import kernels
+from zoptim.engine import kernels
 from zoptim.optim import registry
 
 NEEDS = {"as2p": dict(total_steps=12), "s2p": dict(lr=1.0, total_steps=12)}

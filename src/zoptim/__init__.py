@@ -3,7 +3,7 @@
 from . import distributed
 from .blackbox import AskTell, OptimizeResult, minimize
 from .optim import AS2P, S2P, STP, ZOSGD, DivergedError, HiZOO, NonFiniteLossWarning, ZerothOrderOptimizer
-from .perturbation import SeededPerturbation
+from .engine.inplace import SeededPerturbation
 
 __version__ = "0.1.0"
 

@@ -42,7 +42,7 @@ from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
 from ..optim import registry
 from ..runloop import minibatch, progress_bar
-from ..shards import is_dtensor, local_part
+from ..engine.shards import is_dtensor, local_part
 from .data import Task
 from .prompts import PromptClassifier
 
@@ -81,7 +81,7 @@ def make_optimizer(
     guard's tol (:class:`zoptim.optim.guard.LossGuard`) of ZOSGD and HiZOO (0: off).
 
     ``module`` / ``rank``: apply rank-``rank`` matrix directions inside ``module``'s forward
-    (:mod:`zoptim.forward`; ZOSGD, AS2P, STP, S2P).
+    (:mod:`zoptim.engine.forward`; ZOSGD, AS2P, STP, S2P).
 
     ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
     arithmetic undo); it is ignored by AdamW.

@@ -1,4 +1,4 @@
-"""The zeroth-order optimizers: one module each, thin over :mod:`zoptim.perturbation`."""
+"""The zeroth-order optimizers: one module each, thin over :mod:`zoptim.engine.inplace`."""
 
 from . import registry  # the methods by name
 from .as2p import AS2P

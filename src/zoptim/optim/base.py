@@ -22,10 +22,10 @@ from typing import Any, NamedTuple
 import torch
 from torch.optim import Optimizer
 
-from ..forward import ForwardPerturbation
-from ..noise import NOISE_VERSION, check_distribution, mix
-from ..perturbation import SeededPerturbation
-from ..shards import local_part
+from ..engine.forward import ForwardPerturbation
+from ..engine.noise import NOISE_VERSION, check_distribution, mix
+from ..engine.inplace import SeededPerturbation
+from ..engine.shards import local_part
 from .checks import check_int, check_positive
 
 Closure = Callable[[], Any]
@@ -110,12 +110,12 @@ class ZerothOrderOptimizer(Optimizer):
         distribution: ``"normal"``, ``"rademacher"`` or ``"uniform"``.
         normalize: scale each direction to norm sqrt(d).
         exact_restore: keep the journal that makes every restore bit-exact (see
-            :mod:`zoptim.perturbation`); ``False`` trades it for MeZO's arithmetic round trip.
+            :mod:`zoptim.engine.inplace`); ``False`` trades it for MeZO's arithmetic round trip.
         max_nonfinite: after this many consecutive steps with a NaN/inf loss, raise RuntimeError.
         module: the model the closure runs. Given, each query's offset is applied inside the
-            forward of its layers (:mod:`zoptim.forward`) instead of being written into the
+            forward of its layers (:mod:`zoptim.engine.forward`) instead of being written into the
             weights: queries never touch them, and only the update writes. None (default): the
-            in-place engine (:mod:`zoptim.perturbation`), for any tensors.
+            in-place engine (:mod:`zoptim.engine.inplace`), for any tensors.
         rank: r of the low-rank direction of each weight matrix, ``S = A B^T / sqrt(r)``
             (needs ``module``); None (default) keeps full-rank directions.
         per_example: (ZOSGD, AS2P; needs ``module`` and ``rank``) each example of the minibatch
@@ -395,7 +395,7 @@ class ZerothOrderOptimizer(Optimizer):
         is an unbiased estimate of the minibatch gradient (of the smoothed loss) built from B
         directional derivatives: the per-example analogue of the Flipout estimator (Wen et al.,
         ICLR 2018). Returns the B keys, deltas (the methods' gammas) and per-example values."""
-        from ..forward import RowKeys
+        from ..engine.forward import RowKeys
 
         rows = RowKeys(self.seed, self.steps, self._example_rank, self._example_world)
         plus = yield Query(rows, rho)

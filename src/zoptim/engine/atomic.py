@@ -1,6 +1,6 @@
 """Failure atomicity: critical sections that signal handlers cannot interrupt, and recovery.
 
-A move of the parameters is a sequence of chunk writes (:mod:`zoptim.perturbation`). The engine
+A move of the parameters is a sequence of chunk writes (:mod:`zoptim.engine.inplace`). The engine
 commits each chunk's new state only after its write, with a backup of the chunk taken first, so an
 exception of any kind at any point leaves every chunk at a known state; recovering then means
 either going back to the unperturbed point (a query's move) or finishing the update (an update

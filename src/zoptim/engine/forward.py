@@ -1,6 +1,6 @@
 r"""Forward-applied directions: a query point exists only inside the forward computation.
 
-A zeroth-order query evaluates the loss at ``x + rho * s``. :class:`zoptim.perturbation.SeededPerturbation`
+A zeroth-order query evaluates the loss at ``x + rho * s``. :class:`zoptim.engine.inplace.SeededPerturbation`
 writes that point into the weights and undoes it afterwards (three passes over every weight per
 step, plus the exact-restore journal). Where the model's layers are known, the point need not be
 written at all: a forward hook adds the direction's effect to the layer's output. For a linear
@@ -42,7 +42,7 @@ What is applied where (``ForwardPerturbation.layout()`` lists it per tensor):
   second matmul).
 
 Directions stay named by keys. Tensor j of the direction ``key`` draws from the counter-based
-stream ``mix(key, j)`` (:mod:`zoptim.noise`): a full-rank tensor takes its elements 0..n-1 (the
+stream ``mix(key, j)`` (:mod:`zoptim.engine.noise`): a full-rank tensor takes its elements 0..n-1 (the
 same values the in-place engine writes), a low-rank matrix viewed as ``shape[0] x rest`` takes A
 (row-major) from elements ``0 .. m r - 1`` and B from the next ``n r``. Momentum replay, resume and
 direction-parallel training therefore work unchanged.
@@ -72,7 +72,7 @@ from .noise import (
     values_from_bits,
     values_from_bits_numpy,
 )
-from .perturbation import SeededPerturbation, normalization_factor, spread_scales
+from .inplace import SeededPerturbation, normalization_factor, spread_scales
 from .shards import LocalPart
 
 #: Leaf modules whose trainable parameters total at most this many elements are recomputed in
@@ -138,7 +138,7 @@ def _write_all(ops: list[Callable[[], object]], completes_itself: int) -> None:
     Signal handlers are deferred meanwhile, so a Ctrl-C lands after the last write. The first
     ``completes_itself`` operations are engine updates that finish their own writes before an
     exception leaves them; any other operation is one tensor write, which raises before writing.
-    After a failure the remaining operations are run (with retries, :func:`zoptim.atomic.recover`)
+    After a failure the remaining operations are run (with retries, :func:`zoptim.engine.atomic.recover`)
     and the exception re-raised."""
     done = 0
     with deferred_signals():
@@ -164,7 +164,7 @@ def _write_all(ops: list[Callable[[], object]], completes_itself: int) -> None:
 class ForwardPerturbation:
     """Applies seeded directions inside ``module``'s forward; only updates write the weights.
 
-    The same interface as :class:`zoptim.perturbation.SeededPerturbation` (``move``, ``update``,
+    The same interface as :class:`zoptim.engine.inplace.SeededPerturbation` (``move``, ``update``,
     ``restore``, ``is_perturbed``, ``params``), so every optimizer's step generator runs on either.
 
     Args:
@@ -177,11 +177,11 @@ class ForwardPerturbation:
         per_example: allow per-example queries (:class:`RowKeys`); then every trainable tensor
             must be covered by a hook, matrices must be low rank, and no module may mix the examples
             of a batch (BatchNorm in training mode): each is a ValueError naming the module.
-        parts: what this process holds of each tensor (:func:`zoptim.shards.local_part`), when
+        parts: what this process holds of each tensor (:func:`zoptim.engine.shards.local_part`), when
             ``params`` are FSDP2-sharded DTensors. The hooks then apply the *global* direction to
             the gathered weights FSDP2 puts on each module during its forward, and the update
             writes only this rank's rows: row block ``[first, first + rows)`` of a matrix takes
-            ``A[first:first + rows] B^T``, a small tensor its range of elements (``zoptim.shards``'
+            ``A[first:first + rows] B^T``, a small tensor its range of elements (``zoptim.engine.shards``'
             contiguity argument). Queries write no shard at all.
     """
 
@@ -837,7 +837,7 @@ class ForwardPerturbation:
         their fused in-place move (which also undoes their query offset).
 
         Atomic: everything the update writes is prepared first, then written as a list of
-        operations with signal handlers deferred (:func:`zoptim.atomic.deferred_signals`); an
+        operations with signal handlers deferred (:func:`zoptim.engine.atomic.deferred_signals`); an
         operation that raises is retried and the rest completed before the exception propagates,
         so a failure never leaves some tensors updated and others not."""
         self._key, self._scales = None, None

@@ -4,7 +4,7 @@ Every zeroth-order method in zoptim is a short sequence of moves of the paramete
 random direction s (the papers' s_k, MeZO's z): to ``x + rho*s`` and ``x - rho*s`` for the two
 function queries, then to ``x - alpha*g*s`` for the update. :class:`SeededPerturbation` performs
 such moves in place, chunk by chunk, regenerating s from its key each time (see
-:mod:`zoptim.noise`), so no direction and no copy of the parameters is ever held.
+:mod:`zoptim.engine.noise`), so no direction and no copy of the parameters is ever held.
 
 Passes over the parameters. A move goes *from* the offset currently applied *to* a new one in a
 single pass, generating s once per chunk: MeZO's step (perturb +eps, -2eps, +eps, update) draws
@@ -33,12 +33,12 @@ undo's arithmetic on a scratch copy, predicts the undo bit for bit on any device
 vectorisation of the kernels.
 
 One pass per chunk. Since element i of a direction is a pure function of (key, i)
-(:mod:`zoptim.noise`), a move computes the old and the new noise inside the same loop that undoes
+(:mod:`zoptim.engine.noise`), a move computes the old and the new noise inside the same loop that undoes
 the old offset, applies weight decay, applies the new offset and, for a temporary move, marks the
-elements whose undo would not be exact (:func:`zoptim.kernels.fused_move`, compiled by
+elements whose undo would not be exact (:func:`zoptim.engine.kernels.fused_move`, compiled by
 ``torch.compile`` where available, eager otherwise, same bits). The journal's index extraction
 (``nonzero``) runs only for chunks with marked elements; journaled elements of the previous move
-are then fixed up from their saved values (:func:`zoptim.kernels.gathered_move`, noise recomputed
+are then fixed up from their saved values (:func:`zoptim.engine.kernels.gathered_move`, noise recomputed
 at their indices). A two-point step is three passes (``0 -> +rho``, ``+rho -> -rho``,
 ``-rho -> update``), against MeZO's four noise regenerations.
 
@@ -48,7 +48,7 @@ committed with one assignment. Whatever raises in between (an error in a kernel,
 ``KeyboardInterrupt`` from Ctrl-C, an exception from code hooked into a kernel call) finds every
 chunk either committed or restorable from the backup, so the engine recovers before the exception
 propagates: an interrupted query move goes back to the unperturbed point bit for bit, an
-interrupted update is completed (an update cannot be undone exactly; see :mod:`zoptim.atomic`,
+interrupted update is completed (an update cannot be undone exactly; see :mod:`zoptim.engine.atomic`,
 which also keeps signal handlers from interrupting the recovery). ``is_perturbed`` is then False
 and the next step starts from a consistent point. ``tests/test_atomic.py`` injects a failure at
 every kernel call of a step.
@@ -103,7 +103,7 @@ class SeededPerturbation:
 
     Args:
         params: the tensors to perturb (floating point, contiguous). They are modified in place.
-        distribution: ``"normal"``, ``"rademacher"`` or ``"uniform"`` (see :mod:`zoptim.noise`).
+        distribution: ``"normal"``, ``"rademacher"`` or ``"uniform"`` (see :mod:`zoptim.engine.noise`).
         normalize: scale each direction to norm ``sqrt(d)``, d the total number of elements (the
             normalisation trick of the S2P paper, Sec. 3.2, after Lemma 3.1). Costs one extra
             noise pass per direction to measure its norm.
@@ -112,9 +112,9 @@ class SeededPerturbation:
             ``EAGER_CHUNK_SIZE`` on the eager one, whose integer temporaries are 8 bytes an
             element). Bounds the scratch memory; does not change the values. Fixed for the
             engine's life, so the journal's chunk indices stay valid if the route changes.
-        rank: a stream word (see :class:`zoptim.noise.NoiseSource`); 0 is the single-process stream.
+        rank: a stream word (see :class:`zoptim.engine.noise.NoiseSource`); 0 is the single-process stream.
         offsets: the global flat index of each tensor's first element (default 0): a process
-            holding a shard of a parameter (:mod:`zoptim.shards`) draws the values of the whole
+            holding a shard of a parameter (:mod:`zoptim.engine.shards`) draws the values of the whole
             parameter's direction at its own elements.
         indices: the stream number of each tensor (default 0, 1, ...; see :meth:`tensor_key`).
 
@@ -270,7 +270,7 @@ class SeededPerturbation:
 
         Atomic: if anything raises inside the move (``KeyboardInterrupt`` included), a temporary
         move goes back to the unperturbed point, bit for bit, and an update is completed, before
-        the exception propagates (see :mod:`zoptim.atomic`).
+        the exception propagates (see :mod:`zoptim.engine.atomic`).
         """
         if not temporary:
             self.update([] if key is None else [(key, scales)], decay=decay)
