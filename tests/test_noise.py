@@ -19,8 +19,8 @@ SE = 1 / math.sqrt(N)  # standard error of a mean of N unit-variance values
 Z = 6  # tolerance in standard errors
 
 
-def draw(distribution, key, n=N, sampler="counter", rank=0):
-    return NoiseSource(distribution, sampler, rank).fill(torch.empty(n), key).double()
+def draw(distribution, key, n=N, sampler="counter"):
+    return NoiseSource(distribution, sampler).fill(torch.empty(n), key).double()
 
 
 @pytest.mark.parametrize("distribution, kurtosis", [("normal", 3.0), ("rademacher", 1.0), ("uniform", 1.8)])
@@ -59,7 +59,7 @@ def _corr(a, b):
 
 
 @pytest.mark.parametrize("distribution", ["normal", "rademacher"])
-def test_independent_across_steps_directions_parameters_offsets_and_ranks(distribution):
+def test_independent_across_steps_directions_parameters_offsets_and_seeds(distribution):
     n = 1 << 18
     base = draw(distribution, mix(mix(0, 5, 0), 0), n)
     others = {
@@ -68,7 +68,6 @@ def test_independent_across_steps_directions_parameters_offsets_and_ranks(distri
         "parameter": draw(distribution, mix(mix(0, 5, 0), 1), n),
         "further along the stream": NoiseSource(distribution).fill(torch.empty(n), mix(mix(0, 5, 0), 0), start=n)
         .double(),
-        "rank": draw(distribution, mix(mix(0, 5, 0), 0), n, rank=1),
         "seed": draw(distribution, mix(mix(1, 5, 0), 0), n),
     }
     for name, other in others.items():
@@ -104,11 +103,6 @@ def test_reproducible_from_the_key_and_global_rng_untouched(distribution, sample
     c = draw(distribution, 1235, 5000, sampler)
     assert torch.equal(a, b) and not torch.equal(a, c)
     assert torch.equal(state, torch.get_rng_state())
-
-
-def test_rank_zero_is_the_single_process_stream_and_ranks_differ():
-    assert torch.equal(draw("normal", 77, 100), draw("normal", 77, 100, rank=0))
-    assert not torch.equal(draw("normal", 77, 100, rank=0), draw("normal", 77, 100, rank=1))
 
 
 def test_unknown_sampler_is_rejected():

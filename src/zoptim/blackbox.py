@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .optim import registry
-from .optim.base import DivergedError, StepRun, ZerothOrderOptimizer, loss_value
+from .optim.base import ZerothOrderOptimizer
+from .optim.step import DivergedError, StepRun, loss_value
 from .runloop import progress_bar
 
 

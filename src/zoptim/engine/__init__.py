@@ -12,6 +12,24 @@ Beneath them: the counter-based noise (:mod:`.noise`), the fused move kernels (:
 the atomic writes (:mod:`.atomic`) and the local shards of FSDP2 parameters (:mod:`.shards`).
 """
 
+from .forward import ForwardPerturbation
 from .inplace import SeededPerturbation
+from .protocol import Engine, RowKeys
 
-__all__ = ["SeededPerturbation"]
+__all__ = ["Engine", "ForwardPerturbation", "RowKeys", "SeededPerturbation", "build_engine"]
+
+
+def build_engine(parts, *, module=None, tensors=None, distribution: str = "normal", rank: int | None = None,
+                 normalize: bool = False, exact: bool = True, per_example: bool = False) -> Engine:
+    """The engine over ``parts`` (:class:`~zoptim.engine.shards.LocalPart` of each trainable tensor).
+
+    With ``module`` (the model the closure runs) the directions are applied inside its forward
+    (:class:`ForwardPerturbation`; ``tensors``: the module's own tensors in the same order, which
+    its hooks find), rank-``rank`` for matrices; without, they are written in place
+    (:class:`SeededPerturbation`). The combinations of these options are checked before, once
+    (:mod:`zoptim.optim.options`)."""
+    if module is not None:
+        return ForwardPerturbation(module, tensors, parts=parts, distribution=distribution, rank=rank,
+                                   normalize=normalize, exact=exact, per_example=per_example)
+    return SeededPerturbation([part.tensor for part in parts], distribution=distribution, normalize=normalize,
+                              exact=exact, offsets=[part.offset for part in parts])

@@ -112,15 +112,20 @@ class SeededPerturbation:
             ``EAGER_CHUNK_SIZE`` on the eager one, whose integer temporaries are 8 bytes an
             element). Bounds the scratch memory; does not change the values. Fixed for the
             engine's life, so the journal's chunk indices stay valid if the route changes.
-        rank: a stream word (see :class:`zoptim.engine.noise.NoiseSource`); 0 is the single-process stream.
         offsets: the global flat index of each tensor's first element (default 0): a process
             holding a shard of a parameter (:mod:`zoptim.engine.shards`) draws the values of the whole
             parameter's direction at its own elements.
         indices: the stream number of each tensor (default 0, 1, ...; see :meth:`tensor_key`).
 
     The offset currently applied is ``x + scale_j * s(key)`` for each tensor j, where x is the
-    unperturbed value; :meth:`move` changes it, :meth:`restore` removes it.
+    unperturbed value; :meth:`move` changes it, :meth:`restore` removes it. Implements
+    :class:`zoptim.engine.protocol.Engine`.
     """
+
+    #: HiZOO's element-wise weights and the direction's values chunk by chunk are available.
+    element_wise = True
+    #: one direction per query: no per-example (:class:`~zoptim.engine.protocol.RowKeys`) queries.
+    per_example = False
 
     def __init__(
         self,
@@ -130,7 +135,6 @@ class SeededPerturbation:
         normalize: bool = False,
         exact: bool = True,
         chunk_size: int | None = None,
-        rank: int = 0,
         offsets: Sequence[int] | None = None,
         indices: Sequence[int] | None = None,
     ):
@@ -143,7 +147,7 @@ class SeededPerturbation:
         self.offsets = [0] * len(self.params) if offsets is None else [int(o) for o in offsets]
         if len(self.offsets) != len(self.params):
             raise ValueError(f"offsets must have one value per tensor ({len(self.params)}); got {len(self.offsets)}")
-        self.noise = NoiseSource(check_distribution(distribution), rank=rank)
+        self.noise = NoiseSource(check_distribution(distribution))
         self.distribution = distribution
         self.normalize = bool(normalize)
         self.exact = bool(exact)
@@ -159,9 +163,6 @@ class SeededPerturbation:
         self._state: dict[tuple[int, int], tuple] = {}
         self._epoch = 0
         self._inflight: tuple | None = None
-        # the chunk backups that make a move atomic; benchmarks/atomic_cost.py turns them off to
-        # measure what they cost (without them an exception mid-move can leave a mixed point)
-        self._atomic = True
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._norm_cache: tuple[int, float] | None = None
         self._weights: Weights | None = None
@@ -240,8 +241,16 @@ class SeededPerturbation:
         self._norm_cache = (key, norm)
         return norm
 
-    def _factor(self, key: int) -> float:
+    def direction_scale(self, key: int) -> float:
+        """sqrt(d) / ||s(key)|| with ``normalize``, else 1: the factor every move applies."""
         return normalization_factor(self, key)
+
+    def query_rows(self) -> int | None:
+        return None  # no per-example queries: every element moves with one direction
+
+    def close(self) -> None:
+        """Back to the unperturbed point (the engine holds nothing else)."""
+        self.restore()
 
     # -- moves --------------------------------------------------------------------------------
     def _as_scales(self, scales: float | Scales) -> list[float]:
@@ -295,7 +304,7 @@ class SeededPerturbation:
         if key is None:
             return None, None
         new_scales = self._as_scales(scales)
-        f = self._factor(key)
+        f = self.direction_scale(key)
         new_scales = [s * f for s in new_scales]
         if all(s == 0.0 for s in new_scales):
             return None, None
@@ -348,9 +357,8 @@ class SeededPerturbation:
                 record = record_all and has_new
                 n = b - a
                 sl = flat[a:b]
-                if self._atomic:
-                    self._buffer(device, "B", n, dtype).copy_(sl)
-                    self._inflight = (j, c, a, b, done)
+                self._buffer(device, "B", n, dtype).copy_(sl)
+                self._inflight = (j, c, a, b, done)
                 ok0, ok1 = words_of(o_key, j) if has_old else (0, 0)
                 nk0, nk1 = words_of(t_key, j) if has_new else (0, 0)
                 # float32 scalars: the kernels multiply float32 noise by them, as the journal check assumes
@@ -385,8 +393,7 @@ class SeededPerturbation:
                 if record and int(count) > 0:
                     idx = M.nonzero().view(-1)
                     done = (base_epoch, t_key, s_new, (idx.to(torch.int32), P[idx]))
-                    if self._atomic:
-                        self._inflight = (j, c, a, b, done)
+                    self._inflight = (j, c, a, b, done)
                 self._state[(j, c)] = done  # the commit
 
     def _undo_inflight(self) -> None:

@@ -7,9 +7,10 @@ import math
 import torch
 
 from ..schedules import cosine_decay
-from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, ZerothOrderOptimizer
 from .checks import check_int, check_positive
 from .momentum import SeedMomentum
+from .step import StepGenerator
 
 BATCH_MODES = ("minibatch", "full")
 
@@ -205,13 +206,13 @@ class AS2P(ZerothOrderOptimizer):
     def _window_capacity(self) -> int:
         if self.total_steps is None:
             return self.max_window
-        per_step = self.num_directions * self._direction_world
+        per_step = self.num_directions * self._directions_world_size
         return max(2, math.ceil(self.window * self.total_steps * per_step))
 
     supports_direction_sharding = True
 
-    def shard_directions(self, rank, world, exchange) -> None:
-        super().shard_directions(rank, world, exchange)
+    def shard_directions(self, process_rank, world_size, exchange) -> None:
+        super().shard_directions(process_rank, world_size, exchange)
         self.gammas = GammaWindow(self._window_capacity())  # the window holds every rank's gammas
 
     # -- schedules ----------------------------------------------------------------------------------
@@ -239,7 +240,7 @@ class AS2P(ZerothOrderOptimizer):
     def window_length(self, k: int) -> int:
         if self.total_steps is not None:
             return self.gammas.capacity
-        return max(1, math.ceil(self.window * (k + 1) * self.num_directions * self._direction_world))
+        return max(1, math.ceil(self.window * (k + 1) * self.num_directions * self._directions_world_size))
 
     # -- the step -------------------------------------------------------------------------------------
     def _queries(self) -> StepGenerator:

@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from .base import GroupValue, Query, SkippedUpdate, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, ZerothOrderOptimizer
 from .checks import check_positive
+from .step import Query, SkippedUpdate, StepGenerator
 
 
 class HiZOO(ZerothOrderOptimizer):

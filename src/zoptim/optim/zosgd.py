@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, ZerothOrderOptimizer
 from .checks import check_int, check_positive
 from .momentum import SeedMomentum
+from .step import StepGenerator
 
 
 class ZOSGD(ZerothOrderOptimizer):
