@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import zoptim
-from zoptim.engine.noise import NoiseSource, mix
 from zoptim.engine.inplace import SeededPerturbation
+from zoptim.engine.noise import NoiseSource, mix
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -10,8 +10,8 @@ import torch
 
 import zoptim
 from zoptim.engine import kernels
-from zoptim.engine.noise import NoiseSource, mix
 from zoptim.engine.inplace import SeededPerturbation
+from zoptim.engine.noise import NoiseSource, mix
 
 
 def bits(t):

@@ -403,14 +403,16 @@ def test_zo_trainer_gradient_accumulation_is_one_step_over_all_micro_batches(tmp
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
 
 
-@pytest.mark.parametrize("extra", [("--rank", "1"), ("--rank", "1", "--per-example")], ids=["rank1", "per-example"])
+@pytest.mark.parametrize("extra", [("--forward",), ("--rank", "1"), ("--rank", "1", "--per-example")],
+                         ids=["full-rank", "rank1", "per-example"])
 def test_finetune_with_forward_directions_trains_records_them_and_exports(tmp_path, data_files, extra):
-    """`zoptim finetune --rank 1 [--per-example]`: directions in the forward, recorded in result.json,
-    the exported model carries the trained weights and no hook."""
+    """`zoptim finetune --forward | --rank 1 [--per-example]`: directions in the forward (full rank
+    or rank 1), recorded in result.json, the exported model carries the trained weights and no hook."""
     model_dir = save_tiny("causal", tmp_path / "tiny")
     run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", *extra, run="fwd")
     result = json.loads((run_dir / "result.json").read_text())
-    assert result["rank"] == 1 and result["per_example"] == ("--per-example" in extra)
+    assert result["rank"] == (1 if "--rank" in extra else None) and result["per_example"] == ("--per-example" in extra)
+    assert result["forward"] == ("--forward" in extra)
     assert result["queries"] == 8 and result["weights_changed"]["fraction"] > 0
     reference, _ = tuned_reference(model_dir, run_dir)
     torch.testing.assert_close(logits(load_classifier(run_dir / "model")), logits(reference), rtol=0, atol=0)
@@ -424,6 +426,10 @@ def test_finetune_refuses_forward_options_that_cannot_hold(tmp_path, data_files)
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--rank", "0")
     with pytest.raises(SystemExit, match="--rank is an option of zosgd, as2p, stp and s2p; got --method hizoo"):
         finetune(tmp_path, model_dir, data_files, "--method", "hizoo", "--rank", "1")
+    with pytest.raises(SystemExit, match="--forward is an option of zosgd, as2p, stp and s2p; got --method hizoo"):
+        finetune(tmp_path, model_dir, data_files, "--method", "hizoo", "--forward")
+    with pytest.raises(SystemExit, match="--per-example needs --rank R"):  # full-rank directions per example
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--forward", "--per-example")
     with pytest.raises(SystemExit, match="--per-example is an option of zosgd and as2p; got --method stp"):
         finetune(tmp_path, model_dir, data_files, "--method", "stp", "--rank", "1", "--per-example")
 

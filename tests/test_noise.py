@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from zoptim.engine.noise import CHUNK_SIZE, NoiseSource, _normal_table, mix
 from zoptim.engine.inplace import SeededPerturbation
+from zoptim.engine.noise import CHUNK_SIZE, NoiseSource, _normal_table, mix
 
 N = 1 << 20  # values per sample
 SE = 1 / math.sqrt(N)  # standard error of a mean of N unit-variance values

@@ -2,8 +2,8 @@
 
 from . import distributed
 from .blackbox import AskTell, OptimizeResult, minimize
-from .optim import AS2P, S2P, STP, ZOSGD, DivergedError, HiZOO, NonFiniteLossWarning, ZerothOrderOptimizer
 from .engine.inplace import SeededPerturbation
+from .optim import AS2P, S2P, STP, ZOSGD, DivergedError, HiZOO, NonFiniteLossWarning, ZerothOrderOptimizer
 
 __version__ = "0.1.0"
 

@@ -69,9 +69,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from .engine.shards import release_freed_buffers
 from .optim.base import ZerothOrderOptimizer
 from .optim.step import loss_value, loss_vector
-from .engine.shards import release_freed_buffers
 
 MODES = ("batch", "directions", "sharded")
 

@@ -60,6 +60,8 @@ import torch
 from torch import nn
 
 from .atomic import RecoveryError, deferred_signals, recover
+from .inplace import SeededPerturbation, normalization_factor, spread_scales
+from .layers import MAX_RECOMPUTED_ELEMENTS, handler_for
 from .noise import (
     NoiseSource,
     check_distribution,
@@ -70,8 +72,6 @@ from .noise import (
     values_from_bits,
     values_from_bits_numpy,
 )
-from .inplace import SeededPerturbation, normalization_factor, spread_scales
-from .layers import MAX_RECOMPUTED_ELEMENTS, handler_for
 from .protocol import RowKeys
 from .shards import LocalPart
 
@@ -353,12 +353,6 @@ class ForwardPerturbation:
                 "per_example=True needs every trainable tensor applied in a hook; these move in place (no hook "
                 f"covers their module): {[j for j in self._in_place_index]} (tensor indices of the optimizer's parameters)"
             )
-        if self.sharded:
-            raise ValueError("per_example=True is not supported with sharded (FSDP2) parameters; use "
-                             "wrap(mode='sharded') without per_example, or per_example with wrap(mode='batch')")
-        if self.rank is None:
-            raise ValueError("per_example=True needs low-rank matrix directions (rank=r): a full-rank direction per "
-                             "example would materialise one weight-sized tensor per example")
         for m in self.module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
                 raise ValueError(

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text
 from ..optim import registry
 from ..optim.checks import check_positive
+from ..optim.options import OptionError, Options, check_options
 from .train import OBJECTIVES, finetune_methods
 
 
@@ -67,6 +68,7 @@ class FinetuneConfig:
     momentum_window: int = 8
     guard: float = 0.0
     hessian_smooth: float = 1e-6
+    forward: bool = False  # directions applied inside the model's forward (implied by rank)
     rank: int | None = None
     per_example: bool = False
     shard: bool = False
@@ -89,7 +91,8 @@ class FinetuneConfig:
             raise ConfigError("objective", "accuracy is not differentiable; use a zeroth-order {method}", method=None)
         if self.merge and not self.lora:
             raise ConfigError("merge", "merges LoRA adapters; it needs {lora}", lora=None)
-        options = {"momentum": self.momentum, "guard": self.guard, "rank": self.rank, "per_example": self.per_example}
+        options = {"momentum": self.momentum, "guard": self.guard, "module": self.forward, "rank": self.rank,
+                   "per_example": self.per_example}
         missing = (next(((k, registry.names()) for k, v in options.items() if v), None) if self.method == "adamw"
                    else registry.unsupported(self.method, options))
         if missing:  # what each method offers comes from the registry
@@ -99,13 +102,14 @@ class FinetuneConfig:
             raise ConfigError("guard", f"must be >= 0; got {self.guard}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("momentum", f"must be in [0, 1); got {self.momentum}")
-        if self.per_example and self.rank is None:
-            raise ConfigError("per_example", "needs {rank}", rank="R")
+        try:  # the combinations of how directions are applied: checked where the optimizers check them
+            check_options(Options(self.method, module=self.forward or self.rank is not None, rank=self.rank,
+                                  per_example=self.per_example, shard=self.shard))
+        except OptionError as err:
+            raise ConfigError(err.field, err.detail, **err.refs) from None
         if self.shard:
-            for field, value in (("lora", self.lora), ("per_example", self.per_example)):
-                if value:  # LoRA adapters are small and stay whole; sharded mode refuses per-example directions
-                    raise ConfigError("shard", "shards the full model's weights; it does not combine with {%s}" % field,
-                                      **{field: None})
+            if self.lora:  # LoRA adapters are small and stay whole
+                raise ConfigError("shard", "shards the full model's weights; it does not combine with {lora}", lora=None)
             if self.method == "adamw":
                 raise ConfigError("shard", "runs the zeroth-order methods; got {method}", method=self.method)
         for field, strict in (("lr", True), ("eps", True), ("eta_b", True), ("hessian_smooth", False)):
@@ -225,7 +229,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         config.method, clf.parameters(), config.steps, lora=config.lora, lr=config.lr, eps=config.eps,
         eta_b=config.eta_b, seed=config.seed, exact_restore=config.exact_restore, momentum=config.momentum,
         momentum_window=config.momentum_window, hessian_smooth=config.hessian_smooth, guard=config.guard,
-        module=clf if config.rank is not None else None, rank=config.rank, per_example=config.per_example,
+        module=clf if config.forward or config.rank is not None else None, rank=config.rank, per_example=config.per_example,
     )
     run_dir = out / run_name
     loop = Loop(clf, task, optimizer, loop_config, run_dir, progress=config.progress)

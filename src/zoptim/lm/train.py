@@ -40,9 +40,9 @@ import torch
 from .. import records
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
+from ..engine.shards import is_dtensor, local_part
 from ..optim import registry
 from ..runloop import minibatch, progress_bar
-from ..engine.shards import is_dtensor, local_part
 from .data import Task
 from .prompts import PromptClassifier
 
@@ -80,15 +80,15 @@ def make_optimizer(
     ValueError for the other methods); ``hessian_smooth``: HiZOO's alpha; ``guard``: the loss
     guard's tol (:class:`zoptim.optim.guard.LossGuard`) of ZOSGD and HiZOO (0: off).
 
-    ``module`` / ``rank``: apply rank-``rank`` matrix directions inside ``module``'s forward
-    (:mod:`zoptim.engine.forward`; ZOSGD, AS2P, STP, S2P).
+    ``module``: apply the directions inside ``module``'s forward (:mod:`zoptim.engine.forward`;
+    ZOSGD, AS2P, STP, S2P), full rank, or rank-``rank`` matrix directions with ``rank``.
 
     ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
     arithmetic undo); it is ignored by AdamW.
     """
     if method not in finetune_methods():
         raise ValueError(f"method must be one of {finetune_methods()}; got {method!r}")
-    options = {"momentum": momentum, "guard": guard, "rank": rank, "per_example": per_example}
+    options = {"momentum": momentum, "guard": guard, "module": module, "rank": rank, "per_example": per_example}
     if method == "adamw":
         asked = [k for k, v in options.items() if v not in (None, 0, 0.0, False)]
         if asked:
@@ -107,8 +107,10 @@ def make_optimizer(
         hp.update(momentum=momentum, momentum_window=momentum_window)
     if guard:
         hp["guard"] = guard
+    if module is not None:
+        hp["module"] = module
     if rank is not None:
-        hp.update(module=module, rank=rank)
+        hp["rank"] = rank
     if per_example:
         hp["per_example"] = True
     return registry.build(method, params, **hp)

@@ -29,6 +29,7 @@ from ..engine.noise import check_distribution, mix
 from ..engine.shards import local_part
 from .checks import check_int, check_positive
 from .exchange import DirectionExchange
+from .options import Options, check_options
 from .state import CompatibleState
 from .step import Closure, DivergedError, NonFiniteLossWarning, SkippedUpdate, StepGenerator, StepRun
 
@@ -89,19 +90,9 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
     ):
         check_distribution(distribution)
         self.per_example = bool(per_example)
-        if self.per_example and (module is None or rank is None):
-            raise ValueError(
-                "per_example=True needs module=<the model> and rank=r: each example's direction is applied inside "
-                "the forward of the model's layers, as a rank-r product"
-            )
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module (the model the closure runs) or None; got {type(module).__name__}")
         self._rank = check_int("rank", rank, allow_none=True)
-        if self._rank is not None and module is None:
-            raise ValueError(
-                "rank=r needs module=<the model>: low-rank directions are applied inside the forward of the "
-                "model's layers; pass module=model (or rank=None for full-rank directions in place)"
-            )
         self._module = module
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise ValueError(f"seed must be an integer; got {seed!r}")
@@ -151,11 +142,7 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
         if not trainable:
             raise ValueError("no trainable parameters: every parameter given has requires_grad=False")
         self.sharded = any(part.tensor.numel() != part.global_numel for part in trainable)
-        if self.sharded and self._normalize:
-            raise ValueError(
-                "normalize=True needs the norm of the whole direction, which a rank holding a shard does not "
-                "see; use normalize=False with sharded (FSDP2) parameters"
-            )
+        check_options(self._options())
         self._group_of = group_of
         self._global_dim = sum(part.global_numel for part in trainable)
         old = getattr(self, "engine", None)
@@ -173,6 +160,16 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
         )
         # what the engine holds on the model (hooks) goes when the optimizer does; it never holds the optimizer
         self._close_engine = weakref.finalize(self, self.engine.close)
+
+    #: Whether the method needs the direction's every element (HiZOO's preconditioner): it then
+    #: refuses forward-applied directions.
+    element_wise_directions = False
+
+    def _options(self, **extra) -> Options:
+        """How this optimizer applies its directions, for :func:`~zoptim.optim.options.check_options`."""
+        return Options(type(self).__name__, module=self._module is not None, rank=self._rank,
+                       per_example=self.per_example, shard=self.sharded, normalize=self._normalize,
+                       factored=getattr(self, "factored", False), element_wise=self.element_wise_directions, **extra)
 
     def _param_name(self, gi: int, pi: int, p: torch.Tensor) -> str:
         """How an error names a parameter: its name in ``module`` if known, and its place and shape."""

@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable
 
 from ..engine.protocol import RowKeys
+from .options import check_options
 from .step import _NONFINITE, _OK, _RAISED, Query, SkippedUpdate
 
 
@@ -48,9 +49,7 @@ class DirectionExchange:
             )
         if self.steps:
             raise ValueError("shard_directions must be called before the first step")
-        if self.per_example:
-            raise ValueError("per_example=True already gives each example its own direction; it does not combine "
-                             "with mode='directions' (use mode='batch')")
+        check_options(self._options(directions_mode=True))
         self._directions_process_rank, self._directions_world_size = int(process_rank), int(world_size)
         self._exchange = exchange
 
