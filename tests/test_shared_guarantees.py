@@ -1,9 +1,15 @@
-"""What every method guarantees, checked for every method of the registry on both kernel routes.
+"""What every method guarantees, on every engine it runs on: one table drives the checks.
 
-The registry (``zoptim.optim.registry``) drives the table, so a method registered later is held
-to the same guarantees without a line here (only ``NEEDS``, what it strictly needs, if anything).
-Routes: the eager kernels and the compiled ones users get by default (``ZOPTIM_COMPILE=1``; the
-rest of the suite runs eager, which gives the same bits: tests/test_kernels.py).
+The table is registered methods x engines: in place (:mod:`zoptim.engine.inplace`, on the eager
+kernels and on the compiled ones users get by default), and applied in the forward
+(:mod:`zoptim.engine.forward`) with full-rank and with rank-1 matrix directions, for the methods
+that offer it (the registry says which). The registry (``zoptim.optim.registry``) drives the
+table, so a method registered later is held to the same guarantees without a line here (only
+``NEEDS``, what it strictly needs, if anything). The guarantees: it trains; the same seed gives
+the same bits; a zero learning rate leaves every weight where it was; a run resumed from its
+state_dict continues bit for bit; a non-finite loss, and an exception in the closure, restore the
+weights exactly. Method-specific behaviour has its own tests beside this one; the distributed
+modes' equalities are in tests/test_distributed.py.
 """
 
 from __future__ import annotations
@@ -20,70 +26,112 @@ from zoptim.optim import registry
 
 NEEDS = {"as2p": dict(total_steps=12), "s2p": dict(lr=1.0, total_steps=12)}
 #: A step size with a visible effect on the small problem below (the defaults are for large models).
-LR = {"zosgd": 2e-3, "hizoo": 2e-3, "stp": 0.05, "as2p": 0.05}
+LR = {"zosgd": 5e-3, "hizoo": 5e-3, "stp": 0.05, "as2p": 0.05}
+#: engine -> (the optimizer's arguments, given the model), in place on both kernel routes.
+ENGINES = {
+    "in-place-eager": lambda model: {},
+    "in-place-compiled": lambda model: {},
+    "forward-full-rank": lambda model: dict(module=model),
+    "forward-rank1": lambda model: dict(module=model, rank=1),
+}
+TABLE = [(name, engine) for name in registry.names() for engine in ENGINES
+         if not engine.startswith("forward") or "forward" in registry.get(name).options]
+
+g = torch.Generator().manual_seed(1)
+X, Y = torch.randn(16, 8, generator=g), torch.randn(16, 7, generator=g)
 
 
-@pytest.fixture(params=["eager", "compiled"])
+@pytest.fixture
 def route(request, monkeypatch):
-    monkeypatch.setenv("ZOPTIM_COMPILE", "0" if request.param == "eager" else "1")
-    yield request.param
-    if request.param == "compiled":
+    """The kernel route: compiled (the default users get) unless the engine says eager."""
+    eager = request.node.callspec.params["engine"] == "in-place-eager"
+    monkeypatch.setenv("ZOPTIM_COMPILE", "0" if eager else "1")
+    yield
+    if request.node.callspec.params["engine"] == "in-place-compiled":
         assert kernels._compile_failed is None and len(kernels._compiled) > 0  # the compiled route was taken
 
 
-def tensors():
-    g = torch.Generator().manual_seed(0)
-    # at least kernels.MIN_COMPILED_ELEMENTS each, so the compiled route runs its kernels
-    return [torch.nn.Parameter(torch.randn(10, 8, generator=g)), torch.nn.Parameter(torch.randn(70, generator=g))]
+def make_model():
+    # weight matrices of at least kernels.MIN_COMPILED_ELEMENTS, so the compiled route runs its kernels
+    model = torch.nn.Sequential(torch.nn.Linear(8, 10), torch.nn.Tanh(), torch.nn.Linear(10, 7))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model
 
 
-def build(name, ps, **extra):
-    hp = {**NEEDS.get(name, {}), "seed": 3, **extra}
+def build(name, engine, model, **extra):
+    hp = {**NEEDS.get(name, {}), "seed": 3, **ENGINES[engine](model), **extra}
     if name in LR:
         hp.setdefault("lr", LR[name])
-    return registry.build(name, ps, **hp)
+    return registry.build(name, model.parameters(), **hp)
 
 
-def loss_of(ps):
-    return lambda: sum(float(((p - 0.3) ** 2).sum()) for p in ps)
+def loss_of(model):
+    return lambda: float(torch.nn.functional.mse_loss(model(X), Y))
 
 
-def bits(ps):
-    return [p.detach().clone().view(torch.int32) for p in ps]
+def bits(model):
+    return [p.detach().clone().view(torch.int32) for p in model.parameters()]
 
 
-def run(name, steps, **extra):
-    ps = tensors()
-    opt = build(name, ps, **extra)
+def run(name, engine, steps, model=None, **extra):
+    model = make_model() if model is None else model
+    opt = build(name, engine, model, **extra)
     for _ in range(steps):
-        opt.step(loss_of(ps))
-    return ps, opt
+        opt.step(loss_of(model))
+    return model, opt
 
 
-@pytest.mark.parametrize("name", registry.names())
-def test_every_method_keeps_its_guarantees(name, route):
+def same(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(bits(a) if isinstance(a, torch.nn.Module) else a,
+                                                  bits(b) if isinstance(b, torch.nn.Module) else b))
+
+
+@pytest.mark.parametrize("name,engine", TABLE)
+def test_every_method_keeps_its_guarantees_on_every_engine(name, engine, route):
+    start = make_model()
     # it trains: the loss goes down
-    ps, opt = run(name, 12)
-    assert loss_of(ps)() < loss_of(tensors())()
+    model, opt = run(name, engine, 12)
+    assert loss_of(model)() < loss_of(start)()
+    opt.close()
     # the same seed gives the same run, bit for bit
-    again, _ = run(name, 12)
-    assert all(torch.equal(a, b) for a, b in zip(bits(ps), bits(again)))
+    again, opt = run(name, engine, 12)
+    assert same(model, again)
+    opt.close()
     # a zero learning rate leaves every weight bit for bit where it was (exact restore)
-    still, _ = run(name, 6, lr=0.0)
-    assert all(torch.equal(a, b) for a, b in zip(bits(still), bits(tensors())))
+    still, opt = run(name, engine, 6, lr=0.0)
+    assert same(still, start)
+    opt.close()
     # a run resumed from its state_dict continues as if it had not stopped
-    first, opt = run(name, 5)
+    first, opt = run(name, engine, 5)
     state = opt.state_dict()
-    resumed = [torch.nn.Parameter(p.detach().clone()) for p in first]
-    opt2 = build(name, resumed)
+    opt.close()
+    resumed = make_model()
+    resumed.load_state_dict(first.state_dict())
+    opt2 = build(name, engine, resumed)
     opt2.load_state_dict(state)
     for _ in range(7):
         opt2.step(loss_of(resumed))
-    assert all(torch.equal(a, b) for a, b in zip(bits(resumed), bits(ps)))
+    assert same(resumed, model)
     # a non-finite loss skips the step and restores the weights exactly
     before = bits(resumed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         value = opt2.step(lambda: math.nan)
     assert math.isnan(value) and any(issubclass(w.category, zoptim.NonFiniteLossWarning) for w in caught)
-    assert all(torch.equal(a, b) for a, b in zip(bits(resumed), before)) and not opt2.engine.is_perturbed
+    assert same(bits(resumed), before) and not opt2.engine.is_perturbed
+    # an exception in the closure at the step's second query restores them exactly too
+    calls = []
+
+    def failing():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return loss_of(resumed)()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        opt2.step(failing)
+    assert same(bits(resumed), before) and not opt2.engine.is_perturbed
+    opt2.close()

@@ -413,7 +413,7 @@ class AskTell:
         for s, p in zip(saved, engine.params):
             p.detach().copy_(s)
         told = [v if isinstance(v, list) else float(v) for v in state_dict["told"]]
-        at = state_dict.get("told_at") or [None] * len(told)  # None: in order (states saved before issue 21)
+        at = state_dict.get("told_at") or [None] * len(told)  # None: told in order (a state without told_at)
         self.optimizer.num_queries -= len(told)  # counted again by the replay
         if told:
             run = self._slot.run = self.optimizer.begin_step()

@@ -41,7 +41,7 @@ paper):
     ``A B^T``. ``release_memory`` (on CPU, default) sets glibc's mmap threshold so that FSDP2's
     freed gather buffers go back to the system (:func:`zoptim.engine.shards.release_freed_buffers`);
     :func:`zoptim.lm.models.load_sharded` builds a sharded model without ever holding it whole.
-    Measured in docs/performance.md (issue 25).
+    Measured in docs/performance.md.
 
 Failures are collective in every mode: a non-finite loss on one rank makes every rank skip the
 step, and an exception in one rank's closure (``KeyboardInterrupt`` included) makes every rank

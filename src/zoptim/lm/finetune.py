@@ -176,8 +176,8 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     from .report import write_report
     from .train import Loop, LoopConfig, make_optimizer
 
-    rank, world = rank_and_world()
-    say = builtins.print if rank == 0 else (lambda *a, **k: None)
+    process_rank, world_size = rank_and_world()
+    say = builtins.print if process_rank == 0 else (lambda *a, **k: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_name = run_name or config.method
@@ -204,18 +204,18 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
                         zip(truncated.items(), (task.train, task.val, test))), flush=True)
     say(f"task {task.name}: {len(task.train)} train / {len(task.val)} validation / {len(test)} test examples, "
         f"classes {', '.join(task.classes)}; device {device}"
-        + (f"; {world} processes ({'FSDP2-sharded' if config.shard else 'data parallel'})" if world > 1 else ""),
+        + (f"; {world_size} processes ({'FSDP2-sharded' if config.shard else 'data parallel'})" if world_size > 1 else ""),
         flush=True)
 
     # a sharded model's forward is collective: every rank evaluates, rank 0 writes
-    evaluates = rank == 0 or config.shard
+    evaluates = process_rank == 0 or config.shard
     zero_path = out / "zero_shot.json"
     if evaluates and not _agreed(zero_path.exists(), config.shard):
         say("zero-shot evaluation ...", flush=True)
         zero = {"model": config.model, "task": task.name, "dtype": config.dtype, "test_examples": len(test),
                 "test_accuracy": clf.accuracy(test), "val_accuracy": clf.accuracy(task.val[: config.eval_examples]),
                 "data_sha256": data_sha256}
-        if rank == 0:
+        if process_rank == 0:
             atomic_write_text(zero_path, json.dumps(zero, indent=2))
         if config.shard:  # the optimizer must not move shards under FSDP2's gathered copy
             from ..distributed import reshard
@@ -236,7 +236,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     start = time.perf_counter()
     log = loop.run()
     test_accuracy = clf.accuracy(test) if evaluates else None
-    if rank != 0:
+    if process_rank != 0:
         return None
     group = optimizer.param_groups[0]
     result = {
@@ -257,7 +257,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         "truncated": truncated,
         "nonfinite_losses": sum(1 for r in log if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")),
         "train_seconds": log[-1]["time"] if log else time.perf_counter() - start,
-        "processes": world,
+        "processes": world_size,
         "resumed_from_step": loop.resumed_from,
     }
     if config.shard:  # the tuned weights: the last checkpoint's sharded folder (nothing gathers the whole model)

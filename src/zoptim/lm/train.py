@@ -152,14 +152,14 @@ class Loop:
 
     def __init__(self, classifier: PromptClassifier, task: Task, optimizer, config: LoopConfig, out, progress=True):
         self.classifier, self.task, self.optimizer, self.config = classifier, task, optimizer, config
-        self.rank, self.world = rank_and_world()
+        self.process_rank, self.world_size = rank_and_world()
         self.sharded = any(is_dtensor(p) for p in classifier.parameters())  # fully_shard-ed (zoptim finetune --shard)
-        if self.world > 1:
+        if self.world_size > 1:
             if not is_zeroth_order(optimizer):
                 raise ValueError("a multi-process run needs a zeroth-order method (adamw would need DDP's gradient all-reduce)")
-            if config.batch_size % self.world:
+            if config.batch_size % self.world_size:
                 raise ValueError(
-                    f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({self.world}), "
+                    f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({self.world_size}), "
                     "so that every rank evaluates an equal share and their mean is the minibatch loss"
                 )
             from ..distributed import wrap
@@ -203,7 +203,7 @@ class Loop:
             shards = self.sharded_dir()
             dcp.save({n: p.detach() for n, p in self._trainable().items()}, checkpoint_id=shards)
             dist.barrier()  # every rank's shards are on disk before the checkpoint names them
-        if self.rank != 0:
+        if self.process_rank != 0:
             return
         atomic_save(
             {
@@ -254,16 +254,16 @@ class Loop:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.generator.set_state(ckpt["generator"])
         self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]
-        if self.log_path.exists() and self.rank == 0:
+        if self.log_path.exists() and self.process_rank == 0:
             records.write(self.log_path, [r for r in records.read(self.log_path) if r["step"] <= self.step])
         self.resumed_from = self.step
-        if self.rank == 0:
+        if self.process_rank == 0:
             print(f"resuming from step {self.step} ({self.ckpt_path})", flush=True)
         return True
 
     # -- training --------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        if self.rank != 0:
+        if self.process_rank != 0:
             return
         records.append(self.log_path, record)
 
@@ -275,8 +275,8 @@ class Loop:
         batch = self.sample()
         clf = self.classifier
         if is_zeroth_order(self.optimizer):
-            if self.world > 1:
-                batch = batch[self.rank :: self.world]  # this rank's share; the wrapper averages over ranks
+            if self.world_size > 1:
+                batch = batch[self.process_rank :: self.world_size]  # this rank's share; the wrapper averages over ranks
             if getattr(self.optimizer, "per_example", False):
                 if self.config.objective == "accuracy":
                     raise ValueError("per-example directions need a per-example loss; objective='accuracy' is one number")
@@ -310,7 +310,7 @@ class Loop:
         a zeroth-order optimizer puts the parameters and its counters back as before the step
         (``StepRun.abandon(counted=False)``), and the batch draw is rewound, so the resumed run
         is the uninterrupted one, bit for bit; a step whose update was already written counts."""
-        if self.world > 1:
+        if self.world_size > 1:
             raise KeyboardInterrupt("the last periodic checkpoint is the one to resume from")
         if generator_state is not None:
             if optimizer_steps is not None and self._optimizer_steps() != optimizer_steps:
@@ -324,9 +324,9 @@ class Loop:
     def run(self) -> list[dict]:
         """Train to ``config.steps`` (from the checkpoint if one exists); return the log."""
         self.classifier.eval()  # two queries of one step must differ only by the perturbation
-        if not self.resume() and self.rank == 0:
+        if not self.resume() and self.process_rank == 0:
             self.log_path.unlink(missing_ok=True)
-        bar = progress_bar(self.config.steps, "finetune", self.progress and self.rank == 0, initial=self.step)
+        bar = progress_bar(self.config.steps, "finetune", self.progress and self.process_rank == 0, initial=self.step)
         start = time.perf_counter()
         while self.step < self.config.steps:
             before = self.generator.get_state(), self._optimizer_steps()
@@ -340,7 +340,7 @@ class Loop:
                 bar.set_postfix(loss=f"{loss:.4f}")
             last = self.step == self.config.steps
             try:
-                if (self.step % self.config.eval_every == 0 or last) and (self.rank == 0 or self.sharded):
+                if (self.step % self.config.eval_every == 0 or last) and (self.process_rank == 0 or self.sharded):
                     record["val_accuracy"] = self.validate()
                     bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
             except KeyboardInterrupt:  # the step is done: keep it, without its validation
@@ -351,7 +351,7 @@ class Loop:
                 self.save()
             bar.update(1)
         bar.close()
-        return read_log(self.log_path) if self.rank == 0 else []
+        return read_log(self.log_path) if self.process_rank == 0 else []
 
 
 def objective_needs_zo(objective: str) -> bool:

@@ -225,8 +225,7 @@ class AS2P(ZerothOrderOptimizer):
     def lr_at(self, k: int, group: dict) -> float:
         """lr_k for ``group``: its ``lr`` in full-batch mode or when a torch LR scheduler drives it
         (it records ``initial_lr`` in the group; the scheduler is then the one decay), else the
-        paper's cosine decay from it to 0 (minibatch mode). An lr of None (states saved before lr
-        had a numeric default) is eps."""
+        paper's cosine decay from it to 0 (minibatch mode). An lr of None is eps."""
         base = self.eps if group["lr"] is None else group["lr"]
         if self.batch_mode == "full" or "initial_lr" in group:
             return base

@@ -95,7 +95,7 @@ class CompatibleState:
                 f"momentum_window={mine.window}"
             )
         saved_settings, mine_settings = extra.get("settings"), self._run_settings()
-        if saved_settings is not None:  # (state_dicts of zoptim before 0.5 do not record them)
+        if saved_settings is not None:  # a state without recorded settings is compared on the fields above
             # hyper-parameters held in param_groups come with the state's groups, as lr does in torch
             for field in sorted((set(saved_settings) | set(mine_settings)) - set(self.defaults)):
                 was, have = saved_settings.get(field), mine_settings.get(field)
@@ -128,7 +128,7 @@ class CompatibleState:
         try:
             super().load_state_dict(state_dict)
             saved_settings = extra.get("settings") or {}
-            for group in self.param_groups:  # states saved before these moved into param_groups
+            for group in self.param_groups:  # a group without an entry takes the recorded setting or the default
                 for name, default in self.defaults.items():
                     group.setdefault(name, saved_settings.get(name, default))
             self._load_extra_state(extra)
