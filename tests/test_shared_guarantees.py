@@ -34,7 +34,18 @@ ENGINES = {
     "forward-full-rank": lambda model: dict(module=model),
     "forward-rank1": lambda model: dict(module=model, rank=1),
 }
-TABLE = [(name, engine) for name in registry.names() for engine in ENGINES
+#: Options crossed with every engine: each registry option a method offers that changes its
+#: update (several directions a step, the seed momentum's window of terms), and HiZOO's own.
+VARIANTS = {"directions": dict(num_directions=2), "momentum": dict(momentum=0.9, momentum_window=3)}
+OWN_VARIANTS = {"hizoo": {"factored": dict(factored=True)}, "zosgd": {"weight-decay": dict(weight_decay=0.1)}}
+
+
+def variants(name):
+    offered = {option: kw for option, kw in VARIANTS.items() if option in registry.get(name).options}
+    return {"plain": {}, **offered, **OWN_VARIANTS.get(name, {})}
+
+
+TABLE = [(name, engine, variant) for name in registry.names() for engine in ENGINES for variant in variants(name)
          if not engine.startswith("forward") or "forward" in registry.get(name).options]
 
 g = torch.Generator().manual_seed(1)
@@ -61,8 +72,8 @@ def make_model():
     return model
 
 
-def build(name, engine, model, **extra):
-    hp = {**NEEDS.get(name, {}), "seed": 3, **ENGINES[engine](model), **extra}
+def build(name, engine, model, variant="plain", **extra):
+    hp = {**NEEDS.get(name, {}), "seed": 3, **ENGINES[engine](model), **variants(name)[variant], **extra}
     if name in LR:
         hp.setdefault("lr", LR[name])
     return registry.build(name, model.parameters(), **hp)
@@ -76,9 +87,9 @@ def bits(model):
     return [p.detach().clone().view(torch.int32) for p in model.parameters()]
 
 
-def run(name, engine, steps, model=None, **extra):
-    model = make_model() if model is None else model
-    opt = build(name, engine, model, **extra)
+def run(name, engine, variant, steps, **extra):
+    model = make_model()
+    opt = build(name, engine, model, variant, **extra)
     for _ in range(steps):
         opt.step(loss_of(model))
     return model, opt
@@ -89,32 +100,37 @@ def same(a, b) -> bool:
                                                   bits(b) if isinstance(b, torch.nn.Module) else b))
 
 
-@pytest.mark.parametrize("name,engine", TABLE)
-def test_every_method_keeps_its_guarantees_on_every_engine(name, engine, route):
+@pytest.mark.parametrize("name,engine,variant", TABLE)
+def test_every_method_keeps_its_guarantees_on_every_engine(name, engine, variant, route, tmp_path):
     start = make_model()
     # it trains: the loss goes down
-    model, opt = run(name, engine, 12)
+    model, opt = run(name, engine, variant, 12)
     assert loss_of(model)() < loss_of(start)()
     opt.close()
-    # the same seed gives the same run, bit for bit
-    again, opt = run(name, engine, 12)
+    # the same seed gives the same run, bit for bit; another seed another run
+    again, opt = run(name, engine, variant, 12)
     assert same(model, again)
     opt.close()
+    other, opt = run(name, engine, variant, 12, seed=4)
+    assert not same(model, other)
+    opt.close()
     # a zero learning rate leaves every weight bit for bit where it was (exact restore)
-    still, opt = run(name, engine, 6, lr=0.0)
+    still, opt = run(name, engine, variant, 6, lr=0.0)
     assert same(still, start)
     opt.close()
-    # a run resumed from its state_dict continues as if it had not stopped
-    first, opt = run(name, engine, 5)
-    state = opt.state_dict()
+    # a run resumed from its saved state (torch.save, read back with weights_only=True) continues
+    # as if it had not stopped
+    first, opt = run(name, engine, variant, 5)
+    torch.save({"model": first.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
     opt.close()
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     resumed = make_model()
-    resumed.load_state_dict(first.state_dict())
-    opt2 = build(name, engine, resumed)
-    opt2.load_state_dict(state)
+    resumed.load_state_dict(saved["model"])
+    opt2 = build(name, engine, resumed, variant)
+    opt2.load_state_dict(saved["opt"])
     for _ in range(7):
         opt2.step(loss_of(resumed))
-    assert same(resumed, model)
+    assert same(resumed, model) and opt2.num_queries == 12 * opt2.queries_per_step
     # a non-finite loss skips the step and restores the weights exactly
     before = bits(resumed)
     with warnings.catch_warnings(record=True) as caught:
