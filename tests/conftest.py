@@ -37,3 +37,32 @@ def pytest_collection_modifyitems(items):
         module = item.module.__name__.rpartition(".")[2]
         tier = next((t for t, files in TIERS.items() if module in files), "unit")
         item.add_marker(getattr(pytest.mark, tier))
+
+
+class CompiledCalls:
+    """Counts the kernel calls that took the compiled route (``kernels.run`` enters its
+    ``_no_duck_shapes`` context there only)."""
+
+    def __init__(self, inner):
+        self.inner, self.count = inner, 0
+
+    def __enter__(self):
+        self.count += 1
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+
+@pytest.fixture
+def compiled_route(monkeypatch):
+    """The compiled kernels users get by default (ZOPTIM_COMPILE=1), any earlier compile failure
+    forgotten; yields the count of compiled kernel calls. The compiled variants stay cached across
+    tests, so each is compiled once per process (the cold-cache cost of the suite)."""
+    from zoptim.engine import kernels
+
+    monkeypatch.setenv("ZOPTIM_COMPILE", "1")
+    monkeypatch.setattr(kernels, "_compile_failed", None)
+    calls = CompiledCalls(kernels._no_duck_shapes)
+    monkeypatch.setattr(kernels, "_no_duck_shapes", calls)
+    yield calls
