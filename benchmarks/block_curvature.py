@@ -79,7 +79,7 @@ def main(argv=None) -> int:
 def _run_ga(problem, seed: int, lr: float, eps: float, budget: int, weights) -> float:
     """GA's step along ``W s``: queries at x +- eps W s, update -lr gamma W s (per-tensor scales)."""
     import zoptim
-    from zoptim.optim.base import Query
+    from zoptim.optim.step import Query
 
     class Weighted(zoptim.ZOSGD):
         def _queries(self):

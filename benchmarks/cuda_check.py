@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from zoptim import kernels
-from zoptim.perturbation import SeededPerturbation
+from zoptim.engine import kernels
+from zoptim.engine.inplace import SeededPerturbation
 
 
 def sequence(params, distribution):
@@ -75,7 +75,7 @@ def main():
             print(f"{str(dtype):15s} {dist:10s} compiled == eager: {eq}  journal {want[2]} "
                   f"fallback: {kernels._compile_failed}")
     # CPU eager stream == CUDA eager stream
-    from zoptim.noise import NoiseSource
+    from zoptim.engine.noise import NoiseSource
 
     a = NoiseSource("normal").fill(torch.empty(100_000), 77)
     b = NoiseSource("normal").fill(torch.empty(100_000, device=dev), 77).cpu()

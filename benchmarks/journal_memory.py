@@ -13,8 +13,8 @@ import argparse
 
 import torch
 
+from zoptim.engine.inplace import SeededPerturbation
 from zoptim.lm.models import load_model
-from zoptim.perturbation import SeededPerturbation
 
 
 def main():

@@ -36,8 +36,8 @@ def main() -> None:
     ap.add_argument("--numel", type=int, default=22_700_000)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from zoptim import kernels
-    from zoptim.perturbation import SeededPerturbation
+    from zoptim.engine import kernels
+    from zoptim.engine.inplace import SeededPerturbation
 
     g = torch.Generator().manual_seed(0)
     p = torch.randn(args.numel, generator=g)

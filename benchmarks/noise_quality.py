@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 import zoptim
-from zoptim.noise import NoiseSource
+from zoptim.engine.noise import NoiseSource
 from zoptim.problems import Quadratic, SoftmaxRegression
 
 METHODS = {

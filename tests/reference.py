@@ -1,7 +1,7 @@
 """Slow, obviously-correct reference implementations written straight from the papers' formulas.
 
 They work on one flat float64 vector and draw the directions from the noise stream's definition
-(:func:`zoptim.noise.mix` and the counter formula, re-implemented here in Python integers), not from the engine, so a test
+(:func:`zoptim.engine.noise.mix` and the counter formula, re-implemented here in Python integers), not from the engine, so a test
 that compares them with the optimizers checks the engine's bookkeeping too.
 """
 
@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from zoptim.noise import _normal_table, mix
+from zoptim.engine.noise import _normal_table, mix
 from zoptim.schedules import cosine_decay
 
 NORMAL_TABLE = _normal_table().float()
@@ -21,7 +21,7 @@ _M32 = 0xFFFFFFFF
 
 
 def stream_bits(key: int, i: int) -> int:
-    """Element i of the counter-based stream ``key``: the zoptim.noise docstring's formula, in Python ints."""
+    """Element i of the counter-based stream ``key``: the zoptim.engine.noise docstring's formula, in Python ints."""
     k_lo, k_hi = key & _M32, key >> 32
     x = (i * 0x61C88647 + k_lo + (i >> 32) * 0x2545F491) & _M32
     x ^= k_hi
@@ -190,7 +190,7 @@ def hizoo(f, x, steps, lr, eps, alpha, wd=0.0, seed=0, shape=None, guard=None):
 
 
 def lowrank_direction(key: int, j: int, shape, rank: int, distribution: str = "normal") -> torch.Tensor:
-    """Tensor j of the forward-applied direction ``key`` (zoptim.forward's docstring), materialised.
+    """Tensor j of the forward-applied direction ``key`` (zoptim.engine.forward's docstring), materialised.
 
     A matrix (viewed ``shape[0] x rest``) is ``A B^T / sqrt(r)``, A (row-major) from elements
     0 .. m r - 1 of the stream ``mix(key, j)`` and B from the next n r; any other tensor takes the

@@ -334,3 +334,16 @@ def test_a_reused_out_keeps_runs_of_other_budgets_and_settings_apart(tmp_path):
     bench("--methods", "ZOSGD", "--budget", "120", "--set", "lr=0.002")  # the same run, other settings
     summary = (tmp_path / "summary.md").read_text()
     assert "ZOSGD (older settings " in summary and "older ones are marked" in summary
+
+
+@pytest.mark.parametrize("name,rank,per_example", [("ZOSGD-forward", None, False), ("ZOSGD-lowrank", 1, False),
+                                                   ("ZOSGD-perexample", 1, True), ("ZOSGD", None, False)])
+def test_recipes_reach_every_way_of_applying_directions(name, rank, per_example):
+    """In place, full-rank directions in the forward, rank-1 ones, one per example: each a recipe."""
+    from zoptim.bench.methods import get_method
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    opt, _ = get_method(name).build(model.parameters(), {"lr": 1e-3, "eps": 1e-3}, total_steps=4, seed=0, module=model)
+    assert (opt.module is model) == (name != "ZOSGD") and opt.rank == rank and opt.per_example == per_example
+    assert opt.engine.element_wise == (name == "ZOSGD")  # in place: the direction's elements are written
+    opt.close()

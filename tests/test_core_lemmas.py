@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim.noise import NoiseSource, mix
+from zoptim.engine.noise import NoiseSource, mix
 
 
 def directions(distribution, n, d, seed=0, normalize=False):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import zoptim
-from zoptim.noise import NoiseSource, mix
-from zoptim.perturbation import SeededPerturbation
+from zoptim.engine.inplace import SeededPerturbation
+from zoptim.engine.noise import NoiseSource, mix
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -110,38 +110,7 @@ def test_normalize_scales_directions_to_sqrt_d():
     assert float(p.norm()) == pytest.approx(5000**0.5, rel=1e-5)
 
 
-# -- the optimizers' guarantees ------------------------------------------------------------------
-
-def train(seed, steps, model=None, opt_state=None, cls=zoptim.AS2P, **kw):
-    g = torch.Generator().manual_seed(123)
-    x, y = torch.randn(64, 8, generator=g), torch.randn(64, 1, generator=g)
-    if model is None:
-        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-        init = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for t in model.parameters():
-                t.copy_(torch.randn(t.shape, generator=init) * 0.3)
-    opt = cls(model.parameters(), seed=seed, **kw)
-    if opt_state is not None:
-        opt.load_state_dict(opt_state)
-    for _ in range(steps):
-        opt.step(lambda: torch.nn.functional.mse_loss(model(x), y))
-    return model, opt
-
-
-def flat(model):
-    return torch.cat([t.detach().reshape(-1) for t in model.parameters()])
-
-
-@pytest.mark.parametrize("cls,kw", [(zoptim.AS2P, dict(total_steps=40, eps=1e-2)), (zoptim.ZOSGD, dict(lr=1e-2)),
-                                    (zoptim.STP, dict(lr=1e-2)), (zoptim.S2P, dict(step_rule="dynamic", L=5.0))])
-def test_same_seed_same_run_other_seed_other_run(cls, kw):
-    a, _ = train(0, 20, cls=cls, **kw)
-    b, _ = train(0, 20, cls=cls, **kw)
-    c, _ = train(1, 20, cls=cls, **kw)
-    assert torch.equal(flat(a), flat(b))
-    assert not torch.equal(flat(a), flat(c))
-
+# -- the optimizers' guarantees (the shared ones, every method x engine: tests/test_shared_guarantees.py) --
 
 def test_the_global_rng_is_untouched():
     model = torch.nn.Linear(8, 1)
@@ -151,24 +120,6 @@ def test_the_global_rng_is_untouched():
     for _ in range(5):
         opt.step(lambda: model(x).sum())
     assert torch.equal(state, torch.get_rng_state())
-
-
-@pytest.mark.parametrize("cls,kw", [(zoptim.AS2P, dict(total_steps=40, eps=1e-2)), (zoptim.ZOSGD, dict(lr=1e-2)),
-                                    (zoptim.S2P, dict(step_rule="relaxed_dynamic", L0=5.0, L1=1.0)),
-                                    (zoptim.ZOSGD, dict(lr=1e-2, momentum=0.9, momentum_window=4)),
-                                    (zoptim.AS2P, dict(total_steps=40, eps=1e-2, momentum=0.9)),
-                                    (zoptim.HiZOO, dict(lr=1e-2, hessian_smooth=0.05)),
-                                    (zoptim.HiZOO, dict(lr=1e-2, hessian_smooth=0.05, factored=True))])
-def test_resume_from_a_state_dict_is_bit_identical(cls, kw, tmp_path):
-    full, _ = train(0, 30, cls=cls, **kw)
-    half, opt = train(0, 12, cls=cls, **kw)
-    torch.save({"model": half.state_dict(), "opt": opt.state_dict()}, tmp_path / "ckpt.pt")
-    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
-    fresh = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    fresh.load_state_dict(ckpt["model"])
-    resumed, opt2 = train(0, 18, model=fresh, opt_state=ckpt["opt"], cls=cls, **kw)
-    assert torch.equal(flat(full), flat(resumed))
-    assert opt2.num_queries == 30 * opt2.queries_per_step
 
 
 # -- non-finite losses and failures --------------------------------------------------------------

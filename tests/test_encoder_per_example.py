@@ -10,7 +10,7 @@ import torch
 
 import zoptim
 from test_lm import classifier, tiny_task
-from zoptim.noise import mix
+from zoptim.engine.noise import mix
 
 SEED = 2
 

@@ -1,4 +1,4 @@
-"""Statistical quality of the seeded noise (zoptim.noise): moments, independence, reproducibility.
+"""Statistical quality of the seeded noise (zoptim.engine.noise): moments, independence, reproducibility.
 
 Every tolerance is a number of standard errors for the sample size used, so each test fails if
 the property is broken and passes with overwhelming probability (here: deterministically, the
@@ -11,16 +11,16 @@ import numpy as np
 import pytest
 import torch
 
-from zoptim.noise import CHUNK_SIZE, NoiseSource, _normal_table, mix
-from zoptim.perturbation import SeededPerturbation
+from zoptim.engine.inplace import SeededPerturbation
+from zoptim.engine.noise import CHUNK_SIZE, NoiseSource, _normal_table, mix
 
 N = 1 << 20  # values per sample
 SE = 1 / math.sqrt(N)  # standard error of a mean of N unit-variance values
 Z = 6  # tolerance in standard errors
 
 
-def draw(distribution, key, n=N, sampler="counter", rank=0):
-    return NoiseSource(distribution, sampler, rank).fill(torch.empty(n), key).double()
+def draw(distribution, key, n=N, sampler="counter"):
+    return NoiseSource(distribution, sampler).fill(torch.empty(n), key).double()
 
 
 @pytest.mark.parametrize("distribution, kurtosis", [("normal", 3.0), ("rademacher", 1.0), ("uniform", 1.8)])
@@ -59,7 +59,7 @@ def _corr(a, b):
 
 
 @pytest.mark.parametrize("distribution", ["normal", "rademacher"])
-def test_independent_across_steps_directions_parameters_offsets_and_ranks(distribution):
+def test_independent_across_steps_directions_parameters_offsets_and_seeds(distribution):
     n = 1 << 18
     base = draw(distribution, mix(mix(0, 5, 0), 0), n)
     others = {
@@ -68,7 +68,6 @@ def test_independent_across_steps_directions_parameters_offsets_and_ranks(distri
         "parameter": draw(distribution, mix(mix(0, 5, 0), 1), n),
         "further along the stream": NoiseSource(distribution).fill(torch.empty(n), mix(mix(0, 5, 0), 0), start=n)
         .double(),
-        "rank": draw(distribution, mix(mix(0, 5, 0), 0), n, rank=1),
         "seed": draw(distribution, mix(mix(1, 5, 0), 0), n),
     }
     for name, other in others.items():
@@ -106,11 +105,6 @@ def test_reproducible_from_the_key_and_global_rng_untouched(distribution, sample
     assert torch.equal(state, torch.get_rng_state())
 
 
-def test_rank_zero_is_the_single_process_stream_and_ranks_differ():
-    assert torch.equal(draw("normal", 77, 100), draw("normal", 77, 100, rank=0))
-    assert not torch.equal(draw("normal", 77, 100, rank=0), draw("normal", 77, 100, rank=1))
-
-
 def test_unknown_sampler_is_rejected():
     with pytest.raises(ValueError, match="sampler"):
         NoiseSource("normal", "mersenne")
@@ -142,7 +136,7 @@ def test_engine_moves_by_the_stream_and_restores_bit_for_bit(dtype, distribution
 @pytest.mark.parametrize("distribution", ["normal", "rademacher", "uniform"])
 def test_numpy_values_equal_torch_values(distribution):
     """The NumPy mapping of words to values (small directions on the CPU) gives the same float32s."""
-    from zoptim.noise import counter_bits, values_from_bits, values_from_bits_numpy
+    from zoptim.engine.noise import counter_bits, values_from_bits, values_from_bits_numpy
 
     bits = counter_bits(np.arange(5000, dtype=np.int64), 123, 456)
     want = values_from_bits(torch.from_numpy(bits), distribution)

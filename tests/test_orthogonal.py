@@ -1,4 +1,4 @@
-"""The orthogonalised update (``orthogonalize=True``, :mod:`zoptim.polar`): each weight matrix steps
+"""The orthogonalised update (``orthogonalize=True``, :mod:`zoptim.engine.polar`): each weight matrix steps
 along the polar factor U V^T of its estimate, scaled to root-mean-square lr, every other tensor along
 its normalised estimate. Checked against a reference written from the formulas: the estimate
 materialised from the directions (``reference.lowrank_direction``) and ``torch.linalg.svd``.
@@ -15,8 +15,8 @@ import torch
 import reference
 import zoptim
 from test_forward import MODELS, build, trainable
-from zoptim.noise import mix
-from zoptim.polar import polar_factors
+from zoptim.engine.noise import mix
+from zoptim.engine.polar import polar_factors
 
 SEED = 3
 #: every layer kind the forward engine covers (the model with a tensor moved in place is refused below)
@@ -60,7 +60,7 @@ def test_a_zero_product_has_no_polar_factor():
 
 def test_matrices_of_one_shape_share_a_batched_factorisation_with_the_same_result():
     """A full-rank, a rank-deficient and a zero estimate in one batch: each its own polar factor."""
-    from zoptim.polar import batched_polar_factors
+    from zoptim.engine.polar import batched_polar_factors
 
     g = torch.Generator().manual_seed(1)
     left = torch.randn(3, 9, 4, generator=g, dtype=torch.float64)
@@ -220,7 +220,7 @@ def test_per_example_orthogonalised_steps_train_a_small_network():
     start, g = loss(), torch.Generator().manual_seed(0)
     for _ in range(60):
         rows = torch.randint(0, len(x), (32,), generator=g)
-        opt.step(lambda: torch.nn.functional.cross_entropy(model(x[rows]), y[rows], reduction="none"))
+        opt.step(lambda r=rows: torch.nn.functional.cross_entropy(model(x[r]), y[r], reduction="none"))
     assert loss() < start - 0.05
 
 

@@ -1,4 +1,4 @@
-"""Small tensors in one pass (zoptim.packed): the same bits and journal as moving them one by one."""
+"""Small tensors in one pass (zoptim.engine.packed): the same bits and journal as moving them one by one."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 
 import zoptim
 from zoptim import packed
-from zoptim.perturbation import SeededPerturbation
+from zoptim.engine.inplace import SeededPerturbation
 
 
 def params(dtype):

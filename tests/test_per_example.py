@@ -13,7 +13,7 @@ from torch import nn
 import reference
 import zoptim
 from test_forward import MODELS, build, trainable
-from zoptim.noise import mix
+from zoptim.engine.noise import mix
 
 SEED = 5
 
@@ -119,8 +119,12 @@ def test_wrong_return_values_say_what_was_expected():
 
 def test_options_that_cannot_hold_are_refused():
     model, x = build("linear+norms+tied-embedding")
-    with pytest.raises(ValueError, match="needs module=<the model> and rank=r"):
+    with pytest.raises(ValueError, match="per_example=True needs rank=r"):
         zoptim.ZOSGD(model.parameters(), per_example=True)
+    with pytest.raises(ValueError, match="per_example=True needs rank=r"):  # full-rank forward directions
+        zoptim.ZOSGD(model.parameters(), module=model, per_example=True)
+    with pytest.raises(ValueError, match=r"rank=r needs module=<the model>"):
+        zoptim.ZOSGD(model.parameters(), rank=1, per_example=True)
     mixed, _ = build("mixed-in-place")
     with pytest.raises(ValueError, match="move in place"):
         zoptim.ZOSGD(mixed.parameters(), module=mixed, rank=1, per_example=True)

@@ -83,8 +83,36 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_the_graph_sees_lazy_and_relative_imports():
     graph = import_graph()
     assert "zoptim.optim.guard" in graph["zoptim.optim.base"]  # imported inside _set_guard
-    assert "zoptim.kernels" in graph["zoptim.perturbation"]  # from . import kernels
+    assert "zoptim.engine.kernels" in graph["zoptim.engine.inplace"]  # from . import kernels
 
 
 def test_zoptim_has_no_import_cycle():
     assert cycles(import_graph()) == []
+
+
+def test_the_optimizers_use_the_engines_through_their_contract_only():
+    """Outside zoptim/engine no code asks which engine it holds or reaches into one's private
+    members: what an engine offers is a member of zoptim.engine.protocol.Engine."""
+    import re
+
+    for path in ROOT.rglob("*.py"):
+        if "engine" in path.relative_to(ROOT).parts[:1]:
+            continue
+        text = path.read_text()
+        assert not re.search(r"isinstance\([^)]*(SeededPerturbation|ForwardPerturbation)", text), path
+        assert not re.search(r"engine\._[a-z]", text), path
+
+
+def test_both_engines_implement_the_contract_and_no_source_file_is_over_600_lines():
+    import torch
+
+    from zoptim.engine import Engine, ForwardPerturbation, SeededPerturbation
+
+    model = torch.nn.Linear(3, 2)
+    forward = ForwardPerturbation(model, list(model.parameters()), rank=1)
+    for engine in (SeededPerturbation([torch.zeros(4)]), forward):
+        assert isinstance(engine, Engine)
+        assert all(hasattr(engine, name) for name in ("element_wise", "per_example", "exact", "normalize", "dim"))
+    forward.close()
+    long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
+    assert long == {}

@@ -1,4 +1,4 @@
-"""The vector route (zoptim.vector) against the in-place route for functions of a NumPy vector.
+"""The vector route (zoptim.engine.vector) against the in-place route for functions of a NumPy vector.
 
 Tolerance: none. For every registered method the vector engine visits the same query points and
 reaches the same iterates as the in-place engine, bit for bit (``np.array_equal`` on float64),
@@ -13,9 +13,9 @@ import torch
 
 import zoptim
 from zoptim import blackbox
+from zoptim.engine.inplace import SeededPerturbation
+from zoptim.engine.vector import VectorPerturbation
 from zoptim.optim import registry
-from zoptim.perturbation import SeededPerturbation
-from zoptim.vector import VectorPerturbation
 
 A = np.linspace(-1.0, 2.0, 12)
 

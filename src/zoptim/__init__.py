@@ -1,9 +1,10 @@
 """zoptim: train and fine-tune deep models with forward passes only."""
 
 from . import distributed
-from .blackbox import AskTell, OptimizeResult, minimize
+from .blackbox import AskTell, OptimizeResult
+from .engine.inplace import SeededPerturbation
+from .minimizer import minimize
 from .optim import AS2P, S2P, STP, ZOSGD, DivergedError, HiZOO, NonFiniteLossWarning, ZerothOrderOptimizer
-from .perturbation import SeededPerturbation
 
 __version__ = "0.1.0"
 

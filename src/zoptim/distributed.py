@@ -2,7 +2,7 @@
 
 A zeroth-order step needs from the data only the loss values at its query points, and from the
 other processes nothing but those values: every direction is a pure function of its key
-(:mod:`zoptim.noise`), so any process can apply any direction's update without receiving it.
+(:mod:`zoptim.engine.noise`), so any process can apply any direction's update without receiving it.
 :func:`wrap` turns an optimizer into a distributed one in one of three modes (cf. Salimans et al.
 2017, evolution strategies; Zelikman et al. 2023, "Just one byte (per gradient)", cited by the S2P
 paper):
@@ -31,17 +31,17 @@ paper):
 ``"sharded"`` (FSDP2)
     The model is sharded with ``torch.distributed.fsdp.fully_shard`` and the optimizer built over
     its parameters (DTensors). Each rank perturbs and updates only its local shard, with the values
-    of the *global* direction at those elements (:mod:`zoptim.shards`); data work as in
+    of the *global* direction at those elements (:mod:`zoptim.engine.shards`); data work as in
     ``"batch"``. The run equals one unsharded process on the whole minibatch. After every query the
     wrapper reshards the FSDP modules (``FSDPModule.reshard()``): FSDP2 keeps the root's parameters
     gathered after a forward (for the backward that never comes), which would both hold the full
     parameter set and let the next query see stale values. With ``module=model, rank=r``
-    (:mod:`zoptim.forward`) the hooks apply the global direction to the weights FSDP2 gathers,
+    (:mod:`zoptim.engine.forward`) the hooks apply the global direction to the weights FSDP2 gathers,
     inside the forward, so a query writes no shard; the update writes this rank's rows of
     ``A B^T``. ``release_memory`` (on CPU, default) sets glibc's mmap threshold so that FSDP2's
-    freed gather buffers go back to the system (:func:`zoptim.shards.release_freed_buffers`);
+    freed gather buffers go back to the system (:func:`zoptim.engine.shards.release_freed_buffers`);
     :func:`zoptim.lm.models.load_sharded` builds a sharded model without ever holding it whole.
-    Measured in docs/performance.md (issue 25).
+    Measured in docs/performance.md.
 
 Failures are collective in every mode: a non-finite loss on one rank makes every rank skip the
 step, and an exception in one rank's closure (``KeyboardInterrupt`` included) makes every rank
@@ -69,8 +69,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .optim.base import ZerothOrderOptimizer, loss_value, loss_vector
-from .shards import release_freed_buffers
+from .engine.shards import release_freed_buffers
+from .optim.base import ZerothOrderOptimizer
+from .optim.step import loss_value, loss_vector
 
 MODES = ("batch", "directions", "sharded")
 
@@ -348,7 +349,7 @@ def wrap(optimizer: ZerothOrderOptimizer, mode: str = "batch", group=None, modul
         module: the ``fully_shard``-ed model (``mode="sharded"`` only).
         release_memory: ``mode="sharded"`` on CPU: fix glibc's mmap threshold so that the buffers
             FSDP2 gathers for each forward go back to the system when freed
-            (:func:`zoptim.shards.release_freed_buffers`; process-wide). Without it a rank's
+            (:func:`zoptim.engine.shards.release_freed_buffers`; process-wide). Without it a rank's
             resident memory grows by up to the whole model's size over a step.
 
     Returns:

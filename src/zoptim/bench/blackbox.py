@@ -112,7 +112,7 @@ def get_peer(name: str) -> Peer:
 
 
 def _run_zoptim(kind: str, problem: BlackBoxProblem, rec: Recorder, seed: int) -> dict:
-    from ..blackbox import minimize
+    from ..minimizer import minimize
     from ..optim import NonFiniteLossWarning
 
     with warnings.catch_warnings():
@@ -451,7 +451,7 @@ def _plot(problem: str, records: list[dict], out_dir: Path) -> Path | None:
 
 def probe(problem_names=None, log=print) -> None:
     """The 4-point grids on seed 0 behind the zoptim step sizes in :mod:`zoptim.problems.blackbox`."""
-    from ..blackbox import minimize
+    from ..minimizer import minimize
 
     for name in problem_names or BUDGETS:
         p = get_blackbox_problem(name, BUDGETS[name])

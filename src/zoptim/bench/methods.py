@@ -62,25 +62,24 @@ class Method:
         spec = registry.get(self.kind)
         kwargs = {arg: hparams.get(key, HIZOO_SMOOTH if key == "hessian_smooth" else None)
                   for arg, key in self.args.items()}
-        # the options that need the model (and the probe, which has none, leaves out)
-        forward = ("rank", "per_example", "orthogonalize", "normalize_by_spread")
-        kwargs.update({k: v for k, v in self.options.items() if k != "constant_lr" and k not in forward})
+        # the options that need the model (the probe, which has none, leaves them out)
+        needs_model = ("forward", "rank", "per_example", "orthogonalize", "normalize_by_spread")
+        kwargs.update({k: v for k, v in self.options.items() if k != "constant_lr" and k not in needs_model})
         if "total_steps" in spec.hyperparameters():
             kwargs["total_steps"] = total_steps
-        if self.options.get("rank") is not None and not probe:
+        forward = self.options.get("forward", False) or self.options.get("rank") is not None
+        if forward and not probe:
             if module is None:
                 raise ValueError(f"{self.name} applies its directions in the model's forward: build it with module=model")
-            kwargs.update(module=module, rank=self.options["rank"])
-            if self.options.get("per_example"):
-                kwargs["per_example"] = True
-            for option in ("orthogonalize", "normalize_by_spread"):
+            kwargs["module"] = module
+            for option in ("rank", "per_example", "orthogonalize", "normalize_by_spread"):
                 if self.options.get(option):
-                    kwargs[option] = True
+                    kwargs[option] = self.options[option]
         return registry.build(self.kind, params, seed=seed, **kwargs)
 
     def build(self, params, hparams: dict, total_steps: int, seed: int, module=None):
         """(optimizer, scheduler or None) for a run of ``total_steps`` steps. ``module``: the model,
-        for the methods whose directions are applied inside its forward (option ``rank``)."""
+        for the methods whose directions are applied inside its forward (options ``forward``, ``rank``)."""
         opt = self._optimizer(list(params), hparams, total_steps, seed, module)
         scheduler = None
         if self.kind != "as2p" and not self.options.get("constant_lr", False):  # AS2P decays rho_k and lr_k internally
@@ -121,6 +120,8 @@ def _table() -> dict[str, Method]:
     add("HiZOO", "hizoo", "HiZOO (Zhao et al. 2025): diagonal-Hessian-preconditioned MeZO")
     add("HiZOO-factored", "hizoo", "HiZOO with the rank-one factored Hessian estimate",
         factored=True)
+    add("ZOSGD-forward", "zosgd", "ZOSGD with full-rank directions applied in the forward (module=model)",
+        forward=True)
     for rank in (1, 4, 16):
         suffix = "" if rank == 1 else f"-r{rank}"
         add(f"ZOSGD-lowrank{suffix}", "zosgd",

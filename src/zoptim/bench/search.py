@@ -36,7 +36,7 @@ LR_EPS_SEARCHED = ("ZOSGD-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard", "
                    "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "ZOSGD-lowrank-r16", "ZOSGD-perexample")
 ETA_B_SEARCHED = ("AS2P-momentum", "AS2P-lowrank", "AS2P-perexample")
 #: The orthogonalised (and spread-normalised) methods' lr sets the step's length itself (the root-mean-square
-#: of every tensor's step, :mod:`zoptim.polar`), a quantity on another scale than GA's alpha_0: they
+#: of every tensor's step, :mod:`zoptim.engine.polar`), a quantity on another scale than GA's alpha_0: they
 #: search ``problem.orth_lr_grid`` (x 10 for the spread-normalised step) x ``problem.eps_grid``, as many
 #: lr values as GA's grid, so as many trials as GA.
 

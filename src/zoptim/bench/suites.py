@@ -62,14 +62,14 @@ from .harness import RunSpec
 from .methods import get_method
 
 FIVE = ["ZOSGD", "ZOSGD-rademacher", "STP", "S2P", "AS2P"]
-#: The methods beyond the S2P paper (issue 12) beside its GA and AS2P.
+#: The methods beyond the S2P paper beside its GA and AS2P.
 NEW = ["ZOSGD", "AS2P", "ZOSGD-momentum", "AS2P-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard",
        "ZOSGD-momentum-guard"]
 #: The new methods on the LM task (HiZOO-factored left out: at alpha 1e-6 it is the dense estimate).
-#: Forward-applied low-rank directions against the in-place full-rank ones (issue 24's check).
+#: Forward-applied low-rank directions against the in-place full-rank ones.
 LOWRANK = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "AS2P", "AS2P-lowrank"]
 LOWRANK_LM = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-lowrank-r4"]
-#: One direction per example (issue 23) beside GA, the shared low-rank direction and AS2P.
+#: One direction per example beside GA, the shared low-rank direction and AS2P.
 PEREXAMPLE = ["ZOSGD", "ZOSGD-lowrank", "ZOSGD-perexample", "AS2P", "AS2P-perexample"]
 #: The orthogonalised update (polar factor of the per-example or k-direction estimate) beside GA and
 #: the per-example average it replaces.

@@ -92,9 +92,12 @@ def register(sub) -> None:
                    help="zosgd / hizoo: tol of the loss guard, which halves lr when the smoothed loss rises (0: off; "
                         "try 0.02)")
     p.add_argument("--hessian-smooth", type=float, default=1e-6, help="hizoo: alpha, the Hessian estimate's EMA rate")
+    p.add_argument("--forward", action="store_true",
+                   help="apply the directions inside the model's forward (module=model): queries never write the "
+                        "weights; full-rank directions unless --rank R (default: full-rank directions in place)")
     p.add_argument("--rank", type=int, default=None,
-                   help="apply rank-R matrix directions inside the model's forward (module=model, rank=R): queries never "
-                        "write the weights, a step costs about its two forwards (default: full-rank directions in place)")
+                   help="apply rank-R matrix directions inside the model's forward (module=model, rank=R; implies "
+                        "--forward): a step costs about its two forwards")
     p.add_argument("--per-example", action="store_true",
                    help="zosgd / as2p with --rank: each example of the minibatch gets its own direction (B "
                         "directional derivatives per two forward passes; an encoder embeds its label sentences once "
@@ -121,7 +124,7 @@ def register(sub) -> None:
 RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "label_field", "labels", "template",
               "method", "steps", "lora", "no_exact_restore", "dtype", "batch_size", "max_length", "eval_every",
               "checkpoint_every", "eval_examples", "objective", "lr", "eps", "eta_b", "momentum", "momentum_window",
-              "guard", "hessian_smooth", "rank", "per_example", "orthogonalize", "shard", "seed")
+              "guard", "hessian_smooth", "forward", "rank", "per_example", "orthogonalize", "shard", "seed")
 
 
 def run_config(args) -> dict:
@@ -270,14 +273,15 @@ def finetune_config(args):
             checkpoint_every=args.checkpoint_every, eval_examples=args.eval_examples,
             test_examples=args.test_examples, objective=args.objective, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
             momentum=args.momentum, momentum_window=args.momentum_window, guard=args.guard,
-            hessian_smooth=args.hessian_smooth, rank=args.rank, per_example=args.per_example,
+            hessian_smooth=args.hessian_smooth, forward=args.forward, rank=args.rank, per_example=args.per_example,
             orthogonalize=args.orthogonalize, shard=args.shard,
             exact_restore=not args.no_exact_restore, seed=args.seed, save_model=not args.no_save_model,
             keep_checkpoint=args.keep_checkpoint,
             progress=not args.no_progress,
         )
     except ConfigError as err:
-        raise SystemExit("zoptim finetune: " + err.render(lambda field: "--" + field.replace("_", "-"))) from None
+        flag = lambda field: "--forward" if field == "module" else "--" + field.replace("_", "-")  # noqa: E731
+        raise SystemExit("zoptim finetune: " + err.render(flag)) from None
 
 
 def check_args(args) -> None:

@@ -23,6 +23,7 @@ from pathlib import Path
 from ..checkpoint import atomic_write_text
 from ..optim import registry
 from ..optim.checks import check_positive
+from ..optim.options import OptionError, Options, check_options
 from .train import OBJECTIVES, finetune_methods
 
 
@@ -72,6 +73,7 @@ class FinetuneConfig:
     momentum_window: int = 8
     guard: float = 0.0
     hessian_smooth: float = 1e-6
+    forward: bool = False  # directions applied inside the model's forward (implied by rank)
     rank: int | None = None
     per_example: bool = False
     orthogonalize: bool = False
@@ -96,8 +98,8 @@ class FinetuneConfig:
             raise ConfigError("objective", "accuracy is not differentiable; use a zeroth-order {method}", method=None)
         if self.merge and not self.lora:
             raise ConfigError("merge", "merges LoRA adapters; it needs {lora}", lora=None)
-        options = {"momentum": self.momentum, "guard": self.guard, "rank": self.rank, "per_example": self.per_example,
-                   "orthogonalize": self.orthogonalize}
+        options = {"momentum": self.momentum, "guard": self.guard, "module": self.forward, "rank": self.rank,
+                   "per_example": self.per_example, "orthogonalize": self.orthogonalize}
         missing = (next(((k, registry.names()) for k, v in options.items() if v), None) if self.method == "adamw"
                    else registry.unsupported(self.method, options))
         if missing:  # what each method offers comes from the registry
@@ -107,15 +109,14 @@ class FinetuneConfig:
             raise ConfigError("guard", f"must be >= 0; got {self.guard}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError("momentum", f"must be in [0, 1); got {self.momentum}")
-        if self.per_example and self.rank is None:
-            raise ConfigError("per_example", "needs {rank}", rank="R")
-        if self.orthogonalize and self.rank is None:
-            raise ConfigError("orthogonalize", "needs {rank}", rank="R")
+        try:  # the combinations of how directions are applied: checked where the optimizers check them
+            check_options(Options(self.method, module=self.forward or self.rank is not None, rank=self.rank,
+                                  per_example=self.per_example, orthogonalize=self.orthogonalize, shard=self.shard))
+        except OptionError as err:
+            raise ConfigError(err.field, err.detail, **err.refs) from None
         if self.shard:
-            for field, value in (("lora", self.lora), ("per_example", self.per_example)):
-                if value:  # LoRA adapters are small and stay whole; sharded mode refuses per-example directions
-                    raise ConfigError("shard", "shards the full model's weights; it does not combine with {%s}" % field,
-                                      **{field: None})
+            if self.lora:  # LoRA adapters are small and stay whole
+                raise ConfigError("shard", "shards the full model's weights; it does not combine with {lora}", lora=None)
             if self.method == "adamw":
                 raise ConfigError("shard", "runs the zeroth-order methods; got {method}", method=self.method)
         for field, strict in (("lr", True), ("eps", True), ("eta_b", True), ("hessian_smooth", False)):
@@ -203,8 +204,8 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     from .report import write_report
     from .train import Loop, LoopConfig, make_optimizer
 
-    rank, world = rank_and_world()
-    say = builtins.print if rank == 0 else (lambda *a, **k: None)
+    process_rank, world_size = rank_and_world()
+    say = builtins.print if process_rank == 0 else (lambda *a, **k: None)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     run_name = run_name or config.method
@@ -212,7 +213,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     if done is not None:
         say(f"the run in {out / run_name} has finished its {done['steps']} steps (result.json); nothing to do. "
             "--resume --steps N extends it, --overwrite starts it over", flush=True)
-        return done if rank == 0 else None
+        return done if process_rank == 0 else None
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     if not config.progress:
         from transformers.utils import logging as hf_logging
@@ -236,18 +237,18 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
                         zip(truncated.items(), (task.train, task.val, test))), flush=True)
     say(f"task {task.name}: {len(task.train)} train / {len(task.val)} validation / {len(test)} test examples, "
         f"classes {', '.join(task.classes)}; device {device}"
-        + (f"; {world} processes ({'FSDP2-sharded' if config.shard else 'data parallel'})" if world > 1 else ""),
+        + (f"; {world_size} processes ({'FSDP2-sharded' if config.shard else 'data parallel'})" if world_size > 1 else ""),
         flush=True)
 
     # a sharded model's forward is collective: every rank evaluates, rank 0 writes
-    evaluates = rank == 0 or config.shard
+    evaluates = process_rank == 0 or config.shard
     zero_path = out / "zero_shot.json"
     if evaluates and not _agreed(zero_path.exists(), config.shard):
         say("zero-shot evaluation ...", flush=True)
         zero = {"model": config.model, "task": task.name, "dtype": config.dtype, "test_examples": len(test),
                 "test_accuracy": clf.accuracy(test), "val_accuracy": clf.accuracy(task.val[: config.eval_examples]),
                 "data_sha256": data_sha256}
-        if rank == 0:
+        if process_rank == 0:
             atomic_write_text(zero_path, json.dumps(zero, indent=2))
         if config.shard:  # the optimizer must not move shards under FSDP2's gathered copy
             from ..distributed import reshard
@@ -261,7 +262,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         config.method, clf.parameters(), config.steps, lora=config.lora, lr=config.lr, eps=config.eps,
         eta_b=config.eta_b, seed=config.seed, exact_restore=config.exact_restore, momentum=config.momentum,
         momentum_window=config.momentum_window, hessian_smooth=config.hessian_smooth, guard=config.guard,
-        module=clf if config.rank is not None else None, rank=config.rank, per_example=config.per_example,
+        module=clf if config.forward or config.rank is not None else None, rank=config.rank, per_example=config.per_example,
         orthogonalize=config.orthogonalize,
     )
     run_dir = out / run_name
@@ -269,7 +270,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     start = time.perf_counter()
     log = loop.run()
     test_accuracy = clf.accuracy(test) if evaluates else None
-    if rank != 0:
+    if process_rank != 0:
         return None
     group = optimizer.param_groups[0]
     result = {
@@ -290,7 +291,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         "truncated": truncated,
         "nonfinite_losses": sum(1 for r in log if r["loss"] != r["loss"] or abs(r["loss"]) == float("inf")),
         "train_seconds": log[-1]["time"] if log else time.perf_counter() - start,
-        "processes": world,
+        "processes": world_size,
         "resumed_from_step": loop.resumed_from,
     }
     if config.shard:  # the tuned weights: the last checkpoint's sharded folder (nothing gathers the whole model)
@@ -313,7 +314,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         say(f"tuned model saved in {where}", flush=True)
     atomic_write_text(run_dir / "result.json", json.dumps(result, indent=2))
     write_report(out)
-    if not config.keep_checkpoint and rank == 0:  # everything is recorded: the weights need not be kept twice
+    if not config.keep_checkpoint and process_rank == 0:  # everything is recorded: the weights need not be kept twice
         exact_export = config.save_model and not config.merge and not config.shard
         loop.slim(Path(result["model_dir"]) if exact_export else None)
     else:

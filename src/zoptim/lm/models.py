@@ -191,7 +191,7 @@ def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu"
             it. FSDP2 gathers the root's parameters for the whole forward, through a buffer and
             a copy of their full size, so for a large vocabulary at a few ranks this lowers the
             peak (SmolLM2-135M at 2 ranks: docs/performance.md).
-        release_memory: on CPU, call :func:`zoptim.shards.release_freed_buffers` before building,
+        release_memory: on CPU, call :func:`zoptim.engine.shards.release_freed_buffers` before building,
             so that the buffers freed while loading (and every later FSDP2 gather) go back to the
             operating system (process-wide; as ``zoptim.distributed.wrap`` does at wrap time).
     """
@@ -202,7 +202,7 @@ def load_sharded(name_or_path: str, dtype=torch.float32, mesh=None, device="cpu"
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-    from ..shards import local_part, release_freed_buffers
+    from ..engine.shards import local_part, release_freed_buffers
 
     dtype = parse_dtype(dtype)
     device = torch.device(device)

@@ -42,9 +42,9 @@ from .. import records, signals
 from ..atomic import deferred_signals
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
+from ..engine.shards import is_dtensor, local_part
 from ..optim import registry
 from ..runloop import minibatch, progress_bar
-from ..shards import is_dtensor, local_part
 from .data import Task
 from .prompts import PromptClassifier
 
@@ -107,15 +107,15 @@ def make_optimizer(
     ValueError for the other methods); ``hessian_smooth``: HiZOO's alpha; ``guard``: the loss
     guard's tol (:class:`zoptim.optim.guard.LossGuard`) of ZOSGD and HiZOO (0: off).
 
-    ``module`` / ``rank``: apply rank-``rank`` matrix directions inside ``module``'s forward
-    (:mod:`zoptim.forward`; ZOSGD, AS2P, STP, S2P).
+    ``module``: apply the directions inside ``module``'s forward (:mod:`zoptim.engine.forward`;
+    ZOSGD, AS2P, STP, S2P), full rank, or rank-``rank`` matrix directions with ``rank``.
 
     ``exact_restore=False`` drops the zeroth-order engine's exact-restore journal (MeZO's
     arithmetic undo); it is ignored by AdamW.
     """
     if method not in finetune_methods():
         raise ValueError(f"method must be one of {finetune_methods()}; got {method!r}")
-    options = {"momentum": momentum, "guard": guard, "rank": rank, "per_example": per_example,
+    options = {"momentum": momentum, "guard": guard, "module": module, "rank": rank, "per_example": per_example,
                "orthogonalize": orthogonalize}
     if method == "adamw":
         asked = [k for k, v in options.items() if v not in (None, 0, 0.0, False)]
@@ -135,8 +135,10 @@ def make_optimizer(
         hp.update(momentum=momentum, momentum_window=momentum_window)
     if guard:
         hp["guard"] = guard
+    if module is not None:
+        hp["module"] = module
     if rank is not None:
-        hp.update(module=module, rank=rank)
+        hp["rank"] = rank
     if per_example:
         hp["per_example"] = True
     if orthogonalize:
@@ -180,14 +182,14 @@ class Loop:
 
     def __init__(self, classifier: PromptClassifier, task: Task, optimizer, config: LoopConfig, out, progress=True):
         self.classifier, self.task, self.optimizer, self.config = classifier, task, optimizer, config
-        self.rank, self.world = rank_and_world()
+        self.process_rank, self.world_size = rank_and_world()
         self.sharded = any(is_dtensor(p) for p in classifier.parameters())  # fully_shard-ed (zoptim finetune --shard)
-        if self.world > 1:
+        if self.world_size > 1:
             if not is_zeroth_order(optimizer):
                 raise ValueError("a multi-process run needs a zeroth-order method (adamw would need DDP's gradient all-reduce)")
-            if config.batch_size % self.world:
+            if config.batch_size % self.world_size:
                 raise ValueError(
-                    f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({self.world}), "
+                    f"batch_size ({config.batch_size}) must be a multiple of the number of processes ({self.world_size}), "
                     "so that every rank evaluates an equal share and their mean is the minibatch loss"
                 )
             from ..distributed import wrap
@@ -238,7 +240,7 @@ class Loop:
             shards = self.sharded_dir()
             dcp.save({n: p.detach() for n, p in self._trainable().items()}, checkpoint_id=shards)
             dist.barrier()  # every rank's shards are on disk before the checkpoint names them
-        if self.rank != 0:
+        if self.process_rank != 0:
             return
         atomic_save(
             {
@@ -320,19 +322,19 @@ class Loop:
         self.generator.set_state(ckpt["generator"])
         self.step, self.forward_passes = ckpt["step"], ckpt["forward_passes"]
         kept = []
-        if self.log_path.exists() and self.rank == 0:
+        if self.log_path.exists() and self.process_rank == 0:
             kept = [r for r in records.read(self.log_path) if r["step"] <= self.step]
             records.write(self.log_path, kept)
         # checkpoints of zoptim before 0.9 do not record the time: the log's last one is the best guess
         self.elapsed = float(ckpt.get("elapsed", next((r["time"] for r in reversed(kept) if "time" in r), 0.0)))
         self.resumed_from = self.step
-        if self.rank == 0:
+        if self.process_rank == 0:
             print(f"resuming from step {self.step} ({path})", flush=True)
         return True
 
     # -- training --------------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
-        if self.rank != 0:
+        if self.process_rank != 0:
             return
         records.append(self.log_path, record)
 
@@ -344,8 +346,8 @@ class Loop:
         batch = self.sample()
         clf = self.classifier
         if is_zeroth_order(self.optimizer):
-            if self.world > 1:
-                batch = batch[self.rank :: self.world]  # this rank's share; the wrapper averages over ranks
+            if self.world_size > 1:
+                batch = batch[self.process_rank :: self.world_size]  # this rank's share; the wrapper averages over ranks
             if getattr(self.optimizer, "per_example", False):
                 if self.config.objective == "accuracy":
                     raise ValueError("per-example directions need a per-example loss; objective='accuracy' is one number")
@@ -380,7 +382,7 @@ class Loop:
         a zeroth-order optimizer puts the parameters and its counters back as before the step
         (``StepRun.abandon(counted=False)``), and the batch draw is rewound, so the resumed run
         is the uninterrupted one, bit for bit; a step whose update was already written counts."""
-        if self.world > 1:
+        if self.world_size > 1:
             raise _like(interrupt, "the last periodic checkpoint is the one to resume from")
         if generator_state is not None:
             if optimizer_steps is not None and self._optimizer_steps() != optimizer_steps:
@@ -394,19 +396,19 @@ class Loop:
     def run(self) -> list[dict]:
         """Train to ``config.steps`` (from the checkpoint if one exists); return the log."""
         self.classifier.eval()  # two queries of one step must differ only by the perturbation
-        if not self.resume() and self.rank == 0:
+        if not self.resume() and self.process_rank == 0:
             if self.log_path.exists():
                 print(f"note: {self.out} holds a log but no checkpoint (stopped before its first one): starting the "
                       "run from step 0", flush=True)
             self.log_path.unlink(missing_ok=True)
         self._started = time.perf_counter()
-        bar = progress_bar(self.config.steps, "finetune", self.progress and self.rank == 0, initial=self.step)
+        bar = progress_bar(self.config.steps, "finetune", self.progress and self.process_rank == 0, initial=self.step)
         try:  # a stop signal is acted on at step boundaries every rank agrees on (multi-process)
-            with signals.defer() if self.world > 1 else contextlib.nullcontext():
+            with signals.defer() if self.world_size > 1 else contextlib.nullcontext():
                 self._train(bar)
         finally:
             bar.close()  # before any message: the bar's line is cleared, never glued to it
-        return read_log(self.log_path) if self.rank == 0 else []
+        return read_log(self.log_path) if self.process_rank == 0 else []
 
     def _train(self, bar) -> None:
         while self.step < self.config.steps:
@@ -421,7 +423,7 @@ class Loop:
                 bar.set_postfix(loss=f"{loss:.4f}")
             last = self.step == self.config.steps
             try:
-                if (self.step % self.config.eval_every == 0 or last) and (self.rank == 0 or self.sharded):
+                if (self.step % self.config.eval_every == 0 or last) and (self.process_rank == 0 or self.sharded):
                     record["val_accuracy"] = self.validate()
                     bar.set_postfix(loss=f"{loss:.4f}", val=f"{record['val_accuracy']:.3f}")
             except KeyboardInterrupt as interrupt:  # the step is done: keep it, without its validation
@@ -438,7 +440,7 @@ class Loop:
                     self._save_interrupted(interrupt, None, None)
                 raise _like(interrupt, f"checkpoint saved at step {self.step} ({self.ckpt_path})") from None
             bar.update(1)
-            if self.world > 1:
+            if self.world_size > 1:
                 signum = signals.agreed()
                 if signum:  # every rank stops after this same step
                     if not saved:

@@ -1,10 +1,11 @@
-"""The zeroth-order optimizers: one module each, thin over :mod:`zoptim.perturbation`."""
+"""The zeroth-order optimizers: one module each, over the engines' contract (:mod:`zoptim.engine`)."""
 
 from . import registry  # the methods by name
 from .as2p import AS2P
-from .base import DivergedError, NonFiniteLossWarning, ZerothOrderOptimizer
+from .base import ZerothOrderOptimizer
 from .hizoo import HiZOO
 from .s2p import S2P
+from .step import DivergedError, NonFiniteLossWarning
 from .stp import STP
 from .zosgd import ZOSGD
 

@@ -7,9 +7,10 @@ import math
 import torch
 
 from ..schedules import cosine_decay
-from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, ZerothOrderOptimizer
 from .checks import check_int, check_positive
 from .momentum import SeedMomentum, warn_unused_group_momentum
+from .step import StepGenerator
 
 BATCH_MODES = ("minibatch", "full")
 
@@ -216,13 +217,13 @@ class AS2P(ZerothOrderOptimizer):
     def _window_capacity(self) -> int:
         if self.total_steps is None:
             return self.max_window
-        per_step = self.num_directions * self._direction_world
+        per_step = self.num_directions * self._directions_world_size
         return max(2, math.ceil(self.window * self.total_steps * per_step))
 
     supports_direction_sharding = True
 
-    def shard_directions(self, rank, world, exchange) -> None:
-        super().shard_directions(rank, world, exchange)
+    def shard_directions(self, process_rank, world_size, exchange) -> None:
+        super().shard_directions(process_rank, world_size, exchange)
         self.gammas = GammaWindow(self._window_capacity())  # the window holds every rank's gammas
 
     # -- schedules ----------------------------------------------------------------------------------
@@ -235,8 +236,7 @@ class AS2P(ZerothOrderOptimizer):
     def lr_at(self, k: int, group: dict) -> float:
         """lr_k for ``group``: its ``lr`` in full-batch mode or when a torch LR scheduler drives it
         (it records ``initial_lr`` in the group; the scheduler is then the one decay), else the
-        paper's cosine decay from it to 0 (minibatch mode). An lr of None (states saved before lr
-        had a numeric default) is eps."""
+        paper's cosine decay from it to 0 (minibatch mode). An lr of None is eps."""
         base = self.eps if group["lr"] is None else group["lr"]
         if self.batch_mode == "full" or "initial_lr" in group:
             return base
@@ -250,7 +250,7 @@ class AS2P(ZerothOrderOptimizer):
     def window_length(self, k: int) -> int:
         if self.total_steps is not None:
             return self.gammas.capacity
-        return max(1, math.ceil(self.window * (k + 1) * self.num_directions * self._direction_world))
+        return max(1, math.ceil(self.window * (k + 1) * self.num_directions * self._directions_world_size))
 
     # -- the step -------------------------------------------------------------------------------------
     def _queries(self) -> StepGenerator:

@@ -1,111 +1,42 @@
-"""What every zeroth-order optimizer shares: closure queries, counters, non-finite handling, state.
+"""What every zeroth-order optimizer shares: its parameters and engine, hyper-parameter checks,
+the checked update, and the step.
 
-Subclasses implement :meth:`ZerothOrderOptimizer._queries`, one step written as a generator: it
-yields :class:`Query` points (``x + scales * s(key)``), receives each point's loss by ``send``,
-and ends with one ``self._update(...)`` (the engine's update, checked). That generator is the only implementation of a
-method's step, and it never calls the loss itself, so two drivers share it (:class:`StepRun`):
-``step(closure)`` answers each query with the closure, :class:`zoptim.AskTell` with ``tell()``.
-Everything else, moving the parameters to each query point, the checks on the loss, the
-learning rates and the update, the exact restore on a non-finite loss or update, an exception or an abandoned step, the query counter and the state
-that makes a resumed run bit-identical, lives here.
+Subclasses implement :meth:`ZerothOrderOptimizer._queries`, one step written as a generator of
+query points (:mod:`zoptim.optim.step`, which drives it), ending with one ``self._update(...)``
+(the engine's update, checked). The rest of what every method shares is split by concept:
+
+* :mod:`zoptim.optim.step`: the step driver (:class:`~zoptim.optim.step.Query`,
+  :class:`~zoptim.optim.step.StepRun`), the loss checks and the non-finite handling's errors;
+* :mod:`zoptim.optim.exchange`: directions and examples shared out over processes;
+* :mod:`zoptim.optim.state`: what ``state_dict`` records and ``load_state_dict`` checks;
+* :mod:`zoptim.optim.options`: the one check of the options that choose how directions are applied;
+* :mod:`zoptim.engine`: the engine that moves the parameters (:func:`zoptim.engine.build_engine`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 import warnings
 import weakref
-from collections.abc import Callable, Generator, Iterable
-from typing import Any, NamedTuple
+from collections.abc import Iterable
 
 import torch
 from torch.optim import Optimizer
 
-from ..forward import ForwardPerturbation
-from ..noise import NOISE_VERSION, check_distribution, mix
-from ..perturbation import SeededPerturbation
-from ..shards import local_part
-from . import stall
+from ..engine import build_engine
+from ..engine.noise import check_distribution, mix
+from ..engine.shards import local_part
 from .checks import check_int, check_positive
+from .exchange import DirectionExchange
+from .options import Options, check_options
+from .state import CompatibleState
+from .step import Closure, DivergedError, NonFiniteLossWarning, SkippedUpdate, StepGenerator, StepRun
 
-Closure = Callable[[], Any]
-
-
-class NonFiniteLossWarning(RuntimeWarning):
-    """A step saw a NaN or infinite loss; its update was skipped and the parameters restored."""
-
-
-class DivergedError(RuntimeError):
-    """``max_nonfinite`` consecutive steps were skipped (non-finite losses or updates): the run has
-    diverged. The parameters are at the last finite iterate."""
+__all__ = ["DivergedError", "GroupValue", "NonFiniteLossWarning", "ZerothOrderOptimizer"]
 
 
-class SkippedUpdate(Exception):
-    """Raised inside a step whose update would write a non-finite value: the driver skips the
-    update and restores the parameters, as for a non-finite loss (internal; never reaches users)."""
-
-    def __init__(self, value: float, what: str):
-        super().__init__(what)
-        self.value, self.what = value, what
-
-
-#: A rank's status in a direction-parallel step's exchange (see ZerothOrderOptimizer._exchange_once).
-_OK, _NONFINITE, _RAISED = 0.0, 1.0, 2.0
-
-
-class Query(NamedTuple):
-    """A point to evaluate: ``x + scales * s(key)``; ``key=None`` is the unperturbed iterate x.
-
-    ``scales`` is one number or one per trainable tensor (the per-group step sizes).
-    """
-
-    key: int | None
-    scales: float | list[float] = 0.0
-
-
-#: One step of a method: yields the points to evaluate, one Query (sent its loss) or a list of
-#: independent ones (sent their losses as a list), and returns the step's loss.
-StepGenerator = Generator[Any, Any, float]
-
-
-def loss_value(loss) -> float:
-    """The closure's return value as a Python float, or a TypeError saying what it was."""
-    if type(loss) is float:
-        return loss
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise TypeError(
-                f"closure must return a scalar loss; got a tensor of shape {tuple(loss.shape)}"
-            )
-        return float(loss.detach().reshape(()).item())
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return float(loss)
-    if loss is None:
-        raise TypeError(
-            "closure returned None; it must return the loss (a float or a one-element tensor) "
-            "and must not call backward()"
-        )
-    raise TypeError(
-        f"closure must return a float or a one-element tensor; got {type(loss).__name__}: {loss!r}"
-    )
-
-
-def loss_vector(loss) -> list[float]:
-    """A per-example closure's return value (``per_example=True``) as a list of floats."""
-    if isinstance(loss, torch.Tensor) and loss.dim() == 1 and loss.numel() >= 1:
-        return [float(v) for v in loss.detach().float().cpu().tolist()]
-    if isinstance(loss, (list, tuple)) and loss and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in loss):
-        return [float(v) for v in loss]
-    shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
-    raise TypeError(
-        "per_example=True: the closure must return one loss per example, a 1-D tensor (e.g. "
-        f"cross_entropy(..., reduction='none')); got {shape}"
-    )
-
-
-class ZerothOrderOptimizer(Optimizer):
+class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
     """Base class of zoptim's optimizers (a ``torch.optim.Optimizer`` that never reads ``.grad``).
 
     Args common to all subclasses:
@@ -114,12 +45,12 @@ class ZerothOrderOptimizer(Optimizer):
         distribution: ``"normal"``, ``"rademacher"`` or ``"uniform"``.
         normalize: scale each direction to norm sqrt(d).
         exact_restore: keep the journal that makes every restore bit-exact (see
-            :mod:`zoptim.perturbation`); ``False`` trades it for MeZO's arithmetic round trip.
+            :mod:`zoptim.engine.inplace`); ``False`` trades it for MeZO's arithmetic round trip.
         max_nonfinite: after this many consecutive steps with a NaN/inf loss, raise RuntimeError.
         module: the model the closure runs. Given, each query's offset is applied inside the
-            forward of its layers (:mod:`zoptim.forward`) instead of being written into the
+            forward of its layers (:mod:`zoptim.engine.forward`) instead of being written into the
             weights: queries never touch them, and only the update writes. None (default): the
-            in-place engine (:mod:`zoptim.perturbation`), for any tensors.
+            in-place engine (:mod:`zoptim.engine.inplace`), for any tensors.
         rank: r of the low-rank direction of each weight matrix, ``S = A B^T / sqrt(r)``
             (needs ``module``); None (default) keeps full-rank directions.
         per_example: (ZOSGD, AS2P; needs ``module`` and ``rank``) each example of the minibatch
@@ -129,7 +60,7 @@ class ZerothOrderOptimizer(Optimizer):
             (see :meth:`_two_point_directions`).
         orthogonalize: (ZOSGD; needs ``module`` and ``rank``) each weight matrix steps along the
             polar factor of its estimate, every other tensor along its normalised estimate, with
-            root-mean-square step ``lr`` (:mod:`zoptim.polar`).
+            root-mean-square step ``lr`` (:mod:`zoptim.engine.polar`).
 
     Attributes:
         num_queries: closure evaluations so far (the x-axis of every plot in the S2P paper).
@@ -139,13 +70,6 @@ class ZerothOrderOptimizer(Optimizer):
     queries_per_step = 2
     #: The step being driven query by query (AskTell between ask and tell), if any.
     _run: StepRun | None = None
-    #: Direction parallelism (:func:`zoptim.distributed.wrap` with ``mode="directions"``): this
-    #: process evaluates directions ``rank*k .. rank*k + k - 1`` of a step that has ``world*k``;
-    #: ``_exchange`` all-gathers each rank's list of floats (see :meth:`shard_directions`).
-    _direction_rank, _direction_world = 0, 1
-    _example_rank, _example_world = 0, 1
-    _exchange: Callable[[list[float]], list[list[float]]] | None = None
-    _exchanged = False  # whether this step's exchange has happened
     #: The memory-free seed momentum (:class:`zoptim.optim.momentum.SeedMomentum`) of methods that
     #: offer it (ZOSGD, AS2P), else None; its (key, coefficient) window is part of the state.
     momentum = None
@@ -171,24 +95,9 @@ class ZerothOrderOptimizer(Optimizer):
         check_distribution(distribution)
         self.per_example = bool(per_example)
         self.orthogonalize = bool(orthogonalize)
-        if self.orthogonalize and (module is None or rank is None):
-            raise ValueError(
-                "orthogonalize=True needs module=<the model> and rank=r: each matrix steps along the polar factor of "
-                "its low-rank estimate, computed from the factors of the directions applied in the forward"
-            )
-        if self.per_example and (module is None or rank is None):
-            raise ValueError(
-                "per_example=True needs module=<the model> and rank=r: each example's direction is applied inside "
-                "the forward of the model's layers, as a rank-r product"
-            )
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module (the model the closure runs) or None; got {type(module).__name__}")
         self._rank = check_int("rank", rank, allow_none=True)
-        if self._rank is not None and module is None:
-            raise ValueError(
-                "rank=r needs module=<the model>: low-rank directions are applied inside the forward of the "
-                "model's layers; pass module=model (or rank=None for full-rank directions in place)"
-            )
         self._module = module
         if not isinstance(seed, numbers.Integral) or isinstance(seed, bool):
             raise ValueError(f"seed must be an integer; got {seed!r}")
@@ -238,38 +147,36 @@ class ZerothOrderOptimizer(Optimizer):
         if not trainable:
             raise ValueError("no trainable parameters: every parameter given has requires_grad=False")
         self.sharded = any(part.tensor.numel() != part.global_numel for part in trainable)
-        if self.sharded and self._normalize:
-            raise ValueError(
-                "normalize=True needs the norm of the whole direction, which a rank holding a shard does not "
-                "see; use normalize=False with sharded (FSDP2) parameters"
-            )
+        check_options(self._options())
         self._group_of = group_of
         self._global_dim = sum(part.global_numel for part in trainable)
         old = getattr(self, "engine", None)
-        if isinstance(old, ForwardPerturbation):
+        if old is not None:
             old.close()
-        if self._module is not None:
-            self.engine = ForwardPerturbation(
-                self._module,
-                [p for _, _, p in where],  # the module's own tensors (DTensors when sharded): its hooks find them
-                parts=trainable,
-                distribution=self._distribution,
-                rank=self._rank,
-                normalize=self._normalize,
-                exact=self._exact,
-                per_example=self.per_example,
-                orthogonal=self.orthogonalize,
-            )
-            # the hooks go when the optimizer does (they hold the engine, never the optimizer)
-            self._close_hooks = weakref.finalize(self, self.engine.close)
-            return
-        self.engine = SeededPerturbation(
-            [part.tensor for part in trainable],
+        self.engine = build_engine(
+            trainable,
+            module=self._module,
+            tensors=[p for _, _, p in where],  # the module's own tensors (DTensors when sharded): its hooks find them
             distribution=self._distribution,
+            rank=self._rank,
             normalize=self._normalize,
             exact=self._exact,
-            offsets=[part.offset for part in trainable],
+            per_example=self.per_example,
+            orthogonal=self.orthogonalize,
         )
+        # what the engine holds on the model (hooks) goes when the optimizer does; it never holds the optimizer
+        self._close_engine = weakref.finalize(self, self.engine.close)
+
+    #: Whether the method needs the direction's every element (HiZOO's preconditioner): it then
+    #: refuses forward-applied directions.
+    element_wise_directions = False
+
+    def _options(self, **extra) -> Options:
+        """How this optimizer applies its directions, for :func:`~zoptim.optim.options.check_options`."""
+        return Options(type(self).__name__, module=self._module is not None, rank=self._rank,
+                       per_example=self.per_example, orthogonalize=self.orthogonalize, shard=self.sharded,
+                       normalize=self._normalize,
+                       factored=getattr(self, "factored", False), element_wise=self.element_wise_directions, **extra)
 
     def _param_name(self, gi: int, pi: int, p: torch.Tensor) -> str:
         """How an error names a parameter: its name in ``module`` if known, and its place and shape."""
@@ -334,9 +241,7 @@ class ZerothOrderOptimizer(Optimizer):
         the forward hooks from the model. The optimizer cannot step afterwards."""
         if self._run is not None:
             self._run.abandon()
-        self.engine.restore()
-        if isinstance(self.engine, ForwardPerturbation):
-            self.engine.close()
+        self.engine.close()
         self._closed = True
 
     @property
@@ -351,124 +256,6 @@ class ZerothOrderOptimizer(Optimizer):
     def direction_key(self, index: int = 0) -> int:
         return mix(self.seed, self.steps, index)
 
-    supports_direction_sharding = False
-
-    def shard_directions(self, rank: int, world: int, exchange: Callable[[list[float]], list[list[float]]]) -> None:
-        """Split each step's directions over ``world`` processes (what ``mode="directions"`` does).
-
-        This process then evaluates only its own ``num_directions`` directions, global indices
-        ``rank * num_directions + i`` of the step's ``world * num_directions``; after its queries it
-        calls ``exchange(values)``, which must return every rank's list in rank order (an
-        all-gather), and applies all the directions' updates in rank order. The step is then the
-        single-process step with ``num_directions * world`` directions. Only before the first step.
-        """
-        if not self.supports_direction_sharding:
-            raise ValueError(
-                f"{type(self).__name__} does not split its directions over processes; mode='directions' "
-                "supports ZOSGD and AS2P (use mode='batch' for the others)"
-            )
-        if self.steps:
-            raise ValueError("shard_directions must be called before the first step")
-        if self.per_example:
-            raise ValueError("per_example=True already gives each example its own direction; it does not combine "
-                             "with mode='directions' (use mode='batch')")
-        self._direction_rank, self._direction_world, self._exchange = int(rank), int(world), exchange
-
-    def share_examples(self, rank: int, world: int) -> None:
-        """Split a per-example step's examples over ``world`` processes (what ``wrap(mode="batch")``
-        does with ``per_example=True``): this process's row i is example ``rank + world * i`` of the
-        minibatch and takes that example's direction; its closure must then return the losses of all
-        the minibatch's examples in order (the wrapper all-gathers and interleaves the ranks'
-        vectors). The step is the single-process step on the whole minibatch."""
-        if not self.per_example:
-            raise ValueError("share_examples is for per_example=True optimizers")
-        if self.steps:
-            raise ValueError("share_examples must be called before the first step")
-        self._example_rank, self._example_world = int(rank), int(world)
-
-    def _two_point_directions(self, rho: float):
-        """Query ``x + rho s_i`` and ``x - rho s_i`` for this process's ``num_directions``
-        directions (a sub-generator: ``keys, gammas, f_plus, f_minus = yield from ...``) and return
-        every direction's key, gamma = (f+ - f-) / (2 rho) and the two values, all ranks' in rank order."""
-        if self.per_example:
-            return (yield from self._per_example_directions(rho))
-        first = self._direction_rank * self.num_directions
-        keys = [self.direction_key(first + i) for i in range(self.num_directions)]
-        values = yield [q for key in keys for q in (Query(key, rho), Query(key, -rho))]  # one round
-        plus, minus = values[0::2], values[1::2]
-        gammas = [(f_plus - f_minus) / (2.0 * rho) for f_plus, f_minus in zip(plus, minus)]
-        keys, (gammas, plus, minus) = self._gather_directions(keys, [gammas, plus, minus])
-        return keys, gammas, plus, minus
-
-    def _per_example_directions(self, rho: float):
-        r"""Per-example two-point queries: example i of the minibatch sits at ``x +- rho s_i`` within
-        the same two forward passes, so
-
-        .. math:: \delta_i = \frac{\ell_i(x + \rho s_i) - \ell_i(x - \rho s_i)}{2 \rho}, \qquad
-                  g = \frac1B \sum_{i=1}^B \delta_i s_i
-
-        is an unbiased estimate of the minibatch gradient (of the smoothed loss) built from B
-        directional derivatives: the per-example analogue of the Flipout estimator (Wen et al.,
-        ICLR 2018). Returns the B keys, deltas (the methods' gammas) and per-example values."""
-        from ..forward import RowKeys
-
-        rows = RowKeys(self.seed, self.steps, self._example_rank, self._example_world)
-        plus = yield Query(rows, rho)
-        minus = yield Query(rows, -rho)
-        n = self.engine.examples
-        if n is not None:  # the examples of every rank (equal shares: the wrapper checks)
-            n *= self._example_world
-        if len(plus) != len(minus) or (n is not None and len(plus) != n):
-            raise ValueError(
-                f"per_example=True: the closure returned {len(plus)} and {len(minus)} losses, but the batch the "
-                f"layers saw has {n} examples; return one loss per example (reduction='none')"
-            )
-        keys = [self.direction_key(i) for i in range(len(plus))]  # example i of the whole minibatch
-        gammas = [(p - m) / (2.0 * rho) for p, m in zip(plus, minus)]
-        return keys, gammas, list(plus), list(minus)
-
-    def _gather_directions(self, keys: list[int], values: list[list[float]]):
-        """All directions of this step: ``(keys, values)`` with every rank's, in rank order.
-
-        ``values`` holds parallel lists (one per quantity, one entry per local direction). In a
-        single process they come back unchanged. Every rank then applies the same update terms in
-        the same order; since the engine's undo of each rank's own offset is exact, the replicas
-        stay bit-identical, and equal to one process running all the directions. Without the
-        exact-restore journal the undo is arithmetic, so the parameters are first restored.
-        """
-        if self._direction_world == 1:
-            return keys, values
-        k = len(keys)
-        rows = self._exchange_once([v for column in values for v in column], _OK)
-        gathered = [[v for row in rows for v in row[q * k : (q + 1) * k]] for q in range(len(values))]
-        if not self.engine.exact:
-            self.engine.restore()
-        return [self.direction_key(i) for i in range(k * len(rows))], gathered
-
-    def _exchange_once(self, values: list[float], status: float) -> list[list[float]]:
-        """The step's one all-gather (direction parallelism), with this rank's status appended.
-
-        Every rank takes part exactly once per step, whatever happens on it: a rank whose loss
-        was non-finite, or whose closure raised, sends its status instead of its values (from
-        :meth:`StepRun.tell` / :meth:`StepRun.abandon`), so the collectives of different steps
-        never pair up across ranks. Seeing another rank's status, every rank skips the step (a
-        non-finite loss, :class:`SkippedUpdate`) or abandons it (an exception: ``RuntimeError``),
-        so the replicas stay bit-identical and no rank waits for a timeout."""
-        self._exchanged = True
-        width = 3 * getattr(self, "num_directions", 1)
-        row = list(values) if status == _OK else [math.nan] * width
-        rows = self._exchange(row + [status])
-        statuses = [row[-1] for row in rows]
-        failed = [r for r, st in enumerate(statuses) if st == _RAISED]
-        if failed and status != _RAISED:
-            raise RuntimeError(
-                f"rank(s) {failed} raised during step {self.steps} of a direction-parallel run; this rank abandons "
-                "the step too (parameters restored), so the replicas stay identical"
-            )
-        bad = [r for r, row in enumerate(rows) if row[-1] == _NONFINITE or not all(math.isfinite(v) for v in row[:-1])]
-        if bad and status == _OK:
-            raise SkippedUpdate(math.nan, f"non-finite loss on rank(s) {bad}")
-        return [row[:-1] for row in rows]
 
     def _momentum_terms(self, steps: list[tuple[int, float]]) -> list[tuple[int, float]]:
         """This step's ``(key, coefficient)`` directions, or, with momentum, the window's average
@@ -554,8 +341,8 @@ class ZerothOrderOptimizer(Optimizer):
         anything is written.
 
         ``orthogonal``: each tensor's step size for the orthogonalised update (``orthogonalize=True``;
-        the terms then give the estimate, see :meth:`ForwardPerturbation.update`); an entry of that
-        update is at most ``lr sqrt(numel)`` in magnitude."""
+        the terms then give the estimate, see :func:`zoptim.engine.polar.orthogonal_update`); an
+        entry of that update is at most ``lr sqrt(numel)`` in magnitude."""
         if orthogonal is not None:
             limit = min(torch.finfo(p.dtype).max for p in self.engine.params) / 2
             largest = max(abs(v) for v in orthogonal) * math.sqrt(max(p.numel() for p in self.engine.params))
@@ -576,7 +363,7 @@ class ZerothOrderOptimizer(Optimizer):
             if not math.isfinite(m):
                 raise SkippedUpdate(m, f"non-finite update coefficient ({m})")
             if m and self._normalize:
-                m *= self.engine._factor(key)
+                m *= self.engine.direction_scale(key)
             total += m
         if decay is not None and not all(math.isfinite(d) for d in decay):
             raise SkippedUpdate(math.inf, "non-finite weight decay factor")
@@ -658,134 +445,6 @@ class ZerothOrderOptimizer(Optimizer):
             stacklevel=stacklevel,
         )
 
-    # -- state ------------------------------------------------------------------------------------
-    #: Attributes set by a subclass's constructor that shape a run (its directions, schedules and
-    #: windows): recorded by ``state_dict`` and compared by ``load_state_dict``.
-    _settings: tuple[str, ...] = ()
-
-    def _run_settings(self) -> dict:
-        """Every constructor setting that shapes the run, as plain values (see :meth:`load_state_dict`)."""
-        settings = {
-            "distribution": self._distribution,
-            "normalize": self._normalize,
-            "exact_restore": self._exact,
-            "group_shapes": [[list(p.shape) for p in g["params"]] for g in self.param_groups],
-        }
-        for name in self._settings:
-            settings[name] = getattr(self, name)
-        return settings
-
-    def _extra_state(self) -> dict:
-        return {
-            "settings": self._run_settings(),
-            "class": type(self).__name__,
-            "noise_version": NOISE_VERSION,
-            "dim": self.dim,
-            "seed": self.seed,
-            "steps": self.steps,
-            "num_queries": self.num_queries,
-            "nonfinite_steps": self.nonfinite_steps,
-            "nonfinite_run": self._nonfinite_run,
-            "rank": self._rank,
-            "forward": self._module is not None,
-            "per_example": self.per_example,
-            "orthogonalize": self.orthogonalize,
-            **({"momentum": self.momentum.state()} if self.momentum is not None else {}),
-            **({"guard": self.guard.state()} if self.guard is not None else {}),
-        }
-
-    def _load_extra_state(self, extra: dict) -> None:
-        self.seed = int(extra["seed"])
-        self.steps = int(extra["steps"])
-        self.num_queries = int(extra["num_queries"])
-        self.nonfinite_steps = int(extra["nonfinite_steps"])
-        self._nonfinite_run = int(extra["nonfinite_run"])
-        if self.momentum is not None:
-            self.momentum.load(extra["momentum"])
-        if self.guard is not None:
-            self.guard.load(extra["guard"])
-
-    def _check_compatible(self, extra: dict) -> None:
-        """Refuse a state_dict from another class, another noise stream or another model."""
-        cls = extra.get("class", type(self).__name__)
-        if cls != type(self).__name__:
-            raise ValueError(f"state_dict was saved by {cls}; it cannot be loaded into {type(self).__name__}")
-        version = extra.get("noise_version", 1)
-        if version != NOISE_VERSION:
-            raise ValueError(
-                f"state_dict was saved with noise_version {version}, this zoptim draws noise_version "
-                f"{NOISE_VERSION}: its directions would differ, so the run could not resume as it was. "
-                "Start a new run, or resume with the zoptim version that saved it."
-            )
-        dim = extra.get("dim", self.dim)
-        if int(dim) != self.dim:
-            raise ValueError(
-                f"state_dict was saved for {dim} trainable scalars; this optimizer has {self.dim} "
-                "(another model, or other parameters frozen)"
-            )
-        for field, mine_value in (("forward", self._module is not None), ("rank", self._rank),
-                                  ("per_example", self.per_example), ("orthogonalize", self.orthogonalize)):
-            saved_value = extra.get(field, None if field == "rank" else False)
-            if saved_value != mine_value:
-                raise ValueError(
-                    f"state_dict was saved with {field}={saved_value!r}; this optimizer has {field}={mine_value!r} "
-                    "(the directions would differ, so the run could not resume as it was)"
-                )
-        saved, mine = extra.get("momentum"), self.momentum
-        if (saved is None) != (mine is None):
-            have = "no momentum" if mine is None else f"momentum={mine.beta}"
-            was = "without momentum" if saved is None else f"with momentum={saved['beta']}"
-            raise ValueError(f"state_dict was saved {was}; this optimizer has {have}")
-        if mine is not None and int(saved["window"]) != mine.window:  # beta comes with the state's groups
-            raise ValueError(
-                f"state_dict was saved with momentum_window={saved['window']}; this optimizer has "
-                f"momentum_window={mine.window}"
-            )
-        saved_settings, mine_settings = extra.get("settings"), self._run_settings()
-        if saved_settings is not None:  # (state_dicts of zoptim before 0.5 do not record them)
-            # hyper-parameters held in param_groups come with the state's groups, as lr does in torch
-            for field in sorted((set(saved_settings) | set(mine_settings)) - set(self.defaults)):
-                was, have = saved_settings.get(field), mine_settings.get(field)
-                if was != have:
-                    raise ValueError(f"state_dict was saved with {field}={was!r}; this optimizer has {field}={have!r}")
-        saved_guard = extra.get("guard")
-        if (saved_guard is None) != (self.guard is None):  # its tol comes with the state's groups
-            was = "without a guard" if saved_guard is None else f"with guard={saved_guard['tol']}"
-            have = "none" if self.guard is None else f"guard={self.guard.tol}"
-            raise ValueError(f"state_dict was saved {was}; this optimizer has {have}")
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["zoptim"] = self._extra_state()
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a state saved by ``state_dict()`` of an optimizer built with the same settings.
-
-        Every recorded setting (the distribution, the directions, eps, schedules and windows, where
-        directions are applied, the groups' shapes, ...) is compared first; a difference raises
-        ``ValueError`` naming the field and both values. Loading is all or nothing: if anything
-        fails part way, the optimizer is put back as it was before the exception propagates."""
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("zoptim", None)
-        if extra is None:
-            raise ValueError("state_dict has no 'zoptim' entry: it was not saved by a zoptim optimizer")
-        self._check_compatible(extra)
-        before = self.state_dict()
-        try:
-            super().load_state_dict(state_dict)
-            saved_settings = extra.get("settings") or {}
-            for group in self.param_groups:  # states saved before these moved into param_groups
-                for name, default in self.defaults.items():
-                    group.setdefault(name, saved_settings.get(name, default))
-            self._load_extra_state(extra)
-        except BaseException:
-            before_extra = before.pop("zoptim")
-            super().load_state_dict(before)
-            self._load_extra_state(before_extra)
-            raise
-
-
 class GroupValue:
     """A hyper-parameter that lives in ``param_groups`` (one value for the whole step, see
     ``_group_checks``), read and written as an attribute: ``opt.eps`` is ``param_groups[0]["eps"]``
@@ -803,179 +462,3 @@ class GroupValue:
         for group in obj.param_groups:
             group[self.name] = value
 
-
-_NULL_CONTEXT = contextlib.nullcontext()
-
-
-def _no_grad():
-    """``torch.no_grad()``, or a shared no-op context where grad mode is already off (a step's
-    moves and sends happen a few times per step; the context object costs more than a small move)."""
-    return torch.no_grad() if torch.is_grad_enabled() else _NULL_CONTEXT
-
-
-class StepRun:
-    """One step of an optimizer in progress, driven one query at a time.
-
-    The driver loop is ``while not run.done: run.move(); run.tell(value_at_that_point)``.
-    :meth:`ZerothOrderOptimizer.step` feeds it the closure's values, :class:`zoptim.AskTell` the
-    values its caller tells. Both therefore produce the same iterates, bit for bit.
-
-    A method's generator may yield a *round*, a list of queries whose points do not depend on one
-    another's values (the two points of each of k directions, STP's three points); it is sent
-    their values as a list, in the round's order, once all are told. Within a round the values
-    may be told in any order (``move(i)``, ``tell(value, i)``, ``i`` counting the step's queries
-    from 0), which is what lets :meth:`zoptim.AskTell.ask` hand out several points at once.
-
-    Attributes:
-        pending: the next :class:`Query` not yet told, in order (None once the step is done).
-        values: the finite losses told so far in this step, in the order told.
-        told: ``(index, value)`` of each of them (what a mid-step checkpoint saves).
-        loss: the step's loss once done (the non-finite value for a skipped step).
-    """
-
-    def __init__(self, optimizer: ZerothOrderOptimizer):
-        self.optimizer = optimizer
-        self.update_started = False  # set by _update: the step's update is (being) written
-        self._queries_at_start = optimizer.num_queries
-        self.told: list[tuple[int, Any]] = []
-        self.loss: float | None = None
-        self._first = 0  # step index of the round's first query
-        self._gen: StepGenerator | None = optimizer._queries()
-        self._start_round(next(self._gen))
-
-    def _start_round(self, yielded) -> None:
-        self._batch = not isinstance(yielded, Query)  # a Query is itself a tuple: test it first
-        self._round: list[Query] = list(yielded) if self._batch else [yielded]
-        self._round_values: list = [None] * len(self._round)
-
-    @property
-    def done(self) -> bool:
-        return self._gen is None
-
-    @property
-    def values(self) -> list:
-        return [value for _, value in self.told]
-
-    @property
-    def pending(self) -> Query | None:
-        untold = self.untold
-        return None if not untold else self._round[untold[0] - self._first]
-
-    @property
-    def untold(self) -> list[int]:
-        """Step indices of the current round's queries not yet told (empty once the step is done)."""
-        if self._gen is None:
-            return []
-        return [self._first + j for j, v in enumerate(self._round_values) if v is None]
-
-    def _slot(self, index: int | None) -> int:
-        if index is None and self._gen is not None:  # the common case, without building the list
-            return self._round_values.index(None)
-        untold = self.untold
-        if self._gen is None:
-            raise RuntimeError("this step is finished; start another with begin_step()")
-        if index is None:
-            return untold[0] - self._first
-        if index not in untold:
-            raise ValueError(
-                f"query {index} is not pending: the step's queries that can be evaluated now are {untold}"
-                + (" (the next ones depend on their values)" if untold else "")
-            )
-        return index - self._first
-
-    def move(self, index: int | None = None) -> None:
-        """Move the parameters (in place) to the pending query point (``index``: that query of the
-        current round; default the first not yet told)."""
-        key, scales = self._round[self._slot(index)]
-        engine = self.optimizer.engine
-        with _no_grad():
-            if key is None:
-                engine.restore()
-            else:
-                engine.move(key, scales)
-
-    def tell(self, loss, index: int | None = None) -> None:
-        """The loss at a pending point (``index`` as in :meth:`move`). A value that is not a
-        scalar raises TypeError and changes nothing; a NaN/inf one ends the step as skipped
-        (update skipped, parameters restored)."""
-        slot = self._slot(index)
-        opt = self.optimizer
-        value = loss_vector(loss) if opt.per_example else loss_value(loss)
-        opt.num_queries += 1
-        if not (math.isfinite(value) if type(value) is float else all(math.isfinite(v) for v in value)):
-            value = next(v for v in (value if isinstance(value, list) else [value]) if not math.isfinite(v))
-            self._tell_other_ranks(_NONFINITE)
-            self._finish()
-            self.loss = value
-            try:
-                opt._on_nonfinite(value)
-            finally:
-                opt.steps += 1
-            return
-        self.told.append((self._first + slot, value))
-        self._round_values[slot] = value
-        if None in self._round_values:
-            return
-        sent = list(self._round_values) if self._batch else self._round_values[0]
-        try:
-            with _no_grad():
-                yielded = self._gen.send(sent)
-        except StopIteration as stop:
-            self._gen, self.loss = None, float(stop.value)
-            opt._nonfinite_run = 0
-            opt.steps += 1
-            if opt._run is self:
-                opt._run = None
-            stall.observe(opt, self.values)  # a word when the run stops learning (zoptim.optim.stall)
-        except SkippedUpdate as skipped:
-            self._finish()
-            means = [sum(v) / len(v) if isinstance(v, list) else v for v in self.values]
-            self.loss = sum(means) / len(means)  # the mean loss of the step's queries, all finite
-            try:
-                opt._on_nonfinite(skipped.value, what=skipped.what)
-            finally:
-                opt.steps += 1
-        except BaseException:
-            self.abandon()
-            raise
-        else:
-            self._first += len(self._round)
-            self._start_round(yielded)
-
-    def _tell_other_ranks(self, status: float) -> None:
-        """In a direction-parallel run, take part in the step's exchange with this rank's failure."""
-        opt = self.optimizer
-        if opt._exchange is not None and not opt._exchanged:
-            opt._exchange_once([], status)
-
-    def _finish(self) -> None:
-        gen, self._gen = self._gen, None
-        if gen is not None:
-            gen.close()
-        self.optimizer.engine.restore()
-        if self.optimizer._run is self:
-            self.optimizer._run = None
-
-    def abandon(self, counted: bool = True) -> None:
-        """End the step without its update: the parameters go back bit for bit to the iterate the
-        step started from (with ``exact_restore``), the step counter advances as after an exception
-        in the closure, the evaluations stay counted. No-op on a finished step.
-
-        ``counted=False`` (what ``step`` does on a ``KeyboardInterrupt``, in a single process)
-        leaves the optimizer as it was before the step, counters included, so the step is redone
-        with the same direction and a checkpoint taken now resumes as if there had been no
-        interruption. It is ignored once the update has started (the update is then completed
-        and counts) and in a direction-parallel run (every rank must count the step alike)."""
-        if self._gen is None:
-            return
-        opt = self.optimizer
-        uncounted = not counted and not self.update_started and opt._exchange is None
-        try:
-            self._tell_other_ranks(_RAISED)
-        finally:
-            with torch.no_grad():
-                self._finish()
-            if uncounted:
-                opt.num_queries = self._queries_at_start
-            else:
-                opt.steps += 1

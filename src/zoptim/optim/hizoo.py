@@ -6,8 +6,9 @@ import math
 
 import torch
 
-from .base import GroupValue, Query, SkippedUpdate, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, ZerothOrderOptimizer
 from .checks import check_positive
+from .step import Query, SkippedUpdate, StepGenerator
 
 
 class HiZOO(ZerothOrderOptimizer):
@@ -79,6 +80,7 @@ class HiZOO(ZerothOrderOptimizer):
     """
 
     queries_per_step = 3
+    element_wise_directions = True
 
     def __init__(
         self,
@@ -104,12 +106,6 @@ class HiZOO(ZerothOrderOptimizer):
                 "full-rank direction written in place, so its estimate has no low-rank factors to orthogonalise; "
                 "use ZOSGD(module=model, rank=r, orthogonalize=True)"
             )
-        if module is not None or rank is not None:
-            raise ValueError(
-                "HiZOO does not support module= or rank=: its preconditioner Sigma^(1/2) multiplies every element "
-                "of the direction, so the direction must be written into the weights element by element; use "
-                "module=None (ZOSGD, AS2P, S2P and STP take module= and rank=)"
-            )
         check_positive("lr", lr, allow_zero=True)
         check_positive("eps", eps)
         alpha = check_positive("hessian_smooth", hessian_smooth, allow_zero=True)
@@ -128,11 +124,6 @@ class HiZOO(ZerothOrderOptimizer):
             module=module,
             rank=rank,
         )
-        if self.factored and self.sharded:
-            raise ValueError(
-                "factored=True needs each matrix's whole rows and columns, which a rank holding a shard does not "
-                "see; use factored=False (the dense estimate is element-wise) with sharded parameters"
-            )
         self._set_guard(guard)
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._init_hessian()

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
-from .base import GroupValue, Query, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, ZerothOrderOptimizer
 from .checks import check_int, check_positive
+from .step import Query, StepGenerator
 
 STEP_RULES = ("stationary", "dynamic", "relaxed_stationary", "relaxed_dynamic")
 

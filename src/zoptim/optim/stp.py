@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Query, StepGenerator, ZerothOrderOptimizer
+from .base import ZerothOrderOptimizer
 from .checks import check_positive
+from .step import Query, StepGenerator
 
 
 class STP(ZerothOrderOptimizer):

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 
-from .base import GroupValue, StepGenerator, ZerothOrderOptimizer
+from .base import GroupValue, ZerothOrderOptimizer
 from .checks import check_int, check_positive
 from .momentum import SeedMomentum, warn_unused_group_momentum
+from .step import StepGenerator
 
 
 class ZOSGD(ZerothOrderOptimizer):
@@ -48,7 +49,7 @@ class ZOSGD(ZerothOrderOptimizer):
             a normalised-SGD step whose length adapts to the estimate's noise). Needs k >= 2 or
             ``per_example=True``.
         orthogonalize: step along the polar factor of each matrix's estimate (and the normalised
-            estimate of other tensors), root-mean-square step ``lr``: :mod:`zoptim.polar`. Needs
+            estimate of other tensors), root-mean-square step ``lr``: :mod:`zoptim.engine.polar`. Needs
             ``module`` and ``rank``; pays with several directions (``num_directions`` or
             ``per_example=True``), since with one rank-r direction the factor is that direction.
         distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example: see

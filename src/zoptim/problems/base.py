@@ -30,7 +30,7 @@ class Problem:
     #: STP's alpha_0 grid; None: 10 x ``lr_grid`` (Table 3 picks STP's alpha_0 10x GA's).
     stp_grid: tuple | None = None
     #: The grid of the methods whose lr is the root-mean-square of each tensor's step (the
-    #: orthogonalised update, :mod:`zoptim.polar`): as many values as GA's alpha_0 grid, on that scale.
+    #: orthogonalised update, :mod:`zoptim.engine.polar`): as many values as GA's alpha_0 grid, on that scale.
     #: The spread-normalised step (FZOO's) searches 10 x this grid: its step's RMS is about lr / sqrt(B).
     orth_lr_grid: tuple = (1e-2, 3e-3, 1e-3, 3e-4, 1e-4)
 

@@ -38,7 +38,7 @@ class BlackBoxProblem:
     budget: int
     #: zoptim hyper-parameters per method (minimize options) and torchzero learning rates; AS2P's
     #: were searched in the paper's full-batch mode, so they name it (minimize's default is the
-    #: cosine schedules since issue 21)
+    #: cosine schedules)
     hparams: dict = field(default_factory=dict)
     description: str = ""
 

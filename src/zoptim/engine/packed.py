@@ -1,18 +1,18 @@
 """Small tensors in one pass: the in-place engine's move for every small CPU tensor at once.
 
 A model's biases, norms and small matrices are tensors of tens to a few thousand elements; moving
-each through its own kernel call (:func:`zoptim.kernels.fused_move`: about ten torch operations,
+each through its own kernel call (:func:`zoptim.engine.kernels.fused_move`: about ten torch operations,
 or a compiled call with its guards) costs a fixed ~50-200 microseconds per tensor and per move,
 more than the arithmetic. :func:`packed_move` moves all of them in one pass of NumPy operations
 over their concatenated elements: the noise of each element comes from its own tensor's stream
-(the counter-based generator of :mod:`zoptim.noise` accepts a key per element), and the
+(the counter-based generator of :mod:`zoptim.engine.noise` accepts a key per element), and the
 arithmetic is the fused kernel's, element for element (float32 ``delta = fl(scale * fl(s * w))``,
 one correctly rounded addition in the parameter's dtype, the undo check on the bit patterns), so
 the values, and the journal of elements whose undo would not be exact, are the same bit for bit
 (``tests/test_packed.py``).
 
 Only float32 and float64 tensors on the CPU are packed (NumPy has no bfloat16, and a GPU tensor
-would have to come to the host); the engine (:class:`zoptim.perturbation.SeededPerturbation`)
+would have to come to the host); the engine (:class:`zoptim.engine.inplace.SeededPerturbation`)
 chooses them, and moves every other tensor chunk by chunk as before.
 """
 
@@ -44,8 +44,8 @@ def noise(idx: np.ndarray, k0, k1, distribution: str) -> np.ndarray:
 def packed_move(x, idx, ok0, ok1, s_old, has_old, nk0, nk1, s_new, has_new, keep, fix_at, fix_val, W,
                 *, distribution: str, record: bool, same_key: bool):
     """One pass over the concatenated elements ``x`` (NumPy, float32 or float64): each goes from
-    ``x0 + s_old * z_old`` to ``x0 * keep + s_new * z_new``, as :func:`zoptim.kernels.fused_move`
-    followed by :func:`zoptim.kernels.gathered_move` computes it for a chunk.
+    ``x0 + s_old * z_old`` to ``x0 * keep + s_new * z_new``, as :func:`zoptim.engine.kernels.fused_move`
+    followed by :func:`zoptim.engine.kernels.gathered_move` computes it for a chunk.
 
     Per-element arrays: ``idx`` (global index in its tensor), the old and new key words, float32
     scales, ``has_old`` / ``has_new`` masks, float32 ``keep``; ``fix_at`` / ``fix_val``: the

@@ -6,7 +6,7 @@ softmax regression; the S2P paper's methods (S2P, AS2P, Algorithms 1-2) are the 
 step, with other step sizes. Each such step is a few moves of x along a seeded direction s.
 
 :func:`zoptim.minimize` and ``zoptim.AskTell(method, x0)`` optimise a function of a flat float64
-vector, often of ten or a thousand numbers. The in-place engine (:mod:`zoptim.perturbation`) is
+vector, often of ten or a thousand numbers. The in-place engine (:mod:`zoptim.engine.inplace`) is
 built for tensors of millions of elements: per move it walks the tensors chunk by chunk, backs
 each chunk up, calls a fused kernel of about ten torch operations and keeps a journal, a fixed
 cost of hundreds of microseconds that dwarfs the arithmetic on ten numbers.
@@ -16,9 +16,9 @@ cost of hundreds of microseconds that dwarfs the arithmetic on ten numbers.
 one implementation of their step (each optimizer's ``_queries`` generator) drives it unchanged.
 
 Same values as the in-place engine, bit for bit (``tests/test_vector.py``, every registered
-method). A direction's values are those of the counter-based stream of :mod:`zoptim.noise`
-(:func:`~zoptim.noise.counter_bits` over all the indices at once, then
-:func:`~zoptim.noise.values_from_bits_numpy`), drawn in one vectorised NumPy call and kept for
+method). A direction's values are those of the counter-based stream of :mod:`zoptim.engine.noise`
+(:func:`~zoptim.engine.noise.counter_bits` over all the indices at once, then
+:func:`~zoptim.engine.noise.values_from_bits_numpy`), drawn in one vectorised NumPy call and kept for
 the last few keys (a two-point step's two queries and its update share one draw). The arithmetic
 is the in-place engine's: the offset is ``delta = fl32(fl32(s * w) * scale)`` (``scale`` rounded to
 float32 first), added to the float64 iterate with one correctly rounded float64 addition; weight
@@ -34,7 +34,7 @@ Atomic moves: each move computes its result into a scratch array and commits it 
 copy (one C call, which no Python signal handler interrupts) followed by the engine's state, so an
 exception (``KeyboardInterrupt`` included) leaves the vector either before or after the move; an
 update interrupted before its commit is completed before the exception propagates, as in the
-in-place engine (:mod:`zoptim.atomic`).
+in-place engine (:mod:`zoptim.engine.atomic`).
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from .atomic import recover
+from .inplace import Scales, Weights, normalization_factor, spread_scales
 from .noise import (
     _C1,
     _C2,
@@ -62,7 +63,6 @@ from .noise import (
     normal_table,
     values_from_bits_numpy,
 )
-from .perturbation import Scales, Weights, normalization_factor, spread_scales
 
 #: Elements of cached directions the engine keeps at most (float32: 16 MiB); at least two keys.
 CACHE_ELEMENTS = 1 << 22
@@ -74,7 +74,7 @@ class VectorPerturbation:
     Args:
         x: the vector (a 1-D, contiguous float64 CPU tensor, e.g. ``torch.from_numpy(array)``
             wrapped in a Parameter). Modified in place.
-        distribution, normalize, exact: as for :class:`zoptim.perturbation.SeededPerturbation`.
+        distribution, normalize, exact: as for :class:`zoptim.engine.inplace.SeededPerturbation`.
         chunk_size: the chunks over which :meth:`direction_norm` sums (the in-place engine's, so
             that a normalised direction has the same factor) and :meth:`direction_chunks` yields.
 
@@ -127,7 +127,7 @@ class VectorPerturbation:
     @property
     def weights(self) -> Weights | None:
         """Element-wise float32 multipliers of every direction, ``weights(0, a, b)``, or None (see
-        :attr:`zoptim.perturbation.SeededPerturbation.weights`)."""
+        :attr:`zoptim.engine.inplace.SeededPerturbation.weights`)."""
         return self._weights
 
     @weights.setter
@@ -176,7 +176,7 @@ class VectorPerturbation:
         return z
 
     def _bits(self, key: int) -> np.ndarray:
-        """:func:`zoptim.noise.counter_bits` of every index for the stream of ``key``, computed in
+        """:func:`zoptim.engine.noise.counter_bits` of every index for the stream of ``key``, computed in
         uint32 arithmetic (every step of the formula is modulo 2**32, so wrapping products give the
         same words), in place in one scratch array: eight NumPy calls for the whole vector."""
         k0, k1 = self.noise.words(mix(key, 0))
@@ -206,8 +206,21 @@ class VectorPerturbation:
         self._norm_cache = (key, norm)
         return norm
 
-    def _factor(self, key: int) -> float:
+    def direction_scale(self, key: int) -> float:
+        """sqrt(d) / ||s(key)|| with ``normalize``, else 1: the factor every move applies."""
         return normalization_factor(self, key)
+
+    #: the engine contract (:class:`zoptim.engine.protocol.Engine`): element-wise weights (HiZOO) are
+    #: offered, per-example queries are not (a function of a vector has no examples)
+    element_wise = True
+    per_example = False
+
+    def query_rows(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        """Back to the unperturbed point (the engine holds nothing else)."""
+        self.restore()
 
     def _offset(self, key: int, scale: float) -> np.ndarray:
         """``fl32(fl32(s * w) * fl32(scale))``: the float32 offset of a move (the kernels' delta)."""
@@ -222,7 +235,7 @@ class VectorPerturbation:
             return None, 0.0
         scale = scales if type(scales) is float else spread_scales(scales, 1)[0]
         if self.normalize:
-            scale *= self._factor(key)
+            scale *= self.direction_scale(key)
         if scale == 0.0:
             return None, 0.0
         return key, scale
@@ -238,7 +251,7 @@ class VectorPerturbation:
     def move(self, key: int | None, scales: float | Scales = 0.0, *, decay: Scales | None = None,
              temporary: bool = True) -> None:
         """Go to ``x + scale * s(key)`` (a query point), from whatever offset is applied; see
-        :meth:`zoptim.perturbation.SeededPerturbation.move`."""
+        :meth:`zoptim.engine.inplace.SeededPerturbation.move`."""
         if not temporary:
             self.update([] if key is None else [(key, scales)], decay=decay)
             return
@@ -293,7 +306,7 @@ def attach(optimizer) -> VectorPerturbation:
     """Give ``optimizer`` (built over one 1-D float64 CPU tensor, directions in place) the vector
     engine in place of its in-place one, with the same settings (and HiZOO's weights); same values."""
     old = optimizer.engine
-    if isinstance(old, VectorPerturbation):
+    if type(old) is VectorPerturbation:
         return old
     if old.is_perturbed:
         raise RuntimeError("attach the vector engine on the unperturbed point")

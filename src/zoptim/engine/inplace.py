@@ -4,7 +4,7 @@ Every zeroth-order method in zoptim is a short sequence of moves of the paramete
 random direction s (the papers' s_k, MeZO's z): to ``x + rho*s`` and ``x - rho*s`` for the two
 function queries, then to ``x - alpha*g*s`` for the update. :class:`SeededPerturbation` performs
 such moves in place, chunk by chunk, regenerating s from its key each time (see
-:mod:`zoptim.noise`), so no direction and no copy of the parameters is ever held.
+:mod:`zoptim.engine.noise`), so no direction and no copy of the parameters is ever held.
 
 Passes over the parameters. A move goes *from* the offset currently applied *to* a new one in a
 single pass, generating s once per chunk: MeZO's step (perturb +eps, -2eps, +eps, update) draws
@@ -33,12 +33,12 @@ undo's arithmetic on a scratch copy, predicts the undo bit for bit on any device
 vectorisation of the kernels.
 
 One pass per chunk. Since element i of a direction is a pure function of (key, i)
-(:mod:`zoptim.noise`), a move computes the old and the new noise inside the same loop that undoes
+(:mod:`zoptim.engine.noise`), a move computes the old and the new noise inside the same loop that undoes
 the old offset, applies weight decay, applies the new offset and, for a temporary move, marks the
-elements whose undo would not be exact (:func:`zoptim.kernels.fused_move`, compiled by
+elements whose undo would not be exact (:func:`zoptim.engine.kernels.fused_move`, compiled by
 ``torch.compile`` where available, eager otherwise, same bits). The journal's index extraction
 (``nonzero``) runs only for chunks with marked elements; journaled elements of the previous move
-are then fixed up from their saved values (:func:`zoptim.kernels.gathered_move`, noise recomputed
+are then fixed up from their saved values (:func:`zoptim.engine.kernels.gathered_move`, noise recomputed
 at their indices). A two-point step is three passes (``0 -> +rho``, ``+rho -> -rho``,
 ``-rho -> update``), against MeZO's four noise regenerations.
 
@@ -48,7 +48,7 @@ committed with one assignment. Whatever raises in between (an error in a kernel,
 ``KeyboardInterrupt`` from Ctrl-C, an exception from code hooked into a kernel call) finds every
 chunk either committed or restorable from the backup, so the engine recovers before the exception
 propagates: an interrupted query move goes back to the unperturbed point bit for bit, an
-interrupted update is completed (an update cannot be undone exactly; see :mod:`zoptim.atomic`,
+interrupted update is completed (an update cannot be undone exactly; see :mod:`zoptim.engine.atomic`,
 which also keeps signal handlers from interrupting the recovery). ``is_perturbed`` is then False
 and the next step starts from a consistent point. ``tests/test_atomic.py`` injects a failure at
 every kernel call of a step.
@@ -104,7 +104,7 @@ class SeededPerturbation:
 
     Args:
         params: the tensors to perturb (floating point, contiguous). They are modified in place.
-        distribution: ``"normal"``, ``"rademacher"`` or ``"uniform"`` (see :mod:`zoptim.noise`).
+        distribution: ``"normal"``, ``"rademacher"`` or ``"uniform"`` (see :mod:`zoptim.engine.noise`).
         normalize: scale each direction to norm ``sqrt(d)``, d the total number of elements (the
             normalisation trick of the S2P paper, Sec. 3.2, after Lemma 3.1). Costs one extra
             noise pass per direction to measure its norm.
@@ -113,15 +113,20 @@ class SeededPerturbation:
             ``EAGER_CHUNK_SIZE`` on the eager one, whose integer temporaries are 8 bytes an
             element). Bounds the scratch memory; does not change the values. Fixed for the
             engine's life, so the journal's chunk indices stay valid if the route changes.
-        rank: a stream word (see :class:`zoptim.noise.NoiseSource`); 0 is the single-process stream.
         offsets: the global flat index of each tensor's first element (default 0): a process
-            holding a shard of a parameter (:mod:`zoptim.shards`) draws the values of the whole
+            holding a shard of a parameter (:mod:`zoptim.engine.shards`) draws the values of the whole
             parameter's direction at its own elements.
         indices: the stream number of each tensor (default 0, 1, ...; see :meth:`tensor_key`).
 
     The offset currently applied is ``x + scale_j * s(key)`` for each tensor j, where x is the
-    unperturbed value; :meth:`move` changes it, :meth:`restore` removes it.
+    unperturbed value; :meth:`move` changes it, :meth:`restore` removes it. Implements
+    :class:`zoptim.engine.protocol.Engine`.
     """
+
+    #: HiZOO's element-wise weights and the direction's values chunk by chunk are available.
+    element_wise = True
+    #: one direction per query: no per-example (:class:`~zoptim.engine.protocol.RowKeys`) queries.
+    per_example = False
 
     def __init__(
         self,
@@ -131,7 +136,6 @@ class SeededPerturbation:
         normalize: bool = False,
         exact: bool = True,
         chunk_size: int | None = None,
-        rank: int = 0,
         offsets: Sequence[int] | None = None,
         indices: Sequence[int] | None = None,
     ):
@@ -144,7 +148,7 @@ class SeededPerturbation:
         self.offsets = [0] * len(self.params) if offsets is None else [int(o) for o in offsets]
         if len(self.offsets) != len(self.params):
             raise ValueError(f"offsets must have one value per tensor ({len(self.params)}); got {len(self.offsets)}")
-        self.noise = NoiseSource(check_distribution(distribution), rank=rank)
+        self.noise = NoiseSource(check_distribution(distribution))
         self.distribution = distribution
         self.normalize = bool(normalize)
         self.exact = bool(exact)
@@ -162,9 +166,6 @@ class SeededPerturbation:
         self._inflight: tuple | None = None
         self._pack_inflight: list | None = None  # (j, backup, done) of the small tensors being written
         self._pack_cache: tuple | None = None  # (chunk_size, the small tensors moved in one pass)
-        # the chunk backups that make a move atomic; benchmarks/atomic_cost.py turns them off to
-        # measure what they cost (without them an exception mid-move can leave a mixed point)
-        self._atomic = True
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._norm_cache: tuple[int, float] | None = None
         self._weights: Weights | None = None
@@ -243,8 +244,16 @@ class SeededPerturbation:
         self._norm_cache = (key, norm)
         return norm
 
-    def _factor(self, key: int) -> float:
+    def direction_scale(self, key: int) -> float:
+        """sqrt(d) / ||s(key)|| with ``normalize``, else 1: the factor every move applies."""
         return normalization_factor(self, key)
+
+    def query_rows(self) -> int | None:
+        return None  # no per-example queries: every element moves with one direction
+
+    def close(self) -> None:
+        """Back to the unperturbed point (the engine holds nothing else)."""
+        self.restore()
 
     # -- moves --------------------------------------------------------------------------------
     def _as_scales(self, scales: float | Scales) -> list[float]:
@@ -273,7 +282,7 @@ class SeededPerturbation:
 
         Atomic: if anything raises inside the move (``KeyboardInterrupt`` included), a temporary
         move goes back to the unperturbed point, bit for bit, and an update is completed, before
-        the exception propagates (see :mod:`zoptim.atomic`).
+        the exception propagates (see :mod:`zoptim.engine.atomic`).
         """
         if not temporary:
             self.update([] if key is None else [(key, scales)], decay=decay)
@@ -298,7 +307,7 @@ class SeededPerturbation:
         if key is None:
             return None, None
         new_scales = self._as_scales(scales)
-        f = self._factor(key)
+        f = self.direction_scale(key)
         new_scales = [s * f for s in new_scales]
         if all(s == 0.0 for s in new_scales):
             return None, None
@@ -356,9 +365,8 @@ class SeededPerturbation:
                 record = record_all and has_new
                 n = b - a
                 sl = flat[a:b]
-                if self._atomic:
-                    self._buffer(device, "B", n, dtype).copy_(sl)
-                    self._inflight = (j, c, a, b, done)
+                self._buffer(device, "B", n, dtype).copy_(sl)
+                self._inflight = (j, c, a, b, done)
                 ok0, ok1 = words_of(o_key, j) if has_old else (0, 0)
                 nk0, nk1 = words_of(t_key, j) if has_new else (0, 0)
                 # float32 scalars: the kernels multiply float32 noise by them, as the journal check assumes
@@ -393,8 +401,7 @@ class SeededPerturbation:
                 if record and int(count) > 0:
                     idx = M.nonzero().view(-1)
                     done = (base_epoch, t_key, s_new, (idx.to(torch.int32), P[idx]))
-                    if self._atomic:
-                        self._inflight = (j, c, a, b, done)
+                    self._inflight = (j, c, a, b, done)
                 self._state[(j, c)] = done  # the commit
 
     # -- small tensors in one pass ---------------------------------------------------------------
@@ -417,7 +424,7 @@ class SeededPerturbation:
     def _pack_transition(self, members: dict, key, scales, decay, epoch, record_all: bool) -> None:
         """The transition of the small tensors (see :meth:`_transition`), one NumPy pass per dtype.
 
-        Their values are the chunked route's, bit for bit (:mod:`zoptim.packed`); each is one chunk
+        Their values are the chunked route's, bit for bit (:mod:`zoptim.engine.packed`); each is one chunk
         (``(j, 0)``) with the same committed states and journal entries. Atomic as a chunk is: the
         tensors are backed up, written, then each committed; an exception before a tensor's commit
         leaves its backup to :meth:`_undo_inflight`."""

@@ -1,7 +1,7 @@
 """Which elements of a parameter this process holds: the whole tensor, or its shard of a DTensor.
 
 A zeroth-order step touches parameters only through in-place moves along a seeded direction whose
-element i is a pure function of (key, i) (:mod:`zoptim.noise`), i the element's index in the
+element i is a pure function of (key, i) (:mod:`zoptim.engine.noise`), i the element's index in the
 *flattened global* parameter. A process that holds a contiguous range of a parameter's elements
 can therefore perturb and update that range alone, with exactly the values an unsharded process
 would apply there: it needs only the range's first global index.

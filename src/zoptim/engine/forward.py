@@ -1,6 +1,6 @@
 r"""Forward-applied directions: a query point exists only inside the forward computation.
 
-A zeroth-order query evaluates the loss at ``x + rho * s``. :class:`zoptim.perturbation.SeededPerturbation`
+A zeroth-order query evaluates the loss at ``x + rho * s``. :class:`zoptim.engine.inplace.SeededPerturbation`
 writes that point into the weights and undoes it afterwards (three passes over every weight per
 step, plus the exact-restore journal). Where the model's layers are known, the point need not be
 written at all: a forward hook adds the direction's effect to the layer's output. For a linear
@@ -42,7 +42,7 @@ What is applied where (``ForwardPerturbation.layout()`` lists it per tensor):
   second matmul).
 
 Directions stay named by keys. Tensor j of the direction ``key`` draws from the counter-based
-stream ``mix(key, j)`` (:mod:`zoptim.noise`): a full-rank tensor takes its elements 0..n-1 (the
+stream ``mix(key, j)`` (:mod:`zoptim.engine.noise`): a full-rank tensor takes its elements 0..n-1 (the
 same values the in-place engine writes), a low-rank matrix viewed as ``shape[0] x rest`` takes A
 (row-major) from elements ``0 .. m r - 1`` and B from the next ``n r``. Momentum replay, resume and
 direction-parallel training therefore work unchanged.
@@ -54,15 +54,15 @@ import math
 import weakref
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import polar
-from .atomic import RecoveryError, deferred_signals, recover
+from .atomic import write_all
+from .inplace import SeededPerturbation, normalization_factor, spread_scales
+from .layers import MAX_RECOMPUTED_ELEMENTS, handler_for
 from .noise import (
     NoiseSource,
     check_distribution,
@@ -73,30 +73,11 @@ from .noise import (
     values_from_bits,
     values_from_bits_numpy,
 )
-from .perturbation import SeededPerturbation, normalization_factor, spread_scales
+from .protocol import RowKeys
 from .shards import LocalPart
-
-#: Leaf modules whose trainable parameters total at most this many elements are recomputed in
-#: their hook with perturbed parameters (normalisation layers); larger unknown ones move in place.
-MAX_RECOMPUTED_ELEMENTS = 1 << 16
-
-#: Why the orthogonalised update needs every tensor in a hook with low-rank matrices.
-_ORTHOGONAL_COVERAGE = (
-    "orthogonalize=True needs every trainable tensor applied in a forward hook with low-rank matrix directions "
-    "(module=model, rank=r): the polar factor is computed from the estimate's factors A, B, which a full-rank "
-    "direction (rank=None) or a tensor moved in place does not have"
-)
 
 #: module -> weakref to the engine whose hooks it carries (a model is driven by one optimizer at a time)
 _OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _conv1d_type():
-    try:  # transformers' GPT-2 style layer (y = x W + b, W of shape in x out); optional dependency
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # noqa: BLE001 - transformers absent or broken: no such layers to cover
-        return None
-    return Conv1D
 
 
 def _in_multihead_attention(module: nn.Module) -> set[int]:
@@ -108,72 +89,12 @@ def _in_multihead_attention(module: nn.Module) -> set[int]:
     return inside
 
 
-class RowKeys(NamedTuple):
-    """The directions of a per-example query: row i of the minibatch (dim 0 of every hooked layer's
-    input) sits at ``x + rho * s(key(i))``, ``key(i) = mix(seed, step, first + stride * i)``: the
-    key of direction ``first + stride * i`` of the step, as :meth:`ZerothOrderOptimizer.direction_key`
-    names it. In one process ``first = 0, stride = 1``; with ``wrap(mode="batch")`` rank r of w holds
-    examples r, r + w, r + 2w, ... of the minibatch (``first = r, stride = w``)."""
-
-    seed: int
-    step: int
-    first: int = 0
-    stride: int = 1
-
-    def key(self, i: int) -> int:
-        return mix(self.seed, self.step, self.first + self.stride * i)
-
-
-def _norm_forward(module: nn.Module, x: torch.Tensor, perturbed: dict):
-    """torch's normalisation layers at perturbed affine parameters, by their functional form (the
-    same computation as the module's forward), or None for any other module."""
-    w, b = perturbed.get("weight", getattr(module, "weight", None)), perturbed.get("bias", getattr(module, "bias", None))
-    kind = type(module)
-    if kind is nn.LayerNorm:
-        return F.layer_norm(x, module.normalized_shape, w, b, module.eps)
-    if kind is nn.GroupNorm:
-        return F.group_norm(x, module.num_groups, w, b, module.eps)
-    if kind is nn.RMSNorm:
-        return F.rms_norm(x, module.normalized_shape, w, module.eps)
-    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and not module.training and module.track_running_stats:
-        return F.batch_norm(x, module.running_mean, module.running_var, w, b, False, 0.0, module.eps)
-    return None
-
-
-def _write_all(ops: list[Callable[[], object]], completes_itself: int) -> None:
-    """Run the write operations ``ops`` in order, as one atomic update.
-
-    Signal handlers are deferred meanwhile, so a Ctrl-C lands after the last write. The first
-    ``completes_itself`` operations are engine updates that finish their own writes before an
-    exception leaves them; any other operation is one tensor write, which raises before writing.
-    After a failure the remaining operations are run (with retries, :func:`zoptim.atomic.recover`)
-    and the exception re-raised."""
-    done = 0
-    with deferred_signals():
-        try:
-            for op in ops:
-                op()
-                done += 1
-        except RecoveryError:
-            raise  # an engine could not complete its own update: nothing more can be done here
-        except BaseException as err:
-            # an engine completes its update before an exception leaves it; a tensor write raises before writing
-            state = {"next": done + 1 if done < completes_itself else done}
-
-            def rest():
-                while state["next"] < len(ops):
-                    ops[state["next"]]()
-                    state["next"] += 1
-
-            recover(rest, err, "completing the update")
-            raise
-
-
 class ForwardPerturbation:
     """Applies seeded directions inside ``module``'s forward; only updates write the weights.
 
-    The same interface as :class:`zoptim.perturbation.SeededPerturbation` (``move``, ``update``,
-    ``restore``, ``is_perturbed``, ``params``), so every optimizer's step generator runs on either.
+    Implements :class:`zoptim.engine.protocol.Engine`, as :class:`zoptim.engine.inplace.SeededPerturbation`
+    does, so every optimizer's step generator runs on either. Which layer kinds are covered, and
+    how, is :mod:`zoptim.engine.layers`.
 
     Args:
         module: the model whose forward the closure calls.
@@ -182,16 +103,14 @@ class ForwardPerturbation:
         rank: r of the low-rank matrix directions, or None for full-rank ones.
         normalize: scale each direction to norm sqrt(d) (S2P paper, Sec. 3.2).
         exact: journal the in-place moves of uncovered tensors (covered ones need none).
-        orthogonal: the optimizer will call ``update(..., orthogonal=steps)`` (the orthogonalised
-            update, :mod:`zoptim.polar`): every tensor must then be in a hook, matrices low rank.
         per_example: allow per-example queries (:class:`RowKeys`); then every trainable tensor
             must be covered by a hook, matrices must be low rank, and no module may mix the examples
             of a batch (BatchNorm in training mode): each is a ValueError naming the module.
-        parts: what this process holds of each tensor (:func:`zoptim.shards.local_part`), when
+        parts: what this process holds of each tensor (:func:`zoptim.engine.shards.local_part`), when
             ``params`` are FSDP2-sharded DTensors. The hooks then apply the *global* direction to
             the gathered weights FSDP2 puts on each module during its forward, and the update
             writes only this rank's rows: row block ``[first, first + rows)`` of a matrix takes
-            ``A[first:first + rows] B^T``, a small tensor its range of elements (``zoptim.shards``'
+            ``A[first:first + rows] B^T``, a small tensor its range of elements (``zoptim.engine.shards``'
             contiguity argument). Queries write no shard at all.
     """
 
@@ -264,54 +183,30 @@ class ForwardPerturbation:
         self._rows_cache: tuple | None = None
         if self.per_example:
             self._check_per_example()
-        if orthogonal and (self.in_place is not None or self.writer is not None or self.rank is None):
-            where = "" if self.in_place is None else f" (moved in place: tensor indices {self._in_place_index})"
-            raise ValueError(_ORTHOGONAL_COVERAGE + where)
+        if orthogonal:
+            polar.check_coverage(self)
         _OWNERS[module] = weakref.ref(self)
 
     # -- which tensor is applied where ------------------------------------------------------------------
     def _register_hooks(self, index: dict[int, int]) -> set[int]:
-        conv1d = _conv1d_type()
+        """One hook per module a handler of :data:`zoptim.engine.layers.HANDLERS` covers; returns the
+        indices of the tensors the hooks apply."""
         skip = _in_multihead_attention(self.module)
         hooked: set[int] = set()
         uses: dict[int, list[str]] = {}
-
-        def trainable(t):
-            return None if t is None else index.get(id(t))
-
         for name, m in self.module.named_modules():
             if id(m) in skip:
                 continue
-            w = trainable(getattr(m, "weight", None)) if isinstance(getattr(m, "weight", None), torch.Tensor) else None
-            b = trainable(getattr(m, "bias", None)) if isinstance(getattr(m, "bias", None), torch.Tensor) else None
-            hook = None
-            if isinstance(m, nn.Linear):
-                hook = self._linear_hook(w, b, transposed=False)
-            elif conv1d is not None and isinstance(m, conv1d):
-                hook = self._linear_hook(w, b, transposed=True)
-            elif isinstance(m, nn.Embedding):
-                hook, b = self._embedding_hook(w), None
-            elif isinstance(m, nn.Conv2d):
-                hook = self._conv2d_hook(w, b)
-            elif next(m.children(), None) is None:
-                direct = [(n, index[id(p)]) for n, p in m.named_parameters(recurse=False) if id(p) in index]
-                if direct and sum(self.params[j].numel() for _, j in direct) <= MAX_RECOMPUTED_ELEMENTS:
-                    for _, j in direct:
-                        self.kind[j] = "full"
-                        hooked.add(j)
-                        uses.setdefault(j, []).append(name)
-                    self._handles.append(m.register_forward_hook(self._recompute_hook(direct), with_kwargs=True))
+            handler = handler_for(m)
+            tensors = [] if handler is None else handler.claim(m, index, self.params)
+            if not tensors:
                 continue
-            if hook is None or (w is None and b is None):
-                continue
-            for j, is_matrix in ((w, True), (b, False)):
-                if j is None:
-                    continue
+            for _, j, is_matrix in tensors:
                 matrix = is_matrix and self.params[j].dim() >= 2 and self.rank is not None
                 self.kind[j] = "lowrank" if matrix else "full"
                 hooked.add(j)
                 uses.setdefault(j, []).append(name)
-            self._handles.append(m.register_forward_hook(hook))
+            self._handles.append(m.register_forward_hook(handler(self, tensors), with_kwargs=True))
         self.uses = uses
         return hooked
 
@@ -422,7 +317,8 @@ class ForwardPerturbation:
         self._norm_cache = (key, norm)
         return norm
 
-    def _factor(self, key: int) -> float:
+    def direction_scale(self, key: int) -> float:
+        """sqrt(d) / ||s(key)|| with ``normalize``, else 1: the factor every query and update applies."""
         return normalization_factor(self, key)
 
     # -- per-example queries -----------------------------------------------------------------------------------
@@ -433,12 +329,6 @@ class ForwardPerturbation:
                 "per_example=True needs every trainable tensor applied in a hook; these move in place (no hook "
                 f"covers their module): {[j for j in self._in_place_index]} (tensor indices of the optimizer's parameters)"
             )
-        if self.sharded:
-            raise ValueError("per_example=True is not supported with sharded (FSDP2) parameters; use "
-                             "wrap(mode='sharded') without per_example, or per_example with wrap(mode='batch')")
-        if self.rank is None:
-            raise ValueError("per_example=True needs low-rank matrix directions (rank=r): a full-rank direction per "
-                             "example would materialise one weight-sized tensor per example")
         for m in self.module.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
                 raise ValueError(
@@ -495,12 +385,7 @@ class ForwardPerturbation:
             return None
         return {j: (v[0][i], v[1][i]) if isinstance(v, tuple) else v[i] for j, v in self._rows_cache[3].items()}
 
-    @property
-    def examples(self) -> int | None:
-        """The examples the hooks saw at the current per-example query (rows / rows_per_example)."""
-        return None if self.rows is None else self.rows // self._group
-
-    # -- hooks: the query point inside the forward -------------------------------------------------------------
+    # -- what the layer handlers (zoptim.engine.layers) read at a query --------------------------------------
     def _active(self, j: int | None):
         """The scale of tensor j at the current query, or None where nothing is applied."""
         if j is None or self._key is None or self._recomputing:
@@ -510,12 +395,6 @@ class ForwardPerturbation:
             return None
         return scale
 
-    @staticmethod
-    def _add(out: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and out.requires_grad:
-            return out + term
-        return out.add_(term)
-
     def _prepared(self, module, build):
         """What a hook needs at the current query, built once per query and module (the factors
         scaled and cast, the bias folded in) so that the hook itself is one or two kernels."""
@@ -524,158 +403,6 @@ class ForwardPerturbation:
             got = self._prep[id(module)] = build()
         return got
 
-    def _linear_hook(self, w: int | None, b: int | None, *, transposed: bool):
-        def build(dtype):
-            values, sw, sb = self._values(self._key), self._active(w), self._active(b)
-            left, right = None, []
-            if sw is not None and self.kind[w] == "lowrank":
-                A, B = values[w]
-                # Linear: W (out x in) = A B^T / sqrt(r), so x S^T = (x B) A^T / sqrt(r).
-                # Conv1D: W (in x out), x S = (x A) B^T / sqrt(r).
-                left, r_factor = (A, B) if transposed else (B, A)
-                right.append(r_factor.T * (sw / math.sqrt(self.rank)))
-            elif sw is not None:  # rank=None: the full direction, materialised for this query
-                S = self._full(w, self._key)
-                left = S if transposed else S.T
-            if sb is not None:
-                right.append((values[b] * sb)[None])  # the bias rides on a column of ones
-            return (None if left is None else left.to(dtype), torch.cat(right).to(dtype) if right else None,
-                    sw is not None and self.kind[w] != "lowrank", sw, sb is not None)
-
-        def hook(module, args, out):
-            if self._key is None or self._recomputing or (self._active(w) is None and self._active(b) is None):
-                return None
-            x = args[0]
-            if isinstance(self._key, RowKeys) and self._row_count(x.shape[0], module) > 1:
-                return self._linear_rows(module, x, out, w, b, transposed)
-            left, right, full, sw, has_bias = self._prepared(module, lambda: build(out.dtype))
-            width = out.shape[-1]
-            flat = out.view(-1, width) if out.is_contiguous() else None
-            x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)
-            if full:  # x S^T for the materialised full-rank direction, then the bias if any
-                term = (x2 @ left).mul_(sw)
-                if has_bias:
-                    term.add_(right[0])
-            else:
-                xb = x2 @ left if left is not None else x2.new_empty((x2.shape[0], 0))
-                if has_bias:
-                    xb = torch.cat((xb, xb.new_ones((xb.shape[0], 1))), dim=1)
-                if flat is not None and not (torch.is_grad_enabled() and out.requires_grad):
-                    flat.addmm_(xb, right)
-                    return out
-                term = xb @ right
-            if flat is not None and not (torch.is_grad_enabled() and out.requires_grad):
-                flat.add_(term)
-                return out
-            return out + term.view(out.shape)
-
-        return hook
-
-    def _embedding_hook(self, w: int | None):
-        def hook(module, args, out):
-            sw = self._active(w)
-            if sw is None:
-                return None
-            if isinstance(self._key, RowKeys) and args[0].shape[0] == 1 and (self.rows or 1) > 1:
-                # ids shared by the whole batch (BERT's position ids, shape 1 x T): each row's direction
-                ids = args[0].expand(self.rows, *args[0].shape[1:])
-                return out + self._embedding_rows_term(ids, w, sw).to(out.dtype).view(self.rows, *out.shape[1:])
-            if isinstance(self._key, RowKeys) and self._row_count(args[0].shape[0], module) > 1:
-                return self._add(out, self._embedding_rows_term(args[0], w, sw).to(out.dtype).view(out.shape))
-            ids = args[0].reshape(-1)
-            width = out.shape[-1]
-            if self.kind[w] == "lowrank":
-                A, B = self._values(self._key)[w]
-                term = (A[ids] @ B.T).mul_(sw / math.sqrt(self.rank))
-            else:  # full rank: only the looked-up rows of the direction are drawn
-                rows = ids.to(torch.int64)[:, None] * width + torch.arange(width, device=ids.device)
-                k0, k1 = self.noise.words(mix(self._key, w))
-                bits = counter_bits(rows, k0, k1)
-                term = values_from_bits(bits, self.distribution, normal_table(ids.device)).mul_(sw)
-            return self._add(out, term.to(out.dtype).view(out.shape))
-
-        return hook
-
-    def _conv2d_hook(self, w: int | None, b: int | None):
-        def build(module, dtype):
-            values, sw, sb = self._values(self._key), self._active(w), self._active(b)
-            weight = None
-            if sw is not None and self.kind[w] == "lowrank":
-                A, B = values[w]
-                weight = ((A * (sw / math.sqrt(self.rank))).to(dtype), B.to(dtype))
-                if module.groups != 1:  # grouped (depthwise) kernels are small: materialise S
-                    weight = (weight[0] @ weight[1].T).view(module.weight.shape)
-            elif sw is not None:
-                weight = (self._full(w, self._key) * sw).to(dtype)
-            bias = None if sb is None else (values[b] * sb).to(dtype)
-            return weight, bias
-
-        def hook(module, args, out):
-            if self._key is None or self._recomputing or (self._active(w) is None and self._active(b) is None):
-                return None
-            x = args[0]
-            if isinstance(self._key, RowKeys) and self._row_count(x.shape[0], module) > 1:
-                return self._conv2d_rows(module, x, out, w, b)
-            weight, bias = self._prepared(module, lambda: build(module, out.dtype))
-            n, channels = out.shape[:2]
-            term = None
-            if isinstance(weight, tuple):
-                A, B = weight
-                pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
-                if pointwise and x.dim() == 4:
-                    # a 1x1 convolution is a linear map of the channels, (A B^T) x = A (B^T x): two plain
-                    # matrix products over the pixels (batched products of thin factors are slow)
-                    pixels = x.reshape(n, x.shape[1], -1).transpose(1, 2).reshape(-1, x.shape[1])
-                    t = pixels @ B
-                    if out[0, 0].numel() == 1 and out.is_contiguous() and not torch.is_grad_enabled():
-                        flat = out.view(n, channels)
-                        flat.addmm_(t, A.T)
-                        if bias is not None:
-                            flat.add_(bias)
-                        return out
-                    term = (t @ A.T).view(n, -1, channels).transpose(1, 2).reshape(out.shape)
-                else:  # conv(x, A B^T) = A conv(x, B^T as r filters): r thin channels, then a 1x1 mix
-                    t = module._conv_forward(x, B.T.reshape((B.shape[1],) + tuple(module.weight.shape[1:])), None)
-                    term = torch.matmul(A, t.flatten(2)).view(out.shape)
-            elif weight is not None:
-                term = module._conv_forward(x, weight, None)
-            if bias is not None:
-                zb = bias.view(1, -1, *([1] * (out.dim() - 2)))
-                term = zb.expand_as(out) if term is None else term.add_(zb)
-            return self._add(out, term)
-
-        return hook
-
-    def _recompute_hook(self, direct: list[tuple[str, int]]):
-        def build(module):
-            values = self._values(self._key)
-            perturbed = {}
-            for name, j in direct:
-                p = getattr(module, name)  # under FSDP2: the gathered tensor of this forward
-                wide = p if p.dtype == torch.float64 else p.float()
-                # the in-place engine's arithmetic, fl(x + fl(s * z)): both routes see one point
-                delta = values[j] * float(np.float32(self._scales[j]))
-                perturbed[name] = (wide + delta).to(p.dtype)
-            return perturbed
-
-        def hook(module, args, kwargs, out):
-            if self._key is None or self._recomputing or all(self._scales[j] == 0.0 for _, j in direct):
-                return None
-            if isinstance(self._key, RowKeys) and self._row_count(args[0].shape[0], module) > 1:
-                return self._recompute_rows(module, direct, args, kwargs)
-            perturbed = self._prepared(module, lambda: build(module))
-            fast = None if kwargs else _norm_forward(module, args[0], perturbed)
-            if fast is not None:  # torch's own normalisation layers, without functional_call's overhead
-                return fast
-            self._recomputing = True
-            try:
-                return torch.func.functional_call(module, perturbed, args, kwargs, strict=False)
-            finally:
-                self._recomputing = False
-
-        return hook
-
-    # -- per-example hooks: row i of the batch at x + rho s(key(i)) ----------------------------------------------
     def _row_scaled(self, j: int, dtype):
         """Tensor j's stacked per-row direction times its scale: (A * s / sqrt(r), B) or z * s."""
         v = self._row_values()[j]
@@ -684,122 +411,15 @@ class ForwardPerturbation:
             return (v[0] * (s / math.sqrt(self.rank))).to(dtype), v[1].to(dtype)
         return (v * s).to(dtype)
 
-    def _linear_rows(self, module, x, out, w, b, transposed):
-        def build():
-            left, right = None, []
-            if self._active(w) is not None:
-                A, B = self._row_values()[w]  # (n, m, r), (n, cols, r)
-                c = self._scales[w] / math.sqrt(self.rank)
-                # Linear: x S^T = (x B) A^T;  Conv1D (W = in x out): x S = (x A) B^T
-                left, other = (A, B) if transposed else (B, A)
-                left = left.to(out.dtype)
-                right.append((other * c).transpose(1, 2).to(out.dtype))
-            if self._active(b) is not None:
-                right.append(self._row_scaled(b, out.dtype)[:, None, :])
-            return left, torch.cat(right, dim=1)
+    # -- the engine interface (zoptim.engine.protocol.Engine) ---------------------------------------------------
+    #: HiZOO's element-wise weights need the direction written element by element: not offered here.
+    element_wise = False
 
-        left, right = self._prepared(module, build)
-        n, width = x.shape[0], out.shape[-1]
-        x3 = x.reshape(n, -1, x.shape[-1]).to(out.dtype)
-        xb = torch.bmm(x3, left) if left is not None else x3.new_empty((n, x3.shape[1], 0))
-        if right.shape[1] > xb.shape[2]:  # the bias rides on a column of ones
-            xb = torch.cat((xb, xb.new_ones((n, xb.shape[1], 1))), dim=2)
-        if out.is_contiguous() and not (torch.is_grad_enabled() and out.requires_grad):
-            out.view(n, -1, width).baddbmm_(xb, right)
-            return out
-        return out + torch.bmm(xb, right).view(out.shape)
+    def query_rows(self) -> int | None:
+        """The examples the hooked layers saw at the current per-example query (None before its forward):
+        their rows over the model's ``rows_per_example``."""
+        return None if self.rows is None else self.rows // self._group
 
-    def _embedding_rows_term(self, ids, w, sw):
-        """Row i's embedding offset: rows ``ids[i]`` of ``A_i B_i^T`` times the scale, (n, T, dim)."""
-        n = ids.shape[0]
-        A, B = self._row_values()[w]
-        flat_ids = ids.reshape(n, -1)
-        rows = A[torch.arange(n, device=ids.device)[:, None], flat_ids]  # (n, T, r)
-        return torch.bmm(rows, B.transpose(1, 2)).mul_(sw / math.sqrt(self.rank))
-
-    def _conv2d_rows(self, module, x, out, w, b):
-        n, channels = out.shape[:2]
-        term = None
-        if self._active(w) is not None:
-            if module.padding_mode != "zeros":
-                raise ValueError(f"per_example=True supports Conv2d with padding_mode='zeros'; got {module.padding_mode!r}")
-            A, B = self._row_scaled(w, out.dtype)  # (n, O, r), (n, C/g * kh * kw, r)
-            weight = module.weight
-            pointwise = module.kernel_size == (1, 1) and module.stride == (1, 1) and module.padding in ((0, 0), "valid")
-            if module.groups == 1 and pointwise:
-                t = torch.bmm(B.transpose(1, 2), x.reshape(n, x.shape[1], -1))  # (n, r, pixels)
-                term = torch.bmm(A, t).view(out.shape)
-            elif module.groups == 1:  # r thin filters per example as one grouped convolution, then A mixes
-                r = B.shape[2]
-                filters = B.transpose(1, 2).reshape((n * r,) + tuple(weight.shape[1:]))
-                t = F.conv2d(x.reshape(1, -1, *x.shape[2:]), filters, None, module.stride, module.padding,
-                             module.dilation, n)
-                term = torch.bmm(A, t.view(n, r, -1)).view(out.shape)
-            else:  # grouped kernels are small: each example's S materialised, one grouped convolution
-                S = torch.bmm(A, B.transpose(1, 2)).reshape((n * weight.shape[0],) + tuple(weight.shape[1:]))
-                t = F.conv2d(x.reshape(1, -1, *x.shape[2:]), S, None, module.stride, module.padding, module.dilation,
-                             n * module.groups)
-                term = t.view(out.shape)
-        if self._active(b) is not None:
-            zb = self._row_scaled(b, out.dtype).view(n, channels, *([1] * (out.dim() - 2)))
-            term = zb.expand_as(out) if term is None else term.add_(zb)
-        return self._add(out, term)
-
-    def _recompute_rows(self, module, direct, args, kwargs):
-        def build():
-            values = self._row_values()
-            out = {}
-            for name, j in direct:
-                p = getattr(module, name)  # under FSDP2: the gathered tensor of this forward
-                wide = p if p.dtype == torch.float64 else p.float()
-                out[name] = (wide + values[j] * float(np.float32(self._scales[j]))).to(p.dtype)  # (n, *shape)
-            return out
-
-        perturbed = self._prepared(module, build)
-        x = args[0]
-        n = x.shape[0]
-        kind = type(module)
-
-        def per_row(t, lead):  # (n, *shape) -> broadcastable against x: n, then ``lead`` ones
-            return t.view(n, *([1] * lead), *t.shape[1:])
-
-        w, b = perturbed.get("weight"), perturbed.get("bias")
-        if not kwargs and kind is nn.LayerNorm:
-            y = F.layer_norm(x, module.normalized_shape, None, None, module.eps)
-            lead = x.dim() - 1 - len(module.normalized_shape)
-        elif not kwargs and kind is nn.RMSNorm:
-            y = F.rms_norm(x, module.normalized_shape, None, module.eps)
-            lead = x.dim() - 1 - len(module.normalized_shape)
-        elif not kwargs and (kind is nn.GroupNorm or isinstance(module, nn.modules.batchnorm._BatchNorm)):
-            if kind is nn.GroupNorm:
-                y = F.group_norm(x, module.num_groups, None, None, module.eps)
-            else:
-                y = F.batch_norm(x, module.running_mean, module.running_var, None, None, False, 0.0, module.eps)
-            # channels on dim 1: (n, C) -> (n, C, 1, ...)
-            w = None if w is None else w.view(n, -1, *([1] * (x.dim() - 2)))
-            b = None if b is None else b.view(n, -1, *([1] * (x.dim() - 2)))
-            lead = None
-        else:  # any other small module: its own forward, one example at a time, under vmap
-            def one(params, row):
-                return torch.func.functional_call(module, params, (row[None],), kwargs, strict=False)[0]
-
-            self._recomputing = True
-            try:
-                return torch.func.vmap(one)(perturbed, x)
-            finally:
-                self._recomputing = False
-        if lead is not None:
-            w = None if w is None else per_row(w, lead)
-            b = None if b is None else per_row(b, lead)
-        w = module.weight if w is None and getattr(module, "weight", None) is not None else w
-        b = module.bias if b is None and getattr(module, "bias", None) is not None else b
-        if w is not None:
-            y = y * w
-        if b is not None:
-            y = y + b
-        return y
-
-    # -- the engine interface -----------------------------------------------------------------------------------
     @property
     def is_perturbed(self) -> bool:
         return self._key is not None or (self.in_place is not None and self.in_place.is_perturbed)
@@ -849,7 +469,7 @@ class ForwardPerturbation:
             # copy of the label sentences) says how many; every other model has one row per example
             self._group = int(getattr(self.module, "rows_per_example", 1))
         elif key is not None:
-            f = self._factor(key)
+            f = self.direction_scale(key)
             new = [s * f for s in new]
         if self.in_place is not None:
             self.in_place.move(key, self._sub(new, self._in_place_index), decay=None, temporary=True)
@@ -873,22 +493,19 @@ class ForwardPerturbation:
         their fused in-place move (which also undoes their query offset).
 
         Atomic: everything the update writes is prepared first, then written as a list of
-        operations with signal handlers deferred (:func:`zoptim.atomic.deferred_signals`); an
+        operations with signal handlers deferred (:func:`zoptim.engine.atomic.deferred_signals`); an
         operation that raises is retried and the rest completed before the exception propagates,
         so a failure never leaves some tensors updated and others not.
 
-        ``orthogonal`` (one step size per tensor): the orthogonalised update of
-        :mod:`zoptim.polar` instead. The terms then give the estimate ``M = sum_i scales_i s(key_i)``
-        (its sign and shape; their magnitude does not matter), and each low-rank matrix moves by
-        ``lr_j sqrt(m n / t) U V^T`` with ``U V^T`` the polar factor of its part of M, each small
-        tensor by ``lr_j g / rms(g)``."""
+        ``orthogonal`` (one step size per tensor): the orthogonalised update instead
+        (:func:`zoptim.engine.polar.orthogonal_update`)."""
         self._key, self._scales = None, None
         if orthogonal is not None:
-            self._orthogonal_update(terms, orthogonal, decay)
+            write_all(polar.orthogonal_update(self, terms, orthogonal, decay), completes_itself=0)
             return
         self._cache_keys = max(self._cache_keys, len(terms) + 1)
         terms = [(key, self._as_scales(scales)) for key, scales in terms]
-        terms = [(key, [s * self._factor(key) for s in scales]) for key, scales in terms]
+        terms = [(key, [s * self.direction_scale(key) for s in scales]) for key, scales in terms]
         n = len(self.params)
         decay = [0.0] * n if decay is None else [float(d) for d in decay]
         ops: list[Callable[[], object]] = []  # each one write; the engines' updates complete themselves
@@ -902,23 +519,7 @@ class ForwardPerturbation:
                                decay=self._sub(decay, sub) if any(decay) else None))
         values = [self._values(key) for key, _ in terms]
         for j in self._lowrank:
-            p, first, rows = self._local_rows(j)
-            if decay[j]:
-                ops.append(partial(p.mul_, float(np.float32(1.0 - decay[j]))))
-            live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
-            if not live or rows == 0:
-                continue
-            if len(live) == 1:  # one direction: no concatenation, the scale rides on alpha
-                (left, right), c = live[0]
-                left = left[first : first + rows]
-                alpha = float(np.float32(c)) / math.sqrt(self.rank)
-            else:
-                left = torch.cat([A[first : first + rows] * float(np.float32(c)) for (A, _), c in live], dim=1)
-                right = torch.cat([B for (_, B), _ in live], dim=1)
-                alpha = 1.0 / math.sqrt(self.rank)
-            if left.dtype != p.dtype:
-                left, right = left.to(p.dtype), right.to(p.dtype)
-            ops.append(partial(p.view(rows, -1).addmm_, left, right.T, alpha=alpha))
+            ops.extend(self._lowrank_update(j, [(v[j], s[j]) for v, (_, s) in zip(values, terms)], decay[j]))
         small = self._small
         if small:
             tensors = [self.parts[j].tensor for j in small]
@@ -932,43 +533,32 @@ class ForwardPerturbation:
                 deltas = torch._foreach_mul([self._local_values(small[i], v[small[i]]) for i in live],
                                             [float(np.float32(s[small[i]])) for i in live])
                 ops.append(partial(torch._foreach_add_, [tensors[i] for i in live], deltas))
-        _write_all(ops, completes_itself=int(self.in_place is not None) + int(self.writer is not None))
+        write_all(ops, completes_itself=int(self.in_place is not None) + int(self.writer is not None))
 
-    def _orthogonal_update(self, terms, steps: list[float], decay) -> None:
-        """The orthogonalised update (see :meth:`update` and :mod:`zoptim.polar`), written atomically."""
-        if self.in_place is not None or self.writer is not None:
-            raise ValueError(_ORTHOGONAL_COVERAGE)
-        self._cache_keys = max(self._cache_keys, len(terms) + 1)
-        terms = [(key, [s * self._factor(key) for s in self._as_scales(scales)]) for key, scales in terms]
-        n = len(self.params)
-        decay = [0.0] * n if decay is None else [float(d) for d in decay]
-        values = [self._values(key) for key, _ in terms]
+    def _lowrank_update(self, j: int, terms: list[tuple[tuple[torch.Tensor, torch.Tensor], float]],
+                        decay: float) -> list[Callable[[], object]]:
+        """The writes of low-rank matrix j's update, prepared (nothing written yet):
+        ``W <- W (1 - decay) + [c_1 A_1 .. c_k A_k] [B_1 .. B_k]^T / sqrt(r)``, one ``addmm_`` over
+        the terms ``((A_i, B_i), c_i)`` (this process's rows of W when it is sharded)."""
+        p, first, rows = self._local_rows(j)
         ops: list[Callable[[], object]] = []
-        found_all = polar.lowrank_steps([([(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)],
-                                          float(steps[j]), self._matrix_shape(j)) for j in self._lowrank], self.rank)
-        for j, found in zip(self._lowrank, found_all):
-            p, first, rows = self._local_rows(j)
-            if decay[j]:
-                ops.append(partial(p.mul_, float(np.float32(1.0 - decay[j]))))
-            if found is None or rows == 0:
-                continue
-            left, right, alpha = found
-            left = left[first : first + rows].to(p.dtype)
-            ops.append(partial(p.view(rows, -1).addmm_, left, right.to(p.dtype).T, alpha=alpha))
-        for j in self._small:
-            tensor = self.parts[j].tensor
-            if decay[j]:
-                ops.append(partial(tensor.mul_, float(np.float32(1.0 - decay[j]))))
-            live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
-            if not live or steps[j] == 0.0:
-                continue
-            g = live[0][0] * live[0][1]
-            for z, c in live[1:]:
-                g = g.add(z, alpha=c)
-            step = polar.normalized(g)
-            if step is not None:
-                ops.append(partial(tensor.add_, self._local_values(j, step).to(tensor.dtype), alpha=float(steps[j])))
-        _write_all(ops, completes_itself=0)
+        if decay:
+            ops.append(partial(p.mul_, float(np.float32(1.0 - decay))))
+        live = [(factors, c) for factors, c in terms if c != 0.0]
+        if not live or rows == 0:
+            return ops
+        if len(live) == 1:  # one direction: no concatenation, the scale rides on alpha
+            (left, right), c = live[0]
+            left = left[first : first + rows]
+            alpha = float(np.float32(c)) / math.sqrt(self.rank)
+        else:
+            left = torch.cat([A[first : first + rows] * float(np.float32(c)) for (A, _), c in live], dim=1)
+            right = torch.cat([B for (_, B), _ in live], dim=1)
+            alpha = 1.0 / math.sqrt(self.rank)
+        if left.dtype != p.dtype:
+            left, right = left.to(p.dtype), right.to(p.dtype)
+        ops.append(partial(p.view(rows, -1).addmm_, left, right.T, alpha=alpha))
+        return ops
 
     def _local_rows(self, j: int) -> tuple[torch.Tensor, int, int]:
         """Matrix j's rows this process holds: (its local tensor, the first row's global index, the

@@ -34,12 +34,17 @@ make Muon's learning rate match AdamW's update RMS and transfer between model si
 ``sqrt(max(1, m/n))`` depends on the shape alone and not on t, which varies here with the batch).
 Tensors that are not matrices (biases, normalisation weights) take the normalised step
 ``x <- x - lr * g / rms(g)`` of their estimate g: root-mean-square ``lr`` too (no step where g = 0).
+
+The forward engine (:mod:`zoptim.engine.forward`) writes this update when the optimizer passes
+``orthogonal=`` step sizes (``ZOSGD(..., orthogonalize=True)``): :func:`orthogonal_update`.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 
+import numpy as np
 import torch
 
 
@@ -113,3 +118,60 @@ def lowrank_steps(matrices: list[tuple[list[tuple[torch.Tensor, torch.Tensor, fl
                 m, n = matrices[index][2]
                 out[index] = (p[b], q[b], matrices[index][1] * rms_scale(m, n, tb))
     return out
+
+
+#: Why the orthogonalised update needs every tensor in a hook with low-rank matrices.
+COVERAGE = (
+    "orthogonalize=True needs every trainable tensor applied in a forward hook with low-rank matrix directions "
+    "(module=model, rank=r): the polar factor is computed from the estimate's factors A, B, which a full-rank "
+    "direction (rank=None) or a tensor moved in place does not have"
+)
+
+
+def check_coverage(engine) -> None:
+    """Refuse a forward engine (:class:`zoptim.engine.forward.ForwardPerturbation`) on which the
+    orthogonalised update cannot apply: a tensor moved in place, or full-rank matrix directions."""
+    if engine.in_place is not None or engine.writer is not None or engine.rank is None:
+        where = "" if engine.in_place is None else f" (moved in place: tensor indices {engine._in_place_index})"
+        raise ValueError(COVERAGE + where)
+
+
+def orthogonal_update(engine, terms, steps: list[float], decay) -> list:
+    """The writes (prepared, none done) of the orthogonalised update on a forward engine.
+
+    ``terms`` ``[(key, scales), ...]`` give each tensor's estimate ``M_j = sum_i scales_ij s_j(key_i)``
+    (its sign and shape; its magnitude does not matter); ``steps`` the step size lr_j per tensor;
+    ``decay`` the weight decay factors. Each low-rank matrix moves by ``lr_j sqrt(m n / t) U V^T``
+    (:func:`lowrank_steps`), each small tensor by ``lr_j g / rms(g)`` (:func:`normalized`); a sharded
+    matrix writes the rows this process holds."""
+    check_coverage(engine)
+    engine._cache_keys = max(engine._cache_keys, len(terms) + 1)
+    terms = [(key, [s * engine.direction_scale(key) for s in engine._as_scales(scales)]) for key, scales in terms]
+    decay = [0.0] * len(engine.params) if decay is None else [float(d) for d in decay]
+    values = [engine._values(key) for key, _ in terms]
+    ops = []
+    found_all = lowrank_steps([([(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)], float(steps[j]),
+                                engine._matrix_shape(j)) for j in engine._lowrank], engine.rank)
+    for j, found in zip(engine._lowrank, found_all):
+        p, first, rows = engine._local_rows(j)
+        if decay[j]:
+            ops.append(partial(p.mul_, float(np.float32(1.0 - decay[j]))))
+        if found is None or rows == 0:
+            continue
+        left, right, alpha = found
+        ops.append(partial(p.view(rows, -1).addmm_, left[first : first + rows].to(p.dtype), right.to(p.dtype).T,
+                           alpha=alpha))
+    for j in engine._small:
+        tensor = engine.parts[j].tensor
+        if decay[j]:
+            ops.append(partial(tensor.mul_, float(np.float32(1.0 - decay[j]))))
+        live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
+        if not live or steps[j] == 0.0:
+            continue
+        g = live[0][0] * live[0][1]
+        for z, c in live[1:]:
+            g = g.add(z, alpha=c)
+        step = normalized(g)
+        if step is not None:
+            ops.append(partial(tensor.add_, engine._local_values(j, step).to(tensor.dtype), alpha=float(steps[j])))
+    return ops

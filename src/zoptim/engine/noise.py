@@ -5,8 +5,7 @@ A direction is never stored. Element i of the direction named by a 64-bit key is
 can be computed on its own, in any order, on any core or device, compiled or not (the idea of
 Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011). Chunk size, thread count,
 device, sharding and the compiled/eager route do not change a direction (tested). Keys come from
-:func:`mix` over ``(seed, step, direction index, parameter index)`` and, for distributed runs, a
-rank word. The global RNG (``torch.manual_seed``, ``torch.get_rng_state``) is never touched.
+:func:`mix` over ``(seed, step, direction index, parameter index)``. The global RNG (``torch.manual_seed``, ``torch.get_rng_state``) is never touched.
 
 The generator (:func:`counter_bits`), 32 bits per element:
 
@@ -137,9 +136,9 @@ def normal_table(device: torch.device) -> torch.Tensor:
     return t
 
 
-def key_words(key: int, rank: int = 0) -> tuple[int, int]:
-    """The (low, high) 32-bit words of a 64-bit key; a nonzero rank selects an independent stream."""
-    key = (key if rank == 0 else mix(key, rank)) & _MASK
+def key_words(key: int) -> tuple[int, int]:
+    """The (low, high) 32-bit words of a 64-bit key."""
+    key = key & _MASK
     return key & _M32, key >> 32
 
 
@@ -192,20 +191,17 @@ class NoiseSource:
     Args:
         distribution: ``"normal"``, ``"rademacher"`` or ``"uniform"``.
         sampler: ``"counter"`` (default; the stream the engine uses) or ``"torch"`` (comparison only).
-        rank: a stream word for distributed runs: ranks with different ``rank`` draw independent
-            noise from the same key; rank 0 is the single-process stream.
     """
 
-    def __init__(self, distribution: str = "normal", sampler: str = "counter", rank: int = 0):
+    def __init__(self, distribution: str = "normal", sampler: str = "counter"):
         self.distribution = check_distribution(distribution)
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(map(repr, SAMPLERS))}; got {sampler!r}")
         self.sampler = sampler
-        self.rank = int(rank)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def words(self, key: int) -> tuple[int, int]:
-        return key_words(key, self.rank)
+        return key_words(key)
 
     def fill(self, out: torch.Tensor, key: int, start: int = 0) -> torch.Tensor:
         """Overwrite the float32 tensor ``out`` with elements ``start, start + 1, ...`` of the

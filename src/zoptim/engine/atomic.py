@@ -1,6 +1,6 @@
 """Failure atomicity: critical sections that signal handlers cannot interrupt, and recovery.
 
-A move of the parameters is a sequence of chunk writes (:mod:`zoptim.perturbation`). The engine
+A move of the parameters is a sequence of chunk writes (:mod:`zoptim.engine.inplace`). The engine
 commits each chunk's new state only after its write, with a backup of the chunk taken first, so an
 exception of any kind at any point leaves every chunk at a known state; recovering then means
 either going back to the unperturbed point (a query's move) or finishing the update (an update
@@ -86,3 +86,32 @@ def recover(action: Callable[[], None], error: BaseException, what: str, attempt
         f"a move of the parameters failed ({type(error).__name__}: {error}) and so did {attempts} attempts to "
         f"recover ({what}); the last one raised {type(last).__name__}: {last}"
     ) from last
+
+
+def write_all(ops: list[Callable[[], object]], completes_itself: int) -> None:
+    """Run the write operations ``ops`` in order, as one atomic update.
+
+    Signal handlers are deferred meanwhile, so a Ctrl-C lands after the last write. The first
+    ``completes_itself`` operations are engine updates that finish their own writes before an
+    exception leaves them; any other operation is one tensor write, which raises before writing.
+    After a failure the remaining operations are run (with retries, :func:`zoptim.engine.atomic.recover`)
+    and the exception re-raised."""
+    done = 0
+    with deferred_signals():
+        try:
+            for op in ops:
+                op()
+                done += 1
+        except RecoveryError:
+            raise  # an engine could not complete its own update: nothing more can be done here
+        except BaseException as err:
+            # an engine completes its update before an exception leaves it; a tensor write raises before writing
+            state = {"next": done + 1 if done < completes_itself else done}
+
+            def rest():
+                while state["next"] < len(ops):
+                    ops[state["next"]]()
+                    state["next"] += 1
+
+            recover(rest, err, "completing the update")
+            raise

@@ -1,0 +1,104 @@
+"""The contract between the optimizers and a perturbation engine.
+
+A method's step (:mod:`zoptim.optim`) is a sequence of moves of the parameters along seeded
+random directions s(key): to the query points ``x + scale * s(key)``, back to x, and the update
+``x <- x (1 - decay) + sum_i c_i s(key_i)``. An engine performs those moves; the optimizers use
+nothing else of it. Two engines implement the contract: :class:`zoptim.engine.inplace.SeededPerturbation`
+(the points written into the weights) and :class:`zoptim.engine.forward.ForwardPerturbation` (the
+points applied inside the model's forward).
+
+What an engine offers beyond the moves is asked, never guessed from its class:
+``element_wise`` (HiZOO's element-wise direction weights and the direction's values chunk by
+chunk) and ``per_example`` (one direction per example of the minibatch, :class:`RowKeys`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Protocol, runtime_checkable
+
+import torch
+
+from .noise import mix
+
+#: ``scales``: one number for every tensor, or one per tensor (the per-group step sizes).
+Scales = float | Sequence[float]
+#: ``weights(j, a, b)``: float32 multipliers of elements a:b of tensor j (HiZOO's Sigma^(1/2)).
+Weights = Callable[[int, int, int], torch.Tensor]
+
+
+class RowKeys(NamedTuple):
+    """The directions of a per-example query: row i of the minibatch (dim 0 of every hooked layer's
+    input) sits at ``x + rho * s(key(i))``, ``key(i) = mix(seed, step, first + stride * i)``: the
+    key of direction ``first + stride * i`` of the step, as :meth:`ZerothOrderOptimizer.direction_key`
+    names it. In one process ``first = 0, stride = 1``; with ``wrap(mode="batch")`` process p of w
+    holds examples p, p + w, p + 2w, ... of the minibatch (``first = p, stride = w``)."""
+
+    seed: int
+    step: int
+    first: int = 0
+    stride: int = 1
+
+    def key(self, i: int) -> int:
+        return mix(self.seed, self.step, self.first + self.stride * i)
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """What every perturbation engine provides (see the module docstring).
+
+    Attributes:
+        params: the tensors the engine moves, in the optimizer's order (a sharded parameter's
+            local part); tensor j of the direction ``key`` draws the stream ``mix(key, j)``.
+        dim: the number of elements of ``params``.
+        exact: whether undoing a query point is bit-exact (the in-place journal; always true of
+            the points a forward engine applies in its hooks).
+        normalize: whether each direction is scaled to norm sqrt(d) (S2P paper, Sec. 3.2).
+        element_wise: whether ``weights`` and ``direction_chunks`` are available (the direction
+            is written into the weights element by element).
+        per_example: whether the engine takes :class:`RowKeys` queries.
+
+    An ``element_wise`` engine also has ``weights`` (settable on the unperturbed point) and
+    ``direction_chunks(key)``, the direction's float32 values chunk by chunk.
+    """
+
+    params: list[torch.Tensor]
+    dim: int
+    exact: bool
+    normalize: bool
+    element_wise: bool
+    per_example: bool
+
+    @property
+    def is_perturbed(self) -> bool:
+        """Whether a query point is applied (the parameters are not at the iterate)."""
+
+    def move(self, key, scales: Scales = 0.0, *, decay: Sequence[float] | None = None, temporary: bool = True) -> None:
+        """Go to the query point ``x + scales * s(key)`` (``key`` an int, a :class:`RowKeys`, or
+        None for x itself); ``temporary=False`` makes the point the new iterate (an update)."""
+
+    def restore(self) -> None:
+        """Back to the iterate x (bit for bit when ``exact``)."""
+
+    def update(self, terms: Sequence[tuple[int, Scales]], decay: Sequence[float] | None = None) -> None:
+        """``x <- x (1 - decay) + sum_i scales_i s(key_i)``, completed even if interrupted."""
+
+    def close(self) -> None:
+        """Restore and release what the engine holds on the model (a forward engine's hooks)."""
+
+    def direction_bound(self) -> float:
+        """The largest |s_i| of a direction before its normalisation and element-wise weights."""
+
+    def direction_scale(self, key: int) -> float:
+        """The factor the engine applies to direction ``key``: sqrt(d) / ||s(key)|| with
+        ``normalize``, else 1 (the optimizers' bound on an update uses it)."""
+
+    def query_rows(self) -> int | None:
+        """The examples the model saw at the current per-example query, or None."""
+
+    def journal_elements(self) -> int:
+        """Elements held to make the undo of the current point exact (0 for hooked tensors)."""
+
+    def journal_bytes(self) -> int:
+        """Memory of that journal, in bytes."""
+
