@@ -157,9 +157,9 @@ def test_an_all_zero_estimate_leaves_the_weights_unchanged_bit_for_bit():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(), "needs module=<the model> and rank=r"),
-    (dict(module="model"), "needs module=<the model> and rank=r"),
-    (dict(module="model", rank=None), "needs module=<the model> and rank=r"),
+    (dict(), "orthogonalize=True needs rank=r"),
+    (dict(module="model"), "orthogonalize=True needs rank=r"),
+    (dict(module="model", rank=None), "orthogonalize=True needs rank=r"),
 ])
 def test_orthogonalize_without_low_rank_forward_directions_is_refused(kwargs, message):
     model, _ = build("linear+norms+tied-embedding")

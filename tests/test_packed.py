@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim import packed
+from zoptim.engine import packed
 from zoptim.engine.inplace import SeededPerturbation
 
 

@@ -479,8 +479,7 @@ class SeededPerturbation:
             (x, idx, ok0, ok1, s_old, has_old, nk0, nk1, s_new, has_new, keep, fix_at, fix_val, W),
             torch.device("cpu"), size=0, distribution=self.distribution, record=record, same_key=same_key,
         )
-        if self._atomic:
-            self._pack_inflight = [(row[0], v.copy(), None) for row, v in zip(group, views)]
+        self._pack_inflight = [(row[0], v.copy(), None) for row, v in zip(group, views)]
         commits = []
         for start, n, row, v in zip(starts, sizes, group, views):
             done = row[7]
@@ -492,8 +491,7 @@ class SeededPerturbation:
                     done = (done[0], done[1], done[2], journal)
             commits.append((row[0], v, moved[start : start + n], done))
         for i, (j, v, new, done) in enumerate(commits):
-            if self._atomic:
-                self._pack_inflight[i] = (j, self._pack_inflight[i][1], done)
+            self._pack_inflight[i] = (j, self._pack_inflight[i][1], done)
             np.copyto(v, new)
             self._state[(j, 0)] = done  # the commit
         self._pack_inflight = None

@@ -39,7 +39,7 @@ from typing import NoReturn
 import torch
 
 from .. import records, signals
-from ..atomic import deferred_signals
+from ..engine.atomic import deferred_signals
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
 from ..engine.shards import is_dtensor, local_part
