@@ -32,6 +32,12 @@
   minibatch (``per_example=True``, rank 1: ZOSGD-perexample, AS2P-perexample) beside GA, the shared
   rank-1 direction and AS2P, at the same minibatch and query budget (a query is one forward pass
   over the minibatch), searched as the lowrank suites; the LM one on SmolLM2 / TREC at lr 3e-4.
+* ``orth-quick``, ``orth-paper``, ``orth-mlp`` and ``orth-lm``: the per-example step's estimate
+  used three ways, its plain average, divided by the spread of its deltas (``normalize_by_spread``,
+  FZOO) and orthogonalised (``orthogonalize``, the polar factor of each matrix's estimate), beside GA;
+  on the digits MLP also the seed momentum under the polar factor and 4 shared orthogonalised
+  directions; every row searched with GA's number of trials (the normalised rows on the problem's
+  ``orth_lr_grid``); ``orth-lm`` on MiniLM TREC with all weights and SmolLM2 TREC.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
