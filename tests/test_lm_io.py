@@ -404,8 +404,9 @@ def test_zo_trainer_gradient_accumulation_is_one_step_over_all_micro_batches(tmp
 
 
 @pytest.mark.parametrize("extra", [("--forward",), ("--rank", "1"), ("--rank", "1", "--per-example"),
-                                   ("--rank", "1", "--per-example", "--orthogonalize")],
-                         ids=["full-rank", "rank1", "per-example", "orthogonalized"])
+                                   ("--rank", "1", "--per-example", "--orthogonalize"),
+                                   ("--rank", "1", "--per-example", "--normalize-by-spread")],
+                         ids=["full-rank", "rank1", "per-example", "orthogonalized", "spread"])
 def test_finetune_with_forward_directions_trains_records_them_and_exports(tmp_path, data_files, extra):
     """`zoptim finetune --forward | --rank 1 [--per-example]`: directions in the forward (full rank
     or rank 1), recorded in result.json, the exported model carries the trained weights and no hook."""
@@ -415,6 +416,7 @@ def test_finetune_with_forward_directions_trains_records_them_and_exports(tmp_pa
     assert result["rank"] == (1 if "--rank" in extra else None) and result["per_example"] == ("--per-example" in extra)
     assert result["forward"] == ("--forward" in extra)
     assert result["orthogonalize"] == ("--orthogonalize" in extra)
+    assert result["normalize_by_spread"] == ("--normalize-by-spread" in extra)
     assert result["queries"] == 8 and result["weights_changed"]["fraction"] > 0
     reference, _ = tuned_reference(model_dir, run_dir)
     torch.testing.assert_close(logits(load_classifier(run_dir / "model")), logits(reference), rtol=0, atol=0)
@@ -434,6 +436,11 @@ def test_finetune_refuses_forward_options_that_cannot_hold(tmp_path, data_files)
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--forward", "--per-example")
     with pytest.raises(SystemExit, match="--per-example is an option of zosgd and as2p; got --method stp"):
         finetune(tmp_path, model_dir, data_files, "--method", "stp", "--rank", "1", "--per-example")
+    with pytest.raises(SystemExit, match="--normalize-by-spread needs --per-example"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--rank", "1", "--normalize-by-spread")
+    with pytest.raises(SystemExit, match="--normalize-by-spread is an option of zosgd; got --method as2p"):
+        finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--rank", "1", "--per-example",
+                 "--normalize-by-spread")
     with pytest.raises(SystemExit, match="--orthogonalize needs --rank"):
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--orthogonalize")
     with pytest.raises(SystemExit, match="--orthogonalize is an option of zosgd; got --method as2p"):

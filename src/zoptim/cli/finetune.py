@@ -102,6 +102,9 @@ def register(sub) -> None:
                    help="zosgd / as2p with --rank: each example of the minibatch gets its own direction (B "
                         "directional derivatives per two forward passes; an encoder embeds its label sentences once "
                         "per example)")
+    p.add_argument("--normalize-by-spread", action="store_true",
+                   help="zosgd with --per-example: divide the step by the standard deviation of the B deltas (FZOO's "
+                        "normalised step; --lr is then the step's length: try 1e-4 to 1e-3)")
     p.add_argument("--orthogonalize", action="store_true",
                    help="zosgd with --rank: each weight matrix steps along the polar factor of its estimate (root-mean-"
                         "square step = --lr); pays with --per-example (a rank-B estimate per matrix)")
@@ -124,7 +127,7 @@ def register(sub) -> None:
 RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "label_field", "labels", "template",
               "method", "steps", "lora", "no_exact_restore", "dtype", "batch_size", "max_length", "eval_every",
               "checkpoint_every", "eval_examples", "objective", "lr", "eps", "eta_b", "momentum", "momentum_window",
-              "guard", "hessian_smooth", "forward", "rank", "per_example", "orthogonalize", "shard", "seed")
+              "guard", "hessian_smooth", "forward", "rank", "per_example", "orthogonalize", "normalize_by_spread", "shard", "seed")
 
 
 def run_config(args) -> dict:
@@ -274,7 +277,7 @@ def finetune_config(args):
             test_examples=args.test_examples, objective=args.objective, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
             momentum=args.momentum, momentum_window=args.momentum_window, guard=args.guard,
             hessian_smooth=args.hessian_smooth, forward=args.forward, rank=args.rank, per_example=args.per_example,
-            orthogonalize=args.orthogonalize, shard=args.shard,
+            orthogonalize=args.orthogonalize, normalize_by_spread=args.normalize_by_spread, shard=args.shard,
             exact_restore=not args.no_exact_restore, seed=args.seed, save_model=not args.no_save_model,
             keep_checkpoint=args.keep_checkpoint,
             progress=not args.no_progress,

@@ -77,6 +77,7 @@ class FinetuneConfig:
     rank: int | None = None
     per_example: bool = False
     orthogonalize: bool = False
+    normalize_by_spread: bool = False
     shard: bool = False
     exact_restore: bool = True
     seed: int = 0
@@ -99,7 +100,8 @@ class FinetuneConfig:
         if self.merge and not self.lora:
             raise ConfigError("merge", "merges LoRA adapters; it needs {lora}", lora=None)
         options = {"momentum": self.momentum, "guard": self.guard, "module": self.forward, "rank": self.rank,
-                   "per_example": self.per_example, "orthogonalize": self.orthogonalize}
+                   "per_example": self.per_example, "orthogonalize": self.orthogonalize,
+                   "normalize_by_spread": self.normalize_by_spread}
         missing = (next(((k, registry.names()) for k, v in options.items() if v), None) if self.method == "adamw"
                    else registry.unsupported(self.method, options))
         if missing:  # what each method offers comes from the registry
@@ -114,6 +116,12 @@ class FinetuneConfig:
                                   per_example=self.per_example, orthogonalize=self.orthogonalize, shard=self.shard))
         except OptionError as err:
             raise ConfigError(err.field, err.detail, **err.refs) from None
+        if self.normalize_by_spread and not self.per_example:  # a fine-tuning step has one direction, or B
+            raise ConfigError("normalize_by_spread", "needs {per_example}: the step is divided by the standard "
+                              "deviation of its B per-example deltas", per_example=None)
+        if self.normalize_by_spread and self.orthogonalize:
+            raise ConfigError("normalize_by_spread", "has no effect with {orthogonalize} (the polar factor does not "
+                              "depend on the estimate's scale); use one of the two", orthogonalize=None)
         if self.shard:
             if self.lora:  # LoRA adapters are small and stay whole
                 raise ConfigError("shard", "shards the full model's weights; it does not combine with {lora}", lora=None)
@@ -263,7 +271,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         eta_b=config.eta_b, seed=config.seed, exact_restore=config.exact_restore, momentum=config.momentum,
         momentum_window=config.momentum_window, hessian_smooth=config.hessian_smooth, guard=config.guard,
         module=clf if config.forward or config.rank is not None else None, rank=config.rank, per_example=config.per_example,
-        orthogonalize=config.orthogonalize,
+        orthogonalize=config.orthogonalize, normalize_by_spread=config.normalize_by_spread,
     )
     run_dir = out / run_name
     loop = Loop(clf, task, optimizer, loop_config, run_dir, progress=config.progress)

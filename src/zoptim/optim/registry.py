@@ -32,6 +32,7 @@ OPTION_ARGUMENTS = {
     "forward": ("module", "rank"),
     "per_example": ("per_example",),
     "orthogonalize": ("orthogonalize",),
+    "spread": ("normalize_by_spread",),
 }
 
 
@@ -61,7 +62,7 @@ def register(name: str, cls: type[ZerothOrderOptimizer], summary: str, options=(
 
 
 register("zosgd", ZOSGD, "GA = MeZO = SPSA (k-SPSA with num_directions=k): two-point estimate, SGD step",
-         options=("momentum", "guard", "directions", "forward", "per_example", "orthogonalize"))
+         options=("momentum", "guard", "directions", "forward", "per_example", "orthogonalize", "spread"))
 register("as2p", AS2P, "Accelerated S2P (S2P paper, Algorithm 2): gamma-clipping and an automatic learning rate",
          options=("momentum", "directions", "forward", "per_example"))
 register("stp", STP, "Stochastic Three Points (Bergou et al. 2020)", options=("forward",))
