@@ -39,9 +39,9 @@ from typing import NoReturn
 import torch
 
 from .. import records, signals
-from ..engine.atomic import deferred_signals
 from ..checkpoint import CheckpointError, atomic_save, safe_load
 from ..distributed import rank_and_world
+from ..engine.atomic import deferred_signals
 from ..engine.shards import is_dtensor, local_part
 from ..optim import registry
 from ..runloop import minibatch, progress_bar
