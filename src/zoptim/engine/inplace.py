@@ -70,7 +70,8 @@ import torch
 from . import kernels
 from . import packed as packed_kernels
 from .atomic import recover
-from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, max_abs_value, mix, normal_table
+from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, mix, normal_table
+from .protocol import ElementWiseEngine
 
 Scales = Sequence[float]
 #: A chunk's state before any move: the unperturbed point of epoch 0, no offset, no journal entry.
@@ -99,7 +100,7 @@ def normalization_factor(engine, key: int) -> float:
     return math.sqrt(engine.dim) / norm if norm > 0 else 0.0
 
 
-class SeededPerturbation:
+class SeededPerturbation(ElementWiseEngine):
     """Moves a list of tensors along seeded random directions, in place.
 
     Args:
@@ -185,20 +186,9 @@ class SeededPerturbation:
 
     @weights.setter
     def weights(self, fn: Weights | None) -> None:
-        if self.is_perturbed:
-            raise RuntimeError("the direction weights can change only on the unperturbed point; call restore() first")
-        if fn is not None and self.normalize:
-            raise ValueError("weighted directions cannot be normalized (normalize=True)")
-        self._weights = fn
+        self._set_weights(fn)
 
     # -- state ------------------------------------------------------------------------------
-    @property
-    def is_perturbed(self) -> bool:
-        return self._key is not None
-
-    def direction_bound(self) -> float:
-        """The largest |s_i| of a direction before its normalisation and element-wise weights."""
-        return max_abs_value(self.distribution)
 
     def _journal(self):
         return [st[3] for st in self._state.values() if st[3] is not None]

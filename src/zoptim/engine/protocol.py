@@ -19,7 +19,7 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 
-from .noise import mix
+from .noise import max_abs_value, mix
 
 #: ``scales``: one number for every tensor, or one per tensor (the per-group step sizes).
 Scales = float | Sequence[float]
@@ -102,3 +102,25 @@ class Engine(Protocol):
     def journal_bytes(self) -> int:
         """Memory of that journal, in bytes."""
 
+
+class ElementWiseEngine:
+    """What the engines that write every element of a direction share (the in-place engine and the
+    vector engine): the query state, the bound of a direction's entries and the rule for HiZOO's
+    element-wise weights. Expects ``_key`` (the applied direction or None), ``distribution``,
+    ``normalize`` and ``_weights``."""
+
+    @property
+    def is_perturbed(self) -> bool:
+        return self._key is not None
+
+    def direction_bound(self) -> float:
+        """The largest |s_i| of a direction before its normalisation and element-wise weights."""
+        return max_abs_value(self.distribution)
+
+    def _set_weights(self, fn) -> None:
+        """Set the element-wise multipliers; only on the unperturbed point, never with ``normalize``."""
+        if self.is_perturbed:
+            raise RuntimeError("the direction weights can change only on the unperturbed point; call restore() first")
+        if fn is not None and self.normalize:
+            raise ValueError("weighted directions cannot be normalized (normalize=True)")
+        self._weights = fn

@@ -58,17 +58,17 @@ from .noise import (
     EAGER_CHUNK_SIZE,
     NoiseSource,
     check_distribution,
-    max_abs_value,
     mix,
     normal_table,
     values_from_bits_numpy,
 )
+from .protocol import ElementWiseEngine
 
 #: Elements of cached directions the engine keeps at most (float32: 16 MiB); at least two keys.
 CACHE_ELEMENTS = 1 << 22
 
 
-class VectorPerturbation:
+class VectorPerturbation(ElementWiseEngine):
     """Moves one flat float64 CPU tensor along seeded random directions, through its NumPy view.
 
     Args:
@@ -132,20 +132,9 @@ class VectorPerturbation:
 
     @weights.setter
     def weights(self, fn: Weights | None) -> None:
-        if self.is_perturbed:
-            raise RuntimeError("the direction weights can change only on the unperturbed point; call restore() first")
-        if fn is not None and self.normalize:
-            raise ValueError("weighted directions cannot be normalized (normalize=True)")
-        self._weights = fn
+        self._set_weights(fn)
 
     # -- state ------------------------------------------------------------------------------------
-    @property
-    def is_perturbed(self) -> bool:
-        return self._key is not None
-
-    def direction_bound(self) -> float:
-        """The largest |s_i| of a direction before its normalisation and element-wise weights."""
-        return max_abs_value(self.distribution)
 
     def journal_elements(self) -> int:
         """0: the vector engine keeps a copy of the iterate instead of a journal."""
