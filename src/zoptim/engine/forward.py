@@ -61,7 +61,7 @@ from torch import nn
 
 from . import polar
 from .atomic import write_all
-from .inplace import SeededPerturbation, normalization_factor, spread_scales
+from .inplace import SeededPerturbation, spread_scales
 from .layers import MAX_RECOMPUTED_ELEMENTS, handler_for
 from .noise import (
     NoiseSource,
@@ -73,7 +73,7 @@ from .noise import (
     values_from_bits,
     values_from_bits_numpy,
 )
-from .protocol import RowKeys
+from .protocol import RowKeys, normalization_factor
 from .shards import LocalPart
 
 #: module -> weakref to the engine whose hooks it carries (a model is driven by one optimizer at a time)

@@ -61,7 +61,6 @@ a copy of a whole tensor. Chunking does not change the values.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -90,14 +89,6 @@ def spread_scales(scales: float | Scales, n: int) -> list[float]:
     if len(scales) != n:
         raise ValueError(f"scales must have one value per tensor ({n}); got {len(scales)}")
     return scales
-
-
-def normalization_factor(engine, key: int) -> float:
-    """sqrt(d) / ||s(key)|| when the engine normalises its directions (S2P paper, Sec. 3.2), else 1."""
-    if not engine.normalize:
-        return 1.0
-    norm = engine.direction_norm(key)
-    return math.sqrt(engine.dim) / norm if norm > 0 else 0.0
 
 
 class SeededPerturbation(ElementWiseEngine):
@@ -224,19 +215,6 @@ class SeededPerturbation(ElementWiseEngine):
                 yield j, a, b, self.noise.fill(
                     self._buffer(p.device, "z", b - a), self.tensor_key(key, j), start=self.offsets[j] + a
                 )
-
-    def direction_norm(self, key: int) -> float:
-        """||s(key)||_2 over all tensors (one noise pass; cached for the last key)."""
-        if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
-        total = sum(float(torch.dot(z, z)) for _, _, _, z in self.direction_chunks(key))
-        norm = math.sqrt(total)
-        self._norm_cache = (key, norm)
-        return norm
-
-    def direction_scale(self, key: int) -> float:
-        """sqrt(d) / ||s(key)|| with ``normalize``, else 1: the factor every move applies."""
-        return normalization_factor(self, key)
 
     def query_rows(self) -> int | None:
         return None  # no per-example queries: every element moves with one direction

@@ -14,6 +14,7 @@ chunk) and ``per_example`` (one direction per example of the minibatch, :class:`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -103,6 +104,14 @@ class Engine(Protocol):
         """Memory of that journal, in bytes."""
 
 
+def normalization_factor(engine, key: int) -> float:
+    """sqrt(d) / ||s(key)|| when the engine normalises its directions (S2P paper, Sec. 3.2), else 1."""
+    if not engine.normalize:
+        return 1.0
+    norm = engine.direction_norm(key)
+    return math.sqrt(engine.dim) / norm if norm > 0 else 0.0
+
+
 class ElementWiseEngine:
     """What the engines that write every element of a direction share (the in-place engine and the
     vector engine): the query state, the bound of a direction's entries and the rule for HiZOO's
@@ -116,6 +125,20 @@ class ElementWiseEngine:
     def direction_bound(self) -> float:
         """The largest |s_i| of a direction before its normalisation and element-wise weights."""
         return max_abs_value(self.distribution)
+
+    def direction_norm(self, key: int) -> float:
+        """||s(key)||_2 over the direction's chunks (``direction_chunks``), summed chunk by chunk in
+        the in-place engine's order, so both engines give the same float; cached for the last key."""
+        if self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
+        total = sum(float(torch.dot(z, z)) for _, _, _, z in self.direction_chunks(key))
+        norm = math.sqrt(total)
+        self._norm_cache = (key, norm)
+        return norm
+
+    def direction_scale(self, key: int) -> float:
+        """sqrt(d) / ||s(key)|| with ``normalize``, else 1: the factor every move applies."""
+        return normalization_factor(self, key)
 
     def _set_weights(self, fn) -> None:
         """Set the element-wise multipliers; only on the unperturbed point, never with ``normalize``."""

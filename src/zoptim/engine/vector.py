@@ -39,7 +39,6 @@ in-place engine (:mod:`zoptim.engine.atomic`).
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 
 from .atomic import recover
-from .inplace import Scales, Weights, normalization_factor, spread_scales
+from .inplace import Scales, Weights, spread_scales
 from .noise import (
     _C1,
     _C2,
@@ -185,19 +184,6 @@ class VectorPerturbation(ElementWiseEngine):
         for a in range(0, self.dim, self.chunk_size):
             b = min(a + self.chunk_size, self.dim)
             yield 0, a, b, z[a:b]
-
-    def direction_norm(self, key: int) -> float:
-        """||s(key)||_2, summed over the in-place engine's chunks as it does (the same float)."""
-        if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
-        total = sum(float(torch.dot(z, z)) for _, _, _, z in self.direction_chunks(key))
-        norm = math.sqrt(total)
-        self._norm_cache = (key, norm)
-        return norm
-
-    def direction_scale(self, key: int) -> float:
-        """sqrt(d) / ||s(key)|| with ``normalize``, else 1: the factor every move applies."""
-        return normalization_factor(self, key)
 
     #: the engine contract (:class:`zoptim.engine.protocol.Engine`): element-wise weights (HiZOO) are
     #: offered, per-example queries are not (a function of a vector has no examples)
