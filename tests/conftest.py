@@ -26,15 +26,24 @@ TIERS = {
 }
 
 
+#: Files whose tests share processes started once per file (a module-scoped fixture that spawns
+#: workers, or torchrun runs that should not overlap on two cores): their tests run on one xdist
+#: worker, so the fixture starts its processes once, not once per worker.
+ONE_WORKER = {"test_distributed", "test_sharded_lm", "test_fault_tolerance"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the xdist_group marks (--dist loadgroup)
 def pytest_collection_modifyitems(items):
     for item in items:
+        module = item.module.__name__.rpartition(".")[2]
         # the tests of the compiled kernels share one xdist worker (``--dist loadgroup``): each kernel
         # variant is then compiled once, not once per worker, on a machine with a cold compile cache
         if "compiled" in item.fixturenames or "compiled" in item.name:
             item.add_marker(pytest.mark.xdist_group("compiled"))
+        elif module in ONE_WORKER:
+            item.add_marker(pytest.mark.xdist_group(module))
         if any(item.get_closest_marker(tier) for tier in ("unit", "integration", "distributed")):
             continue
-        module = item.module.__name__.rpartition(".")[2]
         tier = next((t for t, files in TIERS.items() if module in files), "unit")
         item.add_marker(getattr(pytest.mark, tier))
 

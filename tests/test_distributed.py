@@ -7,6 +7,10 @@ the parent process runs the single-process equivalent and compares:
 * ``directions``: each rank its own direction on the same batch -> ZOSGD / AS2P with
   ``num_directions = 2`` in one process (k-SPSA), bit for bit;
 * ``sharded``: the model sharded with FSDP2 -> one unsharded process on the whole batch.
+
+Methods: ZOSGD and AS2P in place, with rank-1 directions applied in the forward (``-forward``),
+and ZOSGD's orthogonalised update (``-orth``: the factors are functions of the step's keys, so
+every rank forms the same update); per-example directions in batch mode.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from zoptim.distributed import replicas_in_sync, wrap
 
 WORLD = 2
 STEPS = 20
-METHODS = ["zosgd", "as2p", "zosgd-forward", "as2p-forward"]
+METHODS = ["zosgd", "as2p", "zosgd-forward", "as2p-forward", "zosgd-orth"]
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not built")
 
@@ -44,8 +48,12 @@ def flat(model):
 
 
 def build(method, model, num_directions=1):
-    """``method``: zosgd or as2p, with ``-forward`` for rank-1 directions applied in the forward."""
-    forward = dict(module=model, rank=1) if method.endswith("-forward") else {}
+    """``method``: zosgd or as2p, with ``-forward`` for rank-1 directions applied in the forward;
+    zosgd-orth: those directions and the orthogonalised update."""
+    forward = dict(module=model, rank=1) if method.endswith(("-forward", "-orth")) else {}
+    if method == "zosgd-orth":
+        return zoptim.ZOSGD(model.parameters(), lr=2e-3, eps=1e-2, num_directions=num_directions, seed=7,
+                            orthogonalize=True, **forward)
     if method.startswith("zosgd"):
         return zoptim.ZOSGD(model.parameters(), lr=5e-3, eps=1e-2, num_directions=num_directions, seed=7, **forward)
     return zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=STEPS, num_directions=num_directions, seed=7,
@@ -69,11 +77,16 @@ def train(opt, model, rows_of=batch_rows):
     return model
 
 
-PER_EXAMPLE = ["zosgd", "as2p"]
+PER_EXAMPLE = ["zosgd", "as2p", "zosgd-orth"]
+#: the same method with one direction shared by the minibatch
+SHARED = {"zosgd": "zosgd-forward", "as2p": "as2p-forward", "zosgd-orth": "zosgd-orth"}
 
 
 def build_per_example(method, model):
     """``per_example=True``: each example of the minibatch at its own rank-1 direction."""
+    if method == "zosgd-orth":
+        return zoptim.ZOSGD(model.parameters(), lr=2e-3, eps=1e-2, seed=7, module=model, rank=1, per_example=True,
+                            orthogonalize=True)
     if method == "zosgd":
         return zoptim.ZOSGD(model.parameters(), lr=5e-3, eps=1e-2, seed=7, module=model, rank=1, per_example=True)
     return zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=STEPS, seed=7, module=model, rank=1, per_example=True)
@@ -221,8 +234,7 @@ def test_per_example_batch_mode_equals_one_process_on_the_whole_batch(two_ranks,
     close(opt)
     assert torch.allclose(a, single, atol=1e-5)
     model = make_model()  # not the run whose ranks evaluate their examples at the same directions
-    opt = zoptim.ZOSGD(model.parameters(), lr=5e-3, eps=1e-2, seed=7, module=model, rank=1) if method == "zosgd" else \
-        zoptim.AS2P(model.parameters(), eps=1e-2, total_steps=STEPS, seed=7, module=model, rank=1)
+    opt = build(SHARED[method], model)
     assert not torch.allclose(a, flat(train(opt, model)), atol=1e-4)
     close(opt)
     assert sent == STEPS * 2 * (16 + 8 * 4)  # per query: shares' sizes and flags, then 4 losses, float64

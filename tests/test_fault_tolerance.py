@@ -1,8 +1,8 @@
-"""A worker killed with SIGKILL mid-run: torchrun restarts the group from the last checkpoint and
-the run ends on the same parameters, bit for bit, as an uninterrupted one.
+"""Multi-process runs that are interrupted (a worker killed with SIGKILL, SIGTERM from a scheduler)
+resume exactly, and every rank agrees with one process.
 
-Both runs are ``torchrun --nproc-per-node 2 --max-restarts 1 -m zoptim.cli finetune`` on a tiny
-Llama saved to disk (data parallel, rank 0 checkpointing every 5 steps).
+The runs are ``torchrun --nproc-per-node 2 -m zoptim.cli finetune`` on a tiny Llama saved to disk
+(data parallel, rank 0 checkpointing every 5 steps).
 """
 
 from __future__ import annotations
@@ -75,75 +75,83 @@ def setup(tmp_path_factory):
     return save_tiny("causal", tmp / "tiny"), write_jsonl(tmp / "train.jsonl", rows), tmp
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker through /proc (Linux)")
-def test_a_killed_worker_is_restarted_from_the_checkpoint_and_ends_bit_identical(setup):
-    model_dir, data, tmp = setup
-    # the uninterrupted run and the one to kill, launched together (their start-ups overlap)
-    plain = torchrun(command(model_dir, data, tmp / "plain"), log=tmp / "plain.out")
-    killed = torchrun(command(model_dir, data, tmp / "killed"))
-    log, victim = tmp / "killed" / "run" / "log.jsonl", None
-    deadline = time.monotonic() + 120
-    while victim is None and time.monotonic() < deadline and killed.poll() is None:
-        if logged_step(log) >= 12:  # past two checkpoints, far from the end
-            victim = worker_of_rank(killed.pid, 1)
-            if victim is not None:
-                os.kill(victim, signal.SIGKILL)
-        time.sleep(0.01)
-    output, _ = killed.communicate(timeout=240)
-    assert victim is not None, f"the run ended before a worker could be killed:\n{output}"
-    assert killed.returncode == 0, output
-    plain.wait(timeout=240)
-    assert plain.returncode == 0, (tmp / "plain.out").read_text()
+def killable(process) -> None:
+    """Never leave a group running after a failure: SIGKILL a launcher's children, then it."""
+    if process.poll() is None:
+        for pid in Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
+            os.kill(int(pid), signal.SIGKILL)
+        process.kill()
 
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="finds the worker through /proc (Linux)")
+def test_a_killed_worker_and_a_sigterm_both_resume_and_the_two_runs_end_on_the_same_bits(setup):
+    """Two 2-process runs of the same fine-tuning, interrupted in two ways, launched together:
+
+    * ``killed``: after step 12, rank 1's worker gets SIGKILL; torchrun (``--max-restarts 1``)
+      restarts the group, which resumes from the last periodic checkpoint (every 5 steps);
+    * ``term``: after step 22, ``zoptim finetune --nproc 2`` gets SIGTERM (what a batch scheduler
+      sends): it passes the signal to torchrun, which passes it to both workers; they agree at a
+      step boundary, checkpoint there and exit on their own (torchrun never has to SIGKILL a
+      worker left waiting in a collective); one line says where the checkpoint is; the exit status
+      is 143. The same command with ``--resume`` finishes the run.
+
+    The two resume from different steps, so ending on the same bits means each resume was exact.
+    (One-process SIGTERM resumes: tests/test_long_runs.py.)"""
+    model_dir, data, tmp = setup
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    term_args = command(model_dir, data, tmp / "term", "--nproc", "2", "--max-restarts", "0")
+    killed = torchrun(command(model_dir, data, tmp / "killed"), log=tmp / "killed.out")
+    launcher = subprocess.Popen([sys.executable, "-m", "zoptim.cli", *term_args], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        killed_log, term_log = tmp / "killed" / "run" / "log.jsonl", tmp / "term" / "run" / "log.jsonl"
+        victim, termed = None, False
+        deadline = time.monotonic() + 180
+        while (victim is None or not termed) and time.monotonic() < deadline:
+            if victim is None and killed.poll() is None and logged_step(killed_log) >= 12:
+                victim = worker_of_rank(killed.pid, 1)
+                if victim is not None:
+                    os.kill(victim, signal.SIGKILL)
+            if not termed and launcher.poll() is None and logged_step(term_log) >= 22:
+                launcher.send_signal(signal.SIGTERM)
+                termed = True
+            if killed.poll() is not None and launcher.poll() is not None:
+                break
+            time.sleep(0.01)
+        output, _ = launcher.communicate(timeout=120)
+        killed.wait(timeout=240)
+    finally:
+        killable(launcher)
+        killable(killed)
+    killed_output = (tmp / "killed.out").read_text()
+    assert victim is not None, f"the run ended before a worker could be killed:\n{killed_output}"
+    assert killed.returncode == 0, killed_output
     result = json.loads((tmp / "killed" / "run" / "result.json").read_text())
     assert result["processes"] == 2 and result["steps"] == STEPS
     assert result["resumed_from_step"] is not None and 10 <= result["resumed_from_step"] < STEPS  # it did restart
-    assert json.loads((tmp / "plain" / "run" / "result.json").read_text())["resumed_from_step"] is None
-    final = [safe_load(tmp / run / "run" / "checkpoint.pt")["trainable"] for run in ("plain", "killed")]
-    assert final[0].keys() == final[1].keys()
-    assert all(torch.equal(final[0][n], final[1][n]) for n in final[0])
-    assert any(not torch.equal(final[0][n], v) for n, v in first_checkpoint_free(model_dir).items())
     # the log has one record per step, none duplicated by the replay after the restart
-    steps = [json.loads(line)["step"] for line in log.read_text().splitlines()]
-    assert steps == list(range(1, STEPS + 1))
+    assert [json.loads(line)["step"] for line in killed_log.read_text().splitlines()] == list(range(1, STEPS + 1))
 
-
-def test_sigterm_stops_every_rank_after_the_same_step_with_a_checkpoint_and_the_same_command_resumes(setup):
-    """SIGTERM to ``zoptim finetune --nproc 2`` (what a batch scheduler sends): the launcher passes it
-    to torchrun, which passes it to both workers; they agree at a step boundary, checkpoint there
-    (not at a periodic checkpoint, every 5 steps) and exit on their own (torchrun never has to
-    SIGKILL a worker left waiting in a collective); one line says where the checkpoint is; the
-    exit status is 143; the run resumes from that step. (Bit for bit resumes: the SIGKILL test
-    above, and tests/test_long_runs.py for SIGTERM in one process.)"""
-    model_dir, data, tmp = setup
-    args = command(model_dir, data, tmp / "term", "--nproc", "2", "--max-restarts", "0")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    launcher = subprocess.Popen([sys.executable, "-m", "zoptim.cli", *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=env)
-    log = tmp / "term" / "run" / "log.jsonl"
-    deadline = time.monotonic() + 120
-    while logged_step(log) < 12 and launcher.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    launcher.send_signal(signal.SIGTERM)
-    output, _ = launcher.communicate(timeout=120)
-    assert launcher.returncode == 143, output
+    assert termed and launcher.returncode == 143, output
     assert "closing signal SIGKILL" not in output, output
     said = [line for line in output.splitlines() if "stopped by SIGTERM" in line]
     assert len(said) == 1 and said[0].startswith("zoptim finetune: stopped by SIGTERM (checkpoint saved at step "), output
     step = int(said[0].split("checkpoint saved at step ")[1].split()[0])
-    assert 12 <= step < STEPS and safe_load(tmp / "term" / "run" / "checkpoint.pt")["step"] == step
-    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == list(range(1, step + 1))
-    resumed = torchrun(command(model_dir, data, tmp / "term", "--resume", "--steps", str(step + 2)))
+    assert 22 <= step < STEPS and safe_load(tmp / "term" / "run" / "checkpoint.pt")["step"] == step
+    assert [json.loads(line)["step"] for line in term_log.read_text().splitlines()] == list(range(1, step + 1))
+    resumed = torchrun(command(model_dir, data, tmp / "term", "--resume"))
     try:
         output, _ = resumed.communicate(timeout=240)
     finally:
-        if resumed.poll() is None:  # never leave a group running after a failure
-            for pid in Path(f"/proc/{resumed.pid}/task/{resumed.pid}/children").read_text().split():
-                os.kill(int(pid), signal.SIGKILL)
-            resumed.kill()
+        killable(resumed)
     assert resumed.returncode == 0, output
-    result = json.loads((tmp / "term" / "run" / "result.json").read_text())
-    assert result["resumed_from_step"] == step and result["steps"] == step + 2
+    term = json.loads((tmp / "term" / "run" / "result.json").read_text())
+    assert term["resumed_from_step"] == step != result["resumed_from_step"] and term["steps"] == STEPS
+
+    final = [safe_load(tmp / run / "run" / "checkpoint.pt")["trainable"] for run in ("killed", "term")]
+    assert final[0].keys() == final[1].keys()
+    assert all(torch.equal(final[0][n], final[1][n]) for n in final[0])
+    assert any(not torch.equal(final[0][n], v) for n, v in first_checkpoint_free(model_dir).items())
 
 
 def first_checkpoint_free(model_dir):

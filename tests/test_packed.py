@@ -10,18 +10,17 @@ from zoptim.engine import packed
 from zoptim.engine.inplace import SeededPerturbation
 
 
-def params(dtype):
+def params(dtype, shapes=((64,), (10, 64), (10,), (3, 3), (1,))):
     g = torch.Generator().manual_seed(0)
-    shapes = [(64,), (10, 64), (10,), (3, 3), (1,)]
     return [torch.randn(s, generator=g, dtype=dtype) * 10 ** torch.randint(-3, 4, (1,), generator=g).item() for s in shapes]
 
 
-def history(dtype, distribution, exact, weighted, monkeypatch, pack):
+def history(dtype, distribution, exact, weighted, monkeypatch, pack, **shapes):
     """Bits of the tensors and the journal after each move of a scripted sequence."""
     with monkeypatch.context() as m:
         if not pack:
             m.setattr(packed, "PACK_ELEMENTS", 0)
-        ps = params(dtype)
+        ps = params(dtype, **shapes)
         engine = SeededPerturbation(ps, distribution=distribution, exact=exact)
         if weighted:
             ws = [torch.rand(p.numel(), generator=torch.Generator().manual_seed(j)) + 0.5 for j, p in enumerate(ps)]
@@ -60,6 +59,15 @@ def test_packed_moves_equal_one_tensor_at_a_time(dtype, distribution, exact, mon
         assert all((torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y) for x, y in zip(a, b))
     if exact and dtype == torch.float32:
         assert max(s[-1] for s in together if isinstance(s[-1], int)) > 0  # the journal was exercised
+
+
+@pytest.mark.parametrize("distribution", ["normal", "rademacher"])
+def test_a_lone_small_tensor_moves_as_one_chunk_would(distribution, monkeypatch):
+    """One packed tensor: its keys and scales are then single values (broadcast, not repeated)."""
+    one_by_one = history(torch.float32, distribution, True, False, monkeypatch, pack=False, shapes=((1000,),))
+    together = history(torch.float32, distribution, True, False, monkeypatch, pack=True, shapes=((1000,),))
+    for a, b in zip(one_by_one, together):
+        assert all((torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y) for x, y in zip(a, b))
 
 
 def test_packed_weighted_directions_equal_one_tensor_at_a_time(monkeypatch):

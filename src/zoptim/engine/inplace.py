@@ -158,6 +158,7 @@ class SeededPerturbation(ElementWiseEngine):
         self._inflight: tuple | None = None
         self._pack_inflight: list | None = None  # (j, backup, done) of the small tensors being written
         self._pack_cache: tuple | None = None  # (chunk_size, the small tensors moved in one pass)
+        self._pack_idx: dict[tuple, np.ndarray] = {}  # the packed elements' indices, per set of tensors
         self._scratch: dict[tuple, torch.Tensor] = {}
         self._norm_cache: tuple[int, float] | None = None
         self._weights: Weights | None = None
@@ -419,9 +420,19 @@ class SeededPerturbation(ElementWiseEngine):
         views = [self.params[row[0]].detach().view(-1).numpy() for row in group]
         sizes = [v.size for v in views]
         x = np.concatenate(views) if len(views) > 1 else views[0].copy()
-        idx = np.concatenate([np.arange(n, dtype=np.int64) + self.offsets[row[0]] for row, n in zip(group, sizes)])
+        members = tuple(row[0] for row in group)
+        idx = self._pack_idx.get(members)
+        if idx is None:
+            idx = self._pack_idx[members] = np.concatenate(
+                [np.arange(n, dtype=np.int64) + self.offsets[j] for j, n in zip(members, sizes)])
         words = [(self._words(row[1], row[0]), self._words(row[4], row[0])) for row in group]
-        per = lambda values, dtype: np.repeat(np.asarray(values, dtype=dtype), sizes)  # noqa: E731
+
+        def per(values, dtype):
+            """One value per element; a 0-d array (broadcast, the same arithmetic) where all are equal."""
+            if all(v == values[0] for v in values):
+                return np.asarray(values[0], dtype=dtype)
+            return np.repeat(np.asarray(values, dtype=dtype), sizes)
+
         f32 = np.float32
         ok0, ok1 = per([w[0][0] for w in words], np.int64), per([w[0][1] for w in words], np.int64)
         nk0, nk1 = per([w[1][0] for w in words], np.int64), per([w[1][1] for w in words], np.int64)

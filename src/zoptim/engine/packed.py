@@ -48,7 +48,8 @@ def packed_move(x, idx, ok0, ok1, s_old, has_old, nk0, nk1, s_new, has_new, keep
     followed by :func:`zoptim.engine.kernels.gathered_move` computes it for a chunk.
 
     Per-element arrays: ``idx`` (global index in its tensor), the old and new key words, float32
-    scales, ``has_old`` / ``has_new`` masks, float32 ``keep``; ``fix_at`` / ``fix_val``: the
+    scales, ``has_old`` / ``has_new`` masks, float32 ``keep`` (each but ``idx`` may be a 0-d array,
+    broadcast, where all elements share its value); ``fix_at`` / ``fix_val``: the
     journaled elements (positions in ``x``) and their saved unperturbed values; ``W``: float32
     direction multipliers or None. Returns ``(moved, unperturbed, marks)``; ``marks`` (bool, or
     None without ``record``) are the elements whose arithmetic undo would not give their bits back.
@@ -58,11 +59,11 @@ def packed_move(x, idx, ok0, ok1, s_old, has_old, nk0, nk1, s_new, has_new, keep
     if has_old.any():
         z = noise(idx, ok0, ok1, distribution)
         z_old = z * W if W is not None else z
-        xp = np.where(has_old, x - z_old * s_old, x)
+        xp = x - z_old * s_old if has_old.ndim == 0 else np.where(has_old, x - z_old * s_old, x)
     if not (keep == 1.0).all():
         xp = xp * keep
     if fix_at is not None:
-        xp[fix_at] = fix_val * keep[fix_at]
+        xp[fix_at] = fix_val * (keep if keep.ndim == 0 else keep[fix_at])
     if not has_new.any():
         return xp, xp, None
     if not (same_key and z is not None):
@@ -70,7 +71,7 @@ def packed_move(x, idx, ok0, ok1, s_old, has_old, nk0, nk1, s_new, has_new, keep
     if W is not None:
         z = z * W
     delta = z * s_new
-    moved = np.where(has_new, xp + delta, xp)
+    moved = xp + delta if has_new.ndim == 0 else np.where(has_new, xp + delta, xp)
     if not record:
         return moved, xp, None
     ints = _INT[x.dtype]
