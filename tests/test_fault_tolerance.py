@@ -39,12 +39,24 @@ def command(model_dir, data, out, *extra, method="zosgd"):
             "--out", str(out), *extra]
 
 
-def torchrun(args, log=None):
+#: Seconds each query of an interrupted run's workers sleeps (tests/slow_workers/sitecustomize.py):
+#: 60 steps then take about 7 s, and a signal sent after step 12 or 22 lands seconds before the end.
+QUERY_DELAY = 0.05
+
+
+def slowed_env() -> dict:
+    """The environment of a run whose workers sleep QUERY_DELAY per query."""
+    slow = str(Path(__file__).parent / "slow_workers")
+    path = os.pathsep.join([slow, *sys.path])
+    return {**os.environ, "PYTHONPATH": path, "ZOPTIM_TEST_QUERY_DELAY": str(QUERY_DELAY)}
+
+
+def torchrun(args, log=None, env=None):
     """``torchrun`` of ``zoptim args`` on 2 processes; its output piped, or written to the file ``log``."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
            "-m", "zoptim.cli", *args]
     out = subprocess.PIPE if log is None else open(log, "w")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
 
 
 def logged_step(log: Path) -> int:
@@ -96,11 +108,12 @@ def test_a_killed_worker_and_a_sigterm_both_resume_and_the_two_runs_end_on_the_s
       is 143. The same command with ``--resume`` finishes the run.
 
     The two resume from different steps, so ending on the same bits means each resume was exact.
+    The workers of both runs sleep QUERY_DELAY per query, so that each signal lands mid-run.
     (One-process SIGTERM resumes: tests/test_long_runs.py.)"""
     model_dir, data, tmp = setup
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    env = slowed_env()
     term_args = command(model_dir, data, tmp / "term", "--nproc", "2", "--max-restarts", "0")
-    killed = torchrun(command(model_dir, data, tmp / "killed"), log=tmp / "killed.out")
+    killed = torchrun(command(model_dir, data, tmp / "killed"), log=tmp / "killed.out", env=env)
     launcher = subprocess.Popen([sys.executable, "-m", "zoptim.cli", *term_args], stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=env)
     try:
