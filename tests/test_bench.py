@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -347,3 +348,14 @@ def test_recipes_reach_every_way_of_applying_directions(name, rank, per_example)
     assert (opt.module is model) == (name != "ZOSGD") and opt.rank == rank and opt.per_example == per_example
     assert opt.engine.element_wise == (name == "ZOSGD")  # in place: the direction's elements are written
     opt.close()
+
+
+def test_the_help_names_every_suite(capsys):
+    from zoptim.bench.suites import SUITES
+    from zoptim.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = re.sub(r"-\s+", "-", " ".join(capsys.readouterr().out.split()))  # argparse wraps at hyphens
+    for name in SUITES:
+        assert f"| {name} |" in text or f"| {name})" in text or f"({name} |" in text, name

@@ -42,12 +42,14 @@ def register(sub) -> None:
     p = sub.add_parser("bench", help="compare zeroth-order optimizers at equal query budgets",
                        formatter_class=HelpFormatter,
                        description="Run a benchmark suite (quick | paper | methods | methods-quick | methods-paper | methods-lm | "
-                                   "methods-lm-search | lowrank-quick | lowrank-paper | lowrank-lm | perexample-quick | perexample-paper | perexample-lm | softmax | ablations | blackbox) or rebuild a report.")
+                                   "methods-lm-search | lowrank-quick | lowrank-paper | lowrank-lm | perexample-quick | perexample-paper | perexample-lm | "
+                                   "orth-quick | orth-paper | orth-mlp | orth-lm | softmax | ablations | blackbox) or rebuild a report.")
     p.add_argument("--suite", help="quick (the demo), paper, methods (HiZOO, seed momentum, loss guard) on cheap problems, methods-quick and "
                                    "methods-paper (the same on the quick and paper suites' pre-trained networks, with search), methods-lm "
                                    "(the LM task, defaults) and methods-lm-search (MiniLM / TREC, every LM method searched), lowrank-quick, "
                                    "lowrank-paper and lowrank-lm (forward-applied low-rank directions against GA), perexample-quick, perexample-paper and "
-                                   "perexample-lm (one direction per example), softmax, ablations or blackbox (zoptim vs nevergrad, "
+                                   "perexample-lm (one direction per example), orth-quick, orth-paper, orth-mlp and orth-lm (the per-example "
+                                   "estimate averaged, divided by its spread or orthogonalised), softmax, ablations or blackbox (zoptim vs nevergrad, "
                                    "CMA-ES, scipy, torchzero on functions of a vector)")
     p.add_argument("--quick", action="store_true", help="blackbox suite only: a smoke run (3 small problems, 300 evaluations)")
     p.add_argument("--methods", nargs="+", help="override the suite's methods (see zoptim.bench.RECIPES)")
