@@ -169,3 +169,33 @@ def test_vector_engine_refuses_other_tensors():
         VectorPerturbation(torch.zeros(3, dtype=torch.float32))
     with pytest.raises(TypeError, match="1-D float64 CPU tensor"):
         VectorPerturbation(torch.zeros(2, 2, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("distribution", ["normal", "rademacher", "uniform"])
+def test_directions_drawn_ahead_are_the_ones_drawn_one_at_a_time(distribution):
+    from zoptim.engine.noise import mix, mix_array
+
+    keys = mix_array(7, np.arange(40, 50)[:, None], np.arange(3))  # 10 steps x 3 directions
+    assert [int(k) for k in keys.ravel()] == [mix(7, s, i) for s in range(40, 50) for i in range(3)]
+    ahead = VectorPerturbation(torch.zeros(33, dtype=torch.float64), distribution=distribution)
+    one = VectorPerturbation(torch.zeros(33, dtype=torch.float64), distribution=distribution)
+    ahead.prefetch(keys)
+    for key in [int(k) for k in keys.ravel()] + [mix(7, 99, 0)]:  # the last one was not drawn ahead
+        assert np.array_equal(ahead.direction(key), one.direction(key))
+
+
+def test_a_short_vector_draws_the_next_steps_directions_in_one_call(monkeypatch):
+    calls = {"one key": 0, "ahead": 0}
+    one_key, ahead = VectorPerturbation._bits, VectorPerturbation.prefetch
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(VectorPerturbation, "_bits", counted("one key", one_key))
+    monkeypatch.setattr(VectorPerturbation, "prefetch", counted("ahead", ahead))
+    res = zoptim.minimize(quadratic, np.zeros(12), method="zosgd", options={"maxiter": 300, "lr": 0.05})
+    assert res.nit == 300
+    assert calls == {"one key": 0, "ahead": 2}  # 256 steps' directions per call

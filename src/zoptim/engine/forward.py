@@ -414,6 +414,7 @@ class ForwardPerturbation:
     # -- the engine interface (zoptim.engine.protocol.Engine) ---------------------------------------------------
     #: HiZOO's element-wise weights need the direction written element by element: not offered here.
     element_wise = False
+    draws_ahead = 0  # each hooked layer draws its factors when its query is prepared
 
     def query_rows(self) -> int | None:
         """The examples the hooked layers saw at the current per-example query (None before its forward):

@@ -89,6 +89,25 @@ def mix(*words: int) -> int:
     return h
 
 
+_SPLITMIX = tuple(np.uint64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB, 30, 27, 31))
+
+
+def mix_array(*words) -> np.ndarray:
+    """:func:`mix` of many word sequences at once: each word an int or a NumPy array of them
+    (broadcast together), computed in uint64 arithmetic, whose wrapping products are the
+    ``& _MASK`` of :func:`_splitmix64`; the same keys, as a uint64 array."""
+    add, mul1, mul2, s30, s27, s31 = _SPLITMIX
+    h = np.uint64(0x6A09E667F3BCC909)
+    with np.errstate(over="ignore"):  # the wrap-around is the arithmetic modulo 2**64
+        for w in words:
+            w = np.uint64(int(w) & _MASK) if isinstance(w, int) else np.asarray(w, dtype=np.uint64)
+            x = (h ^ w) + add
+            x = (x ^ (x >> s30)) * mul1
+            x = (x ^ (x >> s27)) * mul2
+            h = x ^ (x >> s31)
+    return np.asarray(h)
+
+
 def check_distribution(distribution: str) -> str:
     if distribution not in DISTRIBUTIONS:
         raise ValueError(

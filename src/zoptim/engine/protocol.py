@@ -58,6 +58,10 @@ class Engine(Protocol):
         element_wise: whether ``weights`` and ``direction_chunks`` are available (the direction
             is written into the weights element by element).
         per_example: whether the engine takes :class:`RowKeys` queries.
+        draws_ahead: how many directions the engine would draw in one call (0: each is drawn
+            when it is used); when positive, ``prefetch(keys)`` draws the directions of a uint64
+            array of keys, those of the coming steps (the vector engine, whose draws on a short
+            vector cost their calls' fixed cost).
 
     An ``element_wise`` engine also has ``weights`` (settable on the unperturbed point) and
     ``direction_chunks(key)``, the direction's float32 values chunk by chunk.
@@ -69,6 +73,7 @@ class Engine(Protocol):
     normalize: bool
     element_wise: bool
     per_example: bool
+    draws_ahead: int
 
     @property
     def is_perturbed(self) -> bool:
@@ -117,6 +122,9 @@ class ElementWiseEngine:
     vector engine): the query state, the bound of a direction's entries and the rule for HiZOO's
     element-wise weights. Expects ``_key`` (the applied direction or None), ``distribution``,
     ``normalize`` and ``_weights``."""
+
+    #: directions drawn one at a time, when used (see ``Engine.draws_ahead``)
+    draws_ahead = 0
 
     @property
     def is_perturbed(self) -> bool:

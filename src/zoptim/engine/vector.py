@@ -58,6 +58,7 @@ from .noise import (
     NoiseSource,
     check_distribution,
     mix,
+    mix_array,
     normal_table,
     values_from_bits_numpy,
 )
@@ -65,6 +66,28 @@ from .protocol import ElementWiseEngine
 
 #: Elements of cached directions the engine keeps at most (float32: 16 MiB); at least two keys.
 CACHE_ELEMENTS = 1 << 22
+#: :meth:`VectorPerturbation.prefetch`: at most this many keys per call, for vectors of at most
+#: PREFETCH_DIM elements
+PREFETCH_KEYS, PREFETCH_DIM = 256, 1 << 14
+
+_S15, _S16, _U1, _U2 = np.uint32(15), np.uint32(16), np.uint32(_C1), np.uint32(_C2)
+
+
+def _counter_bits_u32(weyl: np.ndarray, k0, k1, out: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+    """:func:`zoptim.engine.noise.counter_bits` computed in uint32 arithmetic (every step of the
+    formula is modulo 2**32, so wrapping products give the same words), in place in ``out``:
+    ``weyl`` is the key-independent part of each index's word, ``k0``, ``k1`` the key's words
+    (uint32 scalars, or columns of one key per row of ``out``)."""
+    tmp = np.empty_like(out) if tmp is None else tmp
+    x, rs, xor, mul = out, np.right_shift, np.bitwise_xor, np.multiply
+    np.add(weyl, k0, out=x)
+    xor(x, k1, out=x)
+    xor(x, rs(x, _S16, out=tmp), out=x)
+    mul(x, _U1, out=x)
+    xor(x, rs(x, _S15, out=tmp), out=x)
+    mul(x, _U2, out=x)
+    xor(x, rs(x, _S15, out=tmp), out=x)
+    return x
 
 
 class VectorPerturbation(ElementWiseEngine):
@@ -111,6 +134,7 @@ class VectorPerturbation(ElementWiseEngine):
         idx = np.arange(self.dim, dtype=np.int64)
         self._weyl = (((idx & _M32) * _WEYL + ((idx >> 32) * _HI & _M32)) & _M32).astype(np.uint32)
         self._work = np.empty(self.dim, dtype=np.uint32)
+        self._tmp = np.empty(self.dim, dtype=np.uint32)
         self._table = normal_table(torch.device("cpu")).numpy() if distribution == "normal" else None
         self._key: int | None = None
         self._scale = 0.0  # the unrounded scale of the offset applied (after the normalisation factor)
@@ -153,30 +177,46 @@ class VectorPerturbation(ElementWiseEngine):
         if z is not None:
             self._cache.move_to_end(key)
             return z
-        bits = self._bits(key)
-        if self.distribution == "normal":  # values_from_bits: the table at the top 16 bits
-            z = np.take(self._table, np.right_shift(bits, 16, out=bits))
-        else:
-            z = values_from_bits_numpy(bits.astype(np.int64), self.distribution).numpy()
+        z = self._values(self._bits(key))
         self._cache[key] = z
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
         return z
 
     def _bits(self, key: int) -> np.ndarray:
-        """:func:`zoptim.engine.noise.counter_bits` of every index for the stream of ``key``, computed in
-        uint32 arithmetic (every step of the formula is modulo 2**32, so wrapping products give the
-        same words), in place in one scratch array: eight NumPy calls for the whole vector."""
+        """:func:`zoptim.engine.noise.counter_bits` of every index for the stream of ``key``, in one
+        scratch array (see :func:`_counter_bits_u32`)."""
         k0, k1 = self.noise.words(mix(key, 0))
-        x = self._work
-        np.add(self._weyl, np.uint32(k0), out=x)
-        np.bitwise_xor(x, np.uint32(k1), out=x)
-        x ^= x >> 16
-        x *= _C1
-        x ^= x >> 15
-        x *= _C2
-        x ^= x >> 15
-        return x
+        return _counter_bits_u32(self._weyl, np.uint32(k0), np.uint32(k1), self._work, self._tmp)
+
+    #: the most keys :meth:`prefetch` draws in one call (0 for a long vector, whose draws cost
+    #: their arithmetic, not the calls' fixed cost)
+    @property
+    def draws_ahead(self) -> int:
+        return 0 if self.dim > PREFETCH_DIM else min(PREFETCH_KEYS, self._cache_size // 2)
+
+    def prefetch(self, keys: np.ndarray) -> None:
+        """Draw the directions of ``keys`` (a uint64 array, e.g. the next steps' keys) in one
+        vectorised pass over a (keys x d) array and cache them: a short vector's draw costs the
+        fixed cost of its dozen NumPy calls, which this pays once for all the keys."""
+        keys = [k for k in np.asarray(keys, dtype=np.uint64).ravel().tolist()[: self.draws_ahead] if k not in self._cache]
+        if not keys:
+            return
+        stream = mix_array(np.asarray(keys, dtype=np.uint64), 0)[:, None]
+        k0 = (stream & np.uint64(_M32)).astype(np.uint32)
+        k1 = (stream >> np.uint64(32)).astype(np.uint32)
+        bits = _counter_bits_u32(self._weyl, k0, k1, np.empty((len(keys), self.dim), np.uint32))
+        rows = self._values(bits)
+        for key, z in zip(keys, rows):
+            self._cache[key] = z
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _values(self, bits: np.ndarray) -> np.ndarray:
+        """The float32 values of the distribution for 32-bit words (``bits`` is overwritten)."""
+        if self.distribution == "normal":  # values_from_bits: the table at the top 16 bits
+            return np.take(self._table, np.right_shift(bits, _S16, out=bits))
+        return values_from_bits_numpy(bits.astype(np.int64), self.distribution).numpy()
 
     def direction_chunks(self, key: int):
         """Yields ``(0, a, b, s)``: the direction ``key`` in chunks, s a float32 tensor (read-only)."""

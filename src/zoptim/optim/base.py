@@ -21,11 +21,12 @@ import warnings
 import weakref
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from torch.optim import Optimizer
 
 from ..engine import build_engine
-from ..engine.noise import check_distribution, mix
+from ..engine.noise import check_distribution, mix, mix_array
 from ..engine.shards import local_part
 from .checks import check_int, check_positive
 from .exchange import DirectionExchange
@@ -117,6 +118,7 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
     # -- parameters -----------------------------------------------------------------------------
     def _build_engine(self) -> None:
         self._names = self._dtype_limit = None  # caches of the parameters' names and dtypes
+        self._ahead = (0, 0)  # the steps whose directions the engine has drawn ahead (_draw_ahead)
         trainable, group_of, seen, where = [], [], {}, []
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
@@ -255,6 +257,24 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
 
     def direction_key(self, index: int = 0) -> int:
         return mix(self.seed, self.steps, index)
+
+    #: directions a step draws, ``direction_key(0 .. n - 1)`` (times the direction-parallel
+    #: processes); a method with ``num_directions`` draws that many
+    num_directions = 1
+
+    def _drawn_ahead(self, step: int) -> bool:
+        return self._ahead[0] <= step < self._ahead[1]
+
+    def _draw_ahead(self) -> None:
+        """Have the engine draw the directions of the next steps at once (``engine.draws_ahead``
+        keys; the vector engine, whose per-draw cost is fixed, not arithmetic). Only a hint: a
+        direction that was not drawn ahead is drawn when it is used, with the same values."""
+        n = self.num_directions * self._directions_world_size
+        steps = self.engine.draws_ahead // n
+        if self.per_example or steps < 2:
+            return
+        self.engine.prefetch(mix_array(self.seed, np.arange(self.steps, self.steps + steps)[:, None], np.arange(n)))
+        self._ahead = (self.steps, self.steps + steps)
 
 
     def _momentum_terms(self, steps: list[tuple[int, float]]) -> list[tuple[int, float]]:
@@ -399,6 +419,8 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
         self._check_groups()
         if self._run is not None:
             self._run.abandon()
+        if self.engine.draws_ahead and not self._drawn_ahead(self.steps):
+            self._draw_ahead()
         self._exchanged = False
         self._run = StepRun(self)
         return self._run
