@@ -69,12 +69,17 @@ from .noise import (
     counter_bits,
     max_abs_value,
     mix,
+    mix_array,
     normal_table,
     values_from_bits,
     values_from_bits_numpy,
 )
 from .protocol import RowKeys, normalization_factor
 from .shards import LocalPart
+
+#: :meth:`ForwardPerturbation.prefetch`: the keys drawn at once, for a model on the CPU whose compact
+#: directions hold at most PREFETCH_ELEMENTS values (a 784-64-10 MLP at rank 1: about 1,000)
+PREFETCH_KEYS, PREFETCH_ELEMENTS = 128, 1 << 14
 
 #: module -> weakref to the engine whose hooks it carries (a model is driven by one optimizer at a time)
 _OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -152,6 +157,7 @@ class ForwardPerturbation:
         self._scales: list[float] | None = None
         self._recomputing = False
         self._prep: dict[int, object] = {}
+        self._unit_key, self._unit_prep = None, {}  # _prepared_for_key's direction and its builds
         self._cache: dict[int, dict[int, object]] = {}
         # Directions kept: a step's own (its two queries and the update share it); an update of more
         # terms (k directions, the seed momentum's window) grows it to hold them all.
@@ -177,6 +183,11 @@ class ForwardPerturbation:
         self._small = [j for j, k in self.kind.items() if k == "full" and j not in set(big_full)]
         self._lowrank = [j for j, k in self.kind.items() if k == "lowrank"]
         self._layout_streams()
+        # the compact directions of the coming steps, drawn at once (prefetch) on a small CPU model
+        self._ahead: dict[int, dict[int, object]] = {}
+        lengths = [length for segs in self._segments.values() for _, length, _ in segs]
+        small_cpu = list(self._segments) == [torch.device("cpu")] and sum(lengths) <= PREFETCH_ELEMENTS
+        self.draws_ahead = PREFETCH_KEYS if small_cpu else 0
         self.per_example = bool(per_example)
         self.rows: int | None = None  # the batch size the hooks saw at the current per-example query
         self._group = 1  # rows per example at the current per-example query (the module's rows_per_example)
@@ -251,29 +262,50 @@ class ForwardPerturbation:
             got = self._from_rows(key)
         if got is not None:
             return got
-        out: dict[int, object] = {}
-        for device, segs in self._segments.items():
-            idx, seg, starts = self._streams[device]
-            words = [self.noise.words(mix(key, j)) for j, _, _ in segs]
-            k0 = np.array([w[0] for w in words], dtype=np.int64)
-            k1 = np.array([w[1] for w in words], dtype=np.int64)
-            if device.type == "cpu":
-                flat = values_from_bits_numpy(counter_bits(idx, k0[seg], k1[seg]), self.distribution)
-            else:
-                bits = counter_bits(idx, torch.from_numpy(k0).to(device)[seg], torch.from_numpy(k1).to(device)[seg])
-                flat = values_from_bits(bits, self.distribution, normal_table(device))
-            for i, (j, length, _) in enumerate(segs):
-                z = flat[starts[i] : starts[i] + length]
-                if j in self.kind and self.kind[j] == "lowrank":
-                    m, n = self._matrix_shape(j)
-                    out[j] = (z[: m * self.rank].view(m, self.rank), z[m * self.rank :].view(n, self.rank))
+        out = self._ahead.pop(key, None)
+        if out is None:
+            out = {}
+            for device, segs in self._segments.items():
+                idx, seg, starts = self._streams[device]
+                words = [self.noise.words(mix(key, j)) for j, _, _ in segs]
+                k0 = np.array([w[0] for w in words], dtype=np.int64)
+                k1 = np.array([w[1] for w in words], dtype=np.int64)
+                if device.type == "cpu":
+                    flat = values_from_bits_numpy(counter_bits(idx, k0[seg], k1[seg]), self.distribution)
                 else:
-                    out[j] = z.view(self.params[j].shape)
+                    bits = counter_bits(idx, torch.from_numpy(k0).to(device)[seg], torch.from_numpy(k1).to(device)[seg])
+                    flat = values_from_bits(bits, self.distribution, normal_table(device))
+                self._split(segs, starts, flat, out)
         if cache:
             if len(self._cache) >= self._cache_keys:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = out
         return out
+
+    def _split(self, segs, starts, flat: torch.Tensor, out: dict[int, object]) -> None:
+        """Views of one device's flat values, per tensor: ``(A, B)`` of a low-rank matrix, else ``z``."""
+        for i, (j, length, _) in enumerate(segs):
+            z = flat[starts[i] : starts[i] + length]
+            if j in self.kind and self.kind[j] == "lowrank":
+                m, n = self._matrix_shape(j)
+                out[j] = (z[: m * self.rank].view(m, self.rank), z[m * self.rank :].view(n, self.rank))
+            else:
+                out[j] = z.view(self.params[j].shape)
+
+    def prefetch(self, keys: np.ndarray) -> None:
+        """Draw the compact directions of ``keys`` (uint64, the coming steps') in one vectorised pass
+        over a (keys x values) array (see ``Engine.draws_ahead``): a small model's draw costs the
+        fixed cost of its NumPy calls, paid here once for all the keys. Replaces the last keys drawn ahead."""
+        keys = np.asarray(keys, dtype=np.uint64).ravel()[: self.draws_ahead]
+        (segs,) = self._segments.values()
+        idx, seg, starts = self._streams[torch.device("cpu")]
+        stream = mix_array(keys[:, None], np.array([j for j, _, _ in segs], dtype=np.uint64)[None, :])
+        k0 = (stream & np.uint64(0xFFFFFFFF)).astype(np.int64)
+        k1 = (stream >> np.uint64(32)).astype(np.int64)
+        flat = values_from_bits_numpy(counter_bits(idx[None, :], k0[:, seg], k1[:, seg]), self.distribution)
+        self._ahead = {}
+        for key, row in zip(keys.tolist(), flat):
+            self._split(segs, starts, row, self._ahead.setdefault(key, {}))
 
     def _full(self, j: int, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The full-rank direction of tensor j (float32, materialised; rank=None matrices)."""
@@ -403,6 +435,16 @@ class ForwardPerturbation:
             got = self._prep[id(module)] = build()
         return got
 
+    def _prepared_for_key(self, module, dtype, build):
+        """What a hook needs for the current direction at any scale (its factors at scale 1), built
+        once per direction, module and dtype: the step's two queries and their hooks share it."""
+        if self._unit_key != self._key:
+            self._unit_key, self._unit_prep = self._key, {}
+        got = self._unit_prep.get((id(module), dtype))
+        if got is None:
+            got = self._unit_prep[(id(module), dtype)] = build()
+        return got
+
     def _row_scaled(self, j: int, dtype):
         """Tensor j's stacked per-row direction times its scale: (A * s / sqrt(r), B) or z * s."""
         v = self._row_values()[j]
@@ -414,7 +456,6 @@ class ForwardPerturbation:
     # -- the engine interface (zoptim.engine.protocol.Engine) ---------------------------------------------------
     #: HiZOO's element-wise weights need the direction written element by element: not offered here.
     element_wise = False
-    draws_ahead = 0  # each hooked layer draws its factors when its query is prepared
 
     def query_rows(self) -> int | None:
         """The examples the hooked layers saw at the current per-example query (None before its forward):

@@ -117,9 +117,31 @@ class LinearHandler(LayerHandler):
         return (None if left is None else left.to(dtype), torch.cat(right).to(dtype) if right else None,
                 sw is not None and e.kind[w] != "lowrank", sw, sb is not None)
 
+    def _build_unit(self, dtype):
+        """The factors of a low-rank weight (and the bias) at scale 1, for the direction alone: both
+        queries of a step (+eps, -eps) share them, the scale rides on the product (``alpha``)."""
+        e, w, b = self.engine, self.j.get("weight"), self.j.get("bias")
+        values = e._values(e._key)
+        A, B = values[w]
+        left, r_factor = (A, B) if self.transposed else (B, A)
+        right = (r_factor.T * (1.0 / math.sqrt(e.rank))).to(dtype)
+        return left.to(dtype), right, None if b is None else values[b].to(dtype)
+
     def query(self, module, args, kwargs, out):
         x = args[0]
-        left, right, full, sw, has_bias = self.engine._prepared(module, lambda: self._build(out.dtype))
+        e, w, b = self.engine, self.j.get("weight"), self.j.get("bias")
+        sw = e._active(w)
+        if sw is not None and e.kind[w] == "lowrank" and (b is None or e._active(b) == sw):
+            # the common case: one scale for the layer, the factors shared by the step's queries
+            flat = out.view(-1, out.shape[-1]) if out.is_contiguous() else None
+            if flat is not None and not (torch.is_grad_enabled() and out.requires_grad):
+                left, right, bias = e._prepared_for_key(module, out.dtype, lambda: self._build_unit(out.dtype))
+                x2 = x.reshape(-1, x.shape[-1])
+                flat.addmm_(x2 @ left if x2.dtype == out.dtype else x2.to(out.dtype) @ left, right, alpha=sw)
+                if bias is not None:
+                    flat.add_(bias, alpha=sw)
+                return out
+        left, right, full, sw, has_bias = e._prepared(module, lambda: self._build(out.dtype))
         width = out.shape[-1]
         flat = out.view(-1, width) if out.is_contiguous() else None
         x2 = x.reshape(-1, x.shape[-1]).to(out.dtype)
