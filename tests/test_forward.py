@@ -311,20 +311,22 @@ def test_ask_tell_over_a_forward_optimizer_matches_step():
         assert torch.equal(a, b)
 
 
-def test_a_small_model_draws_the_next_steps_directions_at_once():
+@pytest.mark.parametrize("distribution", ["normal", "rademacher", "uniform"])
+def test_a_small_model_draws_the_next_steps_directions_at_once(distribution):
     """On a small CPU model the coming steps' compact directions are drawn in one pass (prefetch);
     they are the values drawn one key at a time."""
     model, x = build("linear+norms+tied-embedding")
-    opt = zoptim.ZOSGD(trainable(model), lr=0.02, eps=1e-2, seed=SEED, module=model, rank=2)
+    opt = zoptim.ZOSGD(trainable(model), lr=0.02, eps=1e-2, seed=SEED, module=model, rank=2, distribution=distribution)
     engine = opt.engine
     assert engine.draws_ahead > 2
     opt.step(_loss(model, x))
-    ahead = dict(engine._ahead)  # steps 1 .. draws_ahead - 1, drawn at step 0
-    assert len(ahead) == engine.draws_ahead - 1 and mix(SEED, 1, 0) in ahead
-    engine._ahead = {}
-    for key, values in list(ahead.items())[:5]:
-        drawn = engine._values(key, cache=False)
-        for j, v in values.items():
-            for a, b in zip(v if isinstance(v, tuple) else (v,), drawn[j] if isinstance(v, tuple) else (drawn[j],)):
-                assert torch.equal(a, b)
+    ahead = list(engine._ahead)  # steps 1 .. draws_ahead - 1, drawn at step 0
+    assert len(ahead) == engine.draws_ahead - 1 and ahead[0] == mix(SEED, 1, 0)
+    for key in ahead[:5]:
+        from_ahead = engine._values(key, cache=False)
+        assert key not in engine._ahead
+        one_at_a_time = engine._values(key, cache=False)
+        for j, v in from_ahead.items():
+            pairs = zip(v, one_at_a_time[j]) if isinstance(v, tuple) else [(v, one_at_a_time[j])]
+            assert all(torch.equal(a, b) for a, b in pairs)
     opt.close()

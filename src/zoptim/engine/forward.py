@@ -67,12 +67,14 @@ from .noise import (
     NoiseSource,
     check_distribution,
     counter_bits,
+    counter_bits_u32,
     max_abs_value,
     mix,
     mix_array,
     normal_table,
     values_from_bits,
     values_from_bits_numpy,
+    weyl_words,
 )
 from .protocol import RowKeys, normalization_factor
 from .shards import LocalPart
@@ -184,7 +186,8 @@ class ForwardPerturbation:
         self._lowrank = [j for j, k in self.kind.items() if k == "lowrank"]
         self._layout_streams()
         # the compact directions of the coming steps, drawn at once (prefetch) on a small CPU model
-        self._ahead: dict[int, dict[int, object]] = {}
+        self._ahead: dict[int, torch.Tensor] = {}
+        self._weyl: np.ndarray | None = None
         lengths = [length for segs in self._segments.values() for _, length, _ in segs]
         small_cpu = list(self._segments) == [torch.device("cpu")] and sum(lengths) <= PREFETCH_ELEMENTS
         self.draws_ahead = PREFETCH_KEYS if small_cpu else 0
@@ -262,9 +265,12 @@ class ForwardPerturbation:
             got = self._from_rows(key)
         if got is not None:
             return got
-        out = self._ahead.pop(key, None)
-        if out is None:
-            out = {}
+        ahead = self._ahead.pop(key, None)
+        out = {}
+        if ahead is not None:
+            (segs,) = self._segments.values()
+            self._split(segs, self._streams[torch.device("cpu")][2], ahead, out)
+        else:
             for device, segs in self._segments.items():
                 idx, seg, starts = self._streams[device]
                 words = [self.noise.words(mix(key, j)) for j, _, _ in segs]
@@ -298,14 +304,15 @@ class ForwardPerturbation:
         fixed cost of its NumPy calls, paid here once for all the keys. Replaces the last keys drawn ahead."""
         keys = np.asarray(keys, dtype=np.uint64).ravel()[: self.draws_ahead]
         (segs,) = self._segments.values()
-        idx, seg, starts = self._streams[torch.device("cpu")]
+        idx, seg, _ = self._streams[torch.device("cpu")]
+        if self._weyl is None:  # the key-independent part of each index's word (see counter_bits_u32)
+            self._weyl = weyl_words(idx)
         stream = mix_array(keys[:, None], np.array([j for j, _, _ in segs], dtype=np.uint64)[None, :])
-        k0 = (stream & np.uint64(0xFFFFFFFF)).astype(np.int64)
-        k1 = (stream >> np.uint64(32)).astype(np.int64)
-        flat = values_from_bits_numpy(counter_bits(idx[None, :], k0[:, seg], k1[:, seg]), self.distribution)
-        self._ahead = {}
-        for key, row in zip(keys.tolist(), flat):
-            self._split(segs, starts, row, self._ahead.setdefault(key, {}))
+        k0 = (stream & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, seg]
+        k1 = (stream >> np.uint64(32)).astype(np.uint32)[:, seg]
+        bits = counter_bits_u32(self._weyl, k0, k1, np.empty(k0.shape, dtype=np.uint32))
+        flat = values_from_bits_numpy(bits, self.distribution)
+        self._ahead = dict(zip(keys.tolist(), flat))  # split into tensors when used (_values)
 
     def _full(self, j: int, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The full-rank direction of tensor j (float32, materialised; rank=None matrices)."""

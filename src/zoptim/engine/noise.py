@@ -176,6 +176,32 @@ def counter_bits(idx, k0, k1):
     return x ^ (x >> 15)
 
 
+_S15, _S16, _U1, _U2 = np.uint32(15), np.uint32(16), np.uint32(_C1), np.uint32(_C2)
+
+
+def counter_bits_u32(weyl: np.ndarray, k0, k1, out: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
+    """:func:`zoptim.engine.noise.counter_bits` computed in uint32 arithmetic (every step of the
+    formula is modulo 2**32, so wrapping products give the same words), in place in ``out``:
+    ``weyl`` is the key-independent part of each index's word, ``k0``, ``k1`` the key's words
+    (uint32 scalars, or columns of one key per row of ``out``)."""
+    tmp = np.empty_like(out) if tmp is None else tmp
+    x, rs, xor, mul = out, np.right_shift, np.bitwise_xor, np.multiply
+    np.add(weyl, k0, out=x)
+    xor(x, k1, out=x)
+    xor(x, rs(x, _S16, out=tmp), out=x)
+    mul(x, _U1, out=x)
+    xor(x, rs(x, _S15, out=tmp), out=x)
+    mul(x, _U2, out=x)
+    xor(x, rs(x, _S15, out=tmp), out=x)
+    return x
+
+
+def weyl_words(idx: np.ndarray) -> np.ndarray:
+    """The key-independent part of :func:`counter_bits`' first word for int64 indices ``idx``,
+    ``(i_lo * WEYL + i_hi * HI) mod 2**32``, as uint32 (what :func:`counter_bits_u32` adds the key to)."""
+    return (((idx & _M32) * _WEYL + ((idx >> 32) * _HI & _M32)) & _M32).astype(np.uint32)
+
+
 def values_from_bits(bits: torch.Tensor, distribution: str, table: torch.Tensor | None = None) -> torch.Tensor:
     """Map 32-bit words to float32 values of ``distribution`` (see the module docstring)."""
     if distribution == "normal":
@@ -199,6 +225,8 @@ def values_from_bits_numpy(bits: np.ndarray, distribution: str) -> torch.Tensor:
         if _NUMPY_TABLE is None:
             _NUMPY_TABLE = normal_table(torch.device("cpu")).numpy()
         return torch.from_numpy(_NUMPY_TABLE[bits >> 16])
+    if bits.dtype != np.int64:  # unsigned words: the arithmetic below needs signed room
+        bits = bits.astype(np.int64)
     if distribution == "rademacher":
         return torch.from_numpy((1 - 2 * (bits >> 31)).astype(np.float32))
     return values_from_bits(torch.from_numpy(bits), distribution)

@@ -48,19 +48,17 @@ import torch
 from .atomic import recover
 from .inplace import Scales, Weights, spread_scales
 from .noise import (
-    _C1,
-    _C2,
-    _HI,
     _M32,
-    _WEYL,
     CHUNK_SIZE,
     EAGER_CHUNK_SIZE,
     NoiseSource,
     check_distribution,
+    counter_bits_u32,
     mix,
     mix_array,
     normal_table,
     values_from_bits_numpy,
+    weyl_words,
 )
 from .protocol import ElementWiseEngine
 
@@ -70,24 +68,7 @@ CACHE_ELEMENTS = 1 << 22
 #: PREFETCH_DIM elements
 PREFETCH_KEYS, PREFETCH_DIM = 256, 1 << 14
 
-_S15, _S16, _U1, _U2 = np.uint32(15), np.uint32(16), np.uint32(_C1), np.uint32(_C2)
-
-
-def _counter_bits_u32(weyl: np.ndarray, k0, k1, out: np.ndarray, tmp: np.ndarray | None = None) -> np.ndarray:
-    """:func:`zoptim.engine.noise.counter_bits` computed in uint32 arithmetic (every step of the
-    formula is modulo 2**32, so wrapping products give the same words), in place in ``out``:
-    ``weyl`` is the key-independent part of each index's word, ``k0``, ``k1`` the key's words
-    (uint32 scalars, or columns of one key per row of ``out``)."""
-    tmp = np.empty_like(out) if tmp is None else tmp
-    x, rs, xor, mul = out, np.right_shift, np.bitwise_xor, np.multiply
-    np.add(weyl, k0, out=x)
-    xor(x, k1, out=x)
-    xor(x, rs(x, _S16, out=tmp), out=x)
-    mul(x, _U1, out=x)
-    xor(x, rs(x, _S15, out=tmp), out=x)
-    mul(x, _U2, out=x)
-    xor(x, rs(x, _S15, out=tmp), out=x)
-    return x
+_S16 = np.uint32(16)
 
 
 class VectorPerturbation(ElementWiseEngine):
@@ -132,7 +113,7 @@ class VectorPerturbation(ElementWiseEngine):
         self.dim = int(x.numel())
         # the key-independent part of the stream's Weyl sequence, (i_lo * WEYL + i_hi * HI) mod 2**32
         idx = np.arange(self.dim, dtype=np.int64)
-        self._weyl = (((idx & _M32) * _WEYL + ((idx >> 32) * _HI & _M32)) & _M32).astype(np.uint32)
+        self._weyl = weyl_words(idx)
         self._work = np.empty(self.dim, dtype=np.uint32)
         self._tmp = np.empty(self.dim, dtype=np.uint32)
         self._table = normal_table(torch.device("cpu")).numpy() if distribution == "normal" else None
@@ -185,9 +166,9 @@ class VectorPerturbation(ElementWiseEngine):
 
     def _bits(self, key: int) -> np.ndarray:
         """:func:`zoptim.engine.noise.counter_bits` of every index for the stream of ``key``, in one
-        scratch array (see :func:`_counter_bits_u32`)."""
+        scratch array (see :func:`~zoptim.engine.noise.counter_bits_u32`)."""
         k0, k1 = self.noise.words(mix(key, 0))
-        return _counter_bits_u32(self._weyl, np.uint32(k0), np.uint32(k1), self._work, self._tmp)
+        return counter_bits_u32(self._weyl, np.uint32(k0), np.uint32(k1), self._work, self._tmp)
 
     #: the most keys :meth:`prefetch` draws in one call (0 for a long vector, whose draws cost
     #: their arithmetic, not the calls' fixed cost)
@@ -205,7 +186,7 @@ class VectorPerturbation(ElementWiseEngine):
         stream = mix_array(np.asarray(keys, dtype=np.uint64), 0)[:, None]
         k0 = (stream & np.uint64(_M32)).astype(np.uint32)
         k1 = (stream >> np.uint64(32)).astype(np.uint32)
-        bits = _counter_bits_u32(self._weyl, k0, k1, np.empty((len(keys), self.dim), np.uint32))
+        bits = counter_bits_u32(self._weyl, k0, k1, np.empty((len(keys), self.dim), np.uint32))
         rows = self._values(bits)
         for key, z in zip(keys, rows):
             self._cache[key] = z
