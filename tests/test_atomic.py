@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim.engine import kernels
+from zoptim.engine import kernels, small
 from zoptim.engine.atomic import deferred_signals
 from zoptim.optim import registry
 
@@ -78,6 +78,13 @@ def calls_of_one_step(name, monkeypatch):
     opt.step(loss_of(ps))
     monkeypatch.setattr(kernels, "run", real)
     return phases
+
+
+@pytest.fixture(autouse=True)
+def in_place_engine(monkeypatch):
+    """The failures are injected into the in-place engine's kernels: its route even for these small
+    tensors (the small-model engine's atomicity is tested in test_small.py)."""
+    monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
 
 
 @pytest.fixture

@@ -320,11 +320,11 @@ def test_a_small_model_draws_the_next_steps_directions_at_once(distribution):
     engine = opt.engine
     assert engine.draws_ahead > 2
     opt.step(_loss(model, x))
-    ahead = list(engine._ahead)  # steps 1 .. draws_ahead - 1, drawn at step 0
+    ahead = engine._draws.drawn_ahead()  # steps 1 .. draws_ahead - 1, drawn at step 0
     assert len(ahead) == engine.draws_ahead - 1 and ahead[0] == mix(SEED, 1, 0)
     for key in ahead[:5]:
         from_ahead = engine._values(key, cache=False)
-        assert key not in engine._ahead
+        assert key not in engine._draws.drawn_ahead()
         one_at_a_time = engine._values(key, cache=False)
         for j, v in from_ahead.items():
             pairs = zip(v, one_at_a_time[j]) if isinstance(v, tuple) else [(v, one_at_a_time[j])]

@@ -1,7 +1,8 @@
 """What every method guarantees, on every engine it runs on: one table drives the checks.
 
 The table is registered methods x engines: in place (:mod:`zoptim.engine.inplace`, on the eager
-kernels and on the compiled ones users get by default), and applied in the forward
+kernels and on the compiled ones users get by default for a large model), the small-model engine
+(:mod:`zoptim.engine.small`, what a model this small gets by default), and applied in the forward
 (:mod:`zoptim.engine.forward`) with full-rank and with rank-1 matrix directions, for the methods
 that offer it (the registry says which). The registry (``zoptim.optim.registry``) drives the
 table, so a method registered later is held to the same guarantees without a line here (only
@@ -21,7 +22,7 @@ import pytest
 import torch
 
 import zoptim
-from zoptim.engine import kernels, packed
+from zoptim.engine import kernels, packed, small
 from zoptim.optim import registry
 
 NEEDS = {"as2p": dict(total_steps=12), "s2p": dict(lr=1.0, total_steps=12)}
@@ -29,6 +30,7 @@ NEEDS = {"as2p": dict(total_steps=12), "s2p": dict(lr=1.0, total_steps=12)}
 LR = {"zosgd": 5e-3, "hizoo": 5e-3, "stp": 0.05, "as2p": 0.05}
 #: engine -> (the optimizer's arguments, given the model), in place on both kernel routes.
 ENGINES = {
+    "small": lambda model: {},
     "in-place-eager": lambda model: {},
     "in-place-compiled": lambda model: {},
     "forward-full-rank": lambda model: dict(module=model),
@@ -54,8 +56,14 @@ X, Y = torch.randn(16, 8, generator=g), torch.randn(16, 7, generator=g)
 
 @pytest.fixture
 def route(request, monkeypatch):
-    """The kernel route: compiled (the default users get) unless the engine says eager."""
-    if request.node.callspec.params["engine"] == "in-place-eager":
+    """The kernel route: compiled (the default users get) unless the engine says eager; the
+    in-place engine even for this small model, unless the engine is the small-model one."""
+    engine = request.node.callspec.params["engine"]
+    if engine == "small":
+        yield
+        return
+    monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
+    if engine == "in-place-eager":
         monkeypatch.setenv("ZOPTIM_COMPILE", "0")
         yield
         return
@@ -111,6 +119,9 @@ def test_every_method_keeps_its_guarantees_on_every_engine(name, engine, variant
     # it trains: the loss goes down
     model, opt = run(name, engine, variant, 12)
     assert loss_of(model)() < loss_of(start)()
+    kind = type(opt.engine).__name__
+    assert kind == {"small": "SmallPerturbation", "in-place-eager": "SeededPerturbation",
+                    "in-place-compiled": "SeededPerturbation"}.get(engine, "ForwardPerturbation")
     opt.close()
     # the same seed gives the same run, bit for bit; another seed another run
     again, opt = run(name, engine, variant, 12)

@@ -99,20 +99,26 @@ def test_the_optimizers_use_the_engines_through_their_contract_only():
         if "engine" in path.relative_to(ROOT).parts[:1]:
             continue
         text = path.read_text()
-        assert not re.search(r"isinstance\([^)]*(SeededPerturbation|ForwardPerturbation)", text), path
+        engines = "SeededPerturbation|ForwardPerturbation|SmallPerturbation|VectorPerturbation"
+        assert not re.search(rf"isinstance\([^)]*({engines})", text), path
         assert not re.search(r"engine\._[a-z]", text), path
 
 
-def test_both_engines_implement_the_contract_and_no_source_file_is_over_600_lines():
+def test_every_engine_implements_the_contract_and_no_source_file_is_over_600_lines():
     import torch
 
     from zoptim.engine import Engine, ForwardPerturbation, SeededPerturbation
+    from zoptim.engine.small import SmallPerturbation
+    from zoptim.engine.vector import VectorPerturbation
 
     model = torch.nn.Linear(3, 2)
     forward = ForwardPerturbation(model, list(model.parameters()), rank=1)
-    for engine in (SeededPerturbation([torch.zeros(4)]), forward):
+    engines = (SeededPerturbation([torch.zeros(4)]), SmallPerturbation([torch.zeros(4)]),
+               VectorPerturbation(torch.zeros(4, dtype=torch.float64)), forward)
+    for engine in engines:
         assert isinstance(engine, Engine)
-        assert all(hasattr(engine, name) for name in ("element_wise", "per_example", "exact", "normalize", "dim"))
+        assert all(hasattr(engine, name) for name in ("element_wise", "per_example", "exact", "normalize", "dim",
+                                                      "draws_ahead"))
     forward.close()
     long = {str(p.relative_to(ROOT)): n for p in ROOT.rglob("*.py") if (n := len(p.read_text().splitlines())) > 600}
     assert long == {}

@@ -13,6 +13,7 @@ import torch
 
 import zoptim
 from zoptim import blackbox
+from zoptim.engine import small
 from zoptim.engine.inplace import SeededPerturbation
 from zoptim.engine.vector import VectorPerturbation
 from zoptim.optim import registry
@@ -22,6 +23,13 @@ A = np.linspace(-1.0, 2.0, 12)
 
 def quadratic(x):
     return float(np.sum((np.asarray(x) - A) ** 2))
+
+
+@pytest.fixture(autouse=True)
+def in_place_engine(monkeypatch):
+    """The torch route is the in-place engine's kernels, the reference, even for these short vectors
+    (the small-model engine's equality with it is tested in test_small.py)."""
+    monkeypatch.setattr(small, "SMALL_ELEMENTS", 0)
 
 
 def routed(route, monkeypatch, fn):

@@ -8,6 +8,9 @@ optimizers in :mod:`zoptim.optim` use:
 * :mod:`.forward`: :class:`ForwardPerturbation` applies the direction inside the forward of the
   model's layers (one handler per layer kind, :mod:`.layers`); only the update writes the weights,
   plainly or orthogonalised (:mod:`.polar`);
+* :mod:`.small`: :class:`~zoptim.engine.small.SmallPerturbation`, the in-place engine's moves on a
+  small model (at most ``SMALL_ELEMENTS`` numbers), with the step's direction and the unperturbed
+  point held instead of regenerated and journaled;
 * :mod:`.vector`: :class:`VectorPerturbation`, the in-place engine's arithmetic on one flat NumPy
   vector (``minimize`` and ``AskTell`` over a function of a vector).
 
@@ -16,6 +19,7 @@ the small tensors moved in one pass (:mod:`.packed`), the atomic writes (:mod:`.
 local shards of FSDP2 parameters (:mod:`.shards`).
 """
 
+from . import small
 from .forward import ForwardPerturbation
 from .inplace import SeededPerturbation
 from .protocol import Engine, RowKeys
@@ -32,10 +36,14 @@ def build_engine(parts, *, module=None, tensors=None, distribution: str = "norma
     (:class:`ForwardPerturbation`; ``tensors``: the module's own tensors in the same order, which
     its hooks find), rank-``rank`` for matrices (``orthogonal``: the optimizer writes the orthogonalised
     update, :mod:`.polar`); without, they are written in place
-    (:class:`SeededPerturbation`). The combinations of these options are checked before, once
+    (:class:`SeededPerturbation`; :class:`~zoptim.engine.small.SmallPerturbation` for a small model,
+    see :data:`~zoptim.engine.small.SMALL_ELEMENTS`). The combinations of these options are checked before, once
     (:mod:`zoptim.optim.options`)."""
     if module is not None:
         return ForwardPerturbation(module, tensors, parts=parts, distribution=distribution, rank=rank,
                                    normalize=normalize, exact=exact, per_example=per_example, orthogonal=orthogonal)
+    if small.fits(parts):
+        return small.SmallPerturbation([part.tensor for part in parts], distribution=distribution,
+                                       normalize=normalize, exact=exact)
     return SeededPerturbation([part.tensor for part in parts], distribution=distribution, normalize=normalize,
                               exact=exact, offsets=[part.offset for part in parts])

@@ -61,27 +61,17 @@ from torch import nn
 
 from . import polar
 from .atomic import write_all
+from .compact import CompactDraws
 from .inplace import SeededPerturbation, spread_scales
 from .layers import MAX_RECOMPUTED_ELEMENTS, handler_for
 from .noise import (
     NoiseSource,
     check_distribution,
-    counter_bits,
-    counter_bits_u32,
     max_abs_value,
     mix,
-    mix_array,
-    normal_table,
-    values_from_bits,
-    values_from_bits_numpy,
-    weyl_words,
 )
 from .protocol import RowKeys, normalization_factor
 from .shards import LocalPart
-
-#: :meth:`ForwardPerturbation.prefetch`: the keys drawn at once, for a model on the CPU whose compact
-#: directions hold at most PREFETCH_ELEMENTS values (a 784-64-10 MLP at rank 1: about 1,000)
-PREFETCH_KEYS, PREFETCH_ELEMENTS = 128, 1 << 14
 
 #: module -> weakref to the engine whose hooks it carries (a model is driven by one optimizer at a time)
 _OWNERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -160,6 +150,7 @@ class ForwardPerturbation:
         self._recomputing = False
         self._prep: dict[int, object] = {}
         self._unit_key, self._unit_prep = None, {}  # _prepared_for_key's direction and its builds
+        self._scratch: dict[tuple, torch.Tensor] = {}  # _scratch_rows' buffers
         self._cache: dict[int, dict[int, object]] = {}
         # Directions kept: a step's own (its two queries and the update share it); an update of more
         # terms (k directions, the seed momentum's window) grows it to hold them all.
@@ -184,13 +175,7 @@ class ForwardPerturbation:
         ) if big_full else None
         self._small = [j for j, k in self.kind.items() if k == "full" and j not in set(big_full)]
         self._lowrank = [j for j, k in self.kind.items() if k == "lowrank"]
-        self._layout_streams()
-        # the compact directions of the coming steps, drawn at once (prefetch) on a small CPU model
-        self._ahead: dict[int, torch.Tensor] = {}
-        self._weyl: np.ndarray | None = None
-        lengths = [length for segs in self._segments.values() for _, length, _ in segs]
-        small_cpu = list(self._segments) == [torch.device("cpu")] and sum(lengths) <= PREFETCH_ELEMENTS
-        self.draws_ahead = PREFETCH_KEYS if small_cpu else 0
+        self._draws = CompactDraws(self.params, self._lowrank, self._small, rank, distribution, self.noise)
         self.per_example = bool(per_example)
         self.rows: int | None = None  # the batch size the hooks saw at the current per-example query
         self._group = 1  # rows per example at the current per-example query (the module's rows_per_example)
@@ -234,29 +219,6 @@ class ForwardPerturbation:
         p = self.params[j]
         return p.shape[0], p.numel() // p.shape[0]
 
-    def _layout_streams(self) -> None:
-        """One flat index space per device over the compact values of every hooked tensor but the
-        rank=None matrices: A and B of each low-rank matrix, all elements of each small tensor."""
-        self._segments: dict[torch.device, list[tuple[int, int, int]]] = {}
-        for j in self._lowrank + self._small:
-            p = self.params[j]
-            if j in self._lowrank:
-                m, n = self._matrix_shape(j)
-                length = self.rank * (m + n)
-            else:
-                length = p.numel()
-            self._segments.setdefault(p.device, []).append((j, length, 0))
-        self._streams = {}
-        for device, segs in self._segments.items():
-            lengths = [length for _, length, _ in segs]
-            idx = np.concatenate([np.arange(n, dtype=np.int64) for n in lengths])
-            seg = np.repeat(np.arange(len(segs)), lengths)
-            if device.type != "cpu":
-                idx_t, seg_t = torch.from_numpy(idx).to(device), torch.from_numpy(seg).to(device)
-            else:
-                idx_t, seg_t = idx, seg
-            self._streams[device] = (idx_t, seg_t, np.cumsum([0] + lengths))
-
     def _values(self, key: int, cache: bool = True) -> dict[int, object]:
         """The compact direction ``key``: ``{j: (A, B)}`` for low-rank matrices, ``{j: z}`` for small
         tensors, float32 on each tensor's device (cached for the last few keys)."""
@@ -265,54 +227,20 @@ class ForwardPerturbation:
             got = self._from_rows(key)
         if got is not None:
             return got
-        ahead = self._ahead.pop(key, None)
-        out = {}
-        if ahead is not None:
-            (segs,) = self._segments.values()
-            self._split(segs, self._streams[torch.device("cpu")][2], ahead, out)
-        else:
-            for device, segs in self._segments.items():
-                idx, seg, starts = self._streams[device]
-                words = [self.noise.words(mix(key, j)) for j, _, _ in segs]
-                k0 = np.array([w[0] for w in words], dtype=np.int64)
-                k1 = np.array([w[1] for w in words], dtype=np.int64)
-                if device.type == "cpu":
-                    flat = values_from_bits_numpy(counter_bits(idx, k0[seg], k1[seg]), self.distribution)
-                else:
-                    bits = counter_bits(idx, torch.from_numpy(k0).to(device)[seg], torch.from_numpy(k1).to(device)[seg])
-                    flat = values_from_bits(bits, self.distribution, normal_table(device))
-                self._split(segs, starts, flat, out)
+        out = self._draws.draw(key)
         if cache:
             if len(self._cache) >= self._cache_keys:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[key] = out
         return out
 
-    def _split(self, segs, starts, flat: torch.Tensor, out: dict[int, object]) -> None:
-        """Views of one device's flat values, per tensor: ``(A, B)`` of a low-rank matrix, else ``z``."""
-        for i, (j, length, _) in enumerate(segs):
-            z = flat[starts[i] : starts[i] + length]
-            if j in self.kind and self.kind[j] == "lowrank":
-                m, n = self._matrix_shape(j)
-                out[j] = (z[: m * self.rank].view(m, self.rank), z[m * self.rank :].view(n, self.rank))
-            else:
-                out[j] = z.view(self.params[j].shape)
+    @property
+    def draws_ahead(self) -> int:
+        return self._draws.draws_ahead
 
     def prefetch(self, keys: np.ndarray) -> None:
-        """Draw the compact directions of ``keys`` (uint64, the coming steps') in one vectorised pass
-        over a (keys x values) array (see ``Engine.draws_ahead``): a small model's draw costs the
-        fixed cost of its NumPy calls, paid here once for all the keys. Replaces the last keys drawn ahead."""
-        keys = np.asarray(keys, dtype=np.uint64).ravel()[: self.draws_ahead]
-        (segs,) = self._segments.values()
-        idx, seg, _ = self._streams[torch.device("cpu")]
-        if self._weyl is None:  # the key-independent part of each index's word (see counter_bits_u32)
-            self._weyl = weyl_words(idx)
-        stream = mix_array(keys[:, None], np.array([j for j, _, _ in segs], dtype=np.uint64)[None, :])
-        k0 = (stream & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, seg]
-        k1 = (stream >> np.uint64(32)).astype(np.uint32)[:, seg]
-        bits = counter_bits_u32(self._weyl, k0, k1, np.empty(k0.shape, dtype=np.uint32))
-        flat = values_from_bits_numpy(bits, self.distribution)
-        self._ahead = dict(zip(keys.tolist(), flat))  # split into tensors when used (_values)
+        """Draw the coming steps' compact directions at once (:meth:`CompactDraws.prefetch`)."""
+        self._draws.prefetch(keys)
 
     def _full(self, j: int, key: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The full-rank direction of tensor j (float32, materialised; rank=None matrices)."""
@@ -451,6 +379,17 @@ class ForwardPerturbation:
         if got is None:
             got = self._unit_prep[(id(module), dtype)] = build()
         return got
+
+    def _scratch_rows(self, rows: int, n: int, filled: int, dtype, device) -> torch.Tensor:
+        """A reused (rows x n) scratch whose rows from ``filled`` on hold ones (a hook writes the
+        first ``filled``; the ones carry a bias through the same GEMM). Valid until the next call."""
+        key = (rows, n, filled, dtype, device)
+        buf = self._scratch.get(key)
+        if buf is None:
+            if len(self._scratch) >= 8:  # shapes come and go (sequence lengths): keep the last few
+                self._scratch.clear()
+            buf = self._scratch[key] = torch.ones((rows, n), dtype=dtype, device=device)
+        return buf
 
     def _row_scaled(self, j: int, dtype):
         """Tensor j's stacked per-row direction times its scale: (A * s / sqrt(r), B) or z * s."""

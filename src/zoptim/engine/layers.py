@@ -124,8 +124,10 @@ class LinearHandler(LayerHandler):
         values = e._values(e._key)
         A, B = values[w]
         left, r_factor = (A, B) if self.transposed else (B, A)
-        right = (r_factor.T * (1.0 / math.sqrt(e.rank))).to(dtype)
-        return left.to(dtype), right, None if b is None else values[b].to(dtype)
+        right = r_factor.T if e.rank == 1 else r_factor.T * (1.0 / math.sqrt(e.rank))
+        if b is not None:  # the bias rides on a row of ones appended to x B (see query)
+            right = torch.cat((right, values[b][None]))
+        return left.T.to(dtype), right.to(dtype)
 
     def query(self, module, args, kwargs, out):
         x = args[0]
@@ -135,11 +137,15 @@ class LinearHandler(LayerHandler):
             # the common case: one scale for the layer, the factors shared by the step's queries
             flat = out.view(-1, out.shape[-1]) if out.is_contiguous() else None
             if flat is not None and not (torch.is_grad_enabled() and out.requires_grad):
-                left, right, bias = e._prepared_for_key(module, out.dtype, lambda: self._build_unit(out.dtype))
+                left_t, right = e._prepared_for_key(module, out.dtype, lambda: self._build_unit(out.dtype))
                 x2 = x.reshape(-1, x.shape[-1])
-                flat.addmm_(x2 @ left if x2.dtype == out.dtype else x2.to(out.dtype) @ left, right, alpha=sw)
-                if bias is not None:
-                    flat.add_(bias, alpha=sw)
+                if x2.dtype != out.dtype:
+                    x2 = x2.to(out.dtype)
+                # (x B)^T into the first r rows of a scratch whose last row holds ones (the bias's),
+                # so the whole perturbation is one GEMM: out += eps [x B, 1] [A^T / sqrt(r); b]
+                xb_t = e._scratch_rows(right.shape[0], x2.shape[0], left_t.shape[0], out.dtype, out.device)
+                torch.mm(left_t, x2.T, out=xb_t[: left_t.shape[0]])
+                flat.addmm_(xb_t.T, right, alpha=sw)
                 return out
         left, right, full, sw, has_bias = e._prepared(module, lambda: self._build(out.dtype))
         width = out.shape[-1]
