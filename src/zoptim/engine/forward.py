@@ -472,7 +472,6 @@ class ForwardPerturbation:
         if self.in_place is not None:
             self.in_place.restore()
 
-    @torch.no_grad()
     def update(self, terms, decay=None, orthogonal: list[float] | None = None) -> None:
         """``x <- x (1 - decay) + sum_i scales_i s(key_i)``: the only write to covered weights.
 
@@ -487,6 +486,12 @@ class ForwardPerturbation:
 
         ``orthogonal`` (one step size per tensor): the orthogonalised update instead
         (:func:`zoptim.engine.polar.orthogonal_update`)."""
+        if torch.is_grad_enabled():  # the weights are written outside autograd
+            with torch.no_grad():
+                return self._update(terms, decay, orthogonal)
+        return self._update(terms, decay, orthogonal)
+
+    def _update(self, terms, decay, orthogonal) -> None:
         self._key, self._scales = None, None
         if orthogonal is not None:
             write_all(polar.orthogonal_update(self, terms, orthogonal, decay), completes_itself=0)

@@ -75,7 +75,10 @@ class LayerHandler:
 
     def __call__(self, module, args, kwargs, out):
         e = self.engine
-        if e._key is None or e._recomputing or all(e._active(j) is None for _, j, _ in self.tensors):
+        if e._key is None or e._recomputing:
+            return None
+        scales = e._scales
+        if all(scales[j] == 0.0 for _, j, _ in self.tensors):
             return None
         if isinstance(e._key, RowKeys) and e._row_count(args[0].shape[0], module) > 1:
             return self.rows(module, args, kwargs, out)

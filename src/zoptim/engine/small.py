@@ -59,6 +59,7 @@ SMALL_ELEMENTS = 1 << 18
 SMALL_DTYPES = (torch.float32, torch.float64)
 #: Directions kept: a step's own, and those of a k-direction or momentum update.
 CACHE_ELEMENTS = 1 << 22
+_S16 = np.uint32(16)
 
 
 def fits(parts) -> bool:
@@ -104,12 +105,17 @@ class SmallPerturbation(ElementWiseEngine):
         self.dim = sum(p.numel() for p in self.params)
         self._cpu = all(p.device.type == "cpu" for p in self.params)
         self._weyl = [weyl_words(np.arange(p.numel(), dtype=np.int64)) for p in self.params] if self._cpu else None
+        largest = max((p.numel() for p in self.params), default=0)
+        self._bits, self._tmp = np.empty(largest, np.uint32), np.empty(largest, np.uint32)  # a draw's scratch
+        self._idx = np.empty(largest, np.intp)
+        self._flats: dict[int, np.ndarray] = {}  # each cached key's values, one flat array
+        self._free: list[np.ndarray] = []  # those of dropped keys, reused by the next draw
         self._table = normal_table(torch.device("cpu")).numpy() if self.distribution == "normal" else None
         self._key: int | None = None
         self._scales: list[float] = []
         self._deltas: list[torch.Tensor] | None = None  # the float32 offsets applied
         self._saved = [torch.empty_like(p) for p in self._data] if self.exact else None  # the unperturbed point
-        self._scratch = [torch.empty_like(p) for p in self._data]  # a move's new values, before the commit
+        self._scratch = [torch.empty_like(p) for p in self._data]  # the inexact undo's values
         self._cache: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
         self._cache_size = max(2, CACHE_ELEMENTS // max(1, self.dim))
         self._norm_cache: tuple[int, float] | None = None
@@ -145,24 +151,34 @@ class SmallPerturbation(ElementWiseEngine):
         return mix(key, j)
 
     def direction(self, key: int) -> list[torch.Tensor]:
-        """The float32 values of direction ``key``, one tensor per parameter (cached; do not modify)."""
+        """The float32 values of direction ``key``, one tensor per parameter (cached; valid until
+        the cache drops the key, whose memory the next draw reuses: do not keep or modify them)."""
         z = self._cache.get(key)
         if z is not None:
             self._cache.move_to_end(key)
             return z
-        z = []
-        for j, p in enumerate(self.params):
-            if self._cpu:  # one vectorised NumPy draw per tensor (the in-place engine's stream)
+        if not self._cpu:
+            z = [self.noise.fill(torch.empty(p.shape, dtype=torch.float32, device=p.device), mix(key, j))
+                 for j, p in enumerate(self.params)]
+        else:  # one vectorised NumPy draw per tensor (the in-place engine's stream), into reused memory
+            flat = self._free.pop() if self._free else np.empty(self.dim, np.float32)
+            z, start = [], 0
+            for j, p in enumerate(self.params):
+                n = p.numel()
                 k0, k1 = self.noise.words(mix(key, j))
-                bits = counter_bits_u32(self._weyl[j], np.uint32(k0), np.uint32(k1), np.empty(p.numel(), np.uint32))
-                values = (torch.from_numpy(np.take(self._table, bits >> np.uint32(16))) if self._table is not None
-                          else values_from_bits_numpy(bits, self.distribution))
-                z.append(values.view(p.shape))
-            else:
-                z.append(self.noise.fill(torch.empty(p.shape, dtype=torch.float32, device=p.device), mix(key, j)))
+                bits = counter_bits_u32(self._weyl[j], np.uint32(k0), np.uint32(k1), self._bits[:n], self._tmp[:n])
+                if self._table is not None:  # values_from_bits: the table at the top 16 bits (intp: a faster take)
+                    np.take(self._table, np.right_shift(bits, _S16, out=self._idx[:n]), out=flat[start : start + n])
+                else:
+                    flat[start : start + n] = values_from_bits_numpy(bits, self.distribution).numpy()
+                z.append(torch.from_numpy(flat[start : start + n]).view(p.shape))
+                start += n
+            self._flats[key] = flat
         self._cache[key] = z
         if len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+            dropped, _ = self._cache.popitem(last=False)
+            if self._cpu:  # its memory serves the next draw (fresh pages would cost more than the draw)
+                self._free.append(self._flats.pop(dropped))
         return z
 
     def direction_chunks(self, key: int):
@@ -225,9 +241,7 @@ class SmallPerturbation(ElementWiseEngine):
         if self.exact and self._key is None:
             torch._foreach_copy_(self._saved, self._data)
             x0 = self._saved
-        for x, d, out in zip(x0, deltas, self._scratch):
-            torch.add(x, d, out=out)
-        self._commit(self._scratch)
+        self._commit(torch._foreach_add(x0, deltas))
         self._key, self._scales, self._deltas = target, new, deltas
 
     def restore(self) -> None:
@@ -246,10 +260,10 @@ class SmallPerturbation(ElementWiseEngine):
         def run():
             x = self._unperturbed()
             if keep is not None:
-                x = [torch.mul(xj, k, out=s) for xj, k, s in zip(x, keep, self._scratch)]
+                x = torch._foreach_mul(x, keep)
             for target, new in moves:
                 if target is not None:
-                    x = [torch.add(xj, d, out=s) for xj, d, s in zip(x, self._offsets(target, new), self._scratch)]
+                    x = torch._foreach_add(x, self._offsets(target, new))
             self._commit(x)
             self._key, self._scales, self._deltas = None, [], None
 
