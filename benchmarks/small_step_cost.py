@@ -6,12 +6,14 @@ Prints, measured in one process at each thread count (interleaved repetitions, m
   every registered method with its default options, at d = 10 and d = 1,000, against scipy's
   Powell on the same function, ``f(v) = sum((v - A)^2)``, 2,000 evaluations (Powell's overhead
   measured the same way). The ratio (zoptim - f) / (Powell - f) is issue 36's target (<= 3).
-  ``--route torch`` measures the in-place engine instead of the vector engine (the route before
-  issue 36).
+  ``--route torch`` measures the optimizers' own engine for the vector instead of the vector
+  engine (``--small-elements 0``: the in-place kernels, the route before issue 36).
 * a ZOSGD step on a 784-64-10 MLP (batch 128) against its two no-grad forwards, with directions
-  in place (the fused engine) and applied in the forward (``module=model, rank=1``).
+  in place (the small-model engine, ``zoptim.engine.small``; ``--small-elements 0``: the in-place
+  kernels) and applied in the forward (``module=model, rank=1``).
 
     python benchmarks/small_step_cost.py [--threads 0 1] [--reps 3] [--route vector|torch] [--no-mlp]
+                                         [--small-elements N]
 
 Takes about a minute on a quiet 2-core machine. Timings on a loaded machine are distorted; the
 ratios, measured interleaved in one process, less so.
@@ -121,7 +123,13 @@ def main() -> None:
                     help="clock: wall time, or CPU time of this process (steadier under load; at 1 thread only "
                          "comparable to wall time, since CPU time adds up the threads)")
     ap.add_argument("--no-mlp", action="store_true", help="skip the MLP rows")
+    ap.add_argument("--small-elements", type=int, default=None,
+                    help="zoptim.engine.small.SMALL_ELEMENTS (0: every model through the in-place kernels)")
     args = ap.parse_args()
+    if args.small_elements is not None:
+        from zoptim.engine import small
+
+        small.SMALL_ELEMENTS = args.small_elements
     blackbox.ROUTE = args.route
     global CLOCK
     CLOCK = time.process_time if args.clock == "process" else time.perf_counter

@@ -379,7 +379,7 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
             limit = self._dtype_limit = min(torch.finfo(p.dtype).max for p in self.engine.params) / 2
         total = 0.0
         for key, scales in terms:
-            m = max(abs(c) for c in (scales if isinstance(scales, (list, tuple)) else [scales]))
+            m = max(abs(c) for c in scales) if isinstance(scales, (list, tuple)) else abs(scales)
             if not math.isfinite(m):
                 raise SkippedUpdate(m, f"non-finite update coefficient ({m})")
             if m and self._normalize:

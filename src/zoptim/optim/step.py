@@ -178,11 +178,13 @@ class StepRun:
         current round; default the first not yet told)."""
         key, scales = self._round[self._slot(index)]
         engine = self.optimizer.engine
-        with _no_grad():
-            if key is None:
-                engine.restore()
-            else:
-                engine.move(key, scales)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                engine.restore() if key is None else engine.move(key, scales)
+        elif key is None:
+            engine.restore()
+        else:
+            engine.move(key, scales)
 
     def tell(self, loss, index: int | None = None) -> None:
         """The loss at a pending point (``index`` as in :meth:`move`). A value that is not a

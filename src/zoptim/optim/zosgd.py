@@ -127,7 +127,7 @@ class ZOSGD(ZerothOrderOptimizer):
 
     def _queries(self) -> StepGenerator:
         keys, gammas, plus, minus = yield from self._two_point_directions(self.eps)
-        k, losses = len(keys), [v for pair in zip(plus, minus) for v in pair]
+        k = len(keys)
         lrs = self._guarded_lrs()
         decay = [lr * wd for lr, wd in zip(lrs, self.per_param("weight_decay"))]
         spread = 1.0
@@ -140,10 +140,11 @@ class ZOSGD(ZerothOrderOptimizer):
         steps = self._momentum_terms(steps)
         if self.orthogonalize:  # the estimate's direction from the terms, each tensor's step length lr
             self._update([(key, -c) for key, c in steps], decay=decay if any(decay) else None, orthogonal=lrs)
+        elif len(lrs) == 1 or lrs.count(lrs[0]) == len(lrs):  # one lr for every tensor: one scale a term
+            self._update([(key, -lrs[0] * c) for key, c in steps], decay=decay if any(decay) else None)
         else:
-            terms = [(key, [-lr * c for lr in lrs]) for key, c in steps]
-            self._update(terms, decay=decay if any(decay) else None)
-        loss = sum(losses) / len(losses)
+            self._update([(key, [-lr * c for lr in lrs]) for key, c in steps], decay=decay if any(decay) else None)
+        loss = (sum(plus) + sum(minus)) / (2 * k)
         self.last_stats = {
             "loss": loss,
             "gamma": gammas[-1],
