@@ -108,6 +108,31 @@ class CompactDraws:
         """Draw the compact directions of ``keys`` (uint64, the coming steps') in one vectorised pass
         over a (keys x values) array (see ``Engine.draws_ahead``). Replaces the keys drawn ahead before."""
         keys = np.asarray(keys, dtype=np.uint64).ravel()[: self.draws_ahead]
+        self._ahead = dict(zip(keys.tolist(), self._draw_flat(keys)))
+
+    def draw_stacked(self, keys: list[int]) -> dict[int, object]:
+        """The compact directions of ``keys`` stacked on a new first dimension (one per key): ``{j:
+        (A, B)}`` with A (n, m, r) and B (n, cols, r), ``{j: z}`` with z (n, *shape); the same values
+        as :meth:`draw` of each key. On the CPU they are drawn in one pass over a (keys x values)
+        array and returned as views of it (a per-example query's directions, one key per example)."""
+        if list(self.segments) != [torch.device("cpu")]:
+            rows = [self.draw(key) for key in keys]
+            return {j: (torch.stack([r[j][0] for r in rows]), torch.stack([r[j][1] for r in rows]))
+                    if isinstance(first, tuple) else torch.stack([r[j] for r in rows]) for j, first in rows[0].items()}
+        flat = self._draw_flat(np.asarray(keys, dtype=np.uint64))
+        (segs,) = self.segments.values()
+        starts, n, out = self.streams[torch.device("cpu")][2], len(keys), {}
+        for i, (j, length) in enumerate(segs):
+            z = flat[:, starts[i] : starts[i] + length]
+            if j in self.lowrank:
+                m, cols = self.matrix_shape(j)
+                out[j] = (z[:, : m * self.rank].view(n, m, self.rank), z[:, m * self.rank :].view(n, cols, self.rank))
+            else:
+                out[j] = z.view(n, *self.params[j].shape)
+        return out
+
+    def _draw_flat(self, keys: np.ndarray) -> torch.Tensor:
+        """The CPU values of ``keys`` (uint64), one row per key, in uint32 arithmetic."""
         (segs,) = self.segments.values()
         idx, seg, _ = self.streams[torch.device("cpu")]
         if self._weyl is None:  # the key-independent part of each index's word (see counter_bits_u32)
@@ -116,7 +141,7 @@ class CompactDraws:
         k0 = (stream & np.uint64(0xFFFFFFFF)).astype(np.uint32)[:, seg]
         k1 = (stream >> np.uint64(32)).astype(np.uint32)[:, seg]
         bits = counter_bits_u32(self._weyl, k0, k1, np.empty(k0.shape, dtype=np.uint32))
-        self._ahead = dict(zip(keys.tolist(), values_from_bits_numpy(bits, self.distribution)))
+        return values_from_bits_numpy(bits, self.distribution)
 
     def drawn_ahead(self) -> list[int]:
         """The keys drawn ahead and not used yet."""

@@ -329,13 +329,7 @@ class ForwardPerturbation:
         key, n, group = self._key, self.rows, self._group
         if self._rows_cache is not None and self._rows_cache[0] == (key, n, group):
             return self._rows_cache[1]
-        rows = [self._values(key.key(i), cache=False) for i in range(n // group)]
-        stacked = {}
-        for j, first in rows[0].items():
-            if isinstance(first, tuple):
-                stacked[j] = (torch.stack([r[j][0] for r in rows]), torch.stack([r[j][1] for r in rows]))
-            else:
-                stacked[j] = torch.stack([r[j] for r in rows])
+        stacked = self._draws.draw_stacked([key.key(i) for i in range(n // group)])
         per_row = stacked
         if group > 1:  # each example's direction on its rows_per_example consecutive rows
             per_row = {j: tuple(t.repeat_interleave(group, 0) for t in v) if isinstance(v, tuple)

@@ -173,6 +173,26 @@ class LinearHandler(LayerHandler):
 
     def rows(self, module, args, kwargs, out):
         e, w, b, x = self.engine, self.j.get("weight"), self.j.get("bias"), args[0]
+        sw = e._active(w)
+        if (sw is not None and (b is None or e._active(b) == sw) and out.is_contiguous()
+                and not (torch.is_grad_enabled() and out.requires_grad)):
+            # one scale for the layer: the stacked factors at scale 1, shared by the step's two queries
+            def unit():
+                A, B = e._row_values()[w]  # (n, m, r), (n, cols, r)
+                left, other = (A, B) if self.transposed else (B, A)
+                right = [(other if e.rank == 1 else other * (1.0 / math.sqrt(e.rank))).transpose(1, 2)]
+                if b is not None:
+                    right.append(e._row_values()[b][:, None, :])
+                return left.to(out.dtype), torch.cat(right, dim=1).to(out.dtype)
+
+            left, right = e._prepared_for_key(module, out.dtype, unit)
+            n = x.shape[0]
+            x3 = x.reshape(n, -1, x.shape[-1])
+            xb = torch.bmm(x3 if x3.dtype == out.dtype else x3.to(out.dtype), left)
+            if b is not None:  # the bias rides on a column of ones
+                xb = torch.cat((xb, xb.new_ones((n, xb.shape[1], 1))), dim=2)
+            out.view(n, -1, out.shape[-1]).baddbmm_(xb, right, alpha=sw)
+            return out
 
         def build():
             left, right = None, []
