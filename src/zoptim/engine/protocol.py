@@ -60,8 +60,8 @@ class Engine(Protocol):
         per_example: whether the engine takes :class:`RowKeys` queries.
         draws_ahead: how many directions the engine would draw in one call (0: each is drawn
             when it is used); when positive, ``prefetch(keys)`` draws the directions of a uint64
-            array of keys, those of the coming steps (the vector engine, whose draws on a short
-            vector cost their calls' fixed cost).
+            array of keys, those of the coming steps (the vector engine on a short vector and the
+            forward engine on a small CPU model, whose draws cost their calls, not their arithmetic).
 
     An ``element_wise`` engine also has ``weights`` (settable on the unperturbed point) and
     ``direction_chunks(key)``, the direction's float32 values chunk by chunk.

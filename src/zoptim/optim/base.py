@@ -267,8 +267,9 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
 
     def _draw_ahead(self) -> None:
         """Have the engine draw the directions of the next steps at once (``engine.draws_ahead``
-        keys; the vector engine, whose per-draw cost is fixed, not arithmetic). Only a hint: a
-        direction that was not drawn ahead is drawn when it is used, with the same values."""
+        keys: the vector engine, and the forward engine on a small CPU model, whose draws cost
+        their calls, not their arithmetic). Only a hint: a direction that was not drawn ahead (a
+        seed or step changed by ``load_state_dict``) is drawn when it is used, with the same values."""
         n = self.num_directions * self._directions_world_size
         steps = self.engine.draws_ahead // n
         if self.per_example or steps < 2:
