@@ -59,8 +59,9 @@ from .protocol import ElementWiseEngine
 SMALL_ELEMENTS = 1 << 19
 #: The dtypes it takes (half precision goes through the in-place kernels).
 SMALL_DTYPES = (torch.float32, torch.float64)
-#: Directions kept: a step's own, and those of a k-direction or momentum update.
-CACHE_ELEMENTS = 1 << 22
+#: Directions kept (float32 numbers, 4 MiB; at least 4 directions): a step's own, and those of a
+#: k-direction or momentum update; a direction dropped is drawn again when used.
+CACHE_ELEMENTS = 1 << 20
 _S16 = np.uint32(16)
 
 
@@ -119,7 +120,7 @@ class SmallPerturbation(ElementWiseEngine):
         self._saved = [torch.empty_like(p) for p in self._data] if self.exact else None  # the unperturbed point
         self._scratch = [torch.empty_like(p) for p in self._data]  # the inexact undo's values
         self._cache: OrderedDict[int, list[torch.Tensor]] = OrderedDict()
-        self._cache_size = max(2, CACHE_ELEMENTS // max(1, self.dim))
+        self._cache_size = max(4, CACHE_ELEMENTS // max(1, self.dim))
         self._norm_cache: tuple[int, float] | None = None
         self._weights: Weights | None = None
 
