@@ -23,11 +23,19 @@ class GammaWindow:
         self.count = 0
 
     @property
+    def values(self) -> torch.Tensor:
+        return self._values
+
+    @values.setter
+    def values(self, tensor: torch.Tensor) -> None:
+        self._values, self._numpy = tensor, tensor.numpy()  # the NumPy view: a tenth of torch's indexing cost
+
+    @property
     def capacity(self) -> int:
-        return self.values.numel()
+        return self._numpy.shape[0]
 
     def push(self, gamma: float) -> None:
-        self.values.numpy()[self.count % self.capacity] = gamma  # through NumPy: a tenth of torch's indexing cost
+        self._numpy[self.count % self.capacity] = gamma
         self.count += 1
 
     def recent(self, n: int) -> torch.Tensor:
@@ -282,7 +290,10 @@ class AS2P(ZerothOrderOptimizer):
             ratios.append(ratio)
         warn_unused_group_momentum(self)
         steps = self._momentum_terms(steps)
-        self._update([(key, [c * lr_of_group[gi] for gi in self._group_of]) for key, c in steps])
+        if len(lr_of_group) == 1:  # one group: one scale a term
+            self._update([(key, c * lr_of_group[0]) for key, c in steps])
+        else:
+            self._update([(key, [c * lr_of_group[gi] for gi in self._group_of]) for key, c in steps])
         loss = sum(0.5 * (fp + fm) for fp, fm in zip(plus, minus)) / len(keys)
         self.last_stats = {
             "loss": loss,
