@@ -62,7 +62,7 @@ from torch import nn
 from . import polar
 from .atomic import write_all
 from .compact import CompactDraws
-from .inplace import SeededPerturbation, spread_scales
+from .inplace import SeededPerturbation
 from .layers import MAX_RECOMPUTED_ELEMENTS, handler_for
 from .noise import (
     NoiseSource,
@@ -70,7 +70,7 @@ from .noise import (
     max_abs_value,
     mix,
 )
-from .protocol import RowKeys, normalization_factor
+from .protocol import RowKeys, normalization_factor, spread_scales
 from .shards import LocalPart
 
 #: module -> weakref to the engine whose hooks it carries (a model is driven by one optimizer at a time)

@@ -61,7 +61,7 @@ a copy of a whole tensor. Chunking does not change the values.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -70,25 +70,12 @@ from . import kernels
 from . import packed as packed_kernels
 from .atomic import recover
 from .noise import CHUNK_SIZE, EAGER_CHUNK_SIZE, NoiseSource, check_distribution, mix, normal_table
-from .protocol import ElementWiseEngine
+from .protocol import ElementWiseEngine, Scales, Weights
 
-Scales = Sequence[float]
 #: A chunk's state before any move: the unperturbed point of epoch 0, no offset, no journal entry.
 _BASE = (0, None, 0.0, None)
 #: The engine's key while a failed move has left chunks at different states (restore() finishes it).
 _MIXED = object()
-#: ``weights(j, a, b)``: float32 multipliers of elements a:b of tensor j (see SeededPerturbation.weights).
-Weights = Callable[[int, int, int], torch.Tensor]
-
-
-def spread_scales(scales: float | Scales, n: int) -> list[float]:
-    """One scale per tensor: a number for all n tensors, or a sequence of n."""
-    if isinstance(scales, (int, float)):
-        return [float(scales)] * n
-    scales = [float(s) for s in scales]
-    if len(scales) != n:
-        raise ValueError(f"scales must have one value per tensor ({n}); got {len(scales)}")
-    return scales
 
 
 class SeededPerturbation(ElementWiseEngine):
@@ -163,23 +150,6 @@ class SeededPerturbation(ElementWiseEngine):
         self._norm_cache: tuple[int, float] | None = None
         self._weights: Weights | None = None
 
-    # -- preconditioning ----------------------------------------------------------------------
-    @property
-    def weights(self) -> Weights | None:
-        """An element-wise multiplier of every direction, or None (plain directions).
-
-        ``weights(j, a, b)`` returns the float32 multipliers of elements ``a:b`` of tensor ``j``
-        (on its device); a move then adds ``fl(scale * fl(s * w))`` instead of
-        ``fl(scale * s)``, checked and journaled the same way. HiZOO's ``Sigma^(1/2) u`` is such a
-        direction. The multipliers must not change while an offset is applied (the undo recomputes
-        them), so they can be set only on the unperturbed point.
-        """
-        return self._weights
-
-    @weights.setter
-    def weights(self, fn: Weights | None) -> None:
-        self._set_weights(fn)
-
     # -- state ------------------------------------------------------------------------------
 
     def _journal(self):
@@ -217,48 +187,15 @@ class SeededPerturbation(ElementWiseEngine):
                     self._buffer(p.device, "z", b - a), self.tensor_key(key, j), start=self.offsets[j] + a
                 )
 
-    def query_rows(self) -> int | None:
-        return None  # no per-example queries: every element moves with one direction
-
-    def close(self) -> None:
-        """Back to the unperturbed point (the engine holds nothing else)."""
-        self.restore()
-
     # -- moves --------------------------------------------------------------------------------
-    def _as_scales(self, scales: float | Scales) -> list[float]:
-        return spread_scales(scales, len(self.params))
-
     def _words(self, key: int | None, j: int) -> tuple[int, int]:
         if key is None:
             return 0, 0
         return self.noise.words(self.tensor_key(key, j))
 
-    def move(
-        self,
-        key: int | None,
-        scales: float | Scales = 0.0,
-        *,
-        decay: Scales | None = None,
-        temporary: bool = True,
-    ) -> None:
-        """Go from the current offset to ``x <- x * (1 - decay_j) + scales_j * s(key)`` in one pass.
-
-        The current offset is first undone (bit for bit when ``exact``). A ``temporary`` move is
-        the point of a function query: it is remembered, journaled when ``exact``, and undone by
-        the next move. A final move (``temporary=False``) is an optimizer update: its result is
-        the new unperturbed point. A zero scale (or ``key=None``) applies nothing, so a zero
-        update is a pure restore.
-
-        Atomic: if anything raises inside the move (``KeyboardInterrupt`` included), a temporary
-        move goes back to the unperturbed point, bit for bit, and an update is completed, before
-        the exception propagates (see :mod:`zoptim.engine.atomic`).
-        """
-        if not temporary:
-            self.update([] if key is None else [(key, scales)], decay=decay)
-            return
-        if decay is not None and any(float(d) != 0.0 for d in decay):
-            raise ValueError("weight decay belongs to an update (temporary=False), not to a query's move")
-        target, new_scales = self._target(key, scales)
+    def _move_to(self, target: int | None, new_scales: list[float] | None) -> None:
+        """A temporary move (see :meth:`ElementWiseEngine.move`) in one pass: the current offset
+        undone and the new one applied chunk by chunk, journaled when ``exact``."""
         try:
             self._transition(target, new_scales, None, None)
         except BaseException as err:
@@ -271,16 +208,6 @@ class SeededPerturbation(ElementWiseEngine):
             recover(back, err, "going back to the unperturbed point")
             raise
         self._key, self._scales = (target, new_scales) if target is not None else (None, None)
-
-    def _target(self, key, scales) -> tuple[int | None, list[float] | None]:
-        if key is None:
-            return None, None
-        new_scales = self._as_scales(scales)
-        f = self.direction_scale(key)
-        new_scales = [s * f for s in new_scales]
-        if all(s == 0.0 for s in new_scales):
-            return None, None
-        return key, new_scales
 
     def _transition(self, key: int | None, scales: list[float] | None, decay: Scales | None, epoch: int | None) -> None:
         """Move every chunk from its own committed state to ``key, scales`` (a query point) or, with
@@ -491,11 +418,6 @@ class SeededPerturbation(ElementWiseEngine):
             p = self.params[j]
             p.detach().view(-1)[a:b].copy_(self._buffer(p.device, "B", b - a, p.dtype))
         self._inflight = None
-
-    def restore(self) -> None:
-        """Undo the current offset (bit for bit when ``exact``)."""
-        if self._key is not None:
-            self.move(None)
 
     def update(self, terms: Sequence[tuple[int, float | Scales]], decay: Scales | None = None) -> None:
         """Finish a step: ``x <- x * (1 - decay) + sum_i scales_i * s(key_i)``, terms in order.

@@ -109,6 +109,16 @@ class Engine(Protocol):
         """Memory of that journal, in bytes."""
 
 
+def spread_scales(scales: float | Scales, n: int) -> list[float]:
+    """One scale per tensor: a number for all n tensors, or a sequence of n."""
+    if isinstance(scales, (int, float)):
+        return [float(scales)] * n
+    scales = [float(s) for s in scales]
+    if len(scales) != n:
+        raise ValueError(f"scales must have one value per tensor ({n}); got {len(scales)}")
+    return scales
+
+
 def normalization_factor(engine, key: int) -> float:
     """sqrt(d) / ||s(key)|| when the engine normalises its directions (S2P paper, Sec. 3.2), else 1."""
     if not engine.normalize:
@@ -118,10 +128,11 @@ def normalization_factor(engine, key: int) -> float:
 
 
 class ElementWiseEngine:
-    """What the engines that write every element of a direction share (the in-place engine and the
-    vector engine): the query state, the bound of a direction's entries and the rule for HiZOO's
-    element-wise weights. Expects ``_key`` (the applied direction or None), ``distribution``,
-    ``normalize`` and ``_weights``."""
+    """What the engines that write every element of a direction share (the in-place, small-model and
+    vector engines): the query state, a move's checks and target, the bound of a direction's entries
+    and the rule for HiZOO's element-wise weights. Expects ``params``, ``_key`` (the applied
+    direction or None), ``distribution``, ``normalize``, ``_weights``, ``update`` and
+    ``_move_to(target, scales)``, the engine's own way to a query point."""
 
     #: directions drawn one at a time, when used (see ``Engine.draws_ahead``)
     draws_ahead = 0
@@ -129,6 +140,64 @@ class ElementWiseEngine:
     @property
     def is_perturbed(self) -> bool:
         return self._key is not None
+
+    @property
+    def weights(self) -> Weights | None:
+        """An element-wise multiplier of every direction, or None (plain directions).
+
+        ``weights(j, a, b)`` returns the float32 multipliers of elements ``a:b`` of tensor ``j``
+        (on its device); a move then adds ``fl(scale * fl(s * w))`` instead of
+        ``fl(scale * s)``, checked and journaled the same way. HiZOO's ``Sigma^(1/2) u`` is such a
+        direction. The multipliers must not change while an offset is applied (the undo recomputes
+        them), so they can be set only on the unperturbed point.
+        """
+        return self._weights
+
+    @weights.setter
+    def weights(self, fn: Weights | None) -> None:
+        self._set_weights(fn)
+
+    def query_rows(self) -> int | None:
+        return None  # no per-example queries: every element moves with one direction
+
+    def close(self) -> None:
+        """Back to the unperturbed point (the engine holds nothing else)."""
+        self.restore()
+
+    def restore(self) -> None:
+        """Undo the current offset (bit for bit when ``exact``)."""
+        if self._key is not None:
+            self.move(None)
+
+    def move(self, key, scales: Scales = 0.0, *, decay: Sequence[float] | None = None, temporary: bool = True) -> None:
+        """Go from the current offset to ``x <- x * (1 - decay_j) + scales_j * s(key)``.
+
+        The current offset is first undone (bit for bit when ``exact``). A ``temporary`` move is
+        the point of a function query: it is remembered and undone by the next move. A final move
+        (``temporary=False``) is an optimizer update: its result is the new unperturbed point. A
+        zero scale (or ``key=None``) applies nothing, so a zero update is a pure restore.
+
+        Atomic: if anything raises inside the move (``KeyboardInterrupt`` included), a temporary
+        move goes back to the unperturbed point, bit for bit, and an update is completed, before
+        the exception propagates (see :mod:`zoptim.engine.atomic`).
+        """
+        if not temporary:
+            self.update([] if key is None else [(key, scales)], decay=decay)
+            return
+        if decay is not None and any(float(d) != 0.0 for d in decay):
+            raise ValueError("weight decay belongs to an update (temporary=False), not to a query's move")
+        self._move_to(*self._target(key, scales))
+
+    def _target(self, key, scales) -> tuple[int | None, list[float] | None]:
+        """``(key, one scale per tensor)`` of a move, the normalisation factor applied, or ``(None,
+        None)`` where it applies nothing."""
+        if key is None:
+            return None, None
+        f = self.direction_scale(key)
+        new_scales = [s * f for s in spread_scales(scales, len(self.params))]
+        if all(s == 0.0 for s in new_scales):
+            return None, None
+        return key, new_scales
 
     def direction_bound(self) -> float:
         """The largest |s_i| of a direction before its normalisation and element-wise weights."""

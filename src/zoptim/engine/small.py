@@ -38,7 +38,6 @@ import numpy as np
 import torch
 
 from .atomic import recover
-from .inplace import Scales, Weights, spread_scales
 from .noise import (
     CHUNK_SIZE,
     EAGER_CHUNK_SIZE,
@@ -50,7 +49,7 @@ from .noise import (
     values_from_bits_numpy,
     weyl_words,
 )
-from .protocol import ElementWiseEngine
+from .protocol import ElementWiseEngine, Scales, Weights, spread_scales
 
 #: The most numbers (all trainable tensors together) the small-model engine takes: above it, the
 #: in-place engine's fixed cost per move is a small part of the move. Measured on a ZOSGD step of a
@@ -115,7 +114,7 @@ class SmallPerturbation(ElementWiseEngine):
         self._free: list[np.ndarray] = []  # those of dropped keys, reused by the next draw
         self._table = normal_table(torch.device("cpu")).numpy() if self.distribution == "normal" else None
         self._key: int | None = None
-        self._scales: list[float] = []
+        self._scales: list[float] | None = None
         self._deltas: list[torch.Tensor] | None = None  # the float32 offsets applied
         self._saved = [torch.empty_like(p) for p in self._data] if self.exact else None  # the unperturbed point
         self._scratch = [torch.empty_like(p) for p in self._data]  # the inexact undo's values
@@ -125,19 +124,6 @@ class SmallPerturbation(ElementWiseEngine):
         self._weights: Weights | None = None
 
     # -- the engine contract ----------------------------------------------------------------------
-    @property
-    def weights(self) -> Weights | None:
-        """Element-wise float32 multipliers of every direction, ``weights(j, a, b)``, or None (see
-        :attr:`zoptim.engine.inplace.SeededPerturbation.weights`)."""
-        return self._weights
-
-    @weights.setter
-    def weights(self, fn: Weights | None) -> None:
-        self._set_weights(fn)
-
-    def query_rows(self) -> int | None:
-        return None
-
     def journal_elements(self) -> int:
         """0: the engine keeps a copy of the parameters instead of a journal."""
         return 0
@@ -145,9 +131,6 @@ class SmallPerturbation(ElementWiseEngine):
     def journal_bytes(self) -> int:
         """Bytes held to restore exactly: the copy of the parameters (allocated once)."""
         return 0 if self._saved is None else sum(t.numel() * t.element_size() for t in self._saved)
-
-    def close(self) -> None:
-        self.restore()
 
     # -- noise ------------------------------------------------------------------------------------
     def tensor_key(self, key: int, j: int) -> int:
@@ -200,17 +183,6 @@ class SmallPerturbation(ElementWiseEngine):
         return torch._foreach_mul(z, [float(np.float32(s)) for s in scales])
 
     # -- moves ------------------------------------------------------------------------------------
-    def _target(self, key, scales) -> tuple[int | None, list[float]]:
-        if key is None:
-            return None, []
-        new = spread_scales(scales, len(self.params))
-        if self.normalize:
-            f = self.direction_scale(key)
-            new = [s * f for s in new]
-        if all(s == 0.0 for s in new):
-            return None, []
-        return key, new
-
     def _unperturbed(self) -> list[torch.Tensor]:
         """The parameters without the current offset: the saved copy (exact) or ``fl(x - delta)``."""
         if self._key is None:
@@ -223,22 +195,15 @@ class SmallPerturbation(ElementWiseEngine):
         if values is not self._data:
             torch._foreach_copy_(self._data, values)  # one C++ call for every tensor
 
-    def move(self, key: int | None, scales: float | Scales = 0.0, *, decay: Scales | None = None,
-             temporary: bool = True) -> None:
-        """Go to ``x + scale * s(key)`` (a query point), from whatever offset is applied; see
-        :meth:`zoptim.engine.inplace.SeededPerturbation.move`."""
-        if not temporary:
-            self.update([] if key is None else [(key, scales)], decay=decay)
-            return
-        if decay is not None and any(float(d) != 0.0 for d in decay):
-            raise ValueError("weight decay belongs to an update (temporary=False), not to a query's move")
-        target, new = self._target(key, scales)
+    def _move_to(self, target: int | None, new: list[float] | None) -> None:
+        """Go to ``x + scales * s(target)`` (a query point) from whatever offset is applied (see
+        :meth:`ElementWiseEngine.move`)."""
         if target == self._key and new == self._scales:
             return
         x0 = self._unperturbed()
         if target is None:
             self._commit(x0)
-            self._key, self._scales, self._deltas = None, [], None
+            self._key, self._scales, self._deltas = None, None, None
             return
         deltas = self._offsets(target, new)
         if self.exact and self._key is None:
@@ -246,11 +211,6 @@ class SmallPerturbation(ElementWiseEngine):
             x0 = self._saved
         self._commit(torch._foreach_add(x0, deltas))
         self._key, self._scales, self._deltas = target, new, deltas
-
-    def restore(self) -> None:
-        """Undo the current offset (bit for bit when ``exact``)."""
-        if self._key is not None:
-            self.move(None)
 
     def update(self, terms: Sequence[tuple[int, float | Scales]], decay: Scales | None = None) -> None:
         """Finish a step: ``x <- x * fl32(1 - decay) + sum_i fl32(scale_i * s(key_i))``, terms in order."""
@@ -268,7 +228,7 @@ class SmallPerturbation(ElementWiseEngine):
                 if target is not None:
                     x = torch._foreach_add(x, self._offsets(target, new))
             self._commit(x)
-            self._key, self._scales, self._deltas = None, [], None
+            self._key, self._scales, self._deltas = None, None, None
 
         try:
             run()

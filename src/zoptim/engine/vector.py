@@ -46,7 +46,6 @@ import numpy as np
 import torch
 
 from .atomic import recover
-from .inplace import Scales, Weights, spread_scales
 from .noise import (
     _M32,
     CHUNK_SIZE,
@@ -60,7 +59,7 @@ from .noise import (
     values_from_bits_numpy,
     weyl_words,
 )
-from .protocol import ElementWiseEngine
+from .protocol import ElementWiseEngine, Scales, Weights, spread_scales
 
 #: Elements of cached directions the engine keeps at most (float32: 16 MiB); at least two keys.
 CACHE_ELEMENTS = 1 << 22
@@ -126,17 +125,6 @@ class VectorPerturbation(ElementWiseEngine):
         self._cache_size = max(2, CACHE_ELEMENTS // max(1, self.dim))
         self._norm_cache: tuple[int, float] | None = None
         self._weights: Weights | None = None
-
-    # -- preconditioning (HiZOO) ---------------------------------------------------------------
-    @property
-    def weights(self) -> Weights | None:
-        """Element-wise float32 multipliers of every direction, ``weights(0, a, b)``, or None (see
-        :attr:`zoptim.engine.inplace.SeededPerturbation.weights`)."""
-        return self._weights
-
-    @weights.setter
-    def weights(self, fn: Weights | None) -> None:
-        self._set_weights(fn)
 
     # -- state ------------------------------------------------------------------------------------
 
@@ -211,13 +199,6 @@ class VectorPerturbation(ElementWiseEngine):
     element_wise = True
     per_example = False
 
-    def query_rows(self) -> int | None:
-        return None
-
-    def close(self) -> None:
-        """Back to the unperturbed point (the engine holds nothing else)."""
-        self.restore()
-
     def _offset(self, key: int, scale: float) -> np.ndarray:
         """``fl32(fl32(s * w) * fl32(scale))``: the float32 offset of a move (the kernels' delta)."""
         z = self.direction(key)
@@ -227,6 +208,7 @@ class VectorPerturbation(ElementWiseEngine):
 
     # -- moves ------------------------------------------------------------------------------------
     def _target(self, key, scales) -> tuple[int | None, float]:
+        """The move's one scale (the vector is one tensor), or ``(None, 0.0)``."""
         if key is None:
             return None, 0.0
         scale = scales if type(scales) is float else spread_scales(scales, 1)[0]
@@ -244,16 +226,9 @@ class VectorPerturbation(ElementWiseEngine):
             return self._base
         return self._x - self._delta
 
-    def move(self, key: int | None, scales: float | Scales = 0.0, *, decay: Scales | None = None,
-             temporary: bool = True) -> None:
-        """Go to ``x + scale * s(key)`` (a query point), from whatever offset is applied; see
-        :meth:`zoptim.engine.inplace.SeededPerturbation.move`."""
-        if not temporary:
-            self.update([] if key is None else [(key, scales)], decay=decay)
-            return
-        if decay is not None and any(float(d) != 0.0 for d in decay):
-            raise ValueError("weight decay belongs to an update (temporary=False), not to a query's move")
-        target, scale = self._target(key, scales)
+    def _move_to(self, target: int | None, scale: float) -> None:
+        """Go to ``x + scale * s(target)`` (a query point) from whatever offset is applied (see
+        :meth:`ElementWiseEngine.move`)."""
         if target == self._key and scale == self._scale:
             return
         x0 = self._unperturbed()
@@ -267,11 +242,6 @@ class VectorPerturbation(ElementWiseEngine):
             x0 = self._base = self._saved
         np.add(x0, delta, out=self._x)  # the commit: one C call (x0 is the saved copy or a fresh array)
         self._key, self._scale, self._delta = target, scale, delta
-
-    def restore(self) -> None:
-        """Undo the current offset (bit for bit when ``exact``)."""
-        if self._key is not None:
-            self.move(None)
 
     def update(self, terms: Sequence[tuple[int, float | Scales]], decay: Scales | None = None) -> None:
         """Finish a step: ``x <- x * fl32(1 - decay) + sum_i fl32(scale_i * s(key_i))``, terms in order
