@@ -78,31 +78,32 @@ class CompactDraws:
         out: dict[int, object] = {}
         ahead = self._ahead.pop(key, None)
         if ahead is not None:
-            (segs,) = self.segments.values()
-            self._split(segs, self.streams[torch.device("cpu")][2], ahead, out)
+            self._split(torch.device("cpu"), ahead, out)
             return out
         for device, segs in self.segments.items():
-            idx, seg, starts = self.streams[device]
-            words = [self.noise.words(mix(key, j)) for j, _ in segs]
-            k0 = np.array([w[0] for w in words], dtype=np.int64)
-            k1 = np.array([w[1] for w in words], dtype=np.int64)
             if device.type == "cpu":
-                flat = values_from_bits_numpy(counter_bits(idx, k0[seg], k1[seg]), self.distribution)
+                flat = self._draw_flat(np.array([key], dtype=np.uint64))[0]
             else:
-                bits = counter_bits(idx, torch.from_numpy(k0).to(device)[seg], torch.from_numpy(k1).to(device)[seg])
-                flat = values_from_bits(bits, self.distribution, normal_table(device))
-            self._split(segs, starts, flat, out)
+                idx, seg, _ = self.streams[device]
+                words = [self.noise.words(mix(key, j)) for j, _ in segs]
+                k0 = torch.tensor([w[0] for w in words], dtype=torch.int64, device=device)[seg]
+                k1 = torch.tensor([w[1] for w in words], dtype=torch.int64, device=device)[seg]
+                flat = values_from_bits(counter_bits(idx, k0, k1), self.distribution, normal_table(device))
+            self._split(device, flat, out)
         return out
 
-    def _split(self, segs, starts, flat: torch.Tensor, out: dict[int, object]) -> None:
-        """Views of one device's flat values, per tensor: ``(A, B)`` of a low-rank matrix, else ``z``."""
-        for i, (j, length) in enumerate(segs):
-            z = flat[starts[i] : starts[i] + length]
+    def _split(self, device: torch.device, flat: torch.Tensor, out: dict[int, object]) -> None:
+        """Views of one device's flat values (the last dimension; leading ones, one per key, are
+        kept), per tensor: ``(A, B)`` of a low-rank matrix, else ``z``."""
+        lead, starts = flat.shape[:-1], self.streams[device][2]
+        for i, (j, length) in enumerate(self.segments[device]):
+            z = flat[..., starts[i] : starts[i] + length]
             if j in self.lowrank:
                 m, n = self.matrix_shape(j)
-                out[j] = (z[: m * self.rank].view(m, self.rank), z[m * self.rank :].view(n, self.rank))
+                out[j] = (z[..., : m * self.rank].view(*lead, m, self.rank),
+                          z[..., m * self.rank :].view(*lead, n, self.rank))
             else:
-                out[j] = z.view(self.params[j].shape)
+                out[j] = z.view(*lead, *self.params[j].shape)
 
     def prefetch(self, keys: np.ndarray) -> None:
         """Draw the compact directions of ``keys`` (uint64, the coming steps') in one vectorised pass
@@ -119,21 +120,13 @@ class CompactDraws:
             rows = [self.draw(key) for key in keys]
             return {j: (torch.stack([r[j][0] for r in rows]), torch.stack([r[j][1] for r in rows]))
                     if isinstance(first, tuple) else torch.stack([r[j] for r in rows]) for j, first in rows[0].items()}
-        flat = self._draw_flat(np.asarray(keys, dtype=np.uint64))
-        (segs,) = self.segments.values()
-        starts, n, out = self.streams[torch.device("cpu")][2], len(keys), {}
-        for i, (j, length) in enumerate(segs):
-            z = flat[:, starts[i] : starts[i] + length]
-            if j in self.lowrank:
-                m, cols = self.matrix_shape(j)
-                out[j] = (z[:, : m * self.rank].view(n, m, self.rank), z[:, m * self.rank :].view(n, cols, self.rank))
-            else:
-                out[j] = z.view(n, *self.params[j].shape)
+        out: dict[int, object] = {}
+        self._split(torch.device("cpu"), self._draw_flat(np.asarray(keys, dtype=np.uint64)), out)
         return out
 
     def _draw_flat(self, keys: np.ndarray) -> torch.Tensor:
         """The CPU values of ``keys`` (uint64), one row per key, in uint32 arithmetic."""
-        (segs,) = self.segments.values()
+        segs = self.segments[torch.device("cpu")]
         idx, seg, _ = self.streams[torch.device("cpu")]
         if self._weyl is None:  # the key-independent part of each index's word (see counter_bits_u32)
             self._weyl = weyl_words(idx)

@@ -216,8 +216,7 @@ class ForwardPerturbation:
 
     # -- the direction's compact values ---------------------------------------------------------------------
     def _matrix_shape(self, j: int) -> tuple[int, int]:
-        p = self.params[j]
-        return p.shape[0], p.numel() // p.shape[0]
+        return self._draws.matrix_shape(j)
 
     def _values(self, key: int, cache: bool = True) -> dict[int, object]:
         """The compact direction ``key``: ``{j: (A, B)}`` for low-rank matrices, ``{j: z}`` for small
