@@ -123,6 +123,20 @@ def test_as2p_ablations_match_the_formula(flags):
         assert torch.allclose(a, b, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("pushed", [1, 2, 7, 40, 103])
+def test_as2p_sigma_is_the_population_std_of_the_last_gammas(pushed):
+    from zoptim.optim.as2p import GammaWindow
+
+    gammas = torch.randn(pushed, generator=torch.Generator().manual_seed(pushed), dtype=torch.float64) * 1e3 + 7.0
+    window = GammaWindow(capacity=16)  # 40 and 103 pushes wrap the ring buffer
+    for g in gammas.tolist():
+        window.push(g)
+    for n in (1, 2, 5, 16, 50):
+        recent = gammas[-min(n, 16):]
+        want = float(recent.std(unbiased=False)) if len(recent) > 1 else abs(float(recent[0]))
+        assert math.isclose(window.sigma(n), want, rel_tol=1e-12), (n, window.sigma(n), want)
+
+
 # -- convergence within a query budget ------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
