@@ -126,6 +126,7 @@ class HiZOO(ZerothOrderOptimizer):
         )
         self._set_guard(guard)
         self._scratch: dict[tuple, torch.Tensor] = {}
+        self._version, self._last_inverse, self._last_inverse_values = 0, None, None
         self._init_hessian()
         self.engine.weights = self._inverse_sqrt
 
@@ -143,6 +144,7 @@ class HiZOO(ZerothOrderOptimizer):
             return  # the constructor's own groups: __init__ builds the estimate
         self._init_hessian()
         self.hessian[: len(old)] = old  # the existing tensors come first in the rebuilt engine
+        self._changed()
         self.engine.weights = self._inverse_sqrt
 
     # -- the estimate -----------------------------------------------------------------------------
@@ -152,6 +154,7 @@ class HiZOO(ZerothOrderOptimizer):
 
     def _init_hessian(self) -> None:
         """H_0 = 1 (the paper's initialisation), in float32 on each parameter's device."""
+        self._changed()
         self.hessian: list[torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = []
         self._max_cols = 0
         for j, p in enumerate(self.engine.params):
@@ -202,9 +205,20 @@ class HiZOO(ZerothOrderOptimizer):
         """The direction's multipliers Sigma^(1/2) = H^(-1/2) at elements a:b of tensor j.
 
         Written into one reused buffer per device (the engine uses a chunk's multipliers before it
-        asks for the next chunk's), so the five passes of a step allocate nothing chunk-sized."""
+        asks for the next chunk's), so the five passes of a step allocate nothing chunk-sized. A
+        request for the same elements of the same H as the last one (the +mu and -mu queries of a
+        one-chunk tensor) returns the buffer as it is: H changes only through :meth:`_changed`."""
+        last = (j, a, b, self._version)
+        if last == self._last_inverse:
+            return self._last_inverse_values
         h = self._chunk_hessian(j, a, b)
-        return torch.rsqrt(h, out=self._buffer("inverse_sqrt", h.numel(), h.device))
+        values = torch.rsqrt(h, out=self._buffer("inverse_sqrt", h.numel(), h.device))
+        self._last_inverse, self._last_inverse_values = last, values
+        return values
+
+    def _changed(self) -> None:
+        """H changed (an update, a new group, a loaded state): the next multipliers are recomputed."""
+        self._version += 1
 
     def diagonal_hessian(self) -> list[torch.Tensor]:
         """The current estimate H, one float32 tensor per trainable tensor (materialised)."""
@@ -219,6 +233,7 @@ class HiZOO(ZerothOrderOptimizer):
         alpha = self.hessian_smooth
         if alpha == 0.0:
             return
+        self._changed()
         # factored: the row and column sums of the estimate, accumulated over the chunks
         sums = {j: (torch.zeros_like(h[0]), torch.zeros_like(h[1]))
                 for j, h in enumerate(self.hessian) if isinstance(h, tuple)}
@@ -234,8 +249,9 @@ class HiZOO(ZerothOrderOptimizer):
                 sums[j][0][r0:r1] += block.sum(dim=1)
                 sums[j][1].add_(block.sum(dim=0))
             else:
-                estimate = self._chunk_hessian(j, a, b) * u.square() * curvature
-                h[a:b].mul_(1.0 - alpha).add_(estimate, alpha=alpha)
+                h = h if a == 0 and b == h.numel() else h[a:b]  # a one-chunk tensor: no views
+                estimate = (h * u.square()).mul_(curvature)
+                h.mul_(1.0 - alpha).add_(estimate, alpha=alpha)
         for j, (row_sum, col_sum) in sums.items():
             self.hessian[j][0].mul_(1.0 - alpha).add_(row_sum, alpha=alpha)
             self.hessian[j][1].mul_(1.0 - alpha).add_(col_sum, alpha=alpha)
@@ -316,3 +332,4 @@ class HiZOO(ZerothOrderOptimizer):
             copies = tuple(t.to(device=m.device, dtype=torch.float32).clone() for m, t in zip(mine, theirs))
             loaded.append(copies if isinstance(h, tuple) else copies[0])
         self.hessian = loaded
+        self._changed()
