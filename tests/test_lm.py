@@ -217,7 +217,8 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes_the_uninterrupted_run(tmp_path, 
 
 
 # -- transformers.Trainer --------------------------------------------------------------------------------
-@pytest.mark.parametrize("forward", [False, True, "orth"], ids=["in-place", "forward-rank1", "orthogonalized-k2"])
+@pytest.mark.parametrize("forward", [False, True, "orth", "per-example-orth"],
+                         ids=["in-place", "forward-rank1", "orthogonalized-k2", "per-example-orthogonalized"])
 def test_zo_trainer_runs_the_zeroth_order_step_inside_trainer(tmp_path, forward):
     from transformers import TrainingArguments
 
@@ -229,6 +230,9 @@ def test_zo_trainer_runs_the_zeroth_order_step_inside_trainer(tmp_path, forward)
     options = dict(module=clf, rank=1) if forward else {}
     if forward == "orth":  # k shared directions: a rank-2 estimate per matrix (Trainer's loss is one number)
         options.update(num_directions=k, orthogonalize=True)
+    if forward == "per-example-orth":  # one direction per example: the closure returns each example's loss
+        options.update(per_example=True, orthogonalize=True)
+        lr = 1e-2
     opt = zoptim.ZOSGD([p for p in clf.parameters() if p.requires_grad], lr=lr, eps=1e-2, **options)
     before = params_bits(clf)
     with torch.no_grad():
@@ -246,6 +250,45 @@ def test_zo_trainer_runs_the_zeroth_order_step_inside_trainer(tmp_path, forward)
     assert changed and all("lora_" in n for n in changed)
     with torch.no_grad():
         assert float(clf.loss(task.train)) < loss_before
+
+
+def _trainer(tmp_path, model, opt, **args):
+    from transformers import TrainingArguments
+
+    from zoptim.lm.trainer import ZOTrainer
+
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=4, report_to=[],
+                             save_strategy="no", use_cpu=True, remove_unused_columns=False, disable_tqdm=True, **args)
+    return ZOTrainer(model=model, args=args, train_dataset=tiny_task().train, zo_optimizer=opt,
+                     data_collator=getattr(model, "batch", None))
+
+
+def test_zo_trainer_per_example_losses_average_to_trainers_loss(tmp_path):
+    clf = classifier("causal")  # class logits (batch x classes)
+    opt = zoptim.ZOSGD(clf.parameters(), lr=1e-3)
+    trainer = _trainer(tmp_path, clf, opt)
+    inputs = clf.batch(tiny_task().train[:4])
+    with torch.no_grad():
+        each = trainer.compute_loss_per_example(clf, inputs)
+        assert each.shape == (4,)
+        assert torch.allclose(each.mean(), trainer.compute_loss(clf, inputs), atol=1e-6)
+        # a causal LM's logits (batch x tokens x vocab): each example's mean next-token loss, padding (-100) left out
+        lm = tiny_llama()
+        ids = torch.randint(0, 32, (3, 7), generator=torch.Generator().manual_seed(0))
+        labels = ids.clone()
+        labels[0, 5:] = -100
+        each = trainer.compute_loss_per_example(lm, {"input_ids": ids, "labels": labels})
+        for i in range(3):
+            keep = labels[i] != -100
+            want = lm(input_ids=ids[i : i + 1, : int(keep.sum())], labels=ids[i : i + 1, : int(keep.sum())]).loss
+            assert torch.allclose(each[i], want, atol=1e-5), i
+
+
+def test_zo_trainer_refuses_per_example_with_gradient_accumulation(tmp_path):
+    clf = classifier("causal", lora=True)
+    opt = zoptim.ZOSGD([p for p in clf.parameters() if p.requires_grad], lr=1e-2, module=clf, rank=1, per_example=True)
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=1"):
+        _trainer(tmp_path, clf, opt, gradient_accumulation_steps=2)
 
 
 # -- errors and the report --------------------------------------------------------------------------------

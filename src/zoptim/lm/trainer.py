@@ -90,6 +90,12 @@ class ZOTrainer(Trainer):
     ``accelerator.sync_gradients``, makes the step whose closure is the loss over all k
     micro-batches, each weighted by its number of examples: the mean loss of the concatenated
     batch. Each query then costs k forward passes (``num_queries`` counts queries, not passes).
+
+    Per-example directions (an optimizer built with ``per_example=True``, e.g. ``ZOSGD(...,
+    module=model, rank=1, per_example=True, orthogonalize=True)``): the closure returns each
+    example's loss, :meth:`compute_loss_per_example` (override it for another loss), so that
+    example i's two queries give its own directional derivative. One micro-batch per step
+    (``gradient_accumulation_steps=1``): the examples of a step share one forward.
     """
 
     def __init__(self, *args, zo_optimizer=None, **kwargs):
@@ -98,6 +104,11 @@ class ZOTrainer(Trainer):
                              f"{type(zo_optimizer).__name__}")
         self.zo_optimizer = zo_optimizer
         self._micro_batches = []
+        if getattr(zo_optimizer, "per_example", False) and getattr(kwargs.get("args"), "gradient_accumulation_steps", 1) > 1:
+            raise ValueError(
+                "a per_example=True optimizer needs gradient_accumulation_steps=1: each example's directions "
+                "live in the rows of one forward pass, and micro-batches are separate forwards"
+            )
         view = StepDoneInTrainingStep(zo_optimizer)
         view.__dict__["flush"] = self._flush
         kwargs["optimizers"] = (view, kwargs.get("optimizers", (None, None))[1])
@@ -130,11 +141,36 @@ class ZOTrainer(Trainer):
 
         def closure():
             with self.compute_loss_context_manager():
+                if self.zo_optimizer.per_example:
+                    return self.compute_loss_per_example(model, batches[0])
                 if len(batches) == 1:
                     return self.compute_loss(model, batches[0])
                 return sum(self.compute_loss(model, b) * (w / total) for b, w in zip(batches, weights))
 
         return float(self.zo_optimizer.step(closure))
+
+    def compute_loss_per_example(self, model, inputs) -> torch.Tensor:
+        """Each example's loss, a 1-D tensor of the batch's size (its mean is Trainer's loss for a
+        classifier), from the model's ``logits`` and the batch's ``labels``: cross-entropy per
+        example for class logits (batch x classes), and for a causal LM (batch x tokens x vocab)
+        the mean of its next-token cross-entropies over the positions whose label is not -100
+        (the shift ``transformers``' causal LMs apply to ``labels``). Override it for another loss."""
+        inputs = dict(inputs)
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError("compute_loss_per_example needs the batch's 'labels' (or override it)")
+        logits = model(**inputs)["logits"].float()
+        labels = labels.to(logits.device)
+        if logits.dim() == 2:
+            return torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+        if logits.dim() != 3:
+            raise ValueError(f"compute_loss_per_example: logits of shape {tuple(logits.shape)}; expected "
+                             "(batch, classes) or (batch, tokens, vocab) (or override it)")
+        labels = labels[:, 1:]
+        tokens = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=-100,
+                                                   reduction="none")
+        counted = (labels != -100).sum(dim=1)
+        return tokens.sum(dim=1) / counted.clamp(min=1)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         model.eval()
