@@ -130,9 +130,10 @@ def _table() -> dict[str, Method]:
     add("ZOSGD-perexample", "zosgd",
         "ZOSGD with one rank-1 direction per example of the minibatch (per_example=True): B deltas per step",
         rank=1, per_example=True)
-    add("ZOSGD-perexample-r4", "zosgd",
-        "ZOSGD with one rank-4 direction per example (per_example=True, rank=4): B deltas per step along "
-        "directions whose entries are closer to Gaussian than rank 1's products", rank=4, per_example=True)
+    for rank in (4, 16):
+        add(f"ZOSGD-perexample-r{rank}", "zosgd",
+            f"ZOSGD with one rank-{rank} direction per example (per_example=True, rank={rank}): B deltas per step "
+            "along directions whose entries are closer to Gaussian than rank 1's products", rank=rank, per_example=True)
     add("AS2P-perexample", "as2p",
         "AS2P with one rank-1 direction per example, each delta a gamma", rank=1, per_example=True)
     add("ZOSGD-perexample-orth", "zosgd",
