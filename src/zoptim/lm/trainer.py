@@ -141,7 +141,7 @@ class ZOTrainer(Trainer):
 
         def closure():
             with self.compute_loss_context_manager():
-                if self.zo_optimizer.per_example:
+                if getattr(self.zo_optimizer, "per_example", False):
                     return self.compute_loss_per_example(model, batches[0])
                 if len(batches) == 1:
                     return self.compute_loss(model, batches[0])
