@@ -9,19 +9,35 @@ interleaved repetitions, the unperturbed model) and their ratio, at torch's thre
     python benchmarks/encoder_per_example_cost.py
 """
 
-import torch, time, statistics
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
 from zoptim.problems.registry import get_problem
-p = get_problem("lm-minilm-trec-full")
-model = p.make_model(0)
-g = torch.Generator().manual_seed(0)
-batch = p.sample_batch(g)
-print("classes", len(model.prompt.label_sentences), "batch", p.batch_size)
-with torch.no_grad():
-    shared = p.closure(model, batch); each = p.closure(model, batch, per_example=True)
-    for f in (shared, each): f()
-    ts = {"shared": [], "per-example": []}
-    for _ in range(15):
-        for name, f in (("shared", shared), ("per-example", each)):
-            a = time.perf_counter(); f(); ts[name].append(time.perf_counter() - a)
-m = {k: statistics.median(v) for k, v in ts.items()}
-print({k: round(v * 1e3, 1) for k, v in m.items()}, "ratio", round(m["per-example"] / m["shared"], 2), "threads", torch.get_num_threads())
+
+
+def main() -> None:
+    problem = get_problem("lm-minilm-trec-full")
+    model = problem.make_model(0)
+    batch = problem.sample_batch(torch.Generator().manual_seed(0))
+    print("classes", len(model.prompt.label_sentences), "batch", problem.batch_size)
+    closures = {"shared": problem.closure(model, batch), "per-example": problem.closure(model, batch, per_example=True)}
+    times: dict[str, list[float]] = {name: [] for name in closures}
+    with torch.no_grad():
+        for f in closures.values():  # warm-up
+            f()
+        for _ in range(15):
+            for name, f in closures.items():
+                start = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - start)
+    med = {name: statistics.median(t) for name, t in times.items()}
+    print({name: round(t * 1e3, 1) for name, t in med.items()}, "ratio", round(med["per-example"] / med["shared"], 2),
+          "threads", torch.get_num_threads())
+
+
+if __name__ == "__main__":
+    main()

@@ -72,7 +72,7 @@ def run(cfg: dict, lr: float, seed: int, budget: int) -> float:
             if HOLD["T"]:
                 HOLD["key"] = mix(seed, 777, opt.steps // HOLD["T"])
             batch = problem.sample_batch(gen)
-            opt.step(lambda: problem.losses(model, batch) if per_example else problem.loss(model, batch))
+            opt.step(lambda b=batch: problem.losses(model, b) if per_example else problem.loss(model, b))
             schedule.step()
         final = float(problem.loss(model))
     opt.close()
