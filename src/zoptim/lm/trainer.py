@@ -104,16 +104,16 @@ class ZOTrainer(Trainer):
                              f"{type(zo_optimizer).__name__}")
         self.zo_optimizer = zo_optimizer
         self._micro_batches = []
-        if getattr(zo_optimizer, "per_example", False) and getattr(kwargs.get("args"), "gradient_accumulation_steps", 1) > 1:
-            raise ValueError(
-                "a per_example=True optimizer needs gradient_accumulation_steps=1: each example's directions "
-                "live in the rows of one forward pass, and micro-batches are separate forwards"
-            )
         view = StepDoneInTrainingStep(zo_optimizer)
         view.__dict__["flush"] = self._flush
         kwargs["optimizers"] = (view, kwargs.get("optimizers", (None, None))[1])
         super().__init__(*args, **kwargs)
         self.args.max_grad_norm = 0.0
+        if getattr(zo_optimizer, "per_example", False) and self.args.gradient_accumulation_steps > 1:
+            raise ValueError(
+                "a per_example=True optimizer needs gradient_accumulation_steps=1: each example's directions "
+                "live in the rows of one forward pass, and micro-batches are separate forwards"
+            )
 
     def _window_closed(self) -> bool:
         """True at the last micro-batch of an optimizer step (Trainer tells accelerate so)."""

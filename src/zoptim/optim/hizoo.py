@@ -126,7 +126,7 @@ class HiZOO(ZerothOrderOptimizer):
         )
         self._set_guard(guard)
         self._scratch: dict[tuple, torch.Tensor] = {}
-        self._version, self._last_inverse, self._last_inverse_values = 0, None, None
+        self._last_inverse: tuple | None = None  # (j, a, b, multipliers) of the last request, until H changes
         self._init_hessian()
         self.engine.weights = self._inverse_sqrt
 
@@ -208,17 +208,17 @@ class HiZOO(ZerothOrderOptimizer):
         asks for the next chunk's), so the five passes of a step allocate nothing chunk-sized. A
         request for the same elements of the same H as the last one (the +mu and -mu queries of a
         one-chunk tensor) returns the buffer as it is: H changes only through :meth:`_changed`."""
-        last = (j, a, b, self._version)
-        if last == self._last_inverse:
-            return self._last_inverse_values
+        last = self._last_inverse
+        if last is not None and last[:3] == (j, a, b):
+            return last[3]
         h = self._chunk_hessian(j, a, b)
         values = torch.rsqrt(h, out=self._buffer("inverse_sqrt", h.numel(), h.device))
-        self._last_inverse, self._last_inverse_values = last, values
+        self._last_inverse = (j, a, b, values)
         return values
 
     def _changed(self) -> None:
         """H changed (an update, a new group, a loaded state): the next multipliers are recomputed."""
-        self._version += 1
+        self._last_inverse = None
 
     def diagonal_hessian(self) -> list[torch.Tensor]:
         """The current estimate H, one float32 tensor per trainable tensor (materialised)."""
