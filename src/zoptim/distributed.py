@@ -71,6 +71,7 @@ import torch.distributed as dist
 
 from .engine.shards import release_freed_buffers
 from .optim.base import ZerothOrderOptimizer
+from .optim.options import check_options
 from .optim.step import loss_value, loss_vector
 
 MODES = ("batch", "directions", "sharded")
@@ -268,6 +269,7 @@ class DistributedOptimizer:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}; got {mode!r}")
         _require_initialized()
+        check_options(optimizer._options(distributed=True))
         self.optimizer, self.mode, self.group, self.module = optimizer, mode, group, module
         self.rank, self.world_size = dist.get_rank(group), dist.get_world_size(group)
         self.stats = CommStats()

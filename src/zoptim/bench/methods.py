@@ -63,7 +63,7 @@ class Method:
         kwargs = {arg: hparams.get(key, HIZOO_SMOOTH if key == "hessian_smooth" else None)
                   for arg, key in self.args.items()}
         # the options that need the model (the probe, which has none, leaves them out)
-        needs_model = ("forward", "rank", "per_example", "orthogonalize", "normalize_by_spread")
+        needs_model = ("forward", "rank", "per_example", "orthogonalize", "normalize_by_spread", "sparse_embeddings")
         kwargs.update({k: v for k, v in self.options.items() if k != "constant_lr" and k not in needs_model})
         if "total_steps" in spec.hyperparameters():
             kwargs["total_steps"] = total_steps
@@ -72,7 +72,7 @@ class Method:
             if module is None:
                 raise ValueError(f"{self.name} applies its directions in the model's forward: build it with module=model")
             kwargs["module"] = module
-            for option in ("rank", "per_example", "orthogonalize", "normalize_by_spread"):
+            for option in ("rank", "per_example", "orthogonalize", "normalize_by_spread", "sparse_embeddings"):
                 if self.options.get(option):
                     kwargs[option] = self.options[option]
         return registry.build(self.kind, params, seed=seed, **kwargs)
@@ -146,6 +146,10 @@ def _table() -> dict[str, Method]:
     add("ZOSGD-perexample-spread", "zosgd",
         "ZOSGD-perexample with the step divided by the standard deviation of the B deltas (FZOO's normalised step)",
         rank=1, per_example=True, normalize_by_spread=True)
+    for base in ("ZOSGD-perexample-r4", "ZOSGD-perexample-orth"):
+        add(f"{base}-sparse", "zosgd",
+            f"{base} with sparse_embeddings=True: an embedding matrix moves only in the rows each direction's "
+            "examples looked up (the rest of its estimate is noise)", **{**m[base].options, "sparse_embeddings": True})
     for k in (4, 16):
         add(f"ZOSGD-k{k}-orth", "zosgd",
             f"ZOSGD with {k} shared rank-1 directions a step and the orthogonalised update of their rank-{k} estimate",

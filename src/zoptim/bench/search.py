@@ -36,6 +36,11 @@ LR_EPS_SEARCHED = ("ZOSGD-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard", "
                    "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "ZOSGD-lowrank-r16", "ZOSGD-perexample",
                    "ZOSGD-perexample-r4", "ZOSGD-perexample-r16")
 ETA_B_SEARCHED = ("AS2P-momentum", "AS2P-lowrank", "AS2P-perexample")
+#: Variants that run with the values their base method's search chose, with no trials of their own
+#: (fewer trials than GA's, never more): the sparse embedding update changes which rows move, not
+#: the step's scale.
+SHARES_SEARCH = {"ZOSGD-perexample-r4-sparse": "ZOSGD-perexample-r4",
+                 "ZOSGD-perexample-orth-sparse": "ZOSGD-perexample-orth"}
 #: The orthogonalised (and spread-normalised) methods' lr sets the step's length itself (the root-mean-square
 #: of every tensor's step, :mod:`zoptim.engine.polar`), a quantity on another scale than GA's alpha_0: they
 #: search ``problem.orth_lr_grid`` (x 10 for the spread-normalised step) x ``problem.eps_grid``, as many
@@ -92,11 +97,21 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
         chosen["s2p_lr"] = best[1]
     if "as2p" in kinds:
         chosen.update(eta_b("AS2P", chosen))
-    for method in methods:
+    def own(method: str) -> dict | None:
         if method in LR_EPS_SEARCHED or normalised(method):
-            per_method[method] = lr_eps(method, chosen)
-        elif method in ETA_B_SEARCHED:
-            per_method[method] = eta_b(method, chosen)
+            return lr_eps(method, chosen)
+        if method in ETA_B_SEARCHED:
+            return eta_b(method, chosen)
+        return None
+
+    for method in methods:
+        base_method = SHARES_SEARCH.get(method)
+        if base_method is not None:  # the values its base method's own search chose, no trials of its own
+            if base_method not in per_method:
+                per_method[base_method] = own(base_method)
+            per_method[method] = dict(per_method[base_method])
+        elif method not in per_method and (values := own(method)) is not None:
+            per_method[method] = values
     return {"problem": problem_name, "budget": budget, "chosen": chosen, "per_method": per_method, "trials": trials}
 
 

@@ -37,6 +37,9 @@ What is applied where (``ForwardPerturbation.layout()`` lists it per tensor):
 * Every other trainable tensor (a parameter a parent module uses directly, or a module of unknown
   type with large parameters) moves in place through the seeded engine, journaled as before, so
   any model works.
+* ``sparse_embeddings=True``: an embedding matrix (used by ``nn.Embedding`` modules only, not tied to
+  an output layer) is updated only in the rows the query looked up, each direction in the rows its
+  own examples looked up (:mod:`zoptim.engine.sparse`).
 * ``rank=None`` keeps full-rank directions: a covered matrix's direction is materialised into one
   scratch buffer inside its layer's forward (no journal, one layer of scratch, but as costly as a
   second matmul).
@@ -59,11 +62,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import polar
+from . import polar, sparse
 from .atomic import write_all
 from .compact import CompactDraws
 from .inplace import SeededPerturbation
-from .layers import MAX_RECOMPUTED_ELEMENTS, handler_for
+from .layers import MAX_RECOMPUTED_ELEMENTS, EmbeddingHandler, handler_for
 from .noise import (
     NoiseSource,
     check_distribution,
@@ -109,6 +112,8 @@ class ForwardPerturbation:
             writes only this rank's rows: row block ``[first, first + rows)`` of a matrix takes
             ``A[first:first + rows] B^T``, a small tensor its range of elements (``zoptim.engine.shards``'
             contiguity argument). Queries write no shard at all.
+        sparse_embeddings: update each embedding matrix only in the rows its queries looked up (see
+            the module's docstring); the matrices it applies to are :attr:`sparse_rows`.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class ForwardPerturbation:
         exact: bool = True,
         per_example: bool = False,
         orthogonal: bool = False,
+        sparse_embeddings: bool = False,
         parts: Sequence[LocalPart] | None = None,
     ):
         if not isinstance(module, nn.Module):
@@ -175,6 +181,11 @@ class ForwardPerturbation:
         ) if big_full else None
         self._small = [j for j, k in self.kind.items() if k == "full" and j not in set(big_full)]
         self._lowrank = [j for j, k in self.kind.items() if k == "lowrank"]
+        #: The low-rank matrices updated only in the rows their queries looked up (``sparse_embeddings``):
+        #: those that only ``nn.Embedding`` modules use (a weight tied to an output layer uses every row).
+        self.sparse_rows = frozenset(j for j in self._lowrank if sparse_embeddings
+                                     and self._handlers[j] == {EmbeddingHandler}) if not self.sharded else frozenset()
+        self._seen: dict[int, dict[int, list[torch.Tensor]]] = {}  # j -> direction key -> ids it looked up
         self._draws = CompactDraws(self.params, self._lowrank, self._small, rank, distribution, self.noise)
         self.per_example = bool(per_example)
         self.rows: int | None = None  # the batch size the hooks saw at the current per-example query
@@ -193,6 +204,7 @@ class ForwardPerturbation:
         skip = _in_multihead_attention(self.module)
         hooked: set[int] = set()
         uses: dict[int, list[str]] = {}
+        self._handlers: dict[int, set[type]] = {}
         for name, m in self.module.named_modules():
             if id(m) in skip:
                 continue
@@ -205,6 +217,7 @@ class ForwardPerturbation:
                 self.kind[j] = "lowrank" if matrix else "full"
                 hooked.add(j)
                 uses.setdefault(j, []).append(name)
+                self._handlers.setdefault(j, set()).add(handler)
             self._handles.append(m.register_forward_hook(handler(self, tensors), with_kwargs=True))
         self.uses = uses
         return hooked
@@ -486,6 +499,12 @@ class ForwardPerturbation:
 
     def _update(self, terms, decay, orthogonal) -> None:
         self._key, self._scales = None, None
+        try:
+            self._write_update(terms, decay, orthogonal)
+        finally:
+            self._seen.clear()  # the step's looked-up rows: used by this update only
+
+    def _write_update(self, terms, decay, orthogonal) -> None:
         if orthogonal is not None:
             write_all(polar.orthogonal_update(self, terms, orthogonal, decay), completes_itself=0)
             return
@@ -505,7 +524,10 @@ class ForwardPerturbation:
                                decay=self._sub(decay, sub) if any(decay) else None))
         values = [self._values(key) for key, _ in terms]
         for j in self._lowrank:
-            ops.extend(self._lowrank_update(j, [(v[j], s[j]) for v, (_, s) in zip(values, terms)], decay[j]))
+            if j in self.sparse_rows:
+                ops.extend(sparse.update(self, j, [(key, v[j], s[j]) for v, (key, s) in zip(values, terms)], decay[j]))
+            else:
+                ops.extend(self._lowrank_update(j, [(v[j], s[j]) for v, (_, s) in zip(values, terms)], decay[j]))
         small = self._small
         if small:
             tensors = [self.parts[j].tensor for j in small]

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import sparse
 from .noise import counter_bits, mix, normal_table, values_from_bits
 from .protocol import RowKeys
 
@@ -266,6 +267,8 @@ class EmbeddingHandler(LayerHandler):
         if e.kind[w] == "lowrank":
             A, B = e._values(e._key)[w]
             term = (A[ids] @ B.T).mul_(sw / math.sqrt(e.rank))
+            if w in e.sparse_rows:
+                sparse.record(e, w, ids)
         else:  # full rank: only the looked-up rows of the direction are drawn
             rows = ids.to(torch.int64)[:, None] * width + torch.arange(width, device=ids.device)
             k0, k1 = e.noise.words(mix(e._key, w))
@@ -287,6 +290,8 @@ class EmbeddingHandler(LayerHandler):
         e, w = self.engine, self.j["weight"]
         n = ids.shape[0]
         A, B = e._row_values()[w]
+        if w in e.sparse_rows:
+            sparse.record(e, w, ids.reshape(n, -1))
         rows = A[torch.arange(n, device=ids.device)[:, None], ids.reshape(n, -1)]  # (n, T, r)
         return torch.bmm(rows, B.transpose(1, 2)).mul_(e._active(w) / math.sqrt(e.rank))
 

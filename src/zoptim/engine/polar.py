@@ -32,6 +32,10 @@ whose entries have root-mean-square exactly ``lr``, whatever the matrix's shape 
 rank: the convention Moonlight (Liu et al. 2025, "Muon is scalable for LLM training") uses to
 make Muon's learning rate match AdamW's update RMS and transfer between model sizes (Muon's own
 ``sqrt(max(1, m/n))`` depends on the shape alone and not on t, which varies here with the batch).
+An embedding matrix updated only in its looked-up rows (``sparse_embeddings=True``) is the k x n
+block of those rows: its polar factor, and m = k in the scale, so the rows that move take steps of
+root-mean-square ``lr`` as every other matrix's entries do (scaling over all m rows would put
+sqrt(m / k) times larger steps on the few rows that move).
 Tensors that are not matrices (biases, normalisation weights) take the normalised step
 ``x <- x - lr * g / rms(g)`` of their estimate g: root-mean-square ``lr`` too (no step where g = 0).
 
@@ -46,6 +50,8 @@ from functools import partial
 
 import numpy as np
 import torch
+
+from . import sparse
 
 
 def batched_polar_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -150,8 +156,16 @@ def orthogonal_update(engine, terms, steps: list[float], decay) -> list:
     decay = [0.0] * len(engine.params) if decay is None else [float(d) for d in decay]
     values = [engine._values(key) for key, _ in terms]
     ops = []
-    found_all = lowrank_steps([([(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)], float(steps[j]),
-                                engine._matrix_shape(j)) for j in engine._lowrank], engine.rank)
+    matrices, rows_of = [], {}
+    for j in engine._lowrank:
+        factors = [(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)]
+        shape = engine._matrix_shape(j)
+        live = [(key, v[j], s[j]) for v, (key, s) in zip(values, terms) if s[j] != 0.0]
+        if j in engine.sparse_rows and live:  # only the looked-up rows: the polar factor of that block
+            rows_of[j], factors = sparse.factors(engine, j, live)
+            shape = (rows_of[j].numel(), shape[1])
+        matrices.append((factors, float(steps[j]), shape))
+    found_all = lowrank_steps(matrices, engine.rank)
     for j, found in zip(engine._lowrank, found_all):
         p, first, rows = engine._local_rows(j)
         if decay[j]:
@@ -159,6 +173,10 @@ def orthogonal_update(engine, terms, steps: list[float], decay) -> list:
         if found is None or rows == 0:
             continue
         left, right, alpha = found
+        if j in rows_of:
+            delta = torch.mm(left, right.T).mul_(alpha).to(p.dtype)
+            ops.append(partial(p.view(rows, -1).index_add_, 0, rows_of[j], delta))
+            continue
         ops.append(partial(p.view(rows, -1).addmm_, left[first : first + rows].to(p.dtype), right.to(p.dtype).T,
                            alpha=alpha))
     for j in engine._small:

@@ -136,7 +136,8 @@ class AS2P(ZerothOrderOptimizer):
             optimizer was built with momentum, and is ignored otherwise (one warning; pass
             ``cycle_momentum=False`` to say so).
         momentum_window: m, the number of past steps in that average. Default 8.
-        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example: see
+        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example,
+        sparse_embeddings: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
     Example:
@@ -175,6 +176,7 @@ class AS2P(ZerothOrderOptimizer):
         rank: int | None = None,
         per_example: bool = False,
         orthogonalize: bool = False,
+        sparse_embeddings: bool = False,
     ):
         if orthogonalize:
             raise ValueError(
@@ -208,6 +210,7 @@ class AS2P(ZerothOrderOptimizer):
         self.max_window = check_int("max_window", max_window, minimum=2)
         self.num_directions = check_int("num_directions", num_directions)
         self.queries_per_step = 2 * self.num_directions
+        self._momentum_requested = bool(momentum)
         super().__init__(
             params,
             dict(lr=lr, eps=eps, eps_end=eps_end, eta_a=eta_a, eta_b=eta_b, momentum=momentum),
@@ -219,6 +222,7 @@ class AS2P(ZerothOrderOptimizer):
             module=module,
             rank=rank,
             per_example=per_example,
+            sparse_embeddings=sparse_embeddings,
         )
         self.gammas = GammaWindow(self._window_capacity())
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None

@@ -62,6 +62,11 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
         orthogonalize: (ZOSGD; needs ``module`` and ``rank``) each weight matrix steps along the
             polar factor of its estimate, every other tensor along its normalised estimate, with
             root-mean-square step ``lr`` (:mod:`zoptim.engine.polar`).
+        sparse_embeddings: (ZOSGD, AS2P; needs ``module`` and ``rank``) each embedding matrix (used by
+            ``nn.Embedding`` modules only) is updated only in the rows the step's queries looked up,
+            each direction in its own examples' rows: the loss does not depend on the other rows, so
+            the estimate stays unbiased and loses their noise (:mod:`zoptim.engine.forward`). Not with
+            momentum or in distributed runs.
 
     Attributes:
         num_queries: closure evaluations so far (the x-axis of every plot in the S2P paper).
@@ -92,10 +97,12 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
         rank: int | None = None,
         per_example: bool = False,
         orthogonalize: bool = False,
+        sparse_embeddings: bool = False,
     ):
         check_distribution(distribution)
         self.per_example = bool(per_example)
         self.orthogonalize = bool(orthogonalize)
+        self.sparse_embeddings = bool(sparse_embeddings)
         if module is not None and not isinstance(module, torch.nn.Module):
             raise TypeError(f"module must be a torch.nn.Module (the model the closure runs) or None; got {type(module).__name__}")
         self._rank = check_int("rank", rank, allow_none=True)
@@ -165,6 +172,7 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
             exact=self._exact,
             per_example=self.per_example,
             orthogonal=self.orthogonalize,
+            sparse_embeddings=self.sparse_embeddings,
         )
         # what the engine holds on the model (hooks) goes when the optimizer does; it never holds the optimizer
         self._close_engine = weakref.finalize(self, self.engine.close)
@@ -177,7 +185,8 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
         """How this optimizer applies its directions, for :func:`~zoptim.optim.options.check_options`."""
         return Options(type(self).__name__, module=self._module is not None, rank=self._rank,
                        per_example=self.per_example, orthogonalize=self.orthogonalize, shard=self.sharded,
-                       normalize=self._normalize,
+                       normalize=self._normalize, sparse_embeddings=self.sparse_embeddings,
+                       momentum=bool(getattr(self, "_momentum_requested", False)),
                        factored=getattr(self, "factored", False), element_wise=self.element_wise_directions, **extra)
 
     def _param_name(self, gi: int, pi: int, p: torch.Tensor) -> str:

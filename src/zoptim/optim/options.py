@@ -3,7 +3,8 @@
 The options: ``module`` (the directions applied inside that model's forward,
 :mod:`zoptim.engine.forward`; without it they are written in place), ``rank`` (rank-r matrix
 directions, else full rank), ``per_example`` (one direction per example of the minibatch),
-``orthogonalize`` (the polar-factor update of :mod:`zoptim.engine.polar`), ``shard`` (the parameters
+``orthogonalize`` (the polar-factor update of :mod:`zoptim.engine.polar`), ``sparse_embeddings`` (an
+embedding matrix updated in its looked-up rows only), ``shard`` (the parameters
 are FSDP2 shards), ``normalize``, HiZOO's ``factored``, and the
 direction-parallel mode of :func:`zoptim.distributed.wrap`. Every combination that is refused is
 one rule of :data:`RULES`, with one message, whoever asks: the optimizers' constructors,
@@ -29,6 +30,9 @@ API_NAMES = {
     "normalize": "normalize=True",
     "factored": "factored=True",
     "directions_mode": "wrap(mode='directions')",
+    "sparse_embeddings": "sparse_embeddings=True",
+    "distributed": "zoptim.distributed.wrap",
+    "momentum": "momentum > 0",
 }
 
 
@@ -63,6 +67,9 @@ class Options:
     factored: bool = False
     directions_mode: bool = False
     element_wise: bool = False
+    sparse_embeddings: bool = False
+    distributed: bool = False
+    momentum: bool = False
 
 
 #: (refused option, when, the rest of the message, the options it names with their flag values).
@@ -89,6 +96,15 @@ RULES: list[tuple[str, Callable[[Options], bool], str, dict]] = [
     ("normalize", lambda o: o.normalize and o.shard,
      "needs the norm of the whole direction, which a process holding a shard does not see; leave it off with "
      "{shard}", dict(shard=None)),
+    ("sparse_embeddings", lambda o: o.sparse_embeddings and o.rank is None,
+     "needs {rank}: an embedding's update is restricted to the rows the step looked up through the low-rank "
+     "factors A of the directions applied in the forward (zoptim.engine.forward)", dict(rank="R")),
+    ("sparse_embeddings", lambda o: o.sparse_embeddings and o.momentum,
+     "does not combine with {momentum}: the momentum replays past steps' directions, whose looked-up rows are "
+     "not kept", dict(momentum=None)),
+    ("sparse_embeddings", lambda o: o.sparse_embeddings and (o.shard or o.distributed or o.directions_mode),
+     "does not combine with {distributed}: each process records only the rows its own queries looked up, so "
+     "the processes' updates would differ; leave it off in distributed runs", dict(distributed=None)),
     ("factored", lambda o: o.factored and o.shard,
      "needs each matrix's whole rows and columns, which a process holding a shard does not see; use the dense "
      "estimate (factored=False, element-wise) with {shard}", dict(shard=None)),

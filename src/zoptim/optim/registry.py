@@ -33,6 +33,7 @@ OPTION_ARGUMENTS = {
     "per_example": ("per_example",),
     "orthogonalize": ("orthogonalize",),
     "spread": ("normalize_by_spread",),
+    "sparse_embeddings": ("sparse_embeddings",),
 }
 
 
@@ -62,9 +63,10 @@ def register(name: str, cls: type[ZerothOrderOptimizer], summary: str, options=(
 
 
 register("zosgd", ZOSGD, "GA = MeZO = SPSA (k-SPSA with num_directions=k): two-point estimate, SGD step",
-         options=("momentum", "guard", "directions", "forward", "per_example", "orthogonalize", "spread"))
+         options=("momentum", "guard", "directions", "forward", "per_example", "orthogonalize", "spread",
+                  "sparse_embeddings"))
 register("as2p", AS2P, "Accelerated S2P (S2P paper, Algorithm 2): gamma-clipping and an automatic learning rate",
-         options=("momentum", "directions", "forward", "per_example"))
+         options=("momentum", "directions", "forward", "per_example", "sparse_embeddings"))
 register("stp", STP, "Stochastic Three Points (Bergou et al. 2020)", options=("forward",))
 register("s2p", S2P, "Stochastic Two-Point search (S2P paper, Algorithm 1, four step rules)", options=("forward",))
 register("hizoo", HiZOO, "HiZOO (Zhao et al. 2025): diagonal-Hessian-preconditioned MeZO", options=("guard",))

@@ -44,6 +44,7 @@ class CompatibleState:
             "forward": self._module is not None,
             "per_example": self.per_example,
             "orthogonalize": self.orthogonalize,
+            "sparse_embeddings": self.sparse_embeddings,
             **({"momentum": self.momentum.state()} if self.momentum is not None else {}),
             **({"guard": self.guard.state()} if self.guard is not None else {}),
         }
@@ -78,7 +79,8 @@ class CompatibleState:
                 "(another model, or other parameters frozen)"
             )
         for field, mine_value in (("forward", self._module is not None), ("rank", self._rank),
-                                  ("per_example", self.per_example), ("orthogonalize", self.orthogonalize)):
+                                  ("per_example", self.per_example), ("orthogonalize", self.orthogonalize),
+                                  ("sparse_embeddings", self.sparse_embeddings)):
             saved_value = extra.get(field, None if field == "rank" else False)
             if saved_value != mine_value:
                 raise ValueError(

@@ -52,7 +52,8 @@ class ZOSGD(ZerothOrderOptimizer):
             estimate of other tensors), root-mean-square step ``lr``: :mod:`zoptim.engine.polar`. Needs
             ``module`` and ``rank``; pays with several directions (``num_directions`` or
             ``per_example=True``), since with one rank-r direction the factor is that direction.
-        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example: see
+        distribution, normalize, seed, exact_restore, max_nonfinite, module, rank, per_example,
+        sparse_embeddings: see
             :class:`~zoptim.optim.base.ZerothOrderOptimizer`.
 
     Example:
@@ -84,6 +85,7 @@ class ZOSGD(ZerothOrderOptimizer):
         rank: int | None = None,
         per_example: bool = False,
         orthogonalize: bool = False,
+        sparse_embeddings: bool = False,
         normalize_by_spread: bool = False,
     ):
         check_positive("lr", lr, allow_zero=True)
@@ -101,6 +103,7 @@ class ZOSGD(ZerothOrderOptimizer):
         check_positive("eps", eps)
         self.num_directions = check_int("num_directions", num_directions)
         check_positive("weight_decay", weight_decay, allow_zero=True)
+        self._momentum_requested = bool(momentum)
         super().__init__(
             params,
             dict(lr=lr, eps=eps, weight_decay=weight_decay, momentum=momentum,
@@ -114,6 +117,7 @@ class ZOSGD(ZerothOrderOptimizer):
             rank=rank,
             per_example=per_example,
             orthogonalize=orthogonalize,
+            sparse_embeddings=sparse_embeddings,
         )
         self.queries_per_step = 2 * self.num_directions
         self.momentum = SeedMomentum(momentum, momentum_window) if momentum else None
