@@ -14,7 +14,9 @@ configuration
 Configurations: zoptim ZOSGD and AS2P with normal and Rademacher directions (exact restore, the
 default, and ZOSGD normal with ``exact_restore=False``; ``-eager`` rows with ``ZOPTIM_COMPILE=0``;
 ``-forward`` rows with forward-applied rank-1 directions, ``module=model, rank=1``; ``-perexample`` rows
-with one rank-1 direction per example, ``-orth`` with the orthogonalised update, ``orthogonalize=True``), a MeZO-style reference step written from
+with one rank-1 direction per example, ``-orth`` with the orthogonalised update, ``orthogonalize=True``,
+``-sparse`` with the embeddings updated in their looked-up rows, ``sparse_embeddings=True``), a MeZO-style
+reference step written from
 the paper (``mezo_reference.py``), torchzero's MeZO module if it is installed, and AdamW.
 
     python benchmarks/step_cost.py [--models minilm smollm2 efficientnet] [--threads 1] [--reps 7]
@@ -48,6 +50,8 @@ CONFIGS = [
     "as2p-rademacher-forward",
     "zosgd-normal-perexample",
     "zosgd-normal-perexample-orth",
+    "zosgd-normal-perexample-sparse",
+    "zosgd-normal-perexample-orth-sparse",
     "zosgd-normal-inexact",
     "zosgd-normal-eager",
     "as2p-rademacher-eager",
@@ -119,7 +123,8 @@ def _optimizer(config: str, model):
     params = [p for p in model.parameters() if p.requires_grad]
     forward = dict(module=model, rank=1) if config.endswith("-forward") else {}
     if "-perexample" in config:
-        forward = dict(module=model, rank=1, per_example=True, orthogonalize=config.endswith("-orth"))
+        forward = dict(module=model, rank=1, per_example=True, orthogonalize="-orth" in config,
+                       sparse_embeddings=config.endswith("-sparse"))
     if config.startswith("zosgd"):
         dist = config.split("-")[1]
         return zoptim.ZOSGD(params, lr=1e-6, eps=1e-3, distribution=dist,

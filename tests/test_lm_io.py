@@ -445,6 +445,13 @@ def test_finetune_refuses_forward_options_that_cannot_hold(tmp_path, data_files)
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--orthogonalize")
     with pytest.raises(SystemExit, match="--orthogonalize is an option of zosgd; got --method as2p"):
         finetune(tmp_path, model_dir, data_files, "--method", "as2p", "--rank", "1", "--orthogonalize")
+    with pytest.raises(SystemExit, match="--sparse-embeddings needs --rank R"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--sparse-embeddings")
+    with pytest.raises(SystemExit, match="--sparse-embeddings does not combine with --momentum"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--rank", "1", "--momentum", "0.9",
+                 "--sparse-embeddings")
+    with pytest.raises(SystemExit, match="--sparse-embeddings is an option of zosgd and as2p; got --method stp"):
+        finetune(tmp_path, model_dir, data_files, "--method", "stp", "--rank", "1", "--sparse-embeddings")
 
 
 # -- run folders are never reused silently (issue 21) -------------------------------------------------

@@ -108,6 +108,10 @@ def register(sub) -> None:
     p.add_argument("--orthogonalize", action="store_true",
                    help="zosgd with --rank: each weight matrix steps along the polar factor of its estimate (root-mean-"
                         "square step = --lr); pays with --per-example (a rank-B estimate per matrix)")
+    p.add_argument("--sparse-embeddings", action="store_true",
+                   help="zosgd / as2p with --rank: an embedding matrix moves only in the rows the step's examples looked "
+                        "up, each direction in its own examples' rows (unbiased; the other rows' estimate is noise). Not "
+                        "with --momentum or --nproc")
     p.add_argument("--seed", type=int, default=0, help="seed of the directions, the data order and the split")
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' included)")
@@ -127,7 +131,8 @@ def register(sub) -> None:
 RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "label_field", "labels", "template",
               "method", "steps", "lora", "no_exact_restore", "dtype", "batch_size", "max_length", "eval_every",
               "checkpoint_every", "eval_examples", "objective", "lr", "eps", "eta_b", "momentum", "momentum_window",
-              "guard", "hessian_smooth", "forward", "rank", "per_example", "orthogonalize", "normalize_by_spread", "shard", "seed")
+              "guard", "hessian_smooth", "forward", "rank", "per_example", "orthogonalize", "normalize_by_spread", "sparse_embeddings", "shard",
+              "seed")
 
 
 def run_config(args) -> dict:
@@ -277,7 +282,8 @@ def finetune_config(args):
             test_examples=args.test_examples, objective=args.objective, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
             momentum=args.momentum, momentum_window=args.momentum_window, guard=args.guard,
             hessian_smooth=args.hessian_smooth, forward=args.forward, rank=args.rank, per_example=args.per_example,
-            orthogonalize=args.orthogonalize, normalize_by_spread=args.normalize_by_spread, shard=args.shard,
+            orthogonalize=args.orthogonalize, normalize_by_spread=args.normalize_by_spread,
+            sparse_embeddings=args.sparse_embeddings, shard=args.shard,
             exact_restore=not args.no_exact_restore, seed=args.seed, save_model=not args.no_save_model,
             keep_checkpoint=args.keep_checkpoint,
             progress=not args.no_progress,

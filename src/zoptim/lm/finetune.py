@@ -78,6 +78,7 @@ class FinetuneConfig:
     per_example: bool = False
     orthogonalize: bool = False
     normalize_by_spread: bool = False
+    sparse_embeddings: bool = False
     shard: bool = False
     exact_restore: bool = True
     seed: int = 0
@@ -101,7 +102,7 @@ class FinetuneConfig:
             raise ConfigError("merge", "merges LoRA adapters; it needs {lora}", lora=None)
         options = {"momentum": self.momentum, "guard": self.guard, "module": self.forward, "rank": self.rank,
                    "per_example": self.per_example, "orthogonalize": self.orthogonalize,
-                   "normalize_by_spread": self.normalize_by_spread}
+                   "normalize_by_spread": self.normalize_by_spread, "sparse_embeddings": self.sparse_embeddings}
         missing = (next(((k, registry.names()) for k, v in options.items() if v), None) if self.method == "adamw"
                    else registry.unsupported(self.method, options))
         if missing:  # what each method offers comes from the registry
@@ -113,7 +114,8 @@ class FinetuneConfig:
             raise ConfigError("momentum", f"must be in [0, 1); got {self.momentum}")
         try:  # the combinations of how directions are applied: checked where the optimizers check them
             check_options(Options(self.method, module=self.forward or self.rank is not None, rank=self.rank,
-                                  per_example=self.per_example, orthogonalize=self.orthogonalize, shard=self.shard))
+                                  per_example=self.per_example, orthogonalize=self.orthogonalize, shard=self.shard,
+                                  sparse_embeddings=self.sparse_embeddings, momentum=bool(self.momentum)))
         except OptionError as err:
             raise ConfigError(err.field, err.detail, **err.refs) from None
         if self.normalize_by_spread and not self.per_example:  # a fine-tuning step has one direction, or B
@@ -272,6 +274,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
         momentum_window=config.momentum_window, hessian_smooth=config.hessian_smooth, guard=config.guard,
         module=clf if config.forward or config.rank is not None else None, rank=config.rank, per_example=config.per_example,
         orthogonalize=config.orthogonalize, normalize_by_spread=config.normalize_by_spread,
+        sparse_embeddings=config.sparse_embeddings,
     )
     run_dir = out / run_name
     loop = Loop(clf, task, optimizer, loop_config, run_dir, progress=config.progress)

@@ -100,6 +100,7 @@ def make_optimizer(
     method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True,
     momentum: float = 0.0, momentum_window: int = 8, hessian_smooth: float = 1e-6, guard: float = 0.0,
     module=None, rank=None, per_example: bool = False, orthogonalize: bool = False, normalize_by_spread: bool = False,
+    sparse_embeddings: bool = False,
 ):
     """The optimizer for ``method`` with the defaults above (see the table's sources).
 
@@ -116,7 +117,8 @@ def make_optimizer(
     if method not in finetune_methods():
         raise ValueError(f"method must be one of {finetune_methods()}; got {method!r}")
     options = {"momentum": momentum, "guard": guard, "module": module, "rank": rank, "per_example": per_example,
-               "orthogonalize": orthogonalize, "normalize_by_spread": normalize_by_spread}
+               "orthogonalize": orthogonalize, "normalize_by_spread": normalize_by_spread,
+               "sparse_embeddings": sparse_embeddings}
     if method == "adamw":
         asked = [k for k, v in options.items() if v not in (None, 0, 0.0, False)]
         if asked:
@@ -145,6 +147,8 @@ def make_optimizer(
         hp["orthogonalize"] = True
     if normalize_by_spread:
         hp["normalize_by_spread"] = True
+    if sparse_embeddings:
+        hp["sparse_embeddings"] = True
     return registry.build(method, params, **hp)
 
 
