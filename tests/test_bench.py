@@ -117,6 +117,36 @@ def test_search_gives_each_new_method_the_trials_of_the_method_it_extends(tmp_pa
     assert search.hparams_for("ZOSGD", found) == found["chosen"]  # GA and the paper's methods: the shared values
 
 
+def test_a_sparse_embedding_row_takes_its_base_rows_search_and_runs_no_trials_of_its_own(tmp_path):
+    from zoptim.bench import search
+
+    problem = get_problem("digits-mlp")
+    problem.lr_grid, problem.eps_grid = (0.1, 0.03), (1e-2,)
+    found = search.search("digits-mlp", problem, ["ZOSGD", "ZOSGD-perexample-r4-sparse"], 40, tmp_path, "t",
+                          progress=False)
+    count = lambda m: sum(t["method"] == m for t in found["trials"])
+    assert count("ZOSGD") == count("ZOSGD-perexample-r4") == 2 and count("ZOSGD-perexample-r4-sparse") == 0
+    assert search.hparams_for("ZOSGD-perexample-r4-sparse", found) == search.hparams_for("ZOSGD-perexample-r4", found)
+
+
+def test_a_problem_with_a_test_split_gets_its_accuracy_recorded_and_reported_after_each_run(tmp_path):
+    """At the final weights of every run but a search trial; the summary gains a column."""
+    from zoptim.bench.report import build_report
+
+    class Graded(Quadratic):
+        def test_accuracy(self, model):
+            return 1.0 / (1.0 + float(model.x.detach().square().sum()))
+
+    problem = Graded(dim=5)
+    recs = harness.run(RunSpec("t", "quad", "ZOSGD", 0, 40, {"lr": 0.1, "eps": 1e-3}, num_evals=2), problem, tmp_path,
+                       progress=False)
+    assert 0.0 < recs[-1]["test_accuracy"] <= 1.0
+    trial = harness.run(RunSpec("search-t", "quad", "ZOSGD", 0, 40, {"lr": 0.1, "eps": 1e-3}, num_evals=2), problem,
+                        tmp_path, progress=False)
+    assert "test_accuracy" not in trial[-1]
+    assert f"| {recs[-1]['test_accuracy']:.3f} ± 0.000 (1) |" in build_report(tmp_path)
+
+
 def test_an_interrupted_run_resumes_to_the_same_records(tmp_path):
     problem = get_problem("digits-mlp")
     spec = RunSpec("t", "digits-mlp", "AS2P", 1, 400, dict(problem.default_hparams), num_evals=10)

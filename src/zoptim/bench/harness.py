@@ -157,7 +157,11 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
                 on_eval(rec)
     bar.close()
     opt.close()  # forward-applied directions: the hooks leave the model
-    records.append({"type": "end", "steps": step, "queries": int(opt.num_queries), "wall": wall(), "diverged": diverged})
+    end = {"type": "end", "steps": step, "queries": int(opt.num_queries), "wall": wall(), "diverged": diverged}
+    accuracy = None if diverged or spec.experiment.startswith("search-") else problem.test_accuracy(model)
+    if accuracy is not None:  # a held-out split (the LM problems), at the final weights
+        end["test_accuracy"] = accuracy
+    records.append(end)
     write_records(result_path, records)
     ckpt_path.unlink(missing_ok=True)
     return records

@@ -50,7 +50,9 @@ def cost_ratio_table(methods: dict) -> dict[str, list[dict]] | None:
 
 
 def _final_losses(methods: dict) -> str:
-    lines = ["| Method | queries | final loss (mean ± std) | seeds | hyper-parameters | wall s/run |", "|---|---|---|---|---|---|"]
+    accuracy = any("test_accuracy" in r[-1] for runs in methods.values() for r in runs.values())
+    lines = ["| Method | queries | final loss (mean ± std) | seeds | hyper-parameters | wall s/run |"
+             + (" test accuracy |" if accuracy else ""), "|---|---|---|---|---|---|" + ("---|" if accuracy else "")]
     for m, runs in methods.items():
         finals = [curve(r)[1][-1] for r in runs.values()]
         ok = [v for v in finals if math.isfinite(v)]
@@ -61,8 +63,14 @@ def _final_losses(methods: dict) -> str:
         walls = [r[-1]["wall"] for r in runs.values()]
         div = sum(1 for r in runs.values() if r[-1].get("diverged"))
         note = f" ({div} diverged)" if div else ""
-        lines.append(f"| {m} | {h['budget']} | {mean:.4g} ± {std:.2g}{note} | {len(runs)} | "
-                     f"{', '.join(f'{k}={v:.3g}' for k, v in used.items())} | {sum(walls) / len(walls):.1f} |")
+        row = (f"| {m} | {h['budget']} | {mean:.4g} ± {std:.2g}{note} | {len(runs)} | "
+               f"{', '.join(f'{k}={v:.3g}' for k, v in used.items())} | {sum(walls) / len(walls):.1f} |")
+        if accuracy:
+            accs = [r[-1]["test_accuracy"] for r in runs.values() if "test_accuracy" in r[-1]]
+            am = sum(accs) / len(accs) if accs else math.nan
+            sd = math.sqrt(sum((a - am) ** 2 for a in accs) / len(accs)) if accs else math.nan
+            row += f" {am:.3f} ± {sd:.3f} ({len(accs)}) |" if accs else " - |"
+        lines.append(row)
     return "\n".join(lines)
 
 

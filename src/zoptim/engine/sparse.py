@@ -11,7 +11,7 @@ the part of :math:`\nabla f_i` outside them is zero. Masking the estimate,
 therefore keeps its expectation, :math:`E[\delta_i (M_i \odot S_i)] = M_i \odot E[\delta_i S_i] =
 M_i \odot \nabla f_i = \nabla f_i` (for the Gaussian-smoothed loss as for the loss), and removes the
 rest of the estimate, which is pure noise: MiniLM's 30,522 word-embedding rows are half its weights,
-and a minibatch of four 32-token prompts looks up about a hundred of them. With directions shared
+and a TREC minibatch of four prompts looks up 51-53 of them. With directions shared
 by the minibatch the mask is the batch's rows. The update then writes those rows only
 (``index_add_``), not the whole table.
 

@@ -51,6 +51,11 @@ class Problem:
         """The training loss on all the data (what curves and cost ratios are computed from)."""
         return float(self.loss(model, None))
 
+    def test_accuracy(self, model: torch.nn.Module) -> float | None:
+        """Accuracy on a held-out test split, recorded at the end of a benchmark run; None (the
+        default) for problems that have none."""
+        return None
+
     def losses(self, model: torch.nn.Module, batch: Any) -> torch.Tensor:
         """One loss per example of ``batch`` (a 1-D tensor whose mean is :meth:`loss`), for
         per-example directions; problems whose loss is not a mean over examples do not have it."""

@@ -33,6 +33,7 @@ class LMProblem(Problem):
         max_length: int = 32,
         num_train: int = 1000,
         full_loss_examples: int = 32,
+        test_examples: int = 500,
         dtype=torch.float32,
         seed: int = 0,
     ):
@@ -43,6 +44,7 @@ class LMProblem(Problem):
         self.task = load_task(task, seed=seed, num_train=num_train, num_val=0, num_test=0)
         self.prompt = get_prompt(task)
         self.full_examples = self.task.train[:full_loss_examples]
+        self.test_examples, self.seed, self._test = test_examples, seed, None
         self.name = f"lm-{model}-{task}" + ("-lora" if lora else "")
         if not lora:  # all weights: GA's lr 1e-5 (benchmarks/lm_minilm.sh), a step of RMS 1e-5 as AdamW's
             self.lr_grid, self.orth_lr_grid = (3e-5, 1e-5, 3e-6), (1e-4, 3e-5, 1e-5)
@@ -53,6 +55,18 @@ class LMProblem(Problem):
         if self.lora:
             model = apply_lora(model, seed=seed)
         return PromptClassifier(model, tokenizer, self.prompt, kind=kind, max_length=self.max_length).eval()
+
+    @torch.no_grad()
+    def test_accuracy(self, model: PromptClassifier) -> float | None:
+        """Accuracy on ``test_examples`` examples of the task's test split (MeZO's 1000/500/1000
+        sampling at the problem's seed: disjoint from the training examples, which it leaves as
+        they are); None with ``test_examples=0``."""
+        if not self.test_examples:
+            return None
+        if self._test is None:
+            self._test = load_task(self.task.name, seed=self.seed, num_train=len(self.task.train), num_val=500,
+                                   num_test=self.test_examples).test
+        return float(model.accuracy(self._test))
 
     def sample_batch(self, generator: torch.Generator):
         idx = minibatch(len(self.task.train), self.batch_size, generator, replace=True)
