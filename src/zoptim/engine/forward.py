@@ -37,9 +37,8 @@ What is applied where (``ForwardPerturbation.layout()`` lists it per tensor):
 * Every other trainable tensor (a parameter a parent module uses directly, or a module of unknown
   type with large parameters) moves in place through the seeded engine, journaled as before, so
   any model works.
-* ``sparse_embeddings=True``: an embedding matrix (used by ``nn.Embedding`` modules only, not tied to
-  an output layer) is updated only in the rows the query looked up, each direction in the rows its
-  own examples looked up (:mod:`zoptim.engine.sparse`).
+* ``sparse_embeddings=True``: a matrix only ``nn.Embedding`` modules use is updated only in the rows
+  each direction's queries looked up (:mod:`zoptim.engine.sparse`).
 * ``rank=None`` keeps full-rank directions: a covered matrix's direction is materialised into one
   scratch buffer inside its layer's forward (no journal, one layer of scratch, but as costly as a
   second matmul).
@@ -62,7 +61,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import polar, sparse
+from . import polar, sparse, stacked
 from .atomic import write_all
 from .compact import CompactDraws
 from .inplace import SeededPerturbation
@@ -112,8 +111,7 @@ class ForwardPerturbation:
             writes only this rank's rows: row block ``[first, first + rows)`` of a matrix takes
             ``A[first:first + rows] B^T``, a small tensor its range of elements (``zoptim.engine.shards``'
             contiguity argument). Queries write no shard at all.
-        sparse_embeddings: update each embedding matrix only in the rows its queries looked up (see
-            the module's docstring); the matrices it applies to are :attr:`sparse_rows`.
+        sparse_embeddings: embeddings updated in their looked-up rows only (:attr:`sparse_rows`).
     """
 
     def __init__(
@@ -522,6 +520,11 @@ class ForwardPerturbation:
             sub = self._big_full
             ops.append(partial(self.writer.update, [(key, self._sub(s, sub)) for key, s in terms],
                                decay=self._sub(decay, sub) if any(decay) else None))
+        found = stacked.examples_of(self, terms)
+        if found is not None:  # a per-example step: the examples' stacked directions, one expression a tensor
+            ops.extend(stacked.update_ops(self, *found, terms, decay))
+            write_all(ops, completes_itself=0)
+            return
         values = [self._values(key) for key, _ in terms]
         for j in self._lowrank:
             if j in self.sparse_rows:

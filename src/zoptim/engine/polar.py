@@ -51,7 +51,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from . import sparse
+from . import sparse, stacked
 
 
 def batched_polar_factors(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -154,13 +154,19 @@ def orthogonal_update(engine, terms, steps: list[float], decay) -> list:
     engine._cache_keys = max(engine._cache_keys, len(terms) + 1)
     terms = [(key, [s * engine.direction_scale(key) for s in engine._as_scales(scales)]) for key, scales in terms]
     decay = [0.0] * len(engine.params) if decay is None else [float(d) for d in decay]
-    values = [engine._values(key) for key, _ in terms]
     ops = []
     matrices, rows_of = [], {}
+    examples = stacked.examples_of(engine, terms)  # a per-example step: its examples' stacked directions
+    values = None if examples is not None else [engine._values(key) for key, _ in terms]
     for j in engine._lowrank:
-        factors = [(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)]
         shape = engine._matrix_shape(j)
-        live = [(key, v[j], s[j]) for v, (key, s) in zip(values, terms) if s[j] != 0.0]
+        if examples is not None:
+            stacks, c = examples[0], examples[1][:, j]
+            factors = [(*stacked.lowrank_factors(*stacks[j], c), 1.0)] if bool(c.any()) else []
+            live = [t for t in stacked.per_key(stacks, j, terms, c) if t[2] != 0.0] if j in engine.sparse_rows else []
+        else:
+            factors = [(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)]
+            live = [(key, v[j], s[j]) for v, (key, s) in zip(values, terms) if s[j] != 0.0]
         if j in engine.sparse_rows and live:  # only the looked-up rows: the polar factor of that block
             rows_of[j], factors = sparse.factors(engine, j, live)
             shape = (rows_of[j].numel(), shape[1])
@@ -183,7 +189,11 @@ def orthogonal_update(engine, terms, steps: list[float], decay) -> list:
         tensor = engine.parts[j].tensor
         if decay[j]:
             ops.append(partial(tensor.mul_, float(np.float32(1.0 - decay[j]))))
-        live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
+        if examples is not None:
+            c = examples[1][:, j]
+            live = [(stacked.small_sum(examples[0][j], c), 1.0)] if bool(c.any()) else []
+        else:
+            live = [(v[j], s[j]) for v, (_, s) in zip(values, terms) if s[j] != 0.0]
         if not live or steps[j] == 0.0:
             continue
         g = live[0][0] * live[0][1]
