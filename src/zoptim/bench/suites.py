@@ -37,7 +37,9 @@
   FZOO) and orthogonalised (``orthogonalize``, the polar factor of each matrix's estimate), beside GA;
   on the digits MLP also the seed momentum under the polar factor and 4 shared orthogonalised
   directions; every row searched with GA's number of trials (the normalised rows on the problem's
-  ``orth_lr_grid``); ``orth-lm`` on MiniLM TREC with all weights and SmolLM2 TREC.
+  ``orth_lr_grid``); ``orth-lm`` on MiniLM TREC with all weights (GA, per-example rank 4 and the
+  orthogonalised per-example step, each also with ``sparse_embeddings``, which take their base row's
+  search) and SmolLM2 TREC with LoRA; the LM runs record the test accuracy at their end.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
@@ -157,7 +159,8 @@ SUITES = {
                                                   search=True, num_evals=50)],
     # The LM problems at their own budgets, each row searched over 3-4 values at the full budget (seed 0).
     "orth-lm": lambda budget, seeds: [
-        Experiment("orth-lm", ["lm-minilm-trec-full"], ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-orth"],
+        Experiment("orth-lm", ["lm-minilm-trec-full"], ["ZOSGD", "ZOSGD-perexample-r4", "ZOSGD-perexample-orth",
+                                                        "ZOSGD-perexample-r4-sparse", "ZOSGD-perexample-orth-sparse"],
                    seeds or 3, budget or 1000, search=True, num_evals=10, search_fraction=1.0),
         Experiment("orth-lm", ["lm-smollm2-trec"], ["ZOSGD", "ZOSGD-perexample", "ZOSGD-perexample-orth"],
                    seeds or 3, budget or 500, search=True, num_evals=10, search_fraction=1.0)],
