@@ -1,0 +1,66 @@
+"""How the rank of the directions shapes the descent on MiniLM TREC with all weights.
+
+GA (full-rank directions, in place, or in the forward with ``rank=None``: the same numbers) against
+rank-r directions applied in the forward, shared by the minibatch or one per example, each at the
+same constant lr and eps for 100 steps on the bench problem ``lm-minilm-trec-full`` (minibatch 4,
+the batches of the bench's seed 0); prints the full loss (32 training examples) every 25 steps.
+A probe behind docs/benchmarks.md's orth-lm section, one seed: a row differs from another by its
+directions alone.
+
+    python benchmarks/lm_rank_probe.py [--lr 1e-5] [--steps 100] [--rows ga shared4 pe4 ...]
+
+Rows: ``ga`` (in place), ``gafwd`` (``module=model, rank=None``), ``sharedR`` (``rank=R``), ``peR``
+(``rank=R, per_example=True``), ``peRs`` (and ``sparse_embeddings=True``).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import zoptim
+from zoptim.problems import get_problem
+
+
+def run(row: str, lr: float, steps: int) -> list[float]:
+    problem = get_problem("lm-minilm-trec-full")
+    model = problem.make_model(0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=lr, eps=1e-3)
+    per_example = row.startswith("pe")
+    if row == "ga":
+        opt = zoptim.ZOSGD(params, **kw)
+    elif row == "gafwd":
+        opt = zoptim.ZOSGD(params, module=model, rank=None, **kw)
+    elif row.startswith("shared"):
+        opt = zoptim.ZOSGD(params, module=model, rank=int(row[6:]), **kw)
+    elif per_example:
+        sparse = row.endswith("s")
+        opt = zoptim.ZOSGD(params, module=model, rank=int(row[2:].rstrip("s")), per_example=True,
+                           sparse_embeddings=sparse, **kw)
+    else:
+        raise ValueError(f"unknown row {row!r}")
+    batches = torch.Generator().manual_seed(1_000_003)  # the bench's seed-0 batch stream
+    losses = []
+    for step in range(steps):
+        opt.step(problem.closure(model, problem.sample_batch(batches), per_example=per_example))
+        if (step + 1) % 25 == 0:
+            losses.append(round(problem.full_loss(model), 4))
+    opt.close()
+    return losses
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--rows", nargs="+", default=["ga", "shared4", "shared16", "shared64", "pe4", "pe4s", "pe16"])
+    args = ap.parse_args()
+    print(f"# MiniLM TREC full, lr {args.lr}, eps 1e-3, full loss every 25 steps (start 1.369)")
+    for row in args.rows:
+        print(f"{row:10s} {run(row, args.lr, args.steps)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
