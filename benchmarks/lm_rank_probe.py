@@ -7,7 +7,10 @@ the batches of the bench's seed 0); prints the full loss (32 training examples) 
 A probe behind docs/benchmarks.md's orth-lm section, one seed: a row differs from another by its
 directions alone.
 
-    python benchmarks/lm_rank_probe.py [--lr 1e-5] [--steps 100] [--rows ga shared4 pe4 ...]
+    python benchmarks/lm_rank_probe.py [--lr 1e-5] [--steps 100] [--rows ga shared4 pe4 ...] [--freeze-embeddings]
+
+``--freeze-embeddings``: the embedding layer (word, position and token-type matrices and its LayerNorm) is
+not trained.
 
 Rows: ``ga`` (in place), ``gafwd`` (``module=model, rank=None``), ``sharedR`` (``rank=R``), ``peR``
 (``rank=R, per_example=True``), ``peRs`` (and ``sparse_embeddings=True``).
@@ -23,9 +26,13 @@ import zoptim
 from zoptim.problems import get_problem
 
 
-def run(row: str, lr: float, steps: int) -> list[float]:
+def run(row: str, lr: float, steps: int, freeze_embeddings: bool = False) -> list[float]:
     problem = get_problem("lm-minilm-trec-full")
     model = problem.make_model(0)
+    if freeze_embeddings:
+        for name, p in model.named_parameters():
+            if "embeddings" in name:
+                p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=lr, eps=1e-3)
     per_example = row.startswith("pe")
@@ -56,10 +63,12 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rows", nargs="+", default=["ga", "shared4", "shared16", "shared64", "pe4", "pe4s", "pe16"])
+    ap.add_argument("--freeze-embeddings", action="store_true")
     args = ap.parse_args()
-    print(f"# MiniLM TREC full, lr {args.lr}, eps 1e-3, full loss every 25 steps (start 1.369)")
+    frozen = ", embeddings frozen" if args.freeze_embeddings else ""
+    print(f"# MiniLM TREC full{frozen}, lr {args.lr}, eps 1e-3, full loss every 25 steps (start 1.369)")
     for row in args.rows:
-        print(f"{row:10s} {run(row, args.lr, args.steps)}", flush=True)
+        print(f"{row:10s} {run(row, args.lr, args.steps, args.freeze_embeddings)}", flush=True)
 
 
 if __name__ == "__main__":
