@@ -523,8 +523,7 @@ class ForwardPerturbation:
         found = stacked.examples_of(self, terms)
         if found is not None:  # a per-example step: the examples' stacked directions, one expression a tensor
             ops.extend(stacked.update_ops(self, *found, terms, decay))
-            write_all(ops, completes_itself=0)
-            return
+            return write_all(ops, completes_itself=int(self.in_place is not None) + int(self.writer is not None))
         values = [self._values(key) for key, _ in terms]
         for j in self._lowrank:
             if j in self.sparse_rows:
