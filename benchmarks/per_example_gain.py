@@ -28,6 +28,7 @@ import argparse
 
 import torch
 
+import zoptim
 from zoptim.problems import get_problem
 
 
@@ -67,15 +68,12 @@ def gradient_statistics(problem, batches: int = 4, seed: int = 0) -> tuple[float
 
 
 def sparse_embeddings(model, params) -> list:
-    """The nn.Embedding modules whose trainable weight no other module uses (what ``sparse_embeddings``
-    masks)."""
-    trainable = {id(p) for p in params}
-    users: dict[int, int] = {}
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            users[id(p)] = users.get(id(p), 0) + 1
-    return [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and id(m.weight) in trainable
-            and users[id(m.weight)] == 1]
+    """The nn.Embedding modules whose weight ``sparse_embeddings=True`` masks (the forward engine's
+    ``sparse_rows``: not tied to another layer)."""
+    probe = zoptim.ZOSGD(params, lr=0.0, module=model, rank=1, sparse_embeddings=True)
+    masked = {id(params[j]) for j in probe.engine.sparse_rows}
+    probe.close()
+    return [m for m in model.modules() if isinstance(m, torch.nn.Embedding) and id(m.weight) in masked]
 
 
 def main() -> None:

@@ -76,6 +76,16 @@ def test_matrices_of_one_shape_share_a_batched_factorisation_with_the_same_resul
     assert torch.equal(p[2] @ q[2].T, torch.zeros(9, 7, dtype=torch.float64))
 
 
+def reference_orthogonal_step(estimate: torch.Tensor, lr: float, matrix: bool) -> torch.Tensor:
+    """The orthogonalised update's step for an estimate, from the formula: ``lr sqrt(m n / t) U V^T`` of a
+    matrix (viewed shape[0] x rest; U V^T from torch.linalg.svd), ``lr g / rms(g)`` of any other tensor."""
+    if not matrix:
+        return lr * estimate / estimate.square().mean().sqrt()
+    # the directions were materialised in float32: their rounding is not a direction
+    polar, t = svd_polar(estimate.reshape(estimate.shape[0], -1), eps=torch.finfo(torch.float32).eps)
+    return lr * math.sqrt(estimate.numel() / t) * polar.reshape(estimate.shape)
+
+
 def reference_step(model, x, opt_kw, per_example: bool, k: int = 1):
     """One orthogonalised ZOSGD step written from the formulas: the queries' losses by hand, the
     estimate M = sum_i c_i S_i materialised per tensor, U V^T from torch.linalg.svd."""
@@ -104,13 +114,7 @@ def reference_step(model, x, opt_kw, per_example: bool, k: int = 1):
     want = []
     for j, p in enumerate(params):
         estimate = sum(-d / n * dirs[i][j] for i, d in enumerate(deltas))  # the descent direction -g
-        if ranks[j] is not None:
-            # the directions were materialised in float32: their rounding is not a direction
-            polar, t = svd_polar(estimate.reshape(p.shape[0], -1), eps=torch.finfo(torch.float32).eps)
-            step = lr * math.sqrt(estimate.numel() / t) * polar.reshape(p.shape)
-        else:
-            step = lr * estimate / estimate.square().mean().sqrt()
-        want.append(p.detach().double() + step)
+        want.append(p.detach().double() + reference_orthogonal_step(estimate, lr, ranks[j] is not None))
     return want
 
 

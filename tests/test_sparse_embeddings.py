@@ -19,7 +19,7 @@ import torch
 import reference
 import zoptim
 from test_forward import Net, build, trainable
-from test_orthogonal import svd_polar
+from test_orthogonal import reference_orthogonal_step
 from zoptim.engine.noise import mix
 from zoptim.optim.options import OptionError, Options, check_options
 
@@ -70,17 +70,12 @@ def reference_step(model, ids, lr, eps, rank, per_example, k=1, orthogonalize=Fa
         estimate = sum(terms)
         if not orthogonalize:
             step = lr * estimate
-        elif j == 0:
+        elif j == 0:  # the polar factor of the block of looked-up rows, RMS lr over that block
             rows = sorted(set(r for lk in looked for r in lk))
-            block = estimate[rows]
-            polar, t = svd_polar(block, eps=torch.finfo(torch.float32).eps)
             step = torch.zeros_like(estimate)
-            step[rows] = lr * math.sqrt(block.numel() / t) * polar
-        elif p.dim() >= 2:
-            polar, t = svd_polar(estimate.reshape(p.shape[0], -1), eps=torch.finfo(torch.float32).eps)
-            step = lr * math.sqrt(estimate.numel() / t) * polar.reshape(p.shape)
+            step[rows] = reference_orthogonal_step(estimate[rows], lr, matrix=True)
         else:
-            step = lr * estimate / estimate.square().mean().sqrt()
+            step = reference_orthogonal_step(estimate, lr, matrix=p.dim() >= 2)
         want.append(p.detach().double() + step)
     return want
 

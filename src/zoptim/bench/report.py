@@ -49,15 +49,21 @@ def cost_ratio_table(methods: dict) -> dict[str, list[dict]] | None:
     return {m: cost_ratio.aggregate(per_method[m]) for m in order if per_method[m]}
 
 
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and population standard deviation (nan, nan for no values)."""
+    if not values:
+        return math.nan, math.nan
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+
+
 def _final_losses(methods: dict) -> str:
     accuracy = any("test_accuracy" in r[-1] for runs in methods.values() for r in runs.values())
     lines = ["| Method | queries | final loss (mean ± std) | seeds | hyper-parameters | wall s/run |"
              + (" test accuracy |" if accuracy else ""), "|---|---|---|---|---|---|" + ("---|" if accuracy else "")]
     for m, runs in methods.items():
         finals = [curve(r)[1][-1] for r in runs.values()]
-        ok = [v for v in finals if math.isfinite(v)]
-        mean = sum(ok) / len(ok) if ok else math.nan
-        std = math.sqrt(sum((v - mean) ** 2 for v in ok) / len(ok)) if ok else math.nan
+        mean, std = _mean_std([v for v in finals if math.isfinite(v)])
         h = next(iter(runs.values()))[0]
         used = {k: h["hparams"][k] for k in _uses(m) if k in h["hparams"]}
         walls = [r[-1]["wall"] for r in runs.values()]
@@ -67,8 +73,7 @@ def _final_losses(methods: dict) -> str:
                f"{', '.join(f'{k}={v:.3g}' for k, v in used.items())} | {sum(walls) / len(walls):.1f} |")
         if accuracy:
             accs = [r[-1]["test_accuracy"] for r in runs.values() if "test_accuracy" in r[-1]]
-            am = sum(accs) / len(accs) if accs else math.nan
-            sd = math.sqrt(sum((a - am) ** 2 for a in accs) / len(accs)) if accs else math.nan
+            am, sd = _mean_std(accs)
             row += f" {am:.3f} ± {sd:.3f} ({len(accs)}) |" if accs else " - |"
         lines.append(row)
     return "\n".join(lines)

@@ -162,8 +162,10 @@ def orthogonal_update(engine, terms, steps: list[float], decay) -> list:
         shape = engine._matrix_shape(j)
         if examples is not None:
             stacks, c = examples[0], examples[1][:, j]
-            factors = [(*stacked.lowrank_factors(*stacks[j], c), 1.0)] if bool(c.any()) else []
-            live = [t for t in stacked.per_key(stacks, j, terms, c) if t[2] != 0.0] if j in engine.sparse_rows else []
+            if j in engine.sparse_rows:
+                factors, live = [], [t for t in stacked.per_key(stacks, j, terms, c) if t[2] != 0.0]
+            else:
+                factors, live = ([(*stacked.lowrank_factors(*stacks[j], c), 1.0)] if bool(c.any()) else []), []
         else:
             factors = [(v[j][0], v[j][1], s[j]) for v, (_, s) in zip(values, terms)]
             live = [(key, v[j], s[j]) for v, (key, s) in zip(values, terms) if s[j] != 0.0]

@@ -61,15 +61,14 @@ def factors(engine, j: int, live: list[tuple[int, tuple[torch.Tensor, torch.Tens
     union of the rows (sorted), ``M_i`` the rows direction i's examples looked up. A direction with
     no record keeps every row."""
     seen = engine._seen.get(j, {})
-    looked = [seen.get(key) for key, _, _ in live]
-    m = engine._matrix_shape(j)[0]
     device = live[0][1][0].device
-    if any(ids is None for ids in looked):
+    flat = [None if key not in seen else torch.cat(seen[key]).to(device=device, dtype=torch.int64)
+            for key, _, _ in live]
+    m = engine._matrix_shape(j)[0]
+    if any(ids is None for ids in flat):
         index = torch.arange(m, device=device)
-        masks = [None if ids is None else torch.zeros(m, 1, device=device).index_fill_(0, torch.cat(ids), 1.0)
-                 for ids in looked]
+        masks = [None if ids is None else torch.zeros(m, 1, device=device).index_fill_(0, ids, 1.0) for ids in flat]
     else:
-        flat = [torch.cat(ids).to(device=device, dtype=torch.int64) for ids in looked]
         index, inverse = torch.unique(torch.cat(flat), return_inverse=True)
         masks, start = [], 0
         for ids in flat:

@@ -65,7 +65,7 @@ class ZerothOrderOptimizer(DirectionExchange, CompatibleState, Optimizer):
         sparse_embeddings: (ZOSGD, AS2P; needs ``module`` and ``rank``) each embedding matrix (used by
             ``nn.Embedding`` modules only) is updated only in the rows the step's queries looked up,
             each direction in its own examples' rows: the loss does not depend on the other rows, so
-            the estimate stays unbiased and loses their noise (:mod:`zoptim.engine.forward`). Not with
+            the estimate stays unbiased and loses their noise (:mod:`zoptim.engine.sparse`). Not with
             momentum or in distributed runs.
 
     Attributes:
