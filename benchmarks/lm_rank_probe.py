@@ -3,11 +3,11 @@
 GA (full-rank directions, in place, or in the forward with ``rank=None``: the same numbers) against
 rank-r directions applied in the forward, shared by the minibatch or one per example, each at the
 same constant lr and eps for 100 steps on the bench problem ``lm-minilm-trec-full`` (minibatch 4,
-the batches of the bench's seed 0); prints the full loss (32 training examples) every 25 steps.
-A probe behind docs/benchmarks.md's orth-lm section, one seed: a row differs from another by its
-directions alone.
+the batches and the optimizer's seed of the bench's seed ``--seed``); prints the full loss (32
+training examples) every 25 steps. A probe behind docs/benchmarks.md's orth-lm section: within a
+seed a row differs from another by its directions alone.
 
-    python benchmarks/lm_rank_probe.py [--lr 1e-5] [--steps 100] [--rows ga shared4 pe4 ...] [--freeze-embeddings]
+    python benchmarks/lm_rank_probe.py [--lr 1e-5] [--steps 100] [--seed 0] [--rows ga shared4 pe4 ...] [--freeze-embeddings]
 
 ``--freeze-embeddings``: the embedding layer (word, position and token-type matrices and its LayerNorm) is
 not trained.
@@ -26,7 +26,7 @@ import zoptim
 from zoptim.problems import get_problem
 
 
-def run(row: str, lr: float, steps: int, freeze_embeddings: bool = False) -> list[float]:
+def run(row: str, lr: float, steps: int, freeze_embeddings: bool = False, seed: int = 0) -> list[float]:
     problem = get_problem("lm-minilm-trec-full")
     model = problem.make_model(0)
     if freeze_embeddings:
@@ -34,7 +34,7 @@ def run(row: str, lr: float, steps: int, freeze_embeddings: bool = False) -> lis
             if "embeddings" in name:
                 p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    kw = dict(lr=lr, eps=1e-3)
+    kw = dict(lr=lr, eps=1e-3, seed=seed)
     per_example = row.startswith("pe")
     if row == "ga":
         opt = zoptim.ZOSGD(params, **kw)
@@ -48,7 +48,7 @@ def run(row: str, lr: float, steps: int, freeze_embeddings: bool = False) -> lis
                            sparse_embeddings=sparse, **kw)
     else:
         raise ValueError(f"unknown row {row!r}")
-    batches = torch.Generator().manual_seed(1_000_003)  # the bench's seed-0 batch stream
+    batches = torch.Generator().manual_seed(1_000_003 * (seed + 1))  # the bench's batch stream of this seed
     losses = []
     for step in range(steps):
         opt.step(problem.closure(model, problem.sample_batch(batches), per_example=per_example))
@@ -63,12 +63,14 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--rows", nargs="+", default=["ga", "shared4", "shared16", "shared64", "pe4", "pe4s", "pe16"])
+    ap.add_argument("--seed", type=int, default=0, help="the bench seed whose batches and optimizer seed to use")
     ap.add_argument("--freeze-embeddings", action="store_true")
     args = ap.parse_args()
     frozen = ", embeddings frozen" if args.freeze_embeddings else ""
-    print(f"# MiniLM TREC full{frozen}, lr {args.lr}, eps 1e-3, full loss every 25 steps (start 1.369)")
+    print(f"# MiniLM TREC full{frozen}, seed {args.seed}, lr {args.lr}, eps 1e-3, full loss every 25 steps "
+          "(start 1.369)")
     for row in args.rows:
-        print(f"{row:10s} {run(row, args.lr, args.steps, args.freeze_embeddings)}", flush=True)
+        print(f"{row:10s} {run(row, args.lr, args.steps, args.freeze_embeddings, args.seed)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def _table() -> dict[str, Method]:
     add("ZOSGD-perexample", "zosgd",
         "ZOSGD with one rank-1 direction per example of the minibatch (per_example=True): B deltas per step",
         rank=1, per_example=True)
-    for rank in (4, 16):
+    for rank in (4, 8, 16):
         add(f"ZOSGD-perexample-r{rank}", "zosgd",
             f"ZOSGD with one rank-{rank} direction per example (per_example=True, rank={rank}): B deltas per step "
             "along directions whose entries are closer to Gaussian than rank 1's products", rank=rank, per_example=True)
