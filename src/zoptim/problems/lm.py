@@ -36,6 +36,7 @@ class LMProblem(Problem):
         test_examples: int = 500,
         dtype=torch.float32,
         seed: int = 0,
+        lr_grid: tuple[float, ...] | None = None,
     ):
         if batch_size < 1 or full_loss_examples < 1:
             raise ValueError(f"batch_size and full_loss_examples must be >= 1; got {batch_size}, {full_loss_examples}")
@@ -48,6 +49,8 @@ class LMProblem(Problem):
         self.name = f"lm-{model}-{task}" + ("-lora" if lora else "")
         if not lora:  # all weights: GA's lr 1e-5 (benchmarks/lm_minilm.sh), a step of RMS 1e-5 as AdamW's
             self.lr_grid, self.orth_lr_grid = (3e-5, 1e-5, 3e-6), (1e-4, 3e-5, 1e-5)
+        if lr_grid is not None:  # GA's search grid for this instance (the orthogonalised grid stays)
+            self.lr_grid = tuple(float(lr) for lr in lr_grid)
 
     def make_model(self, seed: int = 0) -> PromptClassifier:
         model, tokenizer = load_model(self.model_name, dtype=self.dtype)
