@@ -13,7 +13,9 @@ seed a row differs from another by its directions alone.
 not trained.
 
 Rows: ``ga`` (in place), ``gafwd`` (``module=model, rank=None``), ``sharedR`` (``rank=R``), ``peR``
-(``rank=R, per_example=True``), ``peRs`` (and ``sparse_embeddings=True``).
+(``rank=R, per_example=True``), ``peRs`` (and ``sparse_embeddings=True``), ``sharedRfe`` (``rank=R``
+but the embedding matrices' directions full rank: drawn at the looked-up rows in the forward as
+``rank=None`` draws them, and updated in full; the engine's layout is patched for this script only).
 """
 
 from __future__ import annotations
@@ -23,16 +25,29 @@ import argparse
 import torch
 
 import zoptim
+from zoptim.bench.methods import embedding_block
+from zoptim.engine import forward
+from zoptim.engine.layers import EmbeddingHandler
 from zoptim.problems import get_problem
+
+_register_hooks = forward.ForwardPerturbation._register_hooks
+
+
+def _full_rank_embeddings(engine, index):
+    """The engine's hook registration, then every matrix only ``nn.Embedding`` uses marked full rank."""
+    hooked = _register_hooks(engine, index)
+    for j, handlers in engine._handlers.items():
+        if handlers == {EmbeddingHandler}:
+            engine.kind[j] = "full"
+    return hooked
 
 
 def run(row: str, lr: float, steps: int, freeze_embeddings: bool = False, seed: int = 0) -> list[float]:
     problem = get_problem("lm-minilm-trec-full")
     model = problem.make_model(0)
     if freeze_embeddings:
-        for name, p in model.named_parameters():
-            if "embeddings" in name:
-                p.requires_grad_(False)
+        for p in embedding_block(model):
+            p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=lr, eps=1e-3, seed=seed)
     per_example = row.startswith("pe")
@@ -40,6 +55,12 @@ def run(row: str, lr: float, steps: int, freeze_embeddings: bool = False, seed: 
         opt = zoptim.ZOSGD(params, **kw)
     elif row == "gafwd":
         opt = zoptim.ZOSGD(params, module=model, rank=None, **kw)
+    elif row.startswith("shared") and row.endswith("fe"):
+        forward.ForwardPerturbation._register_hooks = _full_rank_embeddings
+        try:
+            opt = zoptim.ZOSGD(params, module=model, rank=int(row[6:-2]), **kw)
+        finally:
+            forward.ForwardPerturbation._register_hooks = _register_hooks
     elif row.startswith("shared"):
         opt = zoptim.ZOSGD(params, module=model, rank=int(row[6:]), **kw)
     elif per_example:

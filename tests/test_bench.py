@@ -97,6 +97,30 @@ def test_every_recipe_builds_on_a_model_and_knows_its_queries_per_step():
             opt.close()
 
 
+def test_a_recipe_with_frozen_embeddings_tunes_every_trainable_tensor_but_the_embedding_block():
+    """``freeze_embeddings``: the tensors named ``*embeddings*`` (a Hugging Face embedding block, its
+    LayerNorm included) are left out of the optimizer; every other trainable tensor is tuned, and a
+    tensor the model already froze stays out."""
+    from zoptim.bench.methods import RECIPES
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embeddings = torch.nn.ModuleDict({"word_embeddings": torch.nn.Embedding(10, 4),
+                                                   "LayerNorm": torch.nn.LayerNorm(4)})
+            self.body, self.head = torch.nn.Linear(4, 4), torch.nn.Linear(4, 2)
+            self.head.bias.requires_grad_(False)
+
+    model = Tiny()
+    frozen, plain = RECIPES["ZOSGD-lowrank-r4-frozenemb"], RECIPES["ZOSGD-lowrank-r4"]
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [names[id(p)] for p in frozen.parameters(model)] == ["body.weight", "body.bias", "head.weight"]
+    assert len(plain.parameters(model)) == 6
+    opt, _ = frozen.build(frozen.parameters(model), {"lr": 1e-3, "eps": 1e-3}, total_steps=4, seed=0, module=model)
+    assert [p for g in opt.param_groups for p in g["params"]] == frozen.parameters(model)
+    opt.close()
+
+
 def test_search_gives_each_new_method_the_trials_of_the_method_it_extends(tmp_path):
     """GA's alpha_0 x rho_0 grid for ZOSGD-momentum and HiZOO (as many trials as GA), AS2P's eta_b
     grid for AS2P-momentum; their picks are per-method overrides of the shared values."""

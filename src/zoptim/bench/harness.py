@@ -88,7 +88,7 @@ def run(spec: RunSpec, problem: Problem, out_dir: Path, *, checkpoint_seconds: f
         raise ValueError(f"budget {spec.budget} is below one step of {spec.method} ({method.queries_per_step} queries)")
     eval_every = max(1, round(total_steps / spec.num_evals))
     model = problem.make_model(spec.seed)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = method.parameters(model)
     opt, scheduler = method.build(params, spec.hparams, total_steps, spec.seed, module=model)
     batches = torch.Generator().manual_seed(1_000_003 * (spec.seed + 1))
 

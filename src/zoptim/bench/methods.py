@@ -64,7 +64,8 @@ class Method:
                   for arg, key in self.args.items()}
         # the options that need the model (the probe, which has none, leaves them out)
         needs_model = ("forward", "rank", "per_example", "orthogonalize", "normalize_by_spread", "sparse_embeddings")
-        kwargs.update({k: v for k, v in self.options.items() if k != "constant_lr" and k not in needs_model})
+        kwargs.update({k: v for k, v in self.options.items()
+                       if k not in ("constant_lr", "freeze_embeddings") and k not in needs_model})
         if "total_steps" in spec.hyperparameters():
             kwargs["total_steps"] = total_steps
         forward = self.options.get("forward", False) or self.options.get("rank") is not None
@@ -77,6 +78,12 @@ class Method:
                     kwargs[option] = self.options[option]
         return registry.build(self.kind, params, seed=seed, **kwargs)
 
+    def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The tensors the method tunes: the model's trainable ones, less its embedding block with the
+        option ``freeze_embeddings`` (:func:`embedding_block`)."""
+        frozen = {id(p) for p in embedding_block(model)} if self.options.get("freeze_embeddings") else set()
+        return [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
+
     def build(self, params, hparams: dict, total_steps: int, seed: int, module=None):
         """(optimizer, scheduler or None) for a run of ``total_steps`` steps. ``module``: the model,
         for the methods whose directions are applied inside its forward (options ``forward``, ``rank``)."""
@@ -85,6 +92,13 @@ class Method:
         if self.kind != "as2p" and not self.options.get("constant_lr", False):  # AS2P decays rho_k and lr_k internally
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=0.0)
         return opt, scheduler
+
+
+def embedding_block(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The trainable tensors of ``model``'s embedding block: those whose name contains ``embeddings``
+    (a Hugging Face encoder's ``embeddings`` module: word, position and token-type matrices and its
+    LayerNorm)."""
+    return [p for name, p in model.named_parameters() if p.requires_grad and "embeddings" in name]
 
 
 def _table() -> dict[str, Method]:
@@ -126,6 +140,9 @@ def _table() -> dict[str, Method]:
         suffix = "" if rank == 1 else f"-r{rank}"
         add(f"ZOSGD-lowrank{suffix}", "zosgd",
             f"ZOSGD with rank-{rank} matrix directions applied in the forward (module=model, rank={rank})", rank=rank)
+    add("ZOSGD-lowrank-r4-frozenemb", "zosgd",
+        "ZOSGD-lowrank-r4 with the embedding block frozen (its tensors not tuned): a low-rank direction shifts "
+        "every looked-up row along the same r columns", rank=4, freeze_embeddings=True)
     add("AS2P-lowrank", "as2p", "AS2P with rank-1 matrix directions applied in the forward", rank=1)
     add("ZOSGD-perexample", "zosgd",
         "ZOSGD with one rank-1 direction per example of the minibatch (per_example=True): B deltas per step",
