@@ -47,8 +47,9 @@ class LMProblem(Problem):
         self.full_examples = self.task.train[:full_loss_examples]
         self.test_examples, self.seed, self._test = test_examples, seed, None
         self.name = f"lm-{model}-{task}" + ("-lora" if lora else "")
-        if not lora:  # all weights: GA's lr 1e-5 (benchmarks/lm_minilm.sh), a step of RMS 1e-5 as AdamW's
-            self.lr_grid, self.orth_lr_grid = (3e-5, 1e-5, 3e-6), (1e-4, 3e-5, 1e-5)
+        if not lora:  # all weights: around GA's lr 1e-5 (benchmarks/lm_minilm.sh), a step of RMS 1e-5 as AdamW's;
+            # the top values added when GA's and the orthogonalised step's searches picked the old grids' tops
+            self.lr_grid, self.orth_lr_grid = (1e-4, 3e-5, 1e-5, 3e-6), (3e-4, 1e-4, 3e-5, 1e-5)
         if lr_grid is not None:  # GA's search grid for this instance (the orthogonalised grid stays)
             self.lr_grid = tuple(float(lr) for lr in lr_grid)
 
