@@ -140,6 +140,8 @@ def _table() -> dict[str, Method]:
         suffix = "" if rank == 1 else f"-r{rank}"
         add(f"ZOSGD-lowrank{suffix}", "zosgd",
             f"ZOSGD with rank-{rank} matrix directions applied in the forward (module=model, rank={rank})", rank=rank)
+    add("ZOSGD-frozenemb", "zosgd", "ZOSGD (GA) with the embedding block frozen: the control of ZOSGD-lowrank-r4-frozenemb",
+        freeze_embeddings=True)
     add("ZOSGD-lowrank-r4-frozenemb", "zosgd",
         "ZOSGD-lowrank-r4 with the embedding block frozen (its tensors not tuned): a low-rank direction shifts "
         "every looked-up row along the same r columns", rank=4, freeze_embeddings=True)

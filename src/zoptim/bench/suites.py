@@ -161,7 +161,7 @@ SUITES = {
     "orth-lm": lambda budget, seeds: [
         Experiment("orth-lm", ["lm-minilm-trec-full"], ["ZOSGD", "ZOSGD-perexample-r4", "ZOSGD-perexample-orth",
                                                         "ZOSGD-perexample-r4-sparse", "ZOSGD-perexample-orth-sparse",
-                                                        "ZOSGD-lowrank-r4-frozenemb"],
+                                                        "ZOSGD-frozenemb", "ZOSGD-lowrank-r4-frozenemb"],
                    seeds or 3, budget or 1000, search=True, num_evals=10, search_fraction=1.0),
         Experiment("orth-lm", ["lm-smollm2-trec"], ["ZOSGD", "ZOSGD-perexample-r4", "ZOSGD-perexample",
                                                     "ZOSGD-perexample-orth"],
