@@ -25,9 +25,9 @@ import argparse
 import torch
 
 import zoptim
-from zoptim.bench.methods import embedding_block
 from zoptim.engine import forward
 from zoptim.engine.layers import EmbeddingHandler
+from zoptim.lm.models import embedding_block
 from zoptim.problems import get_problem
 
 _register_hooks = forward.ForwardPerturbation._register_hooks

@@ -454,6 +454,33 @@ def test_finetune_refuses_forward_options_that_cannot_hold(tmp_path, data_files)
         finetune(tmp_path, model_dir, data_files, "--method", "stp", "--rank", "1", "--sparse-embeddings")
 
 
+def test_finetune_freeze_embeddings_trains_everything_but_the_encoders_embedding_block(tmp_path, data_files):
+    """`--freeze-embeddings`: the exported encoder's embedding block (word, position, token-type
+    matrices and LayerNorm) is the base model's bit for bit, the other weights moved, and the
+    run records the option."""
+    from transformers import AutoModel
+
+    model_dir = save_tiny("encoder", tmp_path / "bert")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--rank", "4", "--freeze-embeddings",
+                       run="frozen")
+    assert json.loads((run_dir / "result.json").read_text())["freeze_embeddings"] is True
+    before = dict(AutoModel.from_pretrained(model_dir).named_parameters())
+    after = dict(AutoModel.from_pretrained(run_dir / "model").named_parameters())
+    block = [n for n in before if "embeddings" in n]
+    assert len(block) == 5  # word, position, token type; LayerNorm weight and bias
+    for n in block:
+        assert torch.equal(after[n], before[n]), n
+    assert any(not torch.equal(after[n], before[n]) for n in before if n not in block)
+
+
+def test_finetune_freeze_embeddings_is_refused_where_there_is_no_block_to_freeze(tmp_path, data_files):
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    with pytest.raises(SystemExit, match="--freeze-embeddings freezes the embedding block .* with --lora"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--lora", "--freeze-embeddings")
+    with pytest.raises(SystemExit, match="freeze_embeddings: .* has no trainable parameter named '\\*embeddings\\*'"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--freeze-embeddings")
+
+
 # -- run folders are never reused silently (issue 21) -------------------------------------------------
 def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(tmp_path, data_files, capsys):
     model_dir = save_tiny("causal", tmp_path / "tiny")

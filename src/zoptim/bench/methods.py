@@ -21,6 +21,7 @@ from functools import cached_property
 
 import torch
 
+from ..lm.models import embedding_block
 from ..optim import registry
 
 #: Which hyper-parameter key of a problem's table feeds each constructor argument, per method
@@ -80,7 +81,7 @@ class Method:
 
     def parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
         """The tensors the method tunes: the model's trainable ones, less its embedding block with the
-        option ``freeze_embeddings`` (:func:`embedding_block`)."""
+        option ``freeze_embeddings`` (:func:`zoptim.lm.models.embedding_block`)."""
         frozen = {id(p) for p in embedding_block(model)} if self.options.get("freeze_embeddings") else set()
         return [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
@@ -92,13 +93,6 @@ class Method:
         if self.kind != "as2p" and not self.options.get("constant_lr", False):  # AS2P decays rho_k and lr_k internally
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total_steps), eta_min=0.0)
         return opt, scheduler
-
-
-def embedding_block(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    """The trainable tensors of ``model``'s embedding block: those whose name contains ``embeddings``
-    (a Hugging Face encoder's ``embeddings`` module: word, position and token-type matrices and its
-    LayerNorm)."""
-    return [p for name, p in model.named_parameters() if p.requires_grad and "embeddings" in name]
 
 
 def _table() -> dict[str, Method]:

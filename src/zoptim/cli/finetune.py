@@ -112,6 +112,10 @@ def register(sub) -> None:
                    help="zosgd / as2p with --rank: an embedding matrix moves only in the rows the step's examples looked "
                         "up, each direction in its own examples' rows (unbiased; the other rows' estimate is noise). Not "
                         "with --momentum or --nproc")
+    p.add_argument("--freeze-embeddings", action="store_true",
+                   help="leave an encoder's embedding block (its parameters named *embeddings*: word, position and "
+                        "token-type matrices, their LayerNorm) out of training; with --rank on MiniLM TREC it beat "
+                        "tuning it (docs/benchmarks.md). Not with --lora")
     p.add_argument("--seed", type=int, default=0, help="seed of the directions, the data order and the split")
     p.add_argument("--run-name", default=None, help="sub-directory of --out for this run (default: method)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' included)")
@@ -131,8 +135,8 @@ def register(sub) -> None:
 RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "label_field", "labels", "template",
               "method", "steps", "lora", "no_exact_restore", "dtype", "batch_size", "max_length", "eval_every",
               "checkpoint_every", "eval_examples", "objective", "lr", "eps", "eta_b", "momentum", "momentum_window",
-              "guard", "hessian_smooth", "forward", "rank", "per_example", "orthogonalize", "normalize_by_spread", "sparse_embeddings", "shard",
-              "seed")
+              "guard", "hessian_smooth", "forward", "rank", "per_example", "orthogonalize", "normalize_by_spread", "sparse_embeddings",
+              "freeze_embeddings", "shard", "seed")
 
 
 def run_config(args) -> dict:
@@ -283,7 +287,7 @@ def finetune_config(args):
             momentum=args.momentum, momentum_window=args.momentum_window, guard=args.guard,
             hessian_smooth=args.hessian_smooth, forward=args.forward, rank=args.rank, per_example=args.per_example,
             orthogonalize=args.orthogonalize, normalize_by_spread=args.normalize_by_spread,
-            sparse_embeddings=args.sparse_embeddings, shard=args.shard,
+            sparse_embeddings=args.sparse_embeddings, freeze_embeddings=args.freeze_embeddings, shard=args.shard,
             exact_restore=not args.no_exact_restore, seed=args.seed, save_model=not args.no_save_model,
             keep_checkpoint=args.keep_checkpoint,
             progress=not args.no_progress,

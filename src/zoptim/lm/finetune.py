@@ -79,6 +79,7 @@ class FinetuneConfig:
     orthogonalize: bool = False
     normalize_by_spread: bool = False
     sparse_embeddings: bool = False
+    freeze_embeddings: bool = False
     shard: bool = False
     exact_restore: bool = True
     seed: int = 0
@@ -100,6 +101,9 @@ class FinetuneConfig:
             raise ConfigError("objective", "accuracy is not differentiable; use a zeroth-order {method}", method=None)
         if self.merge and not self.lora:
             raise ConfigError("merge", "merges LoRA adapters; it needs {lora}", lora=None)
+        if self.freeze_embeddings and self.lora:
+            raise ConfigError("freeze_embeddings", "freezes the embedding block of a model whose weights are tuned; "
+                              "with {lora} every base weight is frozen already", lora=None)
         options = {"momentum": self.momentum, "guard": self.guard, "module": self.forward, "rank": self.rank,
                    "per_example": self.per_example, "orthogonalize": self.orthogonalize,
                    "normalize_by_spread": self.normalize_by_spread, "sparse_embeddings": self.sparse_embeddings}
@@ -209,7 +213,7 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     import torch
 
     from ..distributed import rank_and_world
-    from .models import apply_lora, load_model, load_sharded, resolve, resolve_device, save_model
+    from .models import apply_lora, freeze_embeddings, load_model, load_sharded, resolve, resolve_device, save_model
     from .prompts import PromptClassifier
     from .report import write_report
     from .train import Loop, LoopConfig, make_optimizer
@@ -237,6 +241,9 @@ def finetune(config: FinetuneConfig, task, prompt, out, run_name: str | None = N
     kind = resolve(config.model)[1]
     if config.lora:
         model = apply_lora(model, seed=config.seed)
+    if config.freeze_embeddings:
+        frozen = freeze_embeddings(model)
+        say(f"embedding block frozen: {frozen:,} weights not tuned", flush=True)
     clf = PromptClassifier(model, tokenizer, prompt, kind=kind, max_length=config.max_length).to(device)
     truncated = {name: clf.count_truncated(split) for name, split in
                  (("train", task.train), ("validation", task.val), ("test", test))}
