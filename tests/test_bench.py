@@ -119,6 +119,8 @@ def test_a_recipe_with_frozen_embeddings_tunes_every_trainable_tensor_but_the_em
     opt, _ = frozen.build(frozen.parameters(model), {"lr": 1e-3, "eps": 1e-3}, total_steps=4, seed=0, module=model)
     assert [p for g in opt.param_groups for p in g["params"]] == frozen.parameters(model)
     opt.close()
+    with pytest.raises(ValueError, match="ZOSGD-lowrank-r4-frozenemb freezes the embedding block; Linear has no"):
+        frozen.parameters(torch.nn.Linear(3, 2))
 
 
 def test_search_gives_each_new_method_the_trials_of_the_method_it_extends(tmp_path):

@@ -83,6 +83,9 @@ class Method:
         """The tensors the method tunes: the model's trainable ones, less its embedding block with the
         option ``freeze_embeddings`` (:func:`zoptim.lm.models.embedding_block`)."""
         frozen = {id(p) for p in embedding_block(model)} if self.options.get("freeze_embeddings") else set()
+        if self.options.get("freeze_embeddings") and not frozen:
+            raise ValueError(f"{self.name} freezes the embedding block; {type(model).__name__} has no trainable "
+                             "parameter named '*embeddings*'")
         return [p for p in model.parameters() if p.requires_grad and id(p) not in frozen]
 
     def build(self, params, hparams: dict, total_steps: int, seed: int, module=None):
