@@ -27,7 +27,7 @@ import torch
 import zoptim
 from zoptim.engine import forward
 from zoptim.engine.layers import EmbeddingHandler
-from zoptim.lm.models import embedding_block
+from zoptim.lm import models as lm_models
 from zoptim.problems import get_problem
 
 _register_hooks = forward.ForwardPerturbation._register_hooks
@@ -46,8 +46,7 @@ def run(row: str, lr: float, steps: int, freeze_embeddings: bool = False, seed: 
     problem = get_problem("lm-minilm-trec-full")
     model = problem.make_model(0)
     if freeze_embeddings:
-        for p in embedding_block(model):
-            p.requires_grad_(False)
+        lm_models.freeze_embeddings(model)
     params = [p for p in model.parameters() if p.requires_grad]
     kw = dict(lr=lr, eps=1e-3, seed=seed)
     per_example = row.startswith("pe")

@@ -14,7 +14,7 @@ configuration
 Configurations: zoptim ZOSGD and AS2P with normal and Rademacher directions (exact restore, the
 default, and ZOSGD normal with ``exact_restore=False``; ``-eager`` rows with ``ZOPTIM_COMPILE=0``;
 ``-forward`` rows with forward-applied rank-1 directions, ``module=model, rank=1``, ``-forward-r4`` rank 4,
-``-frozenemb`` with the embedding block (:func:`zoptim.lm.models.embedding_block`) not tuned (these two on
+``-frozenemb`` with the embedding block not tuned (:func:`zoptim.lm.models.freeze_embeddings`) (these two on
 request, ``--configs``, MiniLM only); ``-perexample`` rows
 with one rank-1 direction per example, ``-orth`` with the orthogonalised update, ``orthogonalize=True``,
 ``-sparse`` with the embeddings updated in their looked-up rows, ``sparse_embeddings=True``), a MeZO-style
@@ -122,17 +122,14 @@ def _optimizer(config: str, model):
 
     import zoptim
 
+    if config.endswith("-frozenemb"):  # the embedding block left out (MiniLM's best bench row)
+        from zoptim.lm.models import freeze_embeddings
+
+        freeze_embeddings(model)
     params = [p for p in model.parameters() if p.requires_grad]
     forward = dict(module=model, rank=1) if config.endswith("-forward") else {}
-    if "-forward-r4" in config:  # rank 4; -frozenemb: the embedding block left out (MiniLM's best bench row)
+    if "-forward-r4" in config:
         forward = dict(module=model, rank=4)
-        if config.endswith("-frozenemb"):
-            from zoptim.lm.models import embedding_block
-
-            frozen = {id(p) for p in embedding_block(model)}
-            if not frozen:
-                raise ValueError(f"{config}: the model has no embedding block (an encoder's, as MiniLM's)")
-            params = [p for p in params if id(p) not in frozen]
     if "-perexample" in config:
         forward = dict(module=model, rank=1, per_example=True, orthogonalize="-orth" in config,
                        sparse_embeddings=config.endswith("-sparse"))
