@@ -162,6 +162,9 @@ def _table() -> dict[str, Method]:
     add("ZOSGD-perexample-spread", "zosgd",
         "ZOSGD-perexample with the step divided by the standard deviation of the B deltas (FZOO's normalised step)",
         rank=1, per_example=True, normalize_by_spread=True)
+    add("ZOSGD-perexample-r4-spread", "zosgd",
+        "ZOSGD-perexample-r4 with the step divided by the standard deviation of the B deltas (FZOO's normalised "
+        "step, which FZOO measured on language models)", rank=4, per_example=True, normalize_by_spread=True)
     for base in ("ZOSGD-perexample-r4", "ZOSGD-perexample-orth"):
         add(f"{base}-sparse", "zosgd",
             f"{base} with sparse_embeddings=True: an embedding matrix moves only in the rows each direction's "

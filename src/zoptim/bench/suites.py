@@ -161,10 +161,11 @@ SUITES = {
     "orth-lm": lambda budget, seeds: [
         Experiment("orth-lm", ["lm-minilm-trec-full"], ["ZOSGD", "ZOSGD-perexample-r4", "ZOSGD-perexample-orth",
                                                         "ZOSGD-perexample-r4-sparse", "ZOSGD-perexample-orth-sparse",
-                                                        "ZOSGD-frozenemb", "ZOSGD-lowrank-r4-frozenemb"],
+                                                        "ZOSGD-frozenemb", "ZOSGD-lowrank-r4-frozenemb",
+                                                        "ZOSGD-perexample-r4-spread"],
                    seeds or 3, budget or 1000, search=True, num_evals=10, search_fraction=1.0),
         Experiment("orth-lm", ["lm-smollm2-trec"], ["ZOSGD", "ZOSGD-perexample-r4", "ZOSGD-perexample",
-                                                    "ZOSGD-perexample-orth"],
+                                                    "ZOSGD-perexample-orth", "ZOSGD-perexample-r4-spread"],
                    seeds or 3, budget or 500, search=True, num_evals=10, search_fraction=1.0)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox

@@ -37,6 +37,7 @@ class LMProblem(Problem):
         dtype=torch.float32,
         seed: int = 0,
         lr_grid: tuple[float, ...] | None = None,
+        orth_lr_grid: tuple[float, ...] | None = None,
     ):
         if batch_size < 1 or full_loss_examples < 1:
             raise ValueError(f"batch_size and full_loss_examples must be >= 1; got {batch_size}, {full_loss_examples}")
@@ -50,8 +51,10 @@ class LMProblem(Problem):
         if not lora:  # all weights: around GA's lr 1e-5 (benchmarks/lm_minilm.sh), a step of RMS 1e-5 as AdamW's;
             # the top values added when GA's and the orthogonalised step's searches picked the old grids' tops
             self.lr_grid, self.orth_lr_grid = (1e-4, 3e-5, 1e-5, 3e-6), (3e-4, 1e-4, 3e-5, 1e-5)
-        if lr_grid is not None:  # GA's search grid for this instance (the orthogonalised grid stays)
+        if lr_grid is not None:  # GA's search grid for this instance
             self.lr_grid = tuple(float(lr) for lr in lr_grid)
+        if orth_lr_grid is not None:  # the orthogonalised and spread-normalised steps' grid for this instance
+            self.orth_lr_grid = tuple(float(lr) for lr in orth_lr_grid)
 
     def make_model(self, seed: int = 0) -> PromptClassifier:
         model, tokenizer = load_model(self.model_name, dtype=self.dtype)
