@@ -150,6 +150,9 @@ def _table() -> dict[str, Method]:
         add(f"ZOSGD-perexample-r{rank}", "zosgd",
             f"ZOSGD with one rank-{rank} direction per example (per_example=True, rank={rank}): B deltas per step "
             "along directions whose entries are closer to Gaussian than rank 1's products", rank=rank, per_example=True)
+    add("ZOSGD-perexample-r8-guard", "zosgd",
+        "ZOSGD-perexample-r8 with the loss guard (tol 0.02): rank 8 fell fastest and then ran away at its "
+        "search's lr on Fashion-MNIST, the failure the guard cuts", rank=8, per_example=True, guard=GUARD_TOL)
     add("AS2P-perexample", "as2p",
         "AS2P with one rank-1 direction per example, each delta a gamma", rank=1, per_example=True)
     add("ZOSGD-perexample-orth", "zosgd",
