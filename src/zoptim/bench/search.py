@@ -35,7 +35,7 @@ ETA_B_GRID = (1.0, 5.0, 50.0)  # reduced from the paper's {3, 5, 50} range, exte
 LR_EPS_SEARCHED = ("ZOSGD-momentum", "HiZOO", "HiZOO-factored", "ZOSGD-guard", "ZOSGD-momentum-guard",
                    "ZOSGD-lowrank", "ZOSGD-lowrank-r4", "ZOSGD-lowrank-r16", "ZOSGD-frozenemb",
                    "ZOSGD-lowrank-r4-frozenemb", "ZOSGD-perexample", "ZOSGD-perexample-r4", "ZOSGD-perexample-r8",
-                   "ZOSGD-perexample-r16")
+                   "ZOSGD-perexample-r16", "ZOSGD-perexample-r8-guard")
 ETA_B_SEARCHED = ("AS2P-momentum", "AS2P-lowrank", "AS2P-perexample")
 #: Variants that run with the values their base method's search chose, with no trials of their own
 #: (fewer trials than GA's, never more): the sparse embedding update changes which rows move, not
