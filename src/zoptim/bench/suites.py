@@ -39,7 +39,9 @@
   directions; every row searched with GA's number of trials (the normalised rows on the problem's
   ``orth_lr_grid``); ``orth-lm`` on MiniLM TREC with all weights (GA, per-example rank 4 and the
   orthogonalised per-example step, each also with ``sparse_embeddings``, which take their base row's
-  search) and SmolLM2 TREC with LoRA; the LM runs record the test accuracy at their end.
+  search; GA with the embedding block frozen and rank-4 directions with it frozen) and SmolLM2 TREC
+  with LoRA, both also with FZOO's spread-normalised step on rank-4 per-example directions; the LM
+  runs record the test accuracy at their end.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
