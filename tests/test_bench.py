@@ -143,6 +143,21 @@ def test_search_gives_each_new_method_the_trials_of_the_method_it_extends(tmp_pa
     assert search.hparams_for("ZOSGD", found) == found["chosen"]  # GA and the paper's methods: the shared values
 
 
+def test_every_recipe_with_directions_in_the_forward_gets_its_own_search_or_shares_its_base_rows():
+    """A ZOSGD row that changes how its directions are drawn or applied (rank, per example, a frozen
+    block) changes the step's scale, so it must not silently run at GA's pick: it searches lr x eps
+    itself, on GA's grid or the normalised grid, or takes a named base row's values."""
+    from zoptim.bench import search
+    from zoptim.bench.methods import RECIPES
+
+    changed = [name for name, m in RECIPES.items() if m.kind == "zosgd"
+               and any(m.options.get(k) for k in ("rank", "per_example", "freeze_embeddings"))]
+    assert "ZOSGD-perexample-r8-guard" in changed and "ZOSGD-perexample-r4-spread" in changed
+    unsearched = [name for name in changed if name not in search.LR_EPS_SEARCHED and not search.normalised(name)
+                  and name not in search.SHARES_SEARCH]
+    assert unsearched == []
+
+
 def test_a_sparse_embedding_row_takes_its_base_rows_search_and_runs_no_trials_of_its_own(tmp_path):
     from zoptim.bench import search
 
