@@ -143,7 +143,7 @@ def test_search_gives_each_new_method_the_trials_of_the_method_it_extends(tmp_pa
     assert search.hparams_for("ZOSGD", found) == found["chosen"]  # GA and the paper's methods: the shared values
 
 
-def test_every_recipe_with_directions_in_the_forward_gets_its_own_search_or_shares_its_base_rows():
+def test_every_ga_recipe_that_changes_its_directions_searches_its_own_lr_or_takes_a_base_rows():
     """A ZOSGD row that changes how its directions are drawn or applied (rank, per example, a frozen
     block) changes the step's scale, so it must not silently run at GA's pick: it searches lr x eps
     itself, on GA's grid or the normalised grid, or takes a named base row's values."""
