@@ -521,6 +521,54 @@ def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="other")
 
 
+def test_zosgd_with_lora_defaults_to_rank_4_per_example_directions_and_in_place_keeps_mezos(
+        tmp_path, data_files, capsys):
+    """The measured default (docs/benchmarks.md, SmolLM2 TREC with LoRA: per-example rank 4 reached
+    in-place GA's final loss in 0.87x its queries): the library's config and the command take it,
+    record what the run did, and a run recorded before the default changed is never continued
+    with other directions."""
+    from zoptim.lm.finetune import ConfigError, FinetuneConfig
+
+    resolved = lambda **kw: (lambda c: (c.in_place, c.rank, c.per_example))(FinetuneConfig(**kw))  # noqa: E731
+    assert resolved(lora=True) == (False, 4, True)
+    assert resolved(lora=True, in_place=True) == (True, None, False)
+    assert resolved(lora=True, rank=2) == (False, 2, False)  # directions the user chose are kept as given
+    assert resolved(lora=True, method="as2p") == (True, None, False)  # nothing measured says otherwise
+    assert resolved() == (True, None, False) and resolved(forward=True) == (False, None, False)
+    with pytest.raises(ConfigError, match="in_place writes full-rank directions into the weights; it does not "
+                                          "combine with forward or rank"):
+        FinetuneConfig(lora=True, in_place=True, rank=4)
+    with pytest.raises(ConfigError, match="in_place False needs the directions applied inside the forward"):
+        FinetuneConfig(in_place=False)
+
+    model_dir = save_tiny("causal", tmp_path / "tiny")
+    run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--lora", "--steps", "2", run="lora")
+    config, result = (json.loads((run_dir / f).read_text()) for f in ("config.json", "result.json"))
+    assert (config["in_place"], config["rank"], config["per_example"]) == (False, 4, True)
+    assert (result["in_place"], result["rank"], result["per_example"]) == (False, 4, True)
+    # a LoRA run recorded before the default changed (no in_place field, directions in place)
+    old = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--lora", "--in-place", "--steps", "2",
+                   run="old")
+    recorded = json.loads((old / "config.json").read_text())
+    assert (recorded["in_place"], recorded["rank"], recorded["per_example"]) == (True, None, False)
+    del recorded["in_place"]
+    (old / "config.json").write_text(json.dumps(recorded))
+    before = (old / "result.json").read_bytes()
+    with pytest.raises(SystemExit, match=r"holds a run with other settings \(--in-place True -> False, --per-example "
+                                         r"False -> True, --rank None -> 4\).*zosgd with --lora now defaults to --rank 4 "
+                                         r"--per-example, and that run's directions were in place: --in-place runs it"):
+        finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--lora", "--steps", "2", run="old")
+    assert (old / "result.json").read_bytes() == before
+    capsys.readouterr()
+    finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--lora", "--in-place", "--steps", "2", run="old")
+    assert "nothing to do" in capsys.readouterr().out
+    # --resume continues it as it was recorded: in place
+    finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--lora", "--steps", "4", "--resume", run="old")
+    extended = json.loads((old / "result.json").read_text())
+    assert extended["queries"] == 8 and (extended["in_place"], extended["rank"], extended["per_example"]) == (
+        True, None, False)
+
+
 def test_an_out_folder_of_the_users_own_files_is_never_written(tmp_path, data_files):
     mine = tmp_path / "out"
     mine.mkdir()

@@ -394,13 +394,15 @@ def test_the_report_says_what_each_run_tuned_and_with_which_lr(tmp_path, data_fi
     model_dir = save_tiny("causal", tmp_path / "tiny")
     out = tmp_path / "out"
     for extra in (["--run-name", "full"], ["--lora", "--run-name", "lora", "--lr", "2e-3"],
+                  ["--lora", "--in-place", "--run-name", "mezo"],
                   ["--rank", "1", "--per-example", "--run-name", "pe"], ["--method", "as2p", "--run-name", "as2p"]):
         assert main(command(model_dir, data_files, out, "--no-save-model", *extra, steps=2)) == 0
     lines = (out / "report.md").read_text().splitlines()
     assert "| run | method | tuned | lr | steps |" in lines[4]
     rows = {line.split(" | ")[0].strip("| "): line for line in lines if line.startswith("| ")}
     assert rows["full"].startswith("| full | zosgd | full | 0.001 | 2 |")
-    assert rows["lora"].startswith("| lora | zosgd | LoRA | 0.002 | 2 |")
+    assert rows["lora"].startswith("| lora | zosgd | LoRA, rank-4 directions, per-example | 0.002 | 2 |")  # the default
+    assert rows["mezo"].startswith("| mezo | zosgd | LoRA | 0.001 | 2 |")
     assert rows["pe"].startswith("| pe | zosgd | full, rank-1 directions, per-example | 0.001 | 2 |")
     assert rows["as2p"].startswith("| as2p | as2p | full | 0.001 (cosine, auto-scaled) | 2 |")
 

@@ -94,7 +94,12 @@ def register(sub) -> None:
     p.add_argument("--hessian-smooth", type=float, default=1e-6, help="hizoo: alpha, the Hessian estimate's EMA rate")
     p.add_argument("--forward", action="store_true",
                    help="apply the directions inside the model's forward (module=model): queries never write the "
-                        "weights; full-rank directions unless --rank R (default: full-rank directions in place)")
+                        "weights; full-rank directions unless --rank R (default: full-rank directions in place; "
+                        "with --lora and zosgd, --rank 4 --per-example)")
+    p.add_argument("--in-place", action="store_true", default=None,
+                   help="full-rank directions written into the weights (MeZO's way): the default, except for zosgd "
+                        "with --lora, whose default is --rank 4 --per-example (it reached in-place zosgd's final loss "
+                        "in 0.87x the queries on SmolLM2 TREC, docs/benchmarks.md); this flag keeps them in place there")
     p.add_argument("--rank", type=int, default=None,
                    help="apply rank-R matrix directions inside the model's forward (module=model, rank=R; implies "
                         "--forward): a step costs about its two forwards")
@@ -135,8 +140,16 @@ def register(sub) -> None:
 RUN_FIELDS = ("model", "task", "train", "validation", "test", "text_field", "label_field", "labels", "template",
               "method", "steps", "lora", "no_exact_restore", "dtype", "batch_size", "max_length", "eval_every",
               "checkpoint_every", "eval_examples", "objective", "lr", "eps", "eta_b", "momentum", "momentum_window",
-              "guard", "hessian_smooth", "forward", "rank", "per_example", "orthogonalize", "normalize_by_spread", "sparse_embeddings",
-              "freeze_embeddings", "shard", "seed")
+              "guard", "hessian_smooth", "forward", "rank", "per_example", "in_place", "orthogonalize",
+              "normalize_by_spread", "sparse_embeddings", "freeze_embeddings", "shard", "seed")
+
+
+def recorded_config(run_dir: Path) -> dict:
+    """The configuration recorded in ``run_dir``. A record from before ``in_place`` was a field
+    ran its directions in place exactly when it had neither ``--forward`` nor ``--rank``."""
+    saved = json.loads((run_dir / "config.json").read_text())
+    saved.setdefault("in_place", saved.get("rank") is None and not saved.get("forward"))
+    return saved
 
 
 def run_config(args) -> dict:
@@ -207,7 +220,7 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
         shutil.rmtree(run_dir)
         say(f"--overwrite: deleted the previous run in {run_dir}")
     if config_path.exists():
-        saved = json.loads(config_path.read_text())
+        saved = recorded_config(run_dir)
         # a flag added after that run was recorded was off in it (e.g. --per-example, --shard)
         differ = [k for k in sorted(set(saved) | set(mine))
                   if saved.get(k) != mine.get(k) and not (k not in saved and mine.get(k) in (False, None))]
@@ -233,6 +246,9 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
                     "pass --resume to continue that run as it was configured"
                     + (f" (--resume --steps {mine['steps']} extends it)" if "steps" in differ else "")
                     + ", --overwrite to start over, or another --run-name")
+            if "in_place" in differ and saved["in_place"] and args.lora:
+                hint += (f"; zosgd with --lora now defaults to --rank {args.rank} --per-example, and that run's "
+                         "directions were in place: --in-place runs it as it was")
             raise SystemExit(f"zoptim finetune: {run_dir} holds a run with other settings ({shown}); {hint}")
     elif started(run_dir):
         say(f"note: {run_dir} holds a run without a recorded configuration (an older zoptim's); its settings "
@@ -279,14 +295,14 @@ def finetune_config(args):
     from ..lm.finetune import ConfigError, FinetuneConfig
 
     try:
-        return FinetuneConfig(
+        config = FinetuneConfig(
             model=args.model, method=args.method, dtype=args.dtype, lora=args.lora, merge=args.merge,
             steps=args.steps, batch_size=args.batch_size, max_length=args.max_length, eval_every=args.eval_every,
             checkpoint_every=args.checkpoint_every, eval_examples=args.eval_examples,
             test_examples=args.test_examples, objective=args.objective, lr=args.lr, eps=args.eps, eta_b=args.eta_b,
             momentum=args.momentum, momentum_window=args.momentum_window, guard=args.guard,
             hessian_smooth=args.hessian_smooth, forward=args.forward, rank=args.rank, per_example=args.per_example,
-            orthogonalize=args.orthogonalize, normalize_by_spread=args.normalize_by_spread,
+            in_place=args.in_place, orthogonalize=args.orthogonalize, normalize_by_spread=args.normalize_by_spread,
             sparse_embeddings=args.sparse_embeddings, freeze_embeddings=args.freeze_embeddings, shard=args.shard,
             exact_restore=not args.no_exact_restore, seed=args.seed, save_model=not args.no_save_model,
             keep_checkpoint=args.keep_checkpoint,
@@ -295,6 +311,9 @@ def finetune_config(args):
     except ConfigError as err:
         flag = lambda field: "--forward" if field == "module" else "--" + field.replace("_", "-")  # noqa: E731
         raise SystemExit("zoptim finetune: " + err.render(flag)) from None
+    # what the run does is recorded, not the flags' defaults (a default may change between versions)
+    args.in_place, args.rank, args.per_example = config.in_place, config.rank, config.per_example
+    return config
 
 
 def check_args(args) -> None:
@@ -423,7 +442,7 @@ def run(args) -> int:
     if launched_rank_and_world()[0] == 0:  # under torchrun, rank 0 (or the launching process) settles the folder
         settle_run_folder(args, run_dir)
     elif args.resume and (run_dir / "config.json").exists():  # the other ranks take the settings rank 0 kept
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = recorded_config(run_dir)
         for k in RUN_FIELDS:  # but --steps, which --resume takes from the command (rank 0 may be rewriting the file)
             if k != "steps":
                 setattr(args, k, saved.get(k, getattr(args, k)))

@@ -24,7 +24,7 @@ from ..checkpoint import atomic_write_text
 from ..optim import registry
 from ..optim.checks import check_positive
 from ..optim.options import OptionError, Options, check_options
-from .train import OBJECTIVES, finetune_methods
+from .train import LORA_PER_EXAMPLE_RANK, OBJECTIVES, finetune_methods
 
 
 class ConfigError(ValueError):
@@ -51,6 +51,14 @@ class FinetuneConfig:
     stream, data generator, counters) stays in ``resume.pt`` when the exported model holds the
     weights bit for bit (not with ``merge``, ``save_model=False`` or ``shard``), so the run can
     still be extended to more steps exactly.
+
+    How the directions are applied: ``forward`` / ``rank`` / ``per_example`` as in
+    :class:`zoptim.ZOSGD`; ``in_place=True``: full-rank directions written into the weights
+    (MeZO's way). ``in_place=None`` (the default) takes what the measurements recommend: with
+    ``lora`` and ZOSGD, rank-4 per-example directions in the forward
+    (:data:`zoptim.lm.train.LORA_PER_EXAMPLE_RANK`, ``rank=4, per_example=True``); else the
+    directions stay in place unless ``forward`` or ``rank`` is given. After creation ``in_place``,
+    ``rank`` and ``per_example`` hold what the run does.
     """
 
     model: str = "smollm2"
@@ -76,6 +84,7 @@ class FinetuneConfig:
     forward: bool = False  # directions applied inside the model's forward (implied by rank)
     rank: int | None = None
     per_example: bool = False
+    in_place: bool | None = None  # None: the measured default (see above)
     orthogonalize: bool = False
     normalize_by_spread: bool = False
     sparse_embeddings: bool = False
@@ -101,6 +110,9 @@ class FinetuneConfig:
             raise ConfigError("objective", "accuracy is not differentiable; use a zeroth-order {method}", method=None)
         if self.merge and not self.lora:
             raise ConfigError("merge", "merges LoRA adapters; it needs {lora}", lora=None)
+        if self.shard and self.lora:  # LoRA adapters are small and stay whole
+            raise ConfigError("shard", "shards the full model's weights; it does not combine with {lora}", lora=None)
+        self._resolve_directions()
         if self.freeze_embeddings and self.lora:
             raise ConfigError("freeze_embeddings", "freezes the embedding block of a model whose weights are tuned; "
                               "with {lora} every base weight is frozen already", lora=None)
@@ -129,8 +141,6 @@ class FinetuneConfig:
             raise ConfigError("normalize_by_spread", "has no effect with {orthogonalize} (the polar factor does not "
                               "depend on the estimate's scale); use one of the two", orthogonalize=None)
         if self.shard:
-            if self.lora:  # LoRA adapters are small and stay whole
-                raise ConfigError("shard", "shards the full model's weights; it does not combine with {lora}", lora=None)
             if self.method == "adamw":
                 raise ConfigError("shard", "runs the zeroth-order methods; got {method}", method=self.method)
         for field, strict in (("lr", True), ("eps", True), ("eta_b", True), ("hessian_smooth", False)):
@@ -143,6 +153,21 @@ class FinetuneConfig:
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ConfigError(field, f"must be >= 1; got {value}")
+
+    def _resolve_directions(self) -> None:
+        """Settle ``in_place`` (and with it the LoRA default's ``rank`` and ``per_example``)."""
+        chosen = self.forward or self.rank is not None
+        if self.in_place is None:
+            default_rank = LORA_PER_EXAMPLE_RANK.get(self.method) if self.lora else None
+            if default_rank is not None and not chosen:
+                self.rank, self.per_example = default_rank, True
+            self.in_place = not (self.forward or self.rank is not None)
+        elif self.in_place and chosen:
+            raise ConfigError("in_place", "writes full-rank directions into the weights; it does not combine with "
+                              "{forward} or {rank}, which apply them inside the forward", forward=None, rank=None)
+        elif not self.in_place and not chosen:
+            raise ConfigError("in_place", "False needs the directions applied inside the forward: give {forward} or "
+                              "{rank}", forward=None, rank=None)
 
 
 def weights_changed(model, name: str, dtype) -> dict:

@@ -95,6 +95,15 @@ DEFAULT_LR = {
 }
 DEFAULT_EPS = (1e-3, 1e-2)
 
+#: How a LoRA run of the method applies its directions unless told otherwise (``rank``: each
+#: example of the minibatch gets its own rank-r direction, applied inside the forward). Measured on
+#: SmolLM2 TREC with LoRA (docs/benchmarks.md, suite orth-lm; 500 queries, minibatch 4, 3 seeds):
+#: ZOSGD with rank-4 per-example directions reached in-place ZOSGD's final loss in 0.87x its queries
+#: on 3 of 3 seeds and ended below it (1.765 against 1.828), and its loss was at or below in-place
+#: ZOSGD's at every lr of the search (1e-3 .. 1e-4), so it keeps ZOSGD's LoRA lr. The other methods
+#: keep their directions in place: nothing measured says otherwise.
+LORA_PER_EXAMPLE_RANK = {"zosgd": 4}
+
 
 def make_optimizer(
     method: str, params, steps: int, lora: bool = False, lr=None, eps=None, eta_b=50.0, seed=0, exact_restore=True,
