@@ -534,12 +534,15 @@ def test_zosgd_with_lora_defaults_to_rank_4_per_example_directions_and_in_place_
     assert resolved(lora=True, in_place=True) == (True, None, False)
     assert resolved(lora=True, rank=2) == (False, 2, False)  # directions the user chose are kept as given
     assert resolved(lora=True, method="as2p") == (True, None, False)  # nothing measured says otherwise
+    assert resolved(lora=True, objective="accuracy") == (True, None, False)  # one number, not one per example
     assert resolved() == (True, None, False) and resolved(forward=True) == (False, None, False)
     with pytest.raises(ConfigError, match="in_place writes full-rank directions into the weights; it does not "
                                           "combine with forward or rank"):
         FinetuneConfig(lora=True, in_place=True, rank=4)
     with pytest.raises(ConfigError, match="in_place False needs the directions applied inside the forward"):
         FinetuneConfig(in_place=False)
+    with pytest.raises(ConfigError, match="per_example needs a loss per example; objective accuracy is one number"):
+        FinetuneConfig(rank=1, per_example=True, objective="accuracy")
 
     model_dir = save_tiny("causal", tmp_path / "tiny")
     run_dir = finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--lora", "--steps", "2", run="lora")

@@ -55,7 +55,7 @@ class FinetuneConfig:
     How the directions are applied: ``forward`` / ``rank`` / ``per_example`` as in
     :class:`zoptim.ZOSGD`; ``in_place=True``: full-rank directions written into the weights
     (MeZO's way). ``in_place=None`` (the default) takes what the measurements recommend: with
-    ``lora`` and ZOSGD, rank-4 per-example directions in the forward
+    ``lora`` and ZOSGD on the loss objective, rank-4 per-example directions in the forward
     (:data:`zoptim.lm.train.LORA_PER_EXAMPLE_RANK`, ``rank=4, per_example=True``); else the
     directions stay in place unless ``forward`` or ``rank`` is given. After creation ``in_place``,
     ``rank`` and ``per_example`` hold what the run does.
@@ -134,6 +134,9 @@ class FinetuneConfig:
                                   sparse_embeddings=self.sparse_embeddings, momentum=bool(self.momentum)))
         except OptionError as err:
             raise ConfigError(err.field, err.detail, **err.refs) from None
+        if self.per_example and self.objective == "accuracy":
+            raise ConfigError("per_example", "needs a loss per example; {objective} is one number for the minibatch",
+                              objective="accuracy")
         if self.normalize_by_spread and not self.per_example:  # a fine-tuning step has one direction, or B
             raise ConfigError("normalize_by_spread", "needs {per_example}: the step is divided by the standard "
                               "deviation of its B per-example deltas", per_example=None)
@@ -158,7 +161,8 @@ class FinetuneConfig:
         """Settle ``in_place`` (and with it the LoRA default's ``rank`` and ``per_example``)."""
         chosen = self.forward or self.rank is not None
         if self.in_place is None:
-            default_rank = LORA_PER_EXAMPLE_RANK.get(self.method) if self.lora else None
+            # per-example directions need a loss per example; the accuracy objective is one number
+            default_rank = LORA_PER_EXAMPLE_RANK.get(self.method) if self.lora and self.objective == "loss" else None
             if default_rank is not None and not chosen:
                 self.rank, self.per_example = default_rank, True
             self.in_place = not (self.forward or self.rank is not None)
