@@ -246,9 +246,12 @@ def settle_run_folder(args, run_dir: Path, say=print) -> None:
                     "pass --resume to continue that run as it was configured"
                     + (f" (--resume --steps {mine['steps']} extends it)" if "steps" in differ else "")
                     + ", --overwrite to start over, or another --run-name")
-            if "in_place" in differ and saved["in_place"] and args.lora:
-                hint += (f"; zosgd with --lora now defaults to --rank {args.rank} --per-example, and that run's "
-                         "directions were in place: --in-place runs it as it was")
+            from ..lm.train import LORA_PER_EXAMPLE_RANK
+
+            default_rank = LORA_PER_EXAMPLE_RANK.get(args.method) if args.lora else None
+            if saved["in_place"] and mine["per_example"] and default_rank is not None and args.rank == default_rank:
+                hint += (f"; {args.method} with --lora now defaults to --rank {default_rank} --per-example, and that "
+                         "run's directions were in place: --in-place runs it as it was")
             raise SystemExit(f"zoptim finetune: {run_dir} holds a run with other settings ({shown}); {hint}")
     elif started(run_dir):
         say(f"note: {run_dir} holds a run without a recorded configuration (an older zoptim's); its settings "
