@@ -92,7 +92,8 @@ class ZOTrainer(Trainer):
     batch. Each query then costs k forward passes (``num_queries`` counts queries, not passes).
 
     Per-example directions (an optimizer built with ``per_example=True``, e.g. ``ZOSGD(...,
-    module=model, rank=1, per_example=True, orthogonalize=True)``): the closure returns each
+    module=model, rank=4, per_example=True)``, what ``zoptim finetune --lora`` uses; the
+    orthogonalised update lost on both LM benchmarks): the closure returns each
     example's loss, :meth:`compute_loss_per_example` (override it for another loss), so that
     example i's two queries give its own directional derivative. One micro-batch per step
     (``gradient_accumulation_steps=1``): the examples of a step share one forward.
