@@ -40,7 +40,8 @@
   ``orth_lr_grid``); ``orth-lm`` on MiniLM TREC with all weights (GA, per-example rank 4 and the
   orthogonalised per-example step, each also with ``sparse_embeddings``, which take their base row's
   search; GA with the embedding block frozen and rank-4 directions with it frozen) and SmolLM2 TREC
-  with LoRA, both also with FZOO's spread-normalised step on rank-4 per-example directions; the LM
+  with LoRA (there also rank 8 per example), both also with FZOO's spread-normalised step on rank-4
+  per-example directions; the LM
   runs record the test accuracy at their end.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
@@ -167,7 +168,8 @@ SUITES = {
                                                         "ZOSGD-perexample-r4-spread"],
                    seeds or 3, budget or 1000, search=True, num_evals=10, search_fraction=1.0),
         Experiment("orth-lm", ["lm-smollm2-trec"], ["ZOSGD", "ZOSGD-perexample-r4", "ZOSGD-perexample",
-                                                    "ZOSGD-perexample-orth", "ZOSGD-perexample-r4-spread"],
+                                                    "ZOSGD-perexample-orth", "ZOSGD-perexample-r4-spread",
+                                                    "ZOSGD-perexample-r8"],
                    seeds or 3, budget or 500, search=True, num_evals=10, search_fraction=1.0)],
     "softmax": None,  # its own runner below
     "blackbox": None,  # zoptim vs nevergrad, CMA-ES, scipy, torchzero: zoptim.bench.blackbox
