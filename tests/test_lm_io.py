@@ -521,7 +521,7 @@ def test_a_run_folder_with_other_settings_is_refused_unless_resume_or_overwrite(
         finetune(tmp_path, model_dir, data_files, "--method", "zosgd", "--no-save-model", run="other")
 
 
-def test_zosgd_with_lora_defaults_to_rank_4_per_example_directions_and_in_place_keeps_mezos(
+def test_zosgd_with_lora_on_a_decoder_defaults_to_rank_4_per_example_directions_and_in_place_keeps_mezos(
         tmp_path, data_files, capsys):
     """The measured default (docs/benchmarks.md, SmolLM2 TREC with LoRA: per-example rank 4 reached
     in-place GA's final loss in 0.87x its queries): the library's config and the command take it,
@@ -535,6 +535,9 @@ def test_zosgd_with_lora_defaults_to_rank_4_per_example_directions_and_in_place_
     assert resolved(lora=True, rank=2) == (False, 2, False)  # directions the user chose are kept as given
     assert resolved(lora=True, method="as2p") == (True, None, False)  # nothing measured says otherwise
     assert resolved(lora=True, objective="accuracy") == (True, None, False)  # one number, not one per example
+    # an encoder embeds its label sentences once per example under per-example directions: not its default
+    assert resolved(lora=True, model="minilm") == (True, None, False)
+    assert resolved(lora=True, model=str(save_tiny("encoder", tmp_path / "bert"))) == (True, None, False)
     assert resolved() == (True, None, False) and resolved(forward=True) == (False, None, False)
     with pytest.raises(ConfigError, match="in_place writes full-rank directions into the weights; it does not "
                                           "combine with forward or rank"):

@@ -95,11 +95,12 @@ def register(sub) -> None:
     p.add_argument("--forward", action="store_true",
                    help="apply the directions inside the model's forward (module=model): queries never write the "
                         "weights; full-rank directions unless --rank R (default: full-rank directions in place; "
-                        "with --lora and zosgd, --rank 4 --per-example)")
+                        "with --lora, zosgd and a decoder, --rank 4 --per-example)")
     p.add_argument("--in-place", action="store_true", default=None,
                    help="full-rank directions written into the weights (MeZO's way): the default, except for zosgd "
-                        "with --lora (and --objective loss), whose default is --rank 4 --per-example (it reached in-place zosgd's final loss "
-                        "in 0.87x the queries on SmolLM2 TREC, docs/benchmarks.md); this flag keeps them in place there")
+                        "with --lora on a decoder (and --objective loss), whose default is --rank 4 --per-example "
+                        "(it reached in-place zosgd's final loss in 0.87x the queries on SmolLM2 TREC, "
+                        "docs/benchmarks.md); this flag keeps them in place there")
     p.add_argument("--rank", type=int, default=None,
                    help="apply rank-R matrix directions inside the model's forward (module=model, rank=R; implies "
                         "--forward): a step costs about its two forwards")

@@ -55,7 +55,7 @@ class FinetuneConfig:
     How the directions are applied: ``forward`` / ``rank`` / ``per_example`` as in
     :class:`zoptim.ZOSGD`; ``in_place=True``: full-rank directions written into the weights
     (MeZO's way). ``in_place=None`` (the default) takes what the measurements recommend: with
-    ``lora`` and ZOSGD on the loss objective, rank-4 per-example directions in the forward
+    ``lora``, a decoder and ZOSGD on the loss objective, rank-4 per-example directions in the forward
     (:data:`zoptim.lm.train.LORA_PER_EXAMPLE_RANK`, ``rank=4, per_example=True``); else the
     directions stay in place unless ``forward`` or ``rank`` is given. After creation ``in_place``,
     ``rank`` and ``per_example`` hold what the run does.
@@ -163,7 +163,7 @@ class FinetuneConfig:
         if self.in_place is None:
             # per-example directions need a loss per example; the accuracy objective is one number
             default_rank = LORA_PER_EXAMPLE_RANK.get(self.method) if self.lora and self.objective == "loss" else None
-            if default_rank is not None and not chosen:
+            if default_rank is not None and not chosen and _is_decoder(self.model):
                 self.rank, self.per_example = default_rank, True
             self.in_place = not (self.forward or self.rank is not None)
         elif self.in_place and chosen:
@@ -172,6 +172,17 @@ class FinetuneConfig:
         elif not self.in_place and not chosen:
             raise ConfigError("in_place", "False needs the directions applied inside the forward: give {forward} or "
                               "{rank}", forward=None, rank=None)
+
+
+def _is_decoder(model: str) -> bool:
+    """Whether ``model`` (a known name or a local directory) is a decoder; False when it cannot be
+    read (the command then refuses the model by name before anything runs)."""
+    from .models import model_kind
+
+    try:
+        return model_kind(model) == "causal"
+    except (OSError, ValueError):
+        return False
 
 
 def weights_changed(model, name: str, dtype) -> dict:

@@ -100,8 +100,11 @@ DEFAULT_EPS = (1e-3, 1e-2)
 #: SmolLM2 TREC with LoRA (docs/benchmarks.md, suite orth-lm; 500 queries, minibatch 4, 3 seeds):
 #: ZOSGD with rank-4 per-example directions reached in-place ZOSGD's final loss in 0.87x its queries
 #: on 3 of 3 seeds and ended below it (1.765 against 1.828), and its loss was at or below in-place
-#: ZOSGD's at every lr of the search (1e-3 .. 1e-4), so it keeps ZOSGD's LoRA lr. The other methods
-#: keep their directions in place: nothing measured says otherwise.
+#: ZOSGD's at every lr of the search (1e-3 .. 1e-4), so it keeps ZOSGD's LoRA lr; a step costs
+#: 1.09x an in-place one (benchmarks/lm_lora_step_time.sh). Decoders only: an encoder embeds its
+#: label sentences once per example under per-example directions (a forward 2.2-3.0x the shared
+#: one, docs/benchmarks.md), and per-example directions were not measured on an encoder with LoRA.
+#: The other methods keep their directions in place: nothing measured says otherwise.
 LORA_PER_EXAMPLE_RANK = {"zosgd": 4}
 
 
