@@ -170,6 +170,23 @@ def test_a_sparse_embedding_row_takes_its_base_rows_search_and_runs_no_trials_of
     assert search.hparams_for("ZOSGD-perexample-r4-sparse", found) == search.hparams_for("ZOSGD-perexample-r4", found)
 
 
+def test_a_search_for_some_rows_keeps_the_picks_of_rows_an_earlier_search_covered(tmp_path):
+    """`zoptim bench --methods A B` after a run of the whole suite: the record keeps every row's pick,
+    as long as both searches agree on the budget and the shared (GA's) values."""
+    from zoptim.bench import search
+
+    problem = Quadratic(dim=20, cond=10.0)
+    problem.lr_grid, problem.eps_grid = (0.3, 0.1, 0.03), (1e-3,)
+    whole = search.search("quad", problem, ["ZOSGD", "ZOSGD-momentum", "ZOSGD-guard"], 120, tmp_path, "t", progress=False)
+    some = search.search("quad", problem, ["ZOSGD", "ZOSGD-guard"], 120, tmp_path, "t", progress=False)
+    assert "ZOSGD-momentum" not in some["per_method"]
+    kept = search.merged(some, whole)
+    assert kept["per_method"] == whole["per_method"] and kept["chosen"] == some["chosen"]
+    assert sorted(t["method"] for t in kept["trials"]) == sorted(t["method"] for t in whole["trials"])
+    assert search.merged(some, {**whole, "budget": 240}) == some  # another search: nothing carried over
+    assert search.merged(some, None) == some
+
+
 def test_a_problem_with_a_test_split_gets_its_accuracy_recorded_and_reported_after_each_run(tmp_path):
     """At the final weights of every run but a search trial; the summary gains a column."""
     from zoptim.bench.report import build_report

@@ -116,6 +116,22 @@ def search(problem_name: str, problem, methods: list[str], budget: int, out_dir:
     return {"problem": problem_name, "budget": budget, "chosen": chosen, "per_method": per_method, "trials": trials}
 
 
+def merged(found: dict, earlier: dict | None) -> dict:
+    """``found`` with the rows of an ``earlier`` search of the same problem kept: when both searched
+    at the same budget and chose the same shared values, a row (and its trials) that only the earlier
+    search covered keeps its pick, so that rerunning a suite for some of its rows (``--methods``)
+    does not drop the others' picks from the record. Otherwise ``found`` alone."""
+    same = (earlier is not None and earlier.get("problem") == found["problem"]
+            and earlier.get("budget") == found["budget"] and earlier.get("chosen") == found["chosen"])
+    if not same:
+        return found
+    per_method = {**{m: v for m, v in earlier.get("per_method", {}).items() if m not in found["per_method"]},
+                  **found["per_method"]}
+    searched = {t["method"] for t in found["trials"]}
+    trials = [t for t in earlier.get("trials", []) if t["method"] not in searched] + found["trials"]
+    return {**found, "per_method": per_method, "trials": trials}
+
+
 def normalised(method: str) -> bool:
     """Whether the method's step length is lr itself (orthogonalised or spread-normalised steps)."""
     options = get_method(method).options

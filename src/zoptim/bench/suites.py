@@ -294,6 +294,7 @@ def run_suite(suite: str, out_dir: Path, methods=None, problems=None, seeds=None
                 if share.rank == 0:
                     log(f"[{exp.name}] hyper-parameter search on {pname} at {search_budget} queries")
                     found = search.search(pname, problem, exp_methods, search_budget, out_dir, exp.name, progress)
+                    found = search.merged(found, json.loads(hparams_file.read_text()) if hparams_file.exists() else None)
                     found["request"] = request
                     hp = dict(found["chosen"])
                     # S2P's alpha_0 is per sqrt(K): keep the per-step alpha found at the search budget
