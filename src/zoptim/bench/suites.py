@@ -41,8 +41,7 @@
   orthogonalised per-example step, each also with ``sparse_embeddings``, which take their base row's
   search; GA with the embedding block frozen and rank-4 directions with it frozen) and SmolLM2 TREC
   with LoRA (there also rank 8 per example), both also with FZOO's spread-normalised step on rank-4
-  per-example directions; the LM
-  runs record the test accuracy at their end.
+  per-example directions; the LM runs record the test accuracy at their end.
 * ``softmax``: the softmax paper's study (Theorem 5.6): ZO-SGD with k-SPSA on the regularised
   softmax regression for d in {4, 8, 16, 32} and k in {1, 2, 4, 8}; steps and queries to reach
   L* + epsilon (L* from L-BFGS; epsilon = 1e-3 (L(x_0) - L*)), and the linear convergence curves.
